@@ -1,0 +1,250 @@
+//! Wire types shared by keyd, its CLI `keyctl`, the admission webhook and node-shim.
+//!
+//! Everything here is plain data with serde derives; the JSON shapes are the keyd HTTP API
+//! (`/v1/...`). Request types reject unknown fields so that a typo in a client is an error rather
+//! than a silently ignored setting. Key material travels only inside [`SecretBytes`], which
+//! zeroizes on drop and never prints its bytes through `Debug`.
+#![forbid(unsafe_code)]
+
+pub mod identity;
+mod secret;
+mod time;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use secret::{SecretBytes, SecretString};
+pub use time::Timestamp;
+
+/// Body of every non-2xx response from keyd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable code, e.g. `forbidden`, `invalid_body`, `not_found`.
+    pub error: String,
+    /// What was wrong, for a person.
+    pub message: String,
+}
+
+/// `PUT /v1/nodes/{name}`: a node registers itself or refreshes its facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRegistration {
+    /// The node's address that peers send encrypted traffic to.
+    pub endpoint: IpAddr,
+    /// Pod CIDRs routed to this node.
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    /// The node's WireGuard (x25519) public key, base64 as `wg` prints it. The private key never
+    /// leaves the node.
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
+    /// The kernel boot ID (`/proc/sys/kernel/random/boot_id`); per-tunnel IPsec keys are derived
+    /// with both ends' boot IDs, as Cilium does.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+/// What keyd knows about a node (never secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub endpoint: IpAddr,
+    pub pod_cidrs: Vec<IpNet>,
+    pub wireguard_public_key: Option<String>,
+    pub boot_id: Option<String>,
+    pub registered_at: Timestamp,
+    pub last_seen: Timestamp,
+    /// What the node last acknowledged as programmed.
+    pub acked: Ack,
+}
+
+/// `POST /v1/nodes/{name}/ack`: the key versions a node has programmed into its kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// IPsec SPIs (key IDs) whose states are installed.
+    #[serde(default)]
+    pub ipsec_spis: Vec<u8>,
+    /// The SPI used for outbound traffic.
+    #[serde(default)]
+    pub ipsec_outbound_spi: Option<u8>,
+    /// The WireGuard preshared-key epoch programmed.
+    #[serde(default)]
+    pub wireguard_epoch: Option<u64>,
+    /// When the acknowledgement was received (set by keyd; ignored on input).
+    #[serde(default, skip_deserializing)]
+    pub at: Option<Timestamp>,
+}
+
+/// `GET /v1/nodes/{name}/bundle`: everything a node needs to program its kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBundle {
+    pub node: String,
+    /// Changes whenever any part of the bundle changes; also sent as the `ETag` header, so a node
+    /// can poll with `If-None-Match` and get `304 Not Modified`.
+    pub revision: String,
+    /// Absent until an IPsec key exists (generated or imported).
+    pub ipsec: Option<IpsecBundle>,
+    pub wireguard: WireguardBundle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecBundle {
+    /// The SPI to use for outbound traffic.
+    pub outbound_spi: u8,
+    /// Every key the node must hold for inbound traffic, newest first.
+    pub keys: Vec<IpsecKey>,
+}
+
+/// Where a key stands in the rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRole {
+    /// In use for outbound traffic.
+    Current,
+    /// Replaced by a newer key, still accepted inbound during the overlap.
+    Previous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecKey {
+    /// The key ID, used as the SPI: 1..=15.
+    pub spi: u8,
+    pub role: KeyRole,
+    /// Per-tunnel keys (Cilium's `+`): each node pair derives its own key from this one.
+    pub per_tunnel: bool,
+    pub algorithm: IpsecAlgorithm,
+}
+
+/// The two key forms Cilium accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IpsecAlgorithm {
+    /// `rfc4106(gcm(aes))`: `key` is the AES key followed by the 4-byte salt.
+    Aead {
+        name: String,
+        key: SecretBytes,
+        icv_bits: u16,
+    },
+    /// `hmac(sha256)` authentication with `cbc(aes)` encryption.
+    AuthEnc {
+        auth_name: String,
+        auth_key: SecretBytes,
+        enc_name: String,
+        enc_key: SecretBytes,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardBundle {
+    /// The preshared-key epoch.
+    pub epoch: u64,
+    /// Every other node with a registered public key.
+    pub peers: Vec<WireguardPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardPeer {
+    pub node: String,
+    pub public_key: String,
+    pub endpoint: IpAddr,
+    pub allowed_ips: Vec<IpNet>,
+    /// HKDF-derived for this node pair and epoch; both ends get the same key.
+    pub preshared_key: SecretBytes,
+}
+
+/// Non-secret description of one IPsec key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecKeyInfo {
+    pub spi: u8,
+    pub role: KeyRole,
+    /// e.g. `rfc4106(gcm(aes))` or `hmac(sha256) cbc(aes)`.
+    pub algorithm: String,
+    /// Encryption key length in bits (without the GCM salt).
+    pub key_bits: u16,
+    /// ICV length for AEAD keys.
+    pub icv_bits: Option<u16>,
+    pub per_tunnel: bool,
+    pub created_at: Timestamp,
+    /// `generated` or `imported`.
+    pub origin: String,
+}
+
+/// `GET /v1/ipsec`, and the answer to a rotation or an import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecStatus {
+    pub outbound_spi: Option<u8>,
+    pub keys: Vec<IpsecKeyInfo>,
+}
+
+/// `POST /v1/ipsec/rotate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Only for the first key: which form to generate. Later rotations keep the algorithm and
+    /// key length fixed, as Cilium requires.
+    #[serde(default)]
+    pub algorithm: Option<KeySpec>,
+}
+
+/// The key forms keyd generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeySpec {
+    /// `rfc4106(gcm(aes))`, 128-bit key, ICV 128.
+    Gcm128,
+    /// `rfc4106(gcm(aes))`, 256-bit key, ICV 128.
+    Gcm256,
+    /// `hmac(sha256)` with a 256-bit auth key, `cbc(aes)` with a 256-bit key.
+    HmacSha256CbcAes256,
+}
+
+/// `POST /v1/ipsec/import`: a Cilium `keys` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    pub keys: SecretString,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub store: String,
+    /// The key-encryption-key backend, e.g. `local`.
+    pub kek_backend: String,
+    pub kek_id: String,
+    pub nodes: usize,
+    pub ipsec: IpsecStatus,
+    pub wireguard: WireguardStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardStatus {
+    pub psk_epoch: u64,
+    pub nodes_with_public_key: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_rejects_unknown_fields() {
+        let err = serde_json::from_str::<NodeRegistration>(r#"{"endpoint":"10.0.0.1","podCidrs":[]}"#)
+            .expect_err("unknown field must be refused");
+        assert!(err.to_string().contains("podCidrs"), "{err}");
+    }
+
+    #[test]
+    fn bundle_debug_never_shows_key_bytes() {
+        let key = SecretBytes::new(vec![0xAB; 20]);
+        let bundle = IpsecAlgorithm::Aead { name: "rfc4106(gcm(aes))".into(), key, icv_bits: 128 };
+        let json = serde_json::to_string(&bundle).expect("serializes");
+        assert!(json.contains("q6urq6urq6urq6urq6urq6urq6s="), "wire form carries the key: {json}");
+        let debug = format!("{bundle:?}");
+        assert!(!debug.contains("171") && !debug.to_lowercase().contains("ab"), "{debug}");
+    }
+}

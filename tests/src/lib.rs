@@ -1,0 +1,2 @@
+//! Cross-component tests and harnesses for keyd, the webhook and node-shim.
+#![forbid(unsafe_code)]
