@@ -1,0 +1,343 @@
+//! keyd's persistent state behind a small transactional key-value trait.
+//!
+//! The trait is deliberately narrow, so that a replicated backend on an existing distributed
+//! engine (etcd, TiKV, FoundationDB all offer this shape) can replace the embedded default:
+//! point reads, table scans, and an all-or-nothing [`Txn`] with compare-and-swap guards, which
+//! also appends audit records to a hash-chained log in the same commit. Nothing is acknowledged
+//! before it is durable: the redb backend commits with `Durability::Immediate` (fsync).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use keyd_proto::Timestamp;
+use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The tables keyd keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Sealed key records, by record id. Values are [`crate::seal::SealedRecord`]s.
+    Sealed,
+    /// Non-secret state documents (the IPsec key set, the WireGuard epoch).
+    Meta,
+    /// Registered nodes, by node name.
+    Nodes,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Sealed, Table::Meta, Table::Nodes];
+
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(match self {
+            Table::Sealed => "sealed",
+            Table::Meta => "meta",
+            Table::Nodes => "nodes",
+        })
+    }
+}
+
+const AUDIT: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("audit");
+
+/// One write to apply atomically.
+#[derive(Default)]
+pub struct Txn {
+    /// Each guard must hold (the current value equals the given bytes, `None` = absent) or the
+    /// whole transaction fails with [`StoreError::Conflict`] and nothing is written.
+    pub guards: Vec<(Table, String, Option<Vec<u8>>)>,
+    pub puts: Vec<(Table, String, Vec<u8>)>,
+    pub deletes: Vec<(Table, String)>,
+    pub audit: Vec<AuditEvent>,
+}
+
+// Values may be sealed records; list only what is touched.
+impl fmt::Debug for Txn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = |v: &mut dyn Iterator<Item = (&Table, &String)>| -> Vec<String> {
+            v.map(|(t, k)| format!("{t:?}/{k}")).collect()
+        };
+        f.debug_struct("Txn")
+            .field("guards", &keys(&mut self.guards.iter().map(|(t, k, _)| (t, k))))
+            .field("puts", &keys(&mut self.puts.iter().map(|(t, k, _)| (t, k))))
+            .field("deletes", &keys(&mut self.deletes.iter().map(|(t, k)| (t, k))))
+            .field("audit", &self.audit)
+            .finish()
+    }
+}
+
+impl Txn {
+    pub fn guard(mut self, table: Table, key: impl Into<String>, current: Option<Vec<u8>>) -> Self {
+        self.guards.push((table, key.into(), current));
+        self
+    }
+
+    pub fn put(mut self, table: Table, key: impl Into<String>, value: Vec<u8>) -> Self {
+        self.puts.push((table, key.into(), value));
+        self
+    }
+
+    pub fn delete(mut self, table: Table, key: impl Into<String>) -> Self {
+        self.deletes.push((table, key.into()));
+        self
+    }
+
+    pub fn audit(mut self, event: AuditEvent) -> Self {
+        self.audit.push(event);
+        self
+    }
+}
+
+/// What happened, by whom; never key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// e.g. `ipsec.key.generated`, `node.registered`.
+    pub action: String,
+    /// The identity that caused it (`admin/alice`, `node/worker-1`, `keyd`).
+    pub actor: String,
+    /// Structured, non-secret details (key IDs, node names, reasons).
+    pub details: serde_json::Value,
+}
+
+impl AuditEvent {
+    pub fn new(action: &str, actor: impl fmt::Display, details: serde_json::Value) -> Self {
+        Self { action: action.to_owned(), actor: actor.to_string(), details }
+    }
+}
+
+/// An audit event as stored: numbered and chained to its predecessor by hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    /// Hex SHA-256 of the previous record (`seq - 1`); all zeros for the first.
+    pub prev_hash: String,
+    /// Hex SHA-256 over `prev_hash` and this record's other fields.
+    pub hash: String,
+}
+
+impl AuditRecord {
+    fn chain(seq: u64, at: Timestamp, event: AuditEvent, prev_hash: String) -> Self {
+        let mut r = Self { seq, at, event, prev_hash, hash: String::new() };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    /// Recomputes the hash from the record's fields; a verifier compares it with `hash`.
+    pub fn compute_hash(&self) -> String {
+        let body = serde_json::json!({
+            "seq": self.seq, "at": self.at, "action": self.event.action, "actor": self.event.actor,
+            "details": self.event.details, "prev_hash": self.prev_hash,
+        });
+        let digest = Sha256::new_with_prefix(b"keyd audit v1\0").chain_update(body.to_string()).finalize();
+        hex::encode(digest)
+    }
+}
+
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// keyd's storage backend.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// For status output, e.g. `redb:/var/lib/keyd/keyd.redb`.
+    fn describe(&self) -> String;
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every entry of a table, in key order.
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Applies `txn` atomically and durably, or not at all.
+    fn commit(&self, txn: Txn) -> Result<(), StoreError>;
+    /// Audit records with `seq >= from`, at most `limit`.
+    fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("store {op} failed")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{table:?}/{key} changed concurrently; retry")]
+    Conflict { table: Table, key: String },
+    #[error("stored {what} is corrupt: {why}")]
+    Corrupt { what: String, why: String },
+}
+
+fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
+    move |e| StoreError::Backend { op, source: Box::new(e) }
+}
+
+/// The embedded default: one redb file in the data directory.
+pub struct RedbStore {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = redb::Database::create(path)
+            .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e) })?;
+        // Create every table once so that reads never meet a missing table.
+        let w = db.begin_write().map_err(|e| backend("begin")(e.into()))?;
+        for t in Table::ALL {
+            w.open_table(t.def()).map_err(|e| backend("open table")(e.into()))?;
+        }
+        w.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
+        w.commit().map_err(|e| backend("commit")(e.into()))?;
+        Ok(Self { db, path: path.to_owned() })
+    }
+}
+
+impl Store for RedbStore {
+    fn describe(&self) -> String {
+        format!("redb:{}", self.path.display())
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+        let t = r.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+        let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+        let t = r.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
+            let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+        {
+            for (table, key, expected) in &txn.guards {
+                let t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+                let current = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
+                if current.as_ref().map(|v| v.value()) != expected.as_deref() {
+                    // Dropping `w` without commit aborts the transaction.
+                    return Err(StoreError::Conflict { table: *table, key: key.clone() });
+                }
+            }
+            for (table, key, value) in &txn.puts {
+                let mut t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+                t.insert(key.as_str(), value.as_slice()).map_err(|e| backend("insert")(e.into()))?;
+            }
+            for (table, key) in &txn.deletes {
+                let mut t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+                t.remove(key.as_str()).map_err(|e| backend("remove")(e.into()))?;
+            }
+            if !txn.audit.is_empty() {
+                let mut t = w.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
+                let (mut seq, mut prev) = match t.last().map_err(|e| backend("audit tail")(e.into()))? {
+                    Some((k, v)) => {
+                        let rec: AuditRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                            StoreError::Corrupt { what: format!("audit record {}", k.value()), why: e.to_string() }
+                        })?;
+                        (rec.seq + 1, rec.hash)
+                    }
+                    None => (1, GENESIS_HASH.to_owned()),
+                };
+                let at = Timestamp::now();
+                for event in txn.audit {
+                    let rec = AuditRecord::chain(seq, at, event, prev);
+                    let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend {
+                        op: "encode audit record",
+                        source: Box::new(e),
+                    })?;
+                    t.insert(seq, bytes.as_slice()).map_err(|e| backend("audit append")(e.into()))?;
+                    prev = rec.hash;
+                    seq += 1;
+                }
+            }
+        }
+        w.commit().map_err(|e| backend("commit")(e.into()))
+    }
+
+    fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
+        let t = r.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
+        let mut out = Vec::new();
+        for entry in t.range(from..).map_err(|e| backend("audit range")(e.into()))?.take(limit) {
+            let (k, v) = entry.map_err(|e| backend("audit range")(e.into()))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                what: format!("audit record {}", k.value()),
+                why: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("keyd.redb")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn commit_is_all_or_nothing() {
+        let (_d, s) = open();
+        s.commit(Txn::default().put(Table::Meta, "a", b"1".to_vec())).unwrap();
+        let bad = Txn::default()
+            .put(Table::Meta, "b", b"2".to_vec())
+            .guard(Table::Meta, "a", Some(b"stale".to_vec()))
+            .audit(AuditEvent::new("x", "t", serde_json::json!({})));
+        assert!(matches!(s.commit(bad), Err(StoreError::Conflict { .. })));
+        assert_eq!(s.get(Table::Meta, "b").unwrap(), None);
+        assert!(s.audit_range(0, 10).unwrap().is_empty());
+        let good = Txn::default()
+            .guard(Table::Meta, "a", Some(b"1".to_vec()))
+            .guard(Table::Meta, "b", None)
+            .put(Table::Meta, "b", b"2".to_vec())
+            .delete(Table::Meta, "a");
+        s.commit(good).unwrap();
+        assert_eq!(s.scan(Table::Meta).unwrap(), vec![("b".to_owned(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn audit_is_chained_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyd.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            for i in 0..3 {
+                s.commit(Txn::default().audit(AuditEvent::new("e", "t", serde_json::json!({ "i": i })))).unwrap();
+            }
+        }
+        let s = RedbStore::open(&path).unwrap();
+        s.commit(Txn::default().audit(AuditEvent::new("e", "t", serde_json::json!({ "i": 3 })))).unwrap();
+        let recs = s.audit_range(0, 100).unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(recs[0].prev_hash, GENESIS_HASH);
+        for w in recs.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash);
+        }
+        for r in &recs {
+            assert_eq!(r.compute_hash(), r.hash);
+        }
+        let mut edited = recs[1].clone();
+        edited.event.details = serde_json::json!({ "i": 99 });
+        assert_ne!(edited.compute_hash(), edited.hash);
+    }
+}
