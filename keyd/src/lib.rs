@@ -1,7 +1,24 @@
 //! keyd: holds the IPsec PSKs and WireGuard key schedule for a cluster, sealed under a
 //! key-encryption key, and serves each node its keys over mTLS.
+//!
+//! Layout: [`config`] (file, env, flags; validated before anything binds), [`seal`] (envelope
+//! encryption behind the `KeyWrapper` custodian trait), [`store`] (the transactional store trait
+//! and its redb default), [`ipsec`] and [`wireguard`] (key formats and derivations),
+//! [`service`] (the operations, each one store transaction with its audit records), [`api`] and
+//! [`server`] (HTTP over mTLS), [`tls`] and [`pki`] (certificates), [`client`] (for keyctl).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod app;
+pub mod client;
+pub mod config;
 pub mod fsutil;
+pub mod ipsec;
+pub mod pki;
 pub mod seal;
+pub mod server;
+pub mod service;
 pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod wireguard;

@@ -1,1 +1,179 @@
-fn main() {}
+//! `keyd`: the key service. `keyd serve --config FILE` in production, `keyd dev` to try it.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keyd::config::{self, EXIT_CONFIG, Flags};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyd",
+    version,
+    about = "Encryption key management for Kubernetes pod-to-pod traffic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve with a configuration file (then KEYD_* environment variables, then these flags).
+    ///
+    /// Environment variables: KEYD_DATA_DIR, KEYD_LISTEN, KEYD_OPS_LISTEN, KEYD_TLS_CA,
+    /// KEYD_TLS_CERT, KEYD_TLS_KEY, KEYD_TLS_RELOAD_INTERVAL, KEYD_KEK_BACKEND,
+    /// KEYD_KEK_LOCAL_PATH, KEYD_MAX_BODY_BYTES, KEYD_HANDSHAKE_TIMEOUT, KEYD_LOG_FORMAT,
+    /// KEYD_LOG_LEVEL. Invalid configuration exits with status 64 naming the field.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Run on the embedded default with no external service: creates (once) a dev CA, server,
+    /// admin and two demo node certificates and a local KEK under --data-dir, writes
+    /// keyd.toml and keyctl.toml there, and serves until Ctrl-C. Restarting keeps all state.
+    Dev {
+        #[arg(long, default_value = "keyd-dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        ops_listen: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Overrides {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    ops_listen: Option<String>,
+    #[arg(long)]
+    log_level: Option<String>,
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("KEYD_"))
+        .collect();
+    let (config, dev) = match cli.command {
+        Command::Serve {
+            config,
+            overrides: o,
+        } => {
+            let flags = Flags {
+                data_dir: o.data_dir,
+                listen: o.listen,
+                ops_listen: o.ops_listen,
+                log_level: o.log_level,
+                log_format: o.log_format,
+            };
+            match config::load(Some(&config), &env, &flags) {
+                Ok(c) => (c, None),
+                Err(e) => return config_error(&e),
+            }
+        }
+        Command::Dev {
+            data_dir,
+            listen,
+            ops_listen,
+        } => {
+            let setup = match keyd::app::prepare_dev(&data_dir, &listen, &ops_listen) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keyd dev: {e:#}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            match config::load(Some(&setup.keyd_toml), &env, &Flags::default()) {
+                Ok(c) => (c, Some(setup)),
+                Err(e) => return config_error(&e),
+            }
+        }
+    };
+    keyd::telemetry::init_logging(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let running = match keyd::app::start(config, stop_rx).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "keyd cannot start");
+                eprintln!("keyd: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(setup) = dev {
+            print_next_steps(&setup, &running);
+        }
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+        running.serve().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn config_error(e: &config::ConfigError) -> ExitCode {
+    eprintln!("keyd: invalid configuration: {e}");
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+}
+
+fn print_next_steps(setup: &keyd::app::DevSetup, running: &keyd::app::Running) {
+    let cfg = setup.keyctl_toml.display();
+    println!(
+        "\nkeyd dev is serving mTLS on https://{api} (ops: http://{ops}/metrics)\n\
+         data, KEK and certificates: {dir}\n\n\
+         Next, in another terminal:\n  \
+         export KEYCTL_CONFIG={cfg}\n  \
+         cargo run -q -p keyd --bin keyctl -- status\n  \
+         cargo run -q -p keyd --bin keyctl -- ipsec rotate\n  \
+         cargo run -q -p keyd --bin keyctl -- ipsec cilium-secret\n\n\
+         Demo node certificates: {nodes}\nPress Ctrl-C to stop; state is kept for the next start.\n",
+        api = running.api_addr,
+        ops = running.ops_addr,
+        dir = setup.data_dir.display(),
+        nodes = setup
+            .pki
+            .nodes
+            .iter()
+            .map(|(n, p)| format!("{n} ({})", p.cert.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+}

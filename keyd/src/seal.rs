@@ -97,9 +97,14 @@ pub trait KeyWrapper: Send + Sync + fmt::Debug + 'static {
     /// Identifies the wrapping key (a fingerprint, a KMS key ARN, a Vault key name), never secret.
     fn key_id(&self) -> String;
     /// A fresh data key and its wrapped form, bound to `ctx`.
-    async fn generate_data_key(&self, ctx: &SealContext) -> Result<(Key256, WrappedKey), SealError>;
+    async fn generate_data_key(&self, ctx: &SealContext)
+    -> Result<(Key256, WrappedKey), SealError>;
     /// Recovers a data key; fails if `ctx` differs from the one it was wrapped with.
-    async fn unwrap_data_key(&self, wrapped: &WrappedKey, ctx: &SealContext) -> Result<Key256, SealError>;
+    async fn unwrap_data_key(
+        &self,
+        wrapped: &WrappedKey,
+        ctx: &SealContext,
+    ) -> Result<Key256, SealError>;
 }
 
 /// A record as stored: nothing in it is readable without the KEK.
@@ -153,25 +158,47 @@ pub async fn open(
     record: &SealedRecord,
 ) -> Result<Zeroizing<Vec<u8>>, SealError> {
     if record.purpose != ctx.purpose || record.version != ctx.version {
-        return Err(SealError::ContextMismatch { record_id: ctx.record_id.clone() });
+        return Err(SealError::ContextMismatch {
+            record_id: ctx.record_id.clone(),
+        });
     }
     let dek = wrapper.unwrap_data_key(&record.wrapped_key, ctx).await?;
-    aead_decrypt(&dek, &ctx.aad(), &record.nonce, &record.ciphertext)
-        .map_err(|_| SealError::ContextMismatch { record_id: ctx.record_id.clone() })
+    aead_decrypt(&dek, &ctx.aad(), &record.nonce, &record.ciphertext).map_err(|_| {
+        SealError::ContextMismatch {
+            record_id: ctx.record_id.clone(),
+        }
+    })
 }
 
-fn aead_encrypt(key: &Key256, aad: &[u8], plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SealError> {
+fn aead_encrypt(
+    key: &Key256,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), SealError> {
     let cipher = Aes256Gcm::new(key.expose().into());
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
     let ct = cipher
-        .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| SealError::Encrypt)?;
     Ok((nonce.to_vec(), ct))
 }
 
-fn aead_decrypt(key: &Key256, aad: &[u8], nonce: &[u8], ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
-    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| SealError::Corrupt("nonce length".into()))?;
+fn aead_decrypt(
+    key: &Key256,
+    aad: &[u8],
+    nonce: &[u8],
+    ct: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    let nonce: [u8; NONCE_LEN] = nonce
+        .try_into()
+        .map_err(|_| SealError::Corrupt("nonce length".into()))?;
     let cipher = Aes256Gcm::new(key.expose().into());
     cipher
         .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad })
@@ -188,7 +215,10 @@ pub struct LocalKek {
 
 impl fmt::Debug for LocalKek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalKek").field("id", &self.id).field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LocalKek")
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,11 +228,12 @@ impl LocalKek {
         let kek = match std::fs::read(path) {
             Ok(text) => {
                 let text = Zeroizing::new(text);
-                let raw = Zeroizing::new(
-                    STANDARD
-                        .decode(text.trim_ascii())
-                        .map_err(|_| SealError::KekFile { path: path.to_owned(), why: "not base64".into() })?,
-                );
+                let raw = Zeroizing::new(STANDARD.decode(text.trim_ascii()).map_err(|_| {
+                    SealError::KekFile {
+                        path: path.to_owned(),
+                        why: "not base64".into(),
+                    }
+                })?);
                 Key256::from_slice(&raw).ok_or_else(|| SealError::KekFile {
                     path: path.to_owned(),
                     why: format!("holds {} bytes, expected 32", raw.len()),
@@ -211,21 +242,34 @@ impl LocalKek {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let kek = Key256::random()?;
                 let encoded = Zeroizing::new(STANDARD.encode(kek.expose()) + "\n");
-                crate::fsutil::write_private(path, encoded.as_bytes())
-                    .map_err(|e| SealError::KekFile { path: path.to_owned(), why: e.to_string() })?;
+                crate::fsutil::write_private(path, encoded.as_bytes()).map_err(|e| {
+                    SealError::KekFile {
+                        path: path.to_owned(),
+                        why: e.to_string(),
+                    }
+                })?;
                 tracing::info!(path = %path.display(), "created a new local key-encryption key");
                 kek
             }
-            Err(e) => return Err(SealError::KekFile { path: path.to_owned(), why: e.to_string() }),
+            Err(e) => {
+                return Err(SealError::KekFile {
+                    path: path.to_owned(),
+                    why: e.to_string(),
+                });
+            }
         };
-        crate::fsutil::check_private(path)
-            .map_err(|why| SealError::KekFile { path: path.to_owned(), why })?;
+        crate::fsutil::check_private(path).map_err(|why| SealError::KekFile {
+            path: path.to_owned(),
+            why,
+        })?;
         Ok(Self::from_key(kek, path.to_owned()))
     }
 
     pub fn from_key(kek: Key256, path: PathBuf) -> Self {
         // The id is a fingerprint: a hash under a fixed label, which reveals nothing of the key.
-        let digest = Sha256::new_with_prefix(b"keyd local kek id v1\0").chain_update(kek.expose()).finalize();
+        let digest = Sha256::new_with_prefix(b"keyd local kek id v1\0")
+            .chain_update(kek.expose())
+            .finalize();
         let id = format!("local:{}", hex::encode(&digest[..8]));
         Self { kek, id, path }
     }
@@ -241,7 +285,10 @@ impl KeyWrapper for LocalKek {
         self.id.clone()
     }
 
-    async fn generate_data_key(&self, ctx: &SealContext) -> Result<(Key256, WrappedKey), SealError> {
+    async fn generate_data_key(
+        &self,
+        ctx: &SealContext,
+    ) -> Result<(Key256, WrappedKey), SealError> {
         let dek = Key256::random()?;
         let (nonce, mut ct) = aead_encrypt(&self.kek, &ctx.aad(), dek.expose())?;
         let mut wrapped = nonce;
@@ -249,16 +296,21 @@ impl KeyWrapper for LocalKek {
         Ok((dek, WrappedKey(wrapped)))
     }
 
-    async fn unwrap_data_key(&self, wrapped: &WrappedKey, ctx: &SealContext) -> Result<Key256, SealError> {
+    async fn unwrap_data_key(
+        &self,
+        wrapped: &WrappedKey,
+        ctx: &SealContext,
+    ) -> Result<Key256, SealError> {
         if wrapped.0.len() < NONCE_LEN {
             return Err(SealError::Corrupt("wrapped data key too short".into()));
         }
         let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
-        let dek = aead_decrypt(&self.kek, &ctx.aad(), nonce, ct).map_err(|_| SealError::Unwrap {
-            backend: "local",
-            key_id: self.id.clone(),
-            why: "authentication failed: wrong KEK or the record was moved or altered".into(),
-        })?;
+        let dek =
+            aead_decrypt(&self.kek, &ctx.aad(), nonce, ct).map_err(|_| SealError::Unwrap {
+                backend: "local",
+                key_id: self.id.clone(),
+                why: "authentication failed: wrong KEK or the record was moved or altered".into(),
+            })?;
         Key256::from_slice(&dek).ok_or_else(|| SealError::Corrupt("data key length".into()))
     }
 }
@@ -276,7 +328,11 @@ pub enum SealError {
     #[error("sealed record is corrupt: {0}")]
     Corrupt(String),
     #[error("{backend} KEK {key_id}: cannot unwrap data key: {why}")]
-    Unwrap { backend: &'static str, key_id: String, why: String },
+    Unwrap {
+        backend: &'static str,
+        key_id: String,
+        why: String,
+    },
     #[error("local KEK file {path}: {why}")]
     KekFile { path: PathBuf, why: String },
 }
@@ -305,16 +361,25 @@ mod tests {
     }
 
     fn ctx(id: &str, version: u64) -> SealContext {
-        SealContext { record_id: id.into(), purpose: "ipsec-psk", version }
+        SealContext {
+            record_id: id.into(),
+            purpose: "ipsec-psk",
+            version,
+        }
     }
 
     #[tokio::test]
     async fn round_trip() {
         let w = kek();
-        let sealed = seal(&w, &ctx("ipsec/1", 1), b"secret material").await.unwrap();
+        let sealed = seal(&w, &ctx("ipsec/1", 1), b"secret material")
+            .await
+            .unwrap();
         assert!(!sealed.to_bytes().windows(6).any(|x| x == b"secret"));
         let back = SealedRecord::from_bytes(&sealed.to_bytes()).unwrap();
-        assert_eq!(&open(&w, &ctx("ipsec/1", 1), &back).await.unwrap()[..], b"secret material");
+        assert_eq!(
+            &open(&w, &ctx("ipsec/1", 1), &back).await.unwrap()[..],
+            b"secret material"
+        );
     }
 
     #[tokio::test]
@@ -325,12 +390,18 @@ mod tests {
         // The whole record under another id, another version, another purpose.
         assert!(open(&w, &ctx("ipsec/2", 1), &a).await.is_err());
         assert!(open(&w, &ctx("ipsec/1", 2), &a).await.is_err());
-        let other_purpose = SealContext { purpose: "wireguard-master", ..ctx("ipsec/1", 1) };
+        let other_purpose = SealContext {
+            purpose: "wireguard-master",
+            ..ctx("ipsec/1", 1)
+        };
         assert!(open(&w, &other_purpose, &a).await.is_err());
         // Only the wrapped key moved: the data key does not unwrap under a's context.
         let mut spliced = a.clone();
         spliced.wrapped_key = b.wrapped_key.clone();
-        assert!(matches!(open(&w, &ctx("ipsec/1", 1), &spliced).await, Err(SealError::Unwrap { .. })));
+        assert!(matches!(
+            open(&w, &ctx("ipsec/1", 1), &spliced).await,
+            Err(SealError::Unwrap { .. })
+        ));
         // A flipped ciphertext bit.
         let mut flipped = a.clone();
         flipped.ciphertext[0] ^= 1;
@@ -350,7 +421,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek.key");
         let a = LocalKek::load_or_create(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let b = LocalKek::load_or_create(&path).unwrap();
         assert_eq!(a.key_id(), b.key_id());
         assert!(!format!("{a:?}").contains(&STANDARD.encode(a.kek.expose())));

@@ -57,9 +57,15 @@ impl fmt::Debug for Txn {
             v.map(|(t, k)| format!("{t:?}/{k}")).collect()
         };
         f.debug_struct("Txn")
-            .field("guards", &keys(&mut self.guards.iter().map(|(t, k, _)| (t, k))))
+            .field(
+                "guards",
+                &keys(&mut self.guards.iter().map(|(t, k, _)| (t, k))),
+            )
             .field("puts", &keys(&mut self.puts.iter().map(|(t, k, _)| (t, k))))
-            .field("deletes", &keys(&mut self.deletes.iter().map(|(t, k)| (t, k))))
+            .field(
+                "deletes",
+                &keys(&mut self.deletes.iter().map(|(t, k)| (t, k))),
+            )
             .field("audit", &self.audit)
             .finish()
     }
@@ -100,7 +106,11 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     pub fn new(action: &str, actor: impl fmt::Display, details: serde_json::Value) -> Self {
-        Self { action: action.to_owned(), actor: actor.to_string(), details }
+        Self {
+            action: action.to_owned(),
+            actor: actor.to_string(),
+            details,
+        }
     }
 }
 
@@ -119,7 +129,13 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     fn chain(seq: u64, at: Timestamp, event: AuditEvent, prev_hash: String) -> Self {
-        let mut r = Self { seq, at, event, prev_hash, hash: String::new() };
+        let mut r = Self {
+            seq,
+            at,
+            event,
+            prev_hash,
+            hash: String::new(),
+        };
         r.hash = r.compute_hash();
         r
     }
@@ -130,7 +146,9 @@ impl AuditRecord {
             "seq": self.seq, "at": self.at, "action": self.event.action, "actor": self.event.actor,
             "details": self.event.details, "prev_hash": self.prev_hash,
         });
-        let digest = Sha256::new_with_prefix(b"keyd audit v1\0").chain_update(body.to_string()).finalize();
+        let digest = Sha256::new_with_prefix(b"keyd audit v1\0")
+            .chain_update(body.to_string())
+            .finalize();
         hex::encode(digest)
     }
 }
@@ -171,7 +189,10 @@ pub enum StoreError {
 }
 
 fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError::Backend { op, source: Box::new(e) }
+    move |e| StoreError::Backend {
+        op,
+        source: Box::new(e),
+    }
 }
 
 /// The embedded default: one redb file in the data directory.
@@ -182,22 +203,31 @@ pub struct RedbStore {
 
 impl fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedbStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path)
-            .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e) })?;
+        let db = redb::Database::create(path).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
         // Create every table once so that reads never meet a missing table.
         let w = db.begin_write().map_err(|e| backend("begin")(e.into()))?;
         for t in Table::ALL {
-            w.open_table(t.def()).map_err(|e| backend("open table")(e.into()))?;
+            w.open_table(t.def())
+                .map_err(|e| backend("open table")(e.into()))?;
         }
-        w.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
+        w.open_table(AUDIT)
+            .map_err(|e| backend("open table")(e.into()))?;
         w.commit().map_err(|e| backend("commit")(e.into()))?;
-        Ok(Self { db, path: path.to_owned() })
+        Ok(Self {
+            db,
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -207,15 +237,25 @@ impl Store for RedbStore {
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
-        let t = r.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        let t = r
+            .open_table(table.def())
+            .map_err(|e| backend("open table")(e.into()))?;
         let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
         Ok(v.map(|v| v.value().to_vec()))
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
-        let t = r.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        let t = r
+            .open_table(table.def())
+            .map_err(|e| backend("open table")(e.into()))?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
             let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
@@ -225,31 +265,52 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        let w = self.db.begin_write().map_err(|e| backend("begin write")(e.into()))?;
+        let w = self
+            .db
+            .begin_write()
+            .map_err(|e| backend("begin write")(e.into()))?;
         {
             for (table, key, expected) in &txn.guards {
-                let t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
+                let t = w
+                    .open_table(table.def())
+                    .map_err(|e| backend("open table")(e.into()))?;
                 let current = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
                 if current.as_ref().map(|v| v.value()) != expected.as_deref() {
                     // Dropping `w` without commit aborts the transaction.
-                    return Err(StoreError::Conflict { table: *table, key: key.clone() });
+                    return Err(StoreError::Conflict {
+                        table: *table,
+                        key: key.clone(),
+                    });
                 }
             }
             for (table, key, value) in &txn.puts {
-                let mut t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
-                t.insert(key.as_str(), value.as_slice()).map_err(|e| backend("insert")(e.into()))?;
+                let mut t = w
+                    .open_table(table.def())
+                    .map_err(|e| backend("open table")(e.into()))?;
+                t.insert(key.as_str(), value.as_slice())
+                    .map_err(|e| backend("insert")(e.into()))?;
             }
             for (table, key) in &txn.deletes {
-                let mut t = w.open_table(table.def()).map_err(|e| backend("open table")(e.into()))?;
-                t.remove(key.as_str()).map_err(|e| backend("remove")(e.into()))?;
+                let mut t = w
+                    .open_table(table.def())
+                    .map_err(|e| backend("open table")(e.into()))?;
+                t.remove(key.as_str())
+                    .map_err(|e| backend("remove")(e.into()))?;
             }
             if !txn.audit.is_empty() {
-                let mut t = w.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
-                let (mut seq, mut prev) = match t.last().map_err(|e| backend("audit tail")(e.into()))? {
+                let mut t = w
+                    .open_table(AUDIT)
+                    .map_err(|e| backend("open table")(e.into()))?;
+                let (mut seq, mut prev) = match t
+                    .last()
+                    .map_err(|e| backend("audit tail")(e.into()))?
+                {
                     Some((k, v)) => {
-                        let rec: AuditRecord = serde_json::from_slice(v.value()).map_err(|e| {
-                            StoreError::Corrupt { what: format!("audit record {}", k.value()), why: e.to_string() }
-                        })?;
+                        let rec: AuditRecord =
+                            serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                                what: format!("audit record {}", k.value()),
+                                why: e.to_string(),
+                            })?;
                         (rec.seq + 1, rec.hash)
                     }
                     None => (1, GENESIS_HASH.to_owned()),
@@ -261,7 +322,8 @@ impl Store for RedbStore {
                         op: "encode audit record",
                         source: Box::new(e),
                     })?;
-                    t.insert(seq, bytes.as_slice()).map_err(|e| backend("audit append")(e.into()))?;
+                    t.insert(seq, bytes.as_slice())
+                        .map_err(|e| backend("audit append")(e.into()))?;
                     prev = rec.hash;
                     seq += 1;
                 }
@@ -271,15 +333,26 @@ impl Store for RedbStore {
     }
 
     fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let r = self.db.begin_read().map_err(|e| backend("begin read")(e.into()))?;
-        let t = r.open_table(AUDIT).map_err(|e| backend("open table")(e.into()))?;
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        let t = r
+            .open_table(AUDIT)
+            .map_err(|e| backend("open table")(e.into()))?;
         let mut out = Vec::new();
-        for entry in t.range(from..).map_err(|e| backend("audit range")(e.into()))?.take(limit) {
+        for entry in t
+            .range(from..)
+            .map_err(|e| backend("audit range")(e.into()))?
+            .take(limit)
+        {
             let (k, v) = entry.map_err(|e| backend("audit range")(e.into()))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                what: format!("audit record {}", k.value()),
-                why: e.to_string(),
-            })?);
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    what: format!("audit record {}", k.value()),
+                    why: e.to_string(),
+                })?,
+            );
         }
         Ok(out)
     }
@@ -298,7 +371,8 @@ mod tests {
     #[test]
     fn commit_is_all_or_nothing() {
         let (_d, s) = open();
-        s.commit(Txn::default().put(Table::Meta, "a", b"1".to_vec())).unwrap();
+        s.commit(Txn::default().put(Table::Meta, "a", b"1".to_vec()))
+            .unwrap();
         let bad = Txn::default()
             .put(Table::Meta, "b", b"2".to_vec())
             .guard(Table::Meta, "a", Some(b"stale".to_vec()))
@@ -312,7 +386,10 @@ mod tests {
             .put(Table::Meta, "b", b"2".to_vec())
             .delete(Table::Meta, "a");
         s.commit(good).unwrap();
-        assert_eq!(s.scan(Table::Meta).unwrap(), vec![("b".to_owned(), b"2".to_vec())]);
+        assert_eq!(
+            s.scan(Table::Meta).unwrap(),
+            vec![("b".to_owned(), b"2".to_vec())]
+        );
     }
 
     #[test]
@@ -322,13 +399,22 @@ mod tests {
         {
             let s = RedbStore::open(&path).unwrap();
             for i in 0..3 {
-                s.commit(Txn::default().audit(AuditEvent::new("e", "t", serde_json::json!({ "i": i })))).unwrap();
+                s.commit(Txn::default().audit(AuditEvent::new(
+                    "e",
+                    "t",
+                    serde_json::json!({ "i": i }),
+                )))
+                .unwrap();
             }
         }
         let s = RedbStore::open(&path).unwrap();
-        s.commit(Txn::default().audit(AuditEvent::new("e", "t", serde_json::json!({ "i": 3 })))).unwrap();
+        s.commit(Txn::default().audit(AuditEvent::new("e", "t", serde_json::json!({ "i": 3 }))))
+            .unwrap();
         let recs = s.audit_range(0, 100).unwrap();
-        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(recs[0].prev_hash, GENESIS_HASH);
         for w in recs.windows(2) {
             assert_eq!(w[1].prev_hash, w[0].hash);

@@ -62,7 +62,10 @@ impl fmt::Display for IdentityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityError::Malformed => {
-                write!(f, "identity URI must be spiffe://{TRUST_DOMAIN}/<node|admin>/<name>")
+                write!(
+                    f,
+                    "identity URI must be spiffe://{TRUST_DOMAIN}/<node|admin>/<name>"
+                )
             }
             IdentityError::UnknownKind(k) => {
                 write!(f, "identity kind {k:?} is neither \"node\" nor \"admin\"")
@@ -84,7 +87,10 @@ pub fn validate_name(name: &str) -> Result<(), IdentityError> {
     if name.len() > 253 {
         return bad("longer than 253 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
         return bad("only lowercase letters, digits, '-' and '.' are allowed");
     }
     let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();

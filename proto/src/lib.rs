@@ -233,18 +233,29 @@ mod tests {
 
     #[test]
     fn registration_rejects_unknown_fields() {
-        let err = serde_json::from_str::<NodeRegistration>(r#"{"endpoint":"10.0.0.1","podCidrs":[]}"#)
-            .expect_err("unknown field must be refused");
+        let err =
+            serde_json::from_str::<NodeRegistration>(r#"{"endpoint":"10.0.0.1","podCidrs":[]}"#)
+                .expect_err("unknown field must be refused");
         assert!(err.to_string().contains("podCidrs"), "{err}");
     }
 
     #[test]
     fn bundle_debug_never_shows_key_bytes() {
         let key = SecretBytes::new(vec![0xAB; 20]);
-        let bundle = IpsecAlgorithm::Aead { name: "rfc4106(gcm(aes))".into(), key, icv_bits: 128 };
+        let bundle = IpsecAlgorithm::Aead {
+            name: "rfc4106(gcm(aes))".into(),
+            key,
+            icv_bits: 128,
+        };
         let json = serde_json::to_string(&bundle).expect("serializes");
-        assert!(json.contains("q6urq6urq6urq6urq6urq6urq6s="), "wire form carries the key: {json}");
+        assert!(
+            json.contains("q6urq6urq6urq6urq6urq6urq6s="),
+            "wire form carries the key: {json}"
+        );
         let debug = format!("{bundle:?}");
-        assert!(!debug.contains("171") && !debug.to_lowercase().contains("ab"), "{debug}");
+        assert!(
+            !debug.contains("171") && !debug.to_lowercase().contains("ab"),
+            "{debug}"
+        );
     }
 }

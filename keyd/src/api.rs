@@ -1,0 +1,502 @@
+//! The HTTP API served over mTLS, and the plain-HTTP ops endpoints.
+//!
+//! The caller's identity comes from its client certificate (see [`crate::tls::peer_identity`])
+//! and reaches handlers as a request extension set per connection by [`crate::server`]. A node
+//! certificate may touch only its own node's resources; the rest of `/v1` needs an admin
+//! certificate. Every refusal is a JSON [`ErrorBody`], and every authorization refusal is
+//! audited.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use keyd_proto::identity::Identity;
+use keyd_proto::{Ack, ErrorBody, ImportRequest, NodeRegistration, RotateRequest};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::service::{Keyd, ServiceError};
+use crate::store::AuditEvent;
+use crate::tls::PeerIdentityError;
+
+/// The identity the connection's client certificate proved, or why it names none.
+pub type PeerIdentity = Result<Identity, PeerIdentityError>;
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub keyd: Arc<Keyd>,
+}
+
+/// The `/v1` API. Bodies larger than `max_body` bytes are refused with 413.
+pub fn router(state: AppState, max_body: usize) -> Router {
+    let metrics_state = state.clone();
+    Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", put(register_node))
+        .route("/v1/nodes/{name}/bundle", get(bundle))
+        .route("/v1/nodes/{name}/ack", post(ack))
+        .route("/v1/status", get(status))
+        .route("/v1/ipsec", get(ipsec_show))
+        .route("/v1/ipsec/rotate", post(ipsec_rotate))
+        .route("/v1/ipsec/import", post(ipsec_import))
+        .route("/v1/ipsec/cilium", get(ipsec_cilium))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(metrics_state, observe))
+        .with_state(state)
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, for probes and scrapers that hold no client certificate.
+/// They reveal no key material and no node names.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    // Ready once the store answers; the cache was filled before the listener opened.
+    match s.keyd.store().get(crate::store::Table::Meta, "wireguard") {
+        Ok(Some(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store not initialised\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.keyd.metrics.nodes.set(s.keyd.list_nodes().len() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.keyd.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let elapsed = start.elapsed();
+    let status = resp.status();
+    let m = &s.keyd.metrics;
+    m.http_requests
+        .get_or_create(&crate::telemetry::RouteLabels {
+            route: route.clone(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&crate::telemetry::RouteOnly {
+            route: route.clone(),
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::debug!(%method, route, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
+    resp
+}
+
+// ---- errors --------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use crate::store::StoreError;
+        match &e {
+            ServiceError::NotFound(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", m.clone())
+            }
+            ServiceError::Invalid(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone())
+            }
+            ServiceError::Ipsec(e) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_key",
+                e.to_string(),
+            ),
+            ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::Store(StoreError::Conflict { .. }) => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{e}; nothing was changed"),
+            ),
+            ServiceError::Store(_) | ServiceError::Seal(_) => {
+                tracing::error!(error = %e, "internal error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("{e}; nothing was changed"),
+                )
+            }
+        }
+    }
+}
+
+// ---- extractors ------------------------------------------------------------------------------
+
+/// The authenticated caller.
+#[derive(Debug)]
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match parts.extensions.get::<PeerIdentity>() {
+            Some(Ok(id)) => Ok(Caller(id.clone())),
+            Some(Err(e)) => Err(refuse(
+                state,
+                "unidentified",
+                parts,
+                &format!("client certificate: {e}"),
+            )
+            .await),
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "no client certificate on this connection",
+            )),
+        }
+    }
+}
+
+/// A caller with an admin certificate.
+#[derive(Debug)]
+pub struct Admin(pub Identity);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(id) = Caller::from_request_parts(parts, state).await?;
+        match id {
+            Identity::Admin(_) => Ok(Admin(id)),
+            Identity::Node(_) => Err(refuse(
+                state,
+                &id.to_string(),
+                parts,
+                "this endpoint needs an admin certificate",
+            )
+            .await),
+        }
+    }
+}
+
+/// Allows a node certificate only for its own node's resources.
+async fn require_node(
+    state: &AppState,
+    caller: &Identity,
+    name: &str,
+    parts: &Parts,
+) -> Result<(), ApiError> {
+    match caller {
+        Identity::Node(n) if n == name => Ok(()),
+        Identity::Node(n) => Err(refuse(
+            state,
+            &caller.to_string(),
+            parts,
+            &format!("node {n:?} may only access its own resources, not node {name:?}'s"),
+        )
+        .await),
+        Identity::Admin(_) => Err(refuse(
+            state,
+            &caller.to_string(),
+            parts,
+            "node endpoints need that node's own certificate",
+        )
+        .await),
+    }
+}
+
+/// Audits a refusal (who, what, why) and builds the 403.
+async fn refuse(state: &AppState, who: &str, parts: &Parts, why: &str) -> ApiError {
+    state.keyd.metrics.refused_requests.inc();
+    let what = format!("{} {}", parts.method, parts.uri.path());
+    tracing::info!(who, what, why, "request refused");
+    if let Err(e) = state
+        .keyd
+        .audit(AuditEvent::new(
+            "request.refused",
+            who,
+            json!({ "request": what, "reason": why }),
+        ))
+        .await
+    {
+        tracing::error!(error = %e, "cannot audit a refused request");
+    }
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", why)
+}
+
+/// `axum::Json` with JSON error bodies; serde messages have quoted string values redacted, since a
+/// misplaced field could carry key material.
+pub struct ApiJson<T>(pub T);
+
+impl<T> std::fmt::Debug for ApiJson<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiJson(..)")
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let (code, message) = match &r {
+        JsonRejection::MissingJsonContentType(_) => (
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`".to_owned(),
+        ),
+        JsonRejection::JsonSyntaxError(_) => (
+            "invalid_json",
+            format!("body is not valid JSON: {}", redact(&r.body_text())),
+        ),
+        JsonRejection::JsonDataError(_) => ("invalid_body", redact(&r.body_text())),
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => (
+            "body_too_large",
+            "request body is larger than the limit".to_owned(),
+        ),
+        _ => ("invalid_body", redact(&r.body_text())),
+    };
+    ApiError::new(status, code, message)
+}
+
+/// Replaces every `"..."` string literal in a serde message by `"<redacted>"`.
+fn redact(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut in_quote = false;
+    for c in msg.chars() {
+        match (c, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"<redacted>");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+// ---- handlers --------------------------------------------------------------------------------
+
+async fn register_node(
+    State(s): State<AppState>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+    parts: Parts,
+    ApiJson(reg): ApiJson<NodeRegistration>,
+) -> Result<Response, ApiError> {
+    require_node(&s, &caller, &name, &parts).await?;
+    let info = s.keyd.register_node(&caller, &name, reg).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn bundle(
+    State(s): State<AppState>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+    parts: Parts,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_node(&s, &caller, &name, &parts).await?;
+    let b = s.keyd.bundle(&name).await?;
+    let etag = HeaderValue::from_str(&b.etag)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "etag"))?;
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == b.etag.as_bytes())
+    {
+        s.keyd
+            .metrics
+            .bundle_fetches
+            .get_or_create(&crate::telemetry::Outcome {
+                outcome: "not_modified",
+            })
+            .inc();
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    s.keyd
+        .metrics
+        .bundle_fetches
+        .get_or_create(&crate::telemetry::Outcome { outcome: "full" })
+        .inc();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        b.body(),
+    )
+        .into_response())
+}
+
+async fn ack(
+    State(s): State<AppState>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+    parts: Parts,
+    ApiJson(ack): ApiJson<Ack>,
+) -> Result<Response, ApiError> {
+    require_node(&s, &caller, &name, &parts).await?;
+    Ok(Json(s.keyd.ack(&caller, &name, ack).await?).into_response())
+}
+
+async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.list_nodes()).into_response()
+}
+
+async fn status(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.status()).into_response()
+}
+
+async fn ipsec_show(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.ipsec_status()).into_response()
+}
+
+async fn ipsec_rotate(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<RotateRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.rotate_ipsec(&caller, req).await?).into_response())
+}
+
+async fn ipsec_import(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<ImportRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.import_ipsec(&caller, req.keys.expose()).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CiliumQuery {
+    /// `line` (default) or `secret`.
+    #[serde(default)]
+    format: Option<String>,
+    /// Namespace of the Secret; `kube-system` by default.
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+async fn ipsec_cilium(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    query: Result<Query<CiliumQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let (namespace, content_type) = match q.format.as_deref().unwrap_or("line") {
+        "line" => (None, "text/plain; charset=utf-8"),
+        "secret" => (
+            Some(q.namespace.as_deref().unwrap_or("kube-system")),
+            "application/yaml",
+        ),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("format {other:?} is neither \"line\" nor \"secret\""),
+            ));
+        }
+    };
+    let text = s.keyd.cilium_export(&caller, namespace).await?;
+    let body = bytes::Bytes::from_owner(ZeroizingText(text));
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Lets a response body own a zeroizing string, so the key text is wiped after sending.
+struct ZeroizingText(zeroize::Zeroizing<String>);
+
+impl AsRef<[u8]> for ZeroizingText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_string_literals() {
+        assert_eq!(
+            redact(r#"invalid value: string "3+ rfc4106 abcd 128", expected x at line 1"#),
+            r#"invalid value: string "<redacted>", expected x at line 1"#
+        );
+        assert_eq!(redact("unknown field `foo`"), "unknown field `foo`");
+    }
+}

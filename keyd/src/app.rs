@@ -1,0 +1,180 @@
+//! Wiring: from a validated [`Config`] to running listeners; and `keyd dev`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, KekConfig};
+use crate::seal::{KeyWrapper, LocalKek};
+use crate::service::Keyd;
+use crate::store::{RedbStore, Store};
+
+/// A keyd whose listeners are bound and which is ready to serve.
+pub struct Running {
+    pub api_addr: std::net::SocketAddr,
+    pub ops_addr: std::net::SocketAddr,
+    pub keyd: Arc<Keyd>,
+    serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("api_addr", &self.api_addr)
+            .field("ops_addr", &self.ops_addr)
+            .finish()
+    }
+}
+
+impl Running {
+    /// Serves until `shutdown` resolves, then drains connections.
+    pub async fn serve(self) {
+        self.serve.await;
+    }
+}
+
+/// Opens the store and the KEK, loads every key (failing if any does not unseal), loads the TLS
+/// files, and binds both listeners. Nothing is served until [`Running::serve`].
+pub async fn start(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
+    crate::tls::install_default_provider();
+    create_private_dir(&config.data_dir)?;
+    let wrapper: Arc<dyn KeyWrapper> = match &config.kek {
+        KekConfig::Local { path } => Arc::new(LocalKek::load_or_create(path)?),
+    };
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
+    let keyd = Arc::new(
+        Keyd::open(store, wrapper)
+            .await
+            .context("loading keys from the store")?,
+    );
+    let (tls_rx, _reloader) =
+        crate::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
+            .context("loading the server certificate")?;
+    let api_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding listen {}", config.listen))?;
+    let ops_listener = TcpListener::bind(config.ops_listen)
+        .await
+        .with_context(|| format!("binding ops_listen {}", config.ops_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let ops_addr = ops_listener.local_addr()?;
+    let state = AppState {
+        keyd: Arc::clone(&keyd),
+    };
+    let router = api::router(state.clone(), config.max_body_bytes);
+    let ops = api::ops_router(state);
+    let metrics = keyd.metrics.clone();
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let serve = async move {
+        tokio::join!(
+            crate::server::serve_tls(
+                api_listener,
+                tls_rx,
+                router,
+                config.handshake_timeout,
+                metrics,
+                wait(shutdown.clone())
+            ),
+            crate::server::serve_plain(ops_listener, ops, wait(shutdown)),
+        );
+    };
+    tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
+    Ok(Running {
+        api_addr,
+        ops_addr,
+        keyd,
+        serve: Box::pin(serve),
+    })
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data_dir {}", dir.display()))
+}
+
+/// What `keyd dev` prepared.
+#[derive(Debug)]
+pub struct DevSetup {
+    pub data_dir: PathBuf,
+    pub keyd_toml: PathBuf,
+    pub keyctl_toml: PathBuf,
+    pub pki: crate::pki::DevPki,
+}
+
+/// Node names that get demo certificates in `keyd dev`.
+pub const DEV_NODES: [&str; 2] = ["node-a", "node-b"];
+
+/// Creates (once) the dev PKI under `data_dir` and (re)writes `keyd.toml` and `keyctl.toml`
+/// for the given addresses. Certificates, the KEK and the store are never overwritten.
+pub fn prepare_dev(data_dir: &Path, listen: &str, ops_listen: &str) -> anyhow::Result<DevSetup> {
+    create_private_dir(data_dir)?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", data_dir.display()))?;
+    let listen_addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:8443"))?;
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    if !listen_addr.ip().is_unspecified() && !names.contains(&listen_addr.ip().to_string()) {
+        names.push(listen_addr.ip().to_string());
+    }
+    let pki = crate::pki::ensure_dev_pki(&data_dir, &names, &DEV_NODES)?;
+    let keyd_toml = data_dir.join("keyd.toml");
+    let text = format!(
+        "# Written by `keyd dev`; rewritten at every start.\n\
+         data_dir = {dir:?}\nlisten = {listen:?}\nops_listen = {ops_listen:?}\n\n\
+         [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n[kek]\nbackend = \"local\"\n\n[log]\nformat = \"text\"\n",
+        dir = data_dir.display().to_string(),
+        ca = pki.ca.display().to_string(),
+        cert = pki.server.cert.display().to_string(),
+        key = pki.server.key.display().to_string(),
+    );
+    std::fs::write(&keyd_toml, text).with_context(|| format!("writing {}", keyd_toml.display()))?;
+    let connect_host = if listen_addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        listen_addr.ip().to_string()
+    };
+    let server = match listen_addr.ip() {
+        std::net::IpAddr::V6(_) if connect_host != "127.0.0.1" => {
+            format!("https://[{connect_host}]:{}", listen_addr.port())
+        }
+        _ => format!("https://{connect_host}:{}", listen_addr.port()),
+    };
+    let settings = crate::client::ClientSettings {
+        server,
+        ca: pki.ca.clone(),
+        cert: pki.admin.cert.clone(),
+        key: pki.admin.key.clone(),
+    };
+    let keyctl_toml = data_dir.join("keyctl.toml");
+    let text = format!(
+        "# Written by `keyd dev`: keyctl --config {} status\n{}",
+        keyctl_toml.display(),
+        toml::to_string(&settings)?
+    );
+    std::fs::write(&keyctl_toml, text)
+        .with_context(|| format!("writing {}", keyctl_toml.display()))?;
+    Ok(DevSetup {
+        data_dir,
+        keyd_toml,
+        keyctl_toml,
+        pki,
+    })
+}

@@ -1,0 +1,395 @@
+//! keyd's configuration: a TOML file, then `KEYD_*` environment variables, then command-line
+//! flags, each layer overriding the one before. The result is validated completely before any
+//! socket binds; an error names the field (`tls.cert`, `KEYD_LISTEN`, ...) and keyd exits 64.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+use crate::tls::TlsPaths;
+
+/// Exit status for bad configuration (`EX_CONFIG`-like; sysexits' EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
+    pub tls: TlsPaths,
+    pub tls_reload_interval: Duration,
+    pub kek: KekConfig,
+    pub max_body_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekConfig {
+    /// A 256-bit key in a 0600 file, created on first start.
+    Local { path: PathBuf },
+}
+
+/// The file form; every field optional so that env and flags can fill it in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub ops_listen: Option<String>,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub kek: RawKek,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub reload_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKek {
+    pub backend: Option<String>,
+    pub local_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_body_bytes: Option<usize>,
+    pub handshake_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+/// Command-line overrides.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub ops_listen: Option<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("config field `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The environment variables keyd reads, and the field each sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("KEYD_DATA_DIR", "data_dir"),
+    ("KEYD_LISTEN", "listen"),
+    ("KEYD_OPS_LISTEN", "ops_listen"),
+    ("KEYD_TLS_CA", "tls.ca"),
+    ("KEYD_TLS_CERT", "tls.cert"),
+    ("KEYD_TLS_KEY", "tls.key"),
+    ("KEYD_TLS_RELOAD_INTERVAL", "tls.reload_interval"),
+    ("KEYD_KEK_BACKEND", "kek.backend"),
+    ("KEYD_KEK_LOCAL_PATH", "kek.local_path"),
+    ("KEYD_MAX_BODY_BYTES", "limits.max_body_bytes"),
+    ("KEYD_HANDSHAKE_TIMEOUT", "limits.handshake_timeout"),
+    ("KEYD_LOG_FORMAT", "log.format"),
+    ("KEYD_LOG_LEVEL", "log.level"),
+];
+
+impl RawConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message names the key (e.g. "unknown field `lisen`") and the position.
+            err(
+                "<file>",
+                e.message().to_owned()
+                    + &e.span()
+                        .map(|s| format!(" (at byte {})", s.start))
+                        .unwrap_or_default(),
+            )
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text)
+            .map_err(|e| err(&e.field, format!("in {}: {}", path.display(), e.message)))
+    }
+
+    /// Overlays `KEYD_*` variables from `env` (a map, so tests need not touch the process env).
+    pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let known: std::collections::HashSet<&str> = ENV_VARS.iter().map(|(k, _)| *k).collect();
+        for k in env.keys() {
+            if k.starts_with("KEYD_") && !known.contains(k.as_str()) {
+                return Err(err(
+                    k,
+                    "unknown KEYD_ variable (see `keyd serve --help` for the list)",
+                ));
+            }
+        }
+        let get = |k: &str| env.get(k).cloned();
+        let path = |k: &str| env.get(k).map(PathBuf::from);
+        self.data_dir = path("KEYD_DATA_DIR").or(self.data_dir.take());
+        self.listen = get("KEYD_LISTEN").or(self.listen.take());
+        self.ops_listen = get("KEYD_OPS_LISTEN").or(self.ops_listen.take());
+        self.tls.ca = path("KEYD_TLS_CA").or(self.tls.ca.take());
+        self.tls.cert = path("KEYD_TLS_CERT").or(self.tls.cert.take());
+        self.tls.key = path("KEYD_TLS_KEY").or(self.tls.key.take());
+        self.tls.reload_interval =
+            get("KEYD_TLS_RELOAD_INTERVAL").or(self.tls.reload_interval.take());
+        self.kek.backend = get("KEYD_KEK_BACKEND").or(self.kek.backend.take());
+        self.kek.local_path = path("KEYD_KEK_LOCAL_PATH").or(self.kek.local_path.take());
+        if let Some(v) = get("KEYD_MAX_BODY_BYTES") {
+            self.limits.max_body_bytes = Some(v.parse().map_err(|_| {
+                err(
+                    "KEYD_MAX_BODY_BYTES",
+                    format!("{v:?} is not a whole number"),
+                )
+            })?);
+        }
+        self.limits.handshake_timeout =
+            get("KEYD_HANDSHAKE_TIMEOUT").or(self.limits.handshake_timeout.take());
+        self.log.format = get("KEYD_LOG_FORMAT").or(self.log.format.take());
+        self.log.level = get("KEYD_LOG_LEVEL").or(self.log.level.take());
+        Ok(())
+    }
+
+    pub fn apply_flags(&mut self, f: &Flags) {
+        let f = f.clone();
+        self.data_dir = f.data_dir.or(self.data_dir.take());
+        self.listen = f.listen.or(self.listen.take());
+        self.ops_listen = f.ops_listen.or(self.ops_listen.take());
+        self.log.level = f.log_level.or(self.log.level.take());
+        self.log.format = f.log_format.or(self.log.format.take());
+    }
+
+    /// Checks everything, including that the TLS files and the data directory are usable.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let data_dir = self.data_dir.ok_or_else(|| err("data_dir", "required"))?;
+        let listen = parse_addr("listen", self.listen.as_deref().unwrap_or("0.0.0.0:8443"))?;
+        let ops_listen = parse_addr(
+            "ops_listen",
+            self.ops_listen.as_deref().unwrap_or("127.0.0.1:9443"),
+        )?;
+        if listen == ops_listen && listen.port() != 0 {
+            return Err(err("ops_listen", "must differ from `listen`"));
+        }
+        let file = |field: &str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
+            let p = p.ok_or_else(|| err(field, "required"))?;
+            std::fs::metadata(&p).map_err(|e| err(field, format!("{}: {e}", p.display())))?;
+            Ok(p)
+        };
+        let tls = TlsPaths {
+            ca: file("tls.ca", self.tls.ca)?,
+            cert: file("tls.cert", self.tls.cert)?,
+            key: file("tls.key", self.tls.key)?,
+        };
+        let tls_reload_interval = parse_duration(
+            "tls.reload_interval",
+            self.tls.reload_interval.as_deref().unwrap_or("10s"),
+        )?;
+        let kek = match self.kek.backend.as_deref().unwrap_or("local") {
+            "local" => KekConfig::Local {
+                path: self
+                    .kek
+                    .local_path
+                    .unwrap_or_else(|| data_dir.join("kek.key")),
+            },
+            other => {
+                return Err(err(
+                    "kek.backend",
+                    format!(
+                        "{other:?} is not a backend this build supports (supported: \"local\")"
+                    ),
+                ));
+            }
+        };
+        let max_body_bytes = self.limits.max_body_bytes.unwrap_or(64 * 1024);
+        if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
+            return Err(err(
+                "limits.max_body_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        let handshake_timeout = parse_duration(
+            "limits.handshake_timeout",
+            self.limits.handshake_timeout.as_deref().unwrap_or("10s"),
+        )?;
+        let log_format = match self.log.format.as_deref().unwrap_or("json") {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(err(
+                    "log.format",
+                    format!("{other:?} is neither \"json\" nor \"text\""),
+                ));
+            }
+        };
+        let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| err("log.level", e.to_string()))?;
+        Ok(Config {
+            data_dir,
+            listen,
+            ops_listen,
+            tls,
+            tls_reload_interval,
+            kek,
+            max_body_bytes,
+            handshake_timeout,
+            log_format,
+            log_level,
+        })
+    }
+}
+
+fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| {
+        err(
+            field,
+            format!("{v:?} is not an address like 127.0.0.1:8443 or [::]:8443"),
+        )
+    })
+}
+
+fn parse_duration(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(v)
+        .map_err(|e| err(field, format!("{v:?}: {e} (use e.g. \"10s\", \"5m\")")))?;
+    if d.is_zero() {
+        return Err(err(field, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// File, then environment, then flags.
+pub fn load(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+    flags: &Flags,
+) -> Result<Config, ConfigError> {
+    let mut raw = match file {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    raw.apply_env(env)?;
+    raw.apply_flags(flags);
+    raw.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_files(dir: &Path) -> String {
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem")
+        )
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "data_dir = \"/d\"\nlisten = \"127.0.0.1:1\"\nops_listen = \"127.0.0.1:2\"\n{}",
+            tls_files(dir.path())
+        );
+        let mut raw = RawConfig::from_toml(&text).unwrap();
+        let env = HashMap::from([("KEYD_LISTEN".to_owned(), "127.0.0.1:3".to_owned())]);
+        raw.apply_env(&env).unwrap();
+        raw.apply_flags(&Flags {
+            ops_listen: Some("127.0.0.1:4".into()),
+            ..Flags::default()
+        });
+        let c = raw.validate().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3".parse().unwrap());
+        assert_eq!(c.ops_listen, "127.0.0.1:4".parse().unwrap());
+        assert_eq!(
+            c.kek,
+            KekConfig::Local {
+                path: "/d/kek.key".into()
+            }
+        );
+        assert_eq!(c.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let field = |text: &str| {
+            RawConfig::from_toml(text)
+                .and_then(RawConfig::validate)
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(field(&format!("{tls}")), "data_dir");
+        assert_eq!(
+            field(&format!("data_dir = \"/d\"\nlisten = \"nope\"\n{tls}")),
+            "listen"
+        );
+        assert_eq!(
+            field("data_dir = \"/d\"\n[tls]\nca = \"/nonexistent\"\n"),
+            "tls.ca"
+        );
+        assert_eq!(
+            field(&format!(
+                "data_dir = \"/d\"\n{tls}reload_interval = \"soon\"\n"
+            )),
+            "tls.reload_interval"
+        );
+        assert_eq!(
+            field(&format!(
+                "data_dir = \"/d\"\n{tls}[kek]\nbackend = \"hsm\"\n"
+            )),
+            "kek.backend"
+        );
+        assert_eq!(
+            field(&format!(
+                "data_dir = \"/d\"\n{tls}[log]\nformat = \"xml\"\n"
+            )),
+            "log.format"
+        );
+        let e = RawConfig::from_toml("lisen = \"x\"").unwrap_err();
+        assert!(e.message.contains("lisen"), "{e}");
+        let mut raw = RawConfig::default();
+        let e = raw
+            .apply_env(&HashMap::from([("KEYD_LISTN".into(), "x".into())]))
+            .unwrap_err();
+        assert_eq!(e.field, "KEYD_LISTN");
+    }
+}
