@@ -230,29 +230,39 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// Allows a node certificate only for its own node's resources.
-async fn require_node(
-    state: &AppState,
-    caller: &Identity,
-    name: &str,
-    parts: &Parts,
-) -> Result<(), ApiError> {
-    match caller {
-        Identity::Node(n) if n == name => Ok(()),
-        Identity::Node(n) => Err(refuse(
-            state,
-            &caller.to_string(),
-            parts,
-            &format!("node {n:?} may only access its own resources, not node {name:?}'s"),
-        )
-        .await),
-        Identity::Admin(_) => Err(refuse(
-            state,
-            &caller.to_string(),
-            parts,
-            "node endpoints need that node's own certificate",
-        )
-        .await),
+/// A node certificate acting on its own node (`{name}` in the path). Being a parts extractor, it
+/// runs before any body is read, so an unauthorized caller learns nothing about the body schema.
+#[derive(Debug)]
+pub struct OwnNode {
+    pub caller: Identity,
+    pub name: String,
+}
+
+impl FromRequestParts<AppState> for OwnNode {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(caller) = Caller::from_request_parts(parts, state).await?;
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text()))?;
+        match &caller {
+            Identity::Node(n) if *n == name => Ok(OwnNode { caller, name }),
+            Identity::Node(n) => Err(refuse(
+                state,
+                &caller.to_string(),
+                parts,
+                &format!("node {n:?} may only access its own resources, not node {name:?}'s"),
+            )
+            .await),
+            Identity::Admin(_) => Err(refuse(
+                state,
+                &caller.to_string(),
+                parts,
+                "node endpoints need that node's own certificate",
+            )
+            .await),
+        }
     }
 }
 
@@ -342,24 +352,18 @@ fn redact(msg: &str) -> String {
 
 async fn register_node(
     State(s): State<AppState>,
-    Caller(caller): Caller,
-    Path(name): Path<String>,
-    parts: Parts,
+    OwnNode { caller, name }: OwnNode,
     ApiJson(reg): ApiJson<NodeRegistration>,
 ) -> Result<Response, ApiError> {
-    require_node(&s, &caller, &name, &parts).await?;
     let info = s.keyd.register_node(&caller, &name, reg).await?;
     Ok(Json(info).into_response())
 }
 
 async fn bundle(
     State(s): State<AppState>,
-    Caller(caller): Caller,
-    Path(name): Path<String>,
-    parts: Parts,
+    OwnNode { name, .. }: OwnNode,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_node(&s, &caller, &name, &parts).await?;
     let b = s.keyd.bundle(&name).await?;
     let etag = HeaderValue::from_str(&b.etag)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "etag"))?;
@@ -397,12 +401,9 @@ async fn bundle(
 
 async fn ack(
     State(s): State<AppState>,
-    Caller(caller): Caller,
-    Path(name): Path<String>,
-    parts: Parts,
+    OwnNode { caller, name }: OwnNode,
     ApiJson(ack): ApiJson<Ack>,
 ) -> Result<Response, ApiError> {
-    require_node(&s, &caller, &name, &parts).await?;
     Ok(Json(s.keyd.ack(&caller, &name, ack).await?).into_response())
 }
 

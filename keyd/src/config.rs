@@ -357,7 +357,7 @@ mod tests {
                 .unwrap_err()
                 .field
         };
-        assert_eq!(field(&format!("{tls}")), "data_dir");
+        assert_eq!(field(&tls), "data_dir");
         assert_eq!(
             field(&format!("data_dir = \"/d\"\nlisten = \"nope\"\n{tls}")),
             "listen"

@@ -586,7 +586,6 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use std::net::IpAddr;
     use std::sync::Arc;

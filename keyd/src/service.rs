@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keyd_proto::identity::Identity;
 use keyd_proto::{
-    Ack, IpsecBundle, IpsecStatus, KeyRole, KeySpec, NodeBundle, NodeInfo, NodeRegistration,
+    Ack, Acked, IpsecBundle, IpsecStatus, KeyRole, KeySpec, NodeBundle, NodeInfo, NodeRegistration,
     RotateRequest, Status, Timestamp, WireguardBundle, WireguardStatus,
 };
 use serde::{Deserialize, Serialize};
@@ -349,14 +349,9 @@ impl Keyd {
             .get(Table::Nodes, name)?
             .ok_or_else(|| not_registered(name))?;
         let mut info: NodeInfo = from_json(&previous, "node record")?;
-        let changed = (
-            &info.acked.ipsec_spis,
-            info.acked.ipsec_outbound_spi,
-            info.acked.wireguard_epoch,
-        ) != (&ack.ipsec_spis, ack.ipsec_outbound_spi, ack.wireguard_epoch);
+        let changed = info.acked.ack != ack;
         let now = Timestamp::now();
-        ack.at = Some(now);
-        info.acked = ack;
+        info.acked = Acked { ack, at: Some(now) };
         info.last_seen = now;
         let mut txn = Txn::default()
             .guard(Table::Nodes, name, Some(previous))
@@ -365,9 +360,9 @@ impl Keyd {
             txn = txn.audit(AuditEvent::new(
                 "node.keys.acknowledged",
                 actor,
-                json!({ "node": name, "ipsec_spis": info.acked.ipsec_spis,
-                        "ipsec_outbound_spi": info.acked.ipsec_outbound_spi,
-                        "wireguard_epoch": info.acked.wireguard_epoch }),
+                json!({ "node": name, "ipsec_spis": info.acked.ack.ipsec_spis,
+                        "ipsec_outbound_spi": info.acked.ack.ipsec_outbound_spi,
+                        "wireguard_epoch": info.acked.ack.wireguard_epoch }),
             ));
         }
         self.commit(txn).await?;

@@ -227,10 +227,6 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, PeerIdent
 ///
 /// # Panics
 /// Outside a Tokio runtime (it spawns the poller).
-#[expect(
-    clippy::type_complexity,
-    reason = "the signature the server is written against; a type alias would hide the pieces"
-)]
 pub fn watch_server_config(
     paths: TlsPaths,
     interval: Duration,
@@ -404,7 +400,6 @@ pub(crate) fn read_secret(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use std::net::SocketAddr;
 
@@ -780,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_provider_is_aws_lc_and_installing_it_is_idempotent() {
+    fn installing_the_default_provider_is_idempotent() {
         install_default_provider();
         install_default_provider();
         let installed = CryptoProvider::get_default().unwrap();

@@ -77,7 +77,7 @@ pub fn peers_for<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyd_proto::{Ack, Timestamp};
+    use keyd_proto::{Acked, Timestamp};
 
     fn node(name: &str, key: Option<&str>) -> NodeInfo {
         NodeInfo {
@@ -88,7 +88,7 @@ mod tests {
             boot_id: None,
             registered_at: Timestamp(0),
             last_seen: Timestamp(0),
-            acked: Ack::default(),
+            acked: Acked::default(),
         }
     }
 

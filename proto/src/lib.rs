@@ -57,7 +57,7 @@ pub struct NodeInfo {
     pub registered_at: Timestamp,
     pub last_seen: Timestamp,
     /// What the node last acknowledged as programmed.
-    pub acked: Ack,
+    pub acked: Acked,
 }
 
 /// `POST /v1/nodes/{name}/ack`: the key versions a node has programmed into its kernel.
@@ -73,8 +73,14 @@ pub struct Ack {
     /// The WireGuard preshared-key epoch programmed.
     #[serde(default)]
     pub wireguard_epoch: Option<u64>,
-    /// When the acknowledgement was received (set by keyd; ignored on input).
-    #[serde(default, skip_deserializing)]
+}
+
+/// A node's last acknowledgement as keyd recorded it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acked {
+    #[serde(flatten)]
+    pub ack: Ack,
+    /// When keyd received it; absent if the node never acknowledged.
     pub at: Option<Timestamp>,
 }
 

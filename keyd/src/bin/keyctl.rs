@@ -491,9 +491,11 @@ fn nodes_table(nodes: &[NodeInfo]) -> String {
                     "no".into()
                 },
                 n.acked
+                    .ack
                     .ipsec_outbound_spi
                     .map_or("-".into(), |s| s.to_string()),
                 n.acked
+                    .ack
                     .wireguard_epoch
                     .map_or("-".into(), |e| e.to_string()),
                 n.last_seen.to_string(),

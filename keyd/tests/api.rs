@@ -1,0 +1,607 @@
+//! keyd's API over real mTLS on loopback: authorization by certificate, handshake refusals,
+//! persistence across restarts, key bundles, and bad input.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::Harness;
+use http::{Method, StatusCode, header};
+use keyd::client::{Connector, Response};
+use keyd::pki::CertificateAuthority;
+use keyd_proto::identity::Identity;
+use keyd_proto::{ErrorBody, IpsecStatus, NodeBundle, NodeInfo, NodeRegistration, Status};
+use serde_json::json;
+
+fn wg_public_key(seed: u8) -> String {
+    let secret = x25519_dalek::StaticSecret::from([seed; 32]);
+    base64::engine::general_purpose::STANDARD.encode(x25519_dalek::PublicKey::from(&secret))
+}
+
+fn registration(ip: &str, cidr: &str, wg_seed: u8) -> NodeRegistration {
+    NodeRegistration {
+        endpoint: ip.parse().unwrap(),
+        pod_cidrs: vec![cidr.parse().unwrap()],
+        wireguard_public_key: Some(wg_public_key(wg_seed)),
+        boot_id: Some(format!("boot-{wg_seed}")),
+    }
+}
+
+fn error_of(resp: &Response) -> ErrorBody {
+    serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("not a JSON error body ({e}): {resp:?}"))
+}
+
+async fn register_both(h: &Harness) {
+    for (name, ip, cidr, seed) in [
+        ("node-a", "192.0.2.1", "10.0.1.0/24", 1),
+        ("node-b", "192.0.2.2", "10.0.2.0/24", 2),
+    ] {
+        let r = h
+            .node(name)
+            .await
+            .put_json(&format!("/v1/nodes/{name}"), &registration(ip, cidr, seed))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    }
+}
+
+#[tokio::test]
+async fn node_a_cannot_touch_node_b() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut a = h.node("node-a").await;
+    for (method, path) in [
+        (Method::GET, "/v1/nodes/node-b/bundle"),
+        (Method::PUT, "/v1/nodes/node-b"),
+        (Method::POST, "/v1/nodes/node-b/ack"),
+    ] {
+        let r = a
+            .send(method.clone(), path, Some(b"{}".to_vec()), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}");
+        let e = error_of(&r);
+        assert_eq!(e.error, "forbidden");
+        assert!(
+            e.message.contains("node-a") && e.message.contains("node-b"),
+            "{}",
+            e.message
+        );
+    }
+    // Its own bundle is fine.
+    let r = a.get("/v1/nodes/node-a/bundle").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    // And the refusals are in the audit log, with who, what and why.
+    let refused: Vec<_> = h
+        .keyd
+        .store()
+        .audit_range(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.action == "request.refused")
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert!(refused.iter().all(|r| r.event.actor == "node/node-a"));
+    assert_eq!(
+        refused[0].event.details["request"],
+        "GET /v1/nodes/node-b/bundle"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_refuse_node_certificates() {
+    let h = Harness::start().await;
+    let mut a = h.node("node-a").await;
+    for (method, path) in [
+        (Method::GET, "/v1/status"),
+        (Method::GET, "/v1/nodes"),
+        (Method::GET, "/v1/ipsec"),
+        (Method::POST, "/v1/ipsec/rotate"),
+        (Method::POST, "/v1/ipsec/import"),
+        (Method::GET, "/v1/ipsec/cilium"),
+    ] {
+        let r = a
+            .send(method.clone(), path, Some(b"{}".to_vec()), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert!(error_of(&r).message.contains("admin certificate"));
+    }
+    // Admins cannot fetch a node's bundle either: node endpoints need that node's certificate.
+    let r = h
+        .admin()
+        .await
+        .get("/v1/nodes/node-a/bundle")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(h.keyd.status().ipsec.keys.len(), 0, "nothing was rotated");
+}
+
+/// Expects the server to refuse the client during TLS: either the handshake fails or (TLS 1.3,
+/// where the server checks the client certificate after the client finished) the first request
+/// gets no HTTP response at all.
+async fn assert_refused_in_tls(connector: Connector) {
+    match connector.connect().await {
+        Err(e) => assert!(
+            matches!(e, keyd::client::ClientError::Handshake { .. }),
+            "{e}"
+        ),
+        Ok(mut conn) => {
+            let r = conn.get("/v1/status").await;
+            assert!(
+                r.is_err(),
+                "got an HTTP response through a refused handshake: {r:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_ca_and_no_certificate_fail_the_handshake() {
+    let h = Harness::start().await;
+    let failed_before = h.keyd.metrics.encode();
+    // A client certificate from another CA, claiming to be the admin.
+    let rogue = CertificateAuthority::generate("rogue").unwrap();
+    let cert = rogue
+        .issue_client(
+            &Identity::Admin("admin".into()),
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    cert.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
+        .unwrap();
+    let tls = keyd::tls::client_config(&keyd::tls::TlsPaths {
+        ca: h.setup.pki.ca.clone(),
+        cert: dir.path().join("c.pem"),
+        key: dir.path().join("k.pem"),
+    })
+    .unwrap();
+    assert_refused_in_tls(Connector::new(&h.server_url(), tls).unwrap()).await;
+
+    // No client certificate at all.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&h.setup.pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let no_cert = rustls::ClientConfig::builder_with_provider(keyd::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    assert_refused_in_tls(Connector::new(&h.server_url(), Arc::new(no_cert)).unwrap()).await;
+
+    // The server counted both refusals.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let metrics = h.keyd.metrics.encode();
+    assert!(!failed_before.contains("outcome=\"failed\""));
+    assert!(
+        metrics.contains("keyd_tls_handshakes_total{outcome=\"failed\"} 2"),
+        "{metrics}"
+    );
+}
+
+use rustls_pki_types::pem::PemObject as _;
+
+#[tokio::test]
+async fn restart_keeps_every_key() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut admin = h.admin().await;
+    for _ in 0..3 {
+        let r = admin
+            .post_json("/v1/ipsec/rotate", &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    }
+    let line_before = admin
+        .get("/v1/ipsec/cilium?format=line")
+        .await
+        .unwrap()
+        .body;
+    let status_before: Status =
+        serde_json::from_slice(&admin.get("/v1/status").await.unwrap().body).unwrap();
+    let bundle_before = h
+        .node("node-a")
+        .await
+        .get("/v1/nodes/node-a/bundle")
+        .await
+        .unwrap()
+        .body;
+    let audit_before = h.keyd.store().audit_range(0, 10_000).unwrap();
+
+    let h = h.restart().await;
+    let mut admin = h.admin().await;
+    assert_eq!(
+        admin
+            .get("/v1/ipsec/cilium?format=line")
+            .await
+            .unwrap()
+            .body,
+        line_before
+    );
+    let status_after: Status =
+        serde_json::from_slice(&admin.get("/v1/status").await.unwrap().body).unwrap();
+    assert_eq!(status_after, status_before);
+    assert_eq!(status_after.ipsec.outbound_spi, Some(3));
+    assert_eq!(status_after.nodes, 2);
+    let bundle_after = h
+        .node("node-a")
+        .await
+        .get("/v1/nodes/node-a/bundle")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(
+        bundle_after, bundle_before,
+        "same keys, peers and PSKs after restart"
+    );
+    let audit_after = h.keyd.store().audit_range(0, 10_000).unwrap();
+    assert_eq!(&audit_after[..audit_before.len()], &audit_before[..]);
+}
+
+#[tokio::test]
+async fn bundles_carry_keys_peers_and_matching_psks() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut admin = h.admin().await;
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({ "algorithm": "gcm256" }))
+        .await
+        .unwrap();
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+
+    let mut a = h.node("node-a").await;
+    let resp = a.get("/v1/nodes/node-a/bundle").await.unwrap();
+    let etag = resp
+        .headers
+        .get(header::ETAG)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let ba: NodeBundle = serde_json::from_slice(&resp.body).unwrap();
+    let bb: NodeBundle = serde_json::from_slice(
+        &h.node("node-b")
+            .await
+            .get("/v1/nodes/node-b/bundle")
+            .await
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(etag, format!("\"{}\"", ba.revision));
+
+    let ipsec = ba.ipsec.as_ref().unwrap();
+    assert_eq!(ipsec.outbound_spi, 2);
+    assert_eq!(
+        ipsec.keys.iter().map(|k| k.spi).collect::<Vec<_>>(),
+        vec![2, 1],
+        "current and previous"
+    );
+    assert_eq!(ba.ipsec, bb.ipsec, "every node holds the same PSKs");
+
+    assert_eq!(ba.wireguard.peers.len(), 1);
+    assert_eq!(ba.wireguard.peers[0].node, "node-b");
+    assert_eq!(ba.wireguard.peers[0].public_key, wg_public_key(2));
+    assert_eq!(
+        ba.wireguard.peers[0].allowed_ips,
+        vec!["10.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(
+        ba.wireguard.peers[0].preshared_key, bb.wireguard.peers[0].preshared_key,
+        "both ends share the PSK"
+    );
+    assert_eq!(ba.wireguard.peers[0].preshared_key.len(), 32);
+
+    // Conditional fetch: unchanged state answers 304 without a body.
+    let r = a
+        .send(
+            Method::GET,
+            "/v1/nodes/node-a/bundle",
+            None,
+            &[(header::IF_NONE_MATCH, etag.as_str())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(r.body.is_empty());
+    // A rotation changes the bundle.
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    let r = a
+        .send(
+            Method::GET,
+            "/v1/nodes/node-a/bundle",
+            None,
+            &[(header::IF_NONE_MATCH, etag.as_str())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let b2: NodeBundle = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        b2.ipsec
+            .unwrap()
+            .keys
+            .iter()
+            .map(|k| k.spi)
+            .collect::<Vec<_>>(),
+        vec![3, 2],
+        "key 1 retired"
+    );
+
+    // Acknowledge what was programmed; keyd records it.
+    let r = a
+        .post_json(
+            "/v1/nodes/node-a/ack",
+            &json!({ "ipsec_spis": [3, 2], "ipsec_outbound_spi": 3, "wireguard_epoch": 1 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let nodes: Vec<NodeInfo> =
+        serde_json::from_slice(&admin.get("/v1/nodes").await.unwrap().body).unwrap();
+    let na = nodes.iter().find(|n| n.name == "node-a").unwrap();
+    assert_eq!(na.acked.ack.ipsec_spis, vec![2, 3]);
+    assert_eq!(na.acked.ack.ipsec_outbound_spi, Some(3));
+    // An ack for a key keyd never issued is refused.
+    let r = a
+        .post_json("/v1/nodes/node-a/ack", &json!({ "ipsec_spis": [9] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn every_key_event_is_audited_without_key_bytes() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut admin = h.admin().await;
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    let line = String::from_utf8(
+        admin
+            .get("/v1/ipsec/cilium?format=line")
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let records = h.keyd.store().audit_range(0, 1000).unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
+    for expected in [
+        "wireguard.psk_master.generated",
+        "node.registered",
+        "wireguard.node_key.registered",
+        "ipsec.key.generated",
+        "ipsec.key.activated",
+        "ipsec.key.retired",
+        "ipsec.key.exported",
+    ] {
+        assert!(actions.contains(&expected), "no {expected} in {actions:?}");
+    }
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| **a == "ipsec.key.generated")
+            .count(),
+        3
+    );
+    let gen3 = records
+        .iter()
+        .rev()
+        .find(|r| r.event.action == "ipsec.key.generated")
+        .unwrap();
+    assert_eq!(gen3.event.actor, "admin/admin");
+    assert_eq!(gen3.event.details["spi"], 3);
+    let hex = line.split_whitespace().nth(2).unwrap();
+    let all = serde_json::to_string(&records).unwrap();
+    assert!(!all.contains(hex), "audit log holds key bytes");
+}
+
+#[tokio::test]
+async fn import_follows_ciliums_rules() {
+    let h = Harness::start().await;
+    let mut admin = h.admin().await;
+    let import = |line: &str| json!({ "keys": line });
+    let key = "a".repeat(40);
+    let r = admin
+        .post_json(
+            "/v1/ipsec/import",
+            &import(&format!("7+ rfc4106(gcm(aes)) {key} 128\n")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let s: IpsecStatus = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(s.outbound_spi, Some(7));
+    assert_eq!(s.keys[0].origin, "imported");
+    // Key ID must increase.
+    let r = admin
+        .post_json(
+            "/v1/ipsec/import",
+            &import(&format!("5+ rfc4106(gcm(aes)) {} 128", "b".repeat(40))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let e = error_of(&r);
+    assert!(
+        e.message.contains('5') && e.message.contains('7'),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains(&"b".repeat(40)), "error leaks the key");
+    // Algorithm / key length cannot change.
+    let r = admin
+        .post_json(
+            "/v1/ipsec/import",
+            &import(&format!("8+ rfc4106(gcm(aes)) {} 128", "c".repeat(72))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A malformed line names what is wrong.
+    let r = admin
+        .post_json("/v1/ipsec/import", &import("0+ rfc4106(gcm(aes)) zz 128"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Nothing of the refused imports was kept.
+    let s: IpsecStatus =
+        serde_json::from_slice(&admin.get("/v1/ipsec").await.unwrap().body).unwrap();
+    assert_eq!(s.keys.len(), 1);
+    let line = admin
+        .get("/v1/ipsec/cilium?format=line")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(
+        &line[..],
+        format!("7+ rfc4106(gcm(aes)) {key} 128").as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
+    let h = Harness::start().await;
+    let mut a = h.node("node-a").await;
+    let put = |body: &[u8]| (Method::PUT, "/v1/nodes/node-a", Some(body.to_vec()));
+
+    let (m, p, b) = put(b"{not json");
+    let r = a.send(m, p, b, &[]).await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&r).error, "invalid_json");
+
+    let (m, p, b) = put(br#"{"endpoint":"192.0.2.1","podCidr":"10.0.0.0/24"}"#);
+    let r = a.send(m, p, b, &[]).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error_of(&r).message.contains("podCidr"),
+        "names the unknown field"
+    );
+
+    let (m, p, b) = put(br#"{"endpoint":"not-an-ip"}"#);
+    let r = a.send(m, p, b, &[]).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        !error_of(&r).message.contains("not-an-ip"),
+        "string values are redacted from serde messages"
+    );
+
+    let big = format!(
+        r#"{{"endpoint":"192.0.2.1","boot_id":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let r = a
+        .send(Method::PUT, "/v1/nodes/node-a", Some(big.into_bytes()), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_of(&r).error, "body_too_large");
+
+    // Wrong content type.
+    let r = a
+        .send(
+            Method::PUT,
+            "/v1/nodes/node-a",
+            None,
+            &[(header::CONTENT_TYPE, "text/plain")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(error_of(&r).error, "unsupported_media_type");
+
+    // Semantically invalid: a WireGuard key that is not 32 bytes.
+    let r = a
+        .put_json(
+            "/v1/nodes/node-a",
+            &json!({ "endpoint": "192.0.2.1", "wireguard_public_key": "AAAA" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Unknown endpoint and wrong method.
+    let r = a.get("/v1/nope").await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&r).error, "not_found");
+    let r = a
+        .send(Method::DELETE, "/v1/nodes/node-a", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    error_of(&r);
+
+    // The connection still works and nothing was registered.
+    assert!(h.keyd.list_nodes().is_empty());
+    let r = a
+        .put_json(
+            "/v1/nodes/node-a",
+            &registration("192.0.2.1", "10.0.1.0/24", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    // A second node may not reuse node-a's WireGuard key.
+    let r = h
+        .node("node-b")
+        .await
+        .put_json(
+            "/v1/nodes/node-b",
+            &registration("192.0.2.2", "10.0.2.0/24", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(error_of(&r).message.contains("node-a"));
+}
+
+#[tokio::test]
+async fn ops_endpoints_answer_without_a_client_certificate() {
+    let h = Harness::start().await;
+    let get = |path: &str| {
+        let addr = h.ops;
+        let path = path.to_owned();
+        async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    let m = get("/metrics").await;
+    assert!(m.contains("keyd_nodes"), "{m}");
+}
