@@ -253,23 +253,8 @@ fn successors(prev: KeyId) -> String {
 }
 
 impl CiliumKey {
-    /// A fresh key of form `spec`.
-    ///
-    /// # Panics
-    /// If the operating system's random number generator fails; see [`CiliumKey::try_generate`].
-    pub fn generate(id: KeyId, spec: KeySpec, per_tunnel: bool) -> CiliumKey {
-        // Invariant: getrandom fails only when the OS has no usable entropy source (e.g. a
-        // pre-3.17 Linux without /dev/urandom). A key manager cannot do its job without one, and
-        // continuing with a weak key would be worse than stopping.
-        Self::try_generate(id, spec, per_tunnel).expect("OS random number generator failed")
-    }
-
-    /// [`CiliumKey::generate`], returning the random number generator's failure as an error.
-    pub fn try_generate(
-        id: KeyId,
-        spec: KeySpec,
-        per_tunnel: bool,
-    ) -> Result<CiliumKey, IpsecError> {
+    /// A fresh key of form `spec`; fails only if the OS random number generator does.
+    pub fn generate(id: KeyId, spec: KeySpec, per_tunnel: bool) -> Result<CiliumKey, IpsecError> {
         let material = match spec {
             KeySpec::Gcm128 => KeyMaterial::Gcm {
                 key: random(16 + GCM_SALT_LEN)?,
@@ -435,17 +420,7 @@ impl CiliumKey {
     }
 
     /// The key for the next rotation: next id, same form, fresh random bytes, same per_tunnel.
-    ///
-    /// # Panics
-    /// If the operating system's random number generator fails; see [`CiliumKey::try_rotated`].
-    pub fn rotated(&self) -> CiliumKey {
-        // Invariant: as in `generate`, a failing OS random number generator is unrecoverable.
-        self.try_rotated()
-            .expect("OS random number generator failed")
-    }
-
-    /// [`CiliumKey::rotated`], returning the random number generator's failure as an error.
-    pub fn try_rotated(&self) -> Result<CiliumKey, IpsecError> {
+    pub fn rotated(&self) -> Result<CiliumKey, IpsecError> {
         let material = match &self.material {
             KeyMaterial::Gcm { key, icv_bits } => KeyMaterial::Gcm {
                 key: random(key.len())?,
@@ -772,7 +747,7 @@ mod tests {
             KeySpec::HmacSha256CbcAes256,
         ] {
             for per_tunnel in [true, false] {
-                let key = CiliumKey::generate(id(3), spec, per_tunnel);
+                let key = CiliumKey::generate(id(3), spec, per_tunnel).unwrap();
                 let line = key.to_line();
                 assert_eq!(line.starts_with("3+ "), per_tunnel, "{spec:?}");
                 assert!(!line.ends_with('\n'));
@@ -785,9 +760,9 @@ mod tests {
 
     #[test]
     fn generated_forms_match_the_specs() {
-        let gcm128 = CiliumKey::generate(id(1), KeySpec::Gcm128, true);
-        let gcm256 = CiliumKey::generate(id(1), KeySpec::Gcm256, true);
-        let hmac = CiliumKey::generate(id(1), KeySpec::HmacSha256CbcAes256, true);
+        let gcm128 = CiliumKey::generate(id(1), KeySpec::Gcm128, true).unwrap();
+        let gcm256 = CiliumKey::generate(id(1), KeySpec::Gcm256, true).unwrap();
+        let hmac = CiliumKey::generate(id(1), KeySpec::HmacSha256CbcAes256, true).unwrap();
         assert_eq!(
             gcm128.spec(),
             KeySpecDesc {
@@ -815,7 +790,7 @@ mod tests {
             panic!("gcm expected")
         };
         assert_eq!(key.len(), 36, "32-byte key + 4-byte salt");
-        let again = CiliumKey::generate(id(1), KeySpec::Gcm128, true);
+        let again = CiliumKey::generate(id(1), KeySpec::Gcm128, true).unwrap();
         assert_ne!(
             again.material, gcm128.material,
             "fresh random bytes each time"
@@ -947,8 +922,8 @@ mod tests {
             KeySpec::Gcm256,
             KeySpec::HmacSha256CbcAes256,
         ] {
-            let key = CiliumKey::generate(id(15), spec, true);
-            let next = key.rotated();
+            let key = CiliumKey::generate(id(15), spec, true).unwrap();
+            let next = key.rotated().unwrap();
             assert_eq!(next.id, id(1));
             assert!(next.per_tunnel);
             assert_eq!(next.spec(), key.spec());
@@ -956,7 +931,7 @@ mod tests {
             assert_eq!(next.check_replaces(&key), Ok(()));
         }
         let icv96 = CiliumKey::parse_line(&gcm_line("4", GCM128_HEX, "96")).expect("icv 96");
-        let next = icv96.rotated();
+        let next = icv96.rotated().unwrap();
         assert_eq!(
             (next.id, next.per_tunnel, next.spec().icv_bits),
             (id(5), false, Some(96))
@@ -965,7 +940,7 @@ mod tests {
 
     #[test]
     fn check_replaces_enforces_the_id_rule() {
-        let at = |n: u8| CiliumKey::generate(id(n), KeySpec::Gcm128, true);
+        let at = |n: u8| CiliumKey::generate(id(n), KeySpec::Gcm128, true).unwrap();
         assert_eq!(
             at(3).check_replaces(&at(3)),
             Err(IpsecError::NotSuccessor {
@@ -1003,10 +978,10 @@ mod tests {
 
     #[test]
     fn check_replaces_rejects_a_form_change() {
-        let prev = CiliumKey::generate(id(3), KeySpec::Gcm128, true);
+        let prev = CiliumKey::generate(id(3), KeySpec::Gcm128, true).unwrap();
         for new in [
-            CiliumKey::generate(id(4), KeySpec::Gcm256, true),
-            CiliumKey::generate(id(4), KeySpec::HmacSha256CbcAes256, true),
+            CiliumKey::generate(id(4), KeySpec::Gcm256, true).unwrap(),
+            CiliumKey::generate(id(4), KeySpec::HmacSha256CbcAes256, true).unwrap(),
             CiliumKey::parse_line(&gcm_line("4+", GCM128_HEX, "96")).expect("icv 96"),
         ] {
             let err = new.check_replaces(&prev).expect_err("must be rejected");
@@ -1018,7 +993,7 @@ mod tests {
                 }
             );
         }
-        let hmac = CiliumKey::generate(id(3), KeySpec::HmacSha256CbcAes256, true);
+        let hmac = CiliumKey::generate(id(3), KeySpec::HmacSha256CbcAes256, true).unwrap();
         let shorter_auth = CiliumKey::parse_line(&format!(
             "4+ hmac(sha256) {} cbc(aes) {ENC_HEX}",
             &AUTH_HEX[..32]
@@ -1032,10 +1007,10 @@ mod tests {
 
     #[test]
     fn check_replaces_allows_adding_plus_but_not_dropping_it() {
-        let global = CiliumKey::generate(id(3), KeySpec::Gcm128, false);
-        let per_tunnel = CiliumKey::generate(id(4), KeySpec::Gcm128, true);
+        let global = CiliumKey::generate(id(3), KeySpec::Gcm128, false).unwrap();
+        let per_tunnel = CiliumKey::generate(id(4), KeySpec::Gcm128, true).unwrap();
         assert_eq!(per_tunnel.check_replaces(&global), Ok(()));
-        let back = CiliumKey::generate(id(5), KeySpec::Gcm128, false);
+        let back = CiliumKey::generate(id(5), KeySpec::Gcm128, false).unwrap();
         assert_eq!(
             back.check_replaces(&per_tunnel),
             Err(IpsecError::PerTunnelDropped)
@@ -1339,7 +1314,7 @@ mod tests {
             KeySpec::Gcm256,
             KeySpec::HmacSha256CbcAes256,
         ] {
-            let key = CiliumKey::generate(id(3), spec, true);
+            let key = CiliumKey::generate(id(3), spec, true).unwrap();
             let yaml = render_secret_yaml(&key, DEFAULT_NAMESPACE);
             let doc: serde_json::Value = serde_norway::from_str(&yaml).expect("valid YAML");
             assert_eq!(doc["apiVersion"], "v1");
@@ -1359,7 +1334,7 @@ mod tests {
 
     #[test]
     fn secret_yaml_quotes_any_namespace() {
-        let key = CiliumKey::generate(id(1), KeySpec::Gcm128, true);
+        let key = CiliumKey::generate(id(1), KeySpec::Gcm128, true).unwrap();
         for namespace in [
             "cilium",
             "a\"b\\c",

@@ -8,9 +8,9 @@
 //! the directory), so a crash leaves either the old file or the new one.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -543,46 +543,12 @@ fn issuer_name(name: &X509Name<'_>) -> Option<DistinguishedName> {
     Some(dn)
 }
 
-/// Writes `bytes` to `path` with exactly `mode`, atomically: a new temporary file in the same
-/// directory (created with `mode`, so never more readable than that), fsync, rename over
-/// `path`, fsync of the directory.
+/// [`crate::fsutil::write_atomic`] with this module's error.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let write_err = |source| PkiError::Write {
+    crate::fsutil::write_atomic(path, bytes, mode).map_err(|source| PkiError::Write {
         path: path.to_owned(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| write_err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
-    let mut suffix = [0u8; 8];
-    crate::tls::provider()
-        .secure_random
-        .fill(&mut suffix)
-        .map_err(|_| PkiError::Random)?;
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{}.{suffix}.tmp", file_name.to_string_lossy()));
-
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed `mode`; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(write_err)
+    })
 }
 
 #[cfg(test)]

@@ -422,14 +422,14 @@ impl Keyd {
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         let new_key = match (cache.ipsec.first(), req.algorithm) {
-            (None, spec) => CiliumKey::try_generate(
+            (None, spec) => CiliumKey::generate(
                 crate::ipsec::KeyId::new(1)?,
                 spec.unwrap_or(KeySpec::Gcm128),
                 true,
             )?,
-            (Some((_, current)), None) => current.try_rotated()?,
+            (Some((_, current)), None) => current.rotated()?,
             (Some((_, current)), Some(spec)) => {
-                let probe = CiliumKey::try_generate(current.id.next(), spec, current.per_tunnel)?;
+                let probe = CiliumKey::generate(current.id.next(), spec, current.per_tunnel)?;
                 if probe.spec() != current.spec() {
                     return Err(ServiceError::Invalid(format!(
                         "the algorithm cannot change in a rotation (current: {} {} bits); \

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every test of the project, installing first whatever the tests need (idempotent: what is
+# already installed is skipped). This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- toolchain -------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is not installed: install Rust 1.95 or newer (https://rustup.rs) and run again" >&2
+    exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+            log "installing rustup component ${component}"
+            rustup component add "${component}"
+        fi
+    done
+fi
+
+# --- system packages -------------------------------------------------------------------------
+# aws-lc-sys (rustls' crypto provider) builds C with cc; keep the compiler present.
+apt_needed=()
+command -v cc >/dev/null 2>&1 || apt_needed+=(build-essential)
+command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
+if [ "${#apt_needed[@]}" -gt 0 ]; then
+    log "installing ${apt_needed[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${apt_needed[@]}"
+fi
+
+# --- checks and tests ------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked
