@@ -47,6 +47,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/ipsec/rotate", post(ipsec_rotate))
         .route("/v1/ipsec/import", post(ipsec_import))
         .route("/v1/ipsec/cilium", get(ipsec_cilium))
+        .route("/v1/enforcement", get(enforcement))
+        .route("/v1/audit/admission", post(admission_decisions))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -219,11 +221,55 @@ impl FromRequestParts<AppState> for Admin {
         let Caller(id) = Caller::from_request_parts(parts, state).await?;
         match id {
             Identity::Admin(_) => Ok(Admin(id)),
-            Identity::Node(_) => Err(refuse(
+            Identity::Node(_) | Identity::Webhook(_) => Err(refuse(
                 state,
                 &id.to_string(),
                 parts,
                 "this endpoint needs an admin certificate",
+            )
+            .await),
+        }
+    }
+}
+
+/// The admission webhook, or an admin (who may read whatever the webhook reads).
+#[derive(Debug)]
+pub struct WebhookOrAdmin(pub Identity);
+
+impl FromRequestParts<AppState> for WebhookOrAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(id) = Caller::from_request_parts(parts, state).await?;
+        match id {
+            Identity::Admin(_) | Identity::Webhook(_) => Ok(WebhookOrAdmin(id)),
+            Identity::Node(_) => Err(refuse(
+                state,
+                &id.to_string(),
+                parts,
+                "this endpoint needs a webhook or admin certificate",
+            )
+            .await),
+        }
+    }
+}
+
+/// The admission webhook only.
+#[derive(Debug)]
+pub struct Webhook(pub Identity);
+
+impl FromRequestParts<AppState> for Webhook {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(id) = Caller::from_request_parts(parts, state).await?;
+        match id {
+            Identity::Webhook(_) => Ok(Webhook(id)),
+            Identity::Node(_) | Identity::Admin(_) => Err(refuse(
+                state,
+                &id.to_string(),
+                parts,
+                "this endpoint needs a webhook certificate",
             )
             .await),
         }
@@ -255,7 +301,7 @@ impl FromRequestParts<AppState> for OwnNode {
                 &format!("node {n:?} may only access its own resources, not node {name:?}'s"),
             )
             .await),
-            Identity::Admin(_) => Err(refuse(
+            Identity::Admin(_) | Identity::Webhook(_) => Err(refuse(
                 state,
                 &caller.to_string(),
                 parts,
@@ -433,6 +479,32 @@ async fn ipsec_import(
     ApiJson(req): ApiJson<ImportRequest>,
 ) -> Result<Response, ApiError> {
     Ok(Json(s.keyd.import_ipsec(&caller, req.keys.expose()).await?).into_response())
+}
+
+async fn enforcement(State(s): State<AppState>, WebhookOrAdmin(_): WebhookOrAdmin) -> Response {
+    Json(s.keyd.enforcement_status()).into_response()
+}
+
+/// Most decisions one report may carry; the webhook sends smaller batches.
+const MAX_DECISIONS_PER_REPORT: usize = 1000;
+
+async fn admission_decisions(
+    State(s): State<AppState>,
+    Webhook(caller): Webhook,
+    ApiJson(batch): ApiJson<keyd_proto::AdmissionDecisions>,
+) -> Result<Response, ApiError> {
+    if batch.decisions.len() > MAX_DECISIONS_PER_REPORT {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("at most {MAX_DECISIONS_PER_REPORT} decisions per report"),
+        ));
+    }
+    let n = batch.decisions.len();
+    s.keyd
+        .record_admission_decisions(&caller, batch.decisions)
+        .await?;
+    Ok(Json(json!({ "recorded": n })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

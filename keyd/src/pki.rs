@@ -295,7 +295,7 @@ impl CertificateAuthority {
         identity: &Identity,
         validity: Duration,
     ) -> Result<IssuedCert, PkiError> {
-        let (Identity::Node(name) | Identity::Admin(name)) = identity;
+        let name = identity.name();
         // Checked here so that every certificate issued is one `peer_identity` accepts.
         validate_name(name).map_err(PkiError::InvalidIdentity)?;
         let mut params = leaf_params(name, validity)?;
@@ -354,6 +354,8 @@ pub struct DevPki {
     pub server: TlsPathsPair,
     /// Client certificate for `Identity::Admin("admin")`.
     pub admin: TlsPathsPair,
+    /// Client certificate for `Identity::Webhook("webhook")`, for the admission webhook.
+    pub webhook: TlsPathsPair,
     /// Client certificate for each `Identity::Node(name)`, in the order given.
     pub nodes: Vec<(String, TlsPathsPair)>,
 }
@@ -366,7 +368,8 @@ pub struct TlsPathsPair {
 
 /// Creates, where absent, a development PKI under `dir/pki` (mode 0700):
 /// `ca.pem`/`ca-key.pem`; `server.pem`/`server-key.pem` (SANs `server_names`);
-/// `admin.pem`/`admin-key.pem` (`Identity::Admin("admin")`); `node-<name>.pem`/
+/// `admin.pem`/`admin-key.pem` (`Identity::Admin("admin")`); `webhook.pem`/`webhook-key.pem`
+/// (`Identity::Webhook("webhook")`); `node-<name>.pem`/
 /// `node-<name>-key.pem` per node.
 ///
 /// Existing files are left untouched, so a restart keeps its certificates. A leaf whose
@@ -440,6 +443,11 @@ pub fn ensure_dev_pki(
     let admin = pair("admin");
     let admin_id = Identity::Admin("admin".to_owned());
     ensure(&admin, &|| ca.issue_client(&admin_id, DEV_LEAF_VALIDITY))?;
+    let webhook = pair("webhook");
+    let webhook_id = Identity::Webhook("webhook".to_owned());
+    ensure(&webhook, &|| {
+        ca.issue_client(&webhook_id, DEV_LEAF_VALIDITY)
+    })?;
     let mut nodes = Vec::with_capacity(node_names.len());
     for name in node_names {
         let files = pair(&format!("node-{name}"));
@@ -453,6 +461,7 @@ pub fn ensure_dev_pki(
         ca: ca_files.cert,
         server,
         admin,
+        webhook,
         nodes,
     })
 }
@@ -586,7 +595,7 @@ mod tests {
 
     fn all_files(pki: &DevPki) -> Vec<PathBuf> {
         let mut files = vec![pki.ca.clone(), pki.dir.join("ca-key.pem")];
-        for pair in [&pki.server, &pki.admin]
+        for pair in [&pki.server, &pki.admin, &pki.webhook]
             .into_iter()
             .chain(pki.nodes.iter().map(|(_, p)| p))
         {
@@ -606,7 +615,7 @@ mod tests {
         let names = vec!["localhost".to_owned(), "10.0.0.1".to_owned()];
         let first = ensure_dev_pki(dir.path(), &names, &["n1", "n2"]).unwrap();
         let files = all_files(&first);
-        assert_eq!(files.len(), 10);
+        assert_eq!(files.len(), 12);
         let before = read_all(&files);
 
         assert_eq!(mode(&first.dir), 0o700);
@@ -621,7 +630,7 @@ mod tests {
         assert_eq!(first.nodes[1].1.key, dir.path().join("pki/node-n2-key.pem"));
         assert_eq!(first.admin.cert, dir.path().join("pki/admin.pem"));
         // No temporary files are left behind.
-        assert_eq!(fs::read_dir(&first.dir).unwrap().count(), 10);
+        assert_eq!(fs::read_dir(&first.dir).unwrap().count(), 12);
 
         let second = ensure_dev_pki(dir.path(), &names, &["n1", "n2"]).unwrap();
         assert_eq!(read_all(&all_files(&second)), before);

@@ -14,8 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use keyd_proto::identity::Identity;
 use keyd_proto::{
-    Ack, Acked, IpsecBundle, IpsecStatus, KeyRole, KeySpec, NodeBundle, NodeInfo, NodeRegistration,
-    RotateRequest, Status, Timestamp, WireguardBundle, WireguardStatus,
+    Ack, Acked, EnforcementStatus, IpsecBundle, IpsecStatus, KeyRole, KeySpec, ModeStatus,
+    NodeBundle, NodeInfo, NodeRegistration, RotateRequest, Status, Timestamp, WireguardBundle,
+    WireguardStatus,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -187,7 +188,7 @@ impl Keyd {
                 Err(e) => return Err(e.into()),
             }
         }
-        let cache = load_cache(store.as_ref(), wrapper.as_ref(), 0).await?;
+        let cache = load_cache(store.as_ref(), wrapper.as_ref(), None).await?;
         Ok(Self {
             store,
             wrapper,
@@ -204,8 +205,8 @@ impl Keyd {
     }
 
     async fn refresh(&self) -> Result<()> {
-        let generation = self.cache().generation + 1;
-        let fresh = load_cache(self.store.as_ref(), self.wrapper.as_ref(), generation).await?;
+        let prev = self.cache();
+        let fresh = load_cache(self.store.as_ref(), self.wrapper.as_ref(), Some(&prev)).await?;
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         self.bundles
             .write()
@@ -559,6 +560,88 @@ impl Keyd {
         }
     }
 
+    /// Whether each encryption mode can be relied on (for the admission webhook).
+    pub fn enforcement_status(&self) -> EnforcementStatus {
+        let cache = self.cache();
+        let ipsec = match cache.ipsec.first() {
+            Some(_) => ModeStatus {
+                active: true,
+                within_schedule: true,
+                reason: None,
+            },
+            None => ModeStatus {
+                active: false,
+                within_schedule: false,
+                reason: Some("keyd holds no IPsec key yet (keyctl ipsec rotate)".into()),
+            },
+        };
+        let wg_nodes = cache
+            .nodes
+            .values()
+            .filter(|n| n.wireguard_public_key.is_some())
+            .count();
+        let wireguard = if wg_nodes > 0 {
+            ModeStatus {
+                active: true,
+                within_schedule: true,
+                reason: None,
+            }
+        } else {
+            ModeStatus {
+                active: false,
+                within_schedule: false,
+                reason: Some("no node has registered a WireGuard public key".into()),
+            }
+        };
+        EnforcementStatus {
+            at: Timestamp::now(),
+            ipsec,
+            wireguard,
+        }
+    }
+
+    /// Appends the webhook's admission decisions to the audit log, one record each.
+    pub async fn record_admission_decisions(
+        &self,
+        actor: &Identity,
+        decisions: Vec<keyd_proto::AdmissionDecision>,
+    ) -> Result<()> {
+        const OUTCOMES: [&str; 5] = ["allowed", "denied", "warned", "audited", "break_glass"];
+        const ENFORCEMENTS: [&str; 3] = ["enforce", "warn", "audit"];
+        let mut txn = Txn::default();
+        for d in decisions {
+            if !OUTCOMES.contains(&d.outcome.as_str()) {
+                return Err(ServiceError::Invalid(format!(
+                    "outcome {:?} is not one of {OUTCOMES:?}",
+                    d.outcome
+                )));
+            }
+            if !ENFORCEMENTS.contains(&d.enforcement.as_str()) {
+                return Err(ServiceError::Invalid(format!(
+                    "enforcement {:?} is not one of {ENFORCEMENTS:?}",
+                    d.enforcement
+                )));
+            }
+            let details =
+                serde_json::to_value(&d).map_err(|e| ServiceError::Invalid(e.to_string()))?;
+            txn = txn.audit(AuditEvent::new(
+                &format!("admission.{}", d.outcome),
+                actor,
+                details,
+            ));
+        }
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.commit(txn))
+            .await
+            .map_err(|e| {
+                ServiceError::Store(StoreError::Backend {
+                    op: "audit task",
+                    source: Box::new(e),
+                })
+            })??;
+        Ok(())
+    }
+
     /// Appends an audit record for something refused or otherwise notable outside a state change.
     pub async fn audit(&self, event: AuditEvent) -> Result<()> {
         let store = Arc::clone(&self.store);
@@ -631,12 +714,26 @@ fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
     }
 }
 
-async fn load_cache(store: &dyn Store, wrapper: &dyn KeyWrapper, generation: u64) -> Result<Cache> {
+/// Reads the state from the store. Sealed records are immutable (a record id is never reused),
+/// so those already open in `prev` are reused rather than unwrapped again: with a remote KEK
+/// custodian a refresh costs no custodian call unless a new record appeared.
+async fn load_cache(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+    prev: Option<&Cache>,
+) -> Result<Cache> {
+    let generation = prev.map_or(0, |p| p.generation + 1);
     let ipsec_doc = store.get(Table::Meta, IPSEC_DOC)?;
     let mut ipsec = Vec::new();
     if let Some(doc) = &ipsec_doc {
         let state: IpsecState = from_json(doc, "IPsec state")?;
         for entry in state.keys {
+            if let Some((_, key)) =
+                prev.and_then(|p| p.ipsec.iter().find(|(e, _)| e.serial == entry.serial))
+            {
+                ipsec.push((entry, key.clone()));
+                continue;
+            }
             let line = open_record(store, wrapper, &entry.ctx()).await?;
             let text = std::str::from_utf8(&line)
                 .map_err(|_| corrupt(&entry.ctx().record_id, "sealed IPsec key is not text"))?;
@@ -649,9 +746,14 @@ async fn load_cache(store: &dyn Store, wrapper: &dyn KeyWrapper, generation: u64
         .get(Table::Meta, WIREGUARD_DOC)?
         .ok_or_else(|| corrupt(WIREGUARD_DOC, "missing"))?;
     let wg: WireguardState = from_json(&wg_doc, "WireGuard state")?;
-    let master = open_record(store, wrapper, &wg.master_ctx()).await?;
-    let wg_master = Key256::from_slice(&master)
-        .ok_or_else(|| corrupt(&wg.master_ctx().record_id, "master secret length"))?;
+    let wg_master = match prev.filter(|p| p.wg.master_serial == wg.master_serial) {
+        Some(p) => p.wg_master.clone(),
+        None => {
+            let master = open_record(store, wrapper, &wg.master_ctx()).await?;
+            Key256::from_slice(&master)
+                .ok_or_else(|| corrupt(&wg.master_ctx().record_id, "master secret length"))?
+        }
+    };
     let mut nodes = BTreeMap::new();
     for (name, bytes) in store.scan(Table::Nodes)? {
         nodes.insert(name, from_json(&bytes, "node record")?);

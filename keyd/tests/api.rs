@@ -605,3 +605,76 @@ async fn ops_endpoints_answer_without_a_client_certificate() {
     let m = get("/metrics").await;
     assert!(m.contains("keyd_nodes"), "{m}");
 }
+
+#[tokio::test]
+async fn the_webhook_reads_enforcement_and_reports_decisions() {
+    let h = Harness::start().await;
+    let mut webhook = h.connect_as(&Identity::Webhook("webhook".into())).await;
+    let r = webhook.get("/v1/enforcement").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let e: keyd_proto::EnforcementStatus = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        !e.ipsec.active && e.ipsec.reason.is_some(),
+        "no key yet: {e:?}"
+    );
+    h.admin()
+        .await
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    let e: keyd_proto::EnforcementStatus =
+        serde_json::from_slice(&webhook.get("/v1/enforcement").await.unwrap().body).unwrap();
+    assert!(e.ipsec.active && e.ipsec.within_schedule);
+
+    let decision = json!({ "at": "2026-11-21T08:00:00Z", "outcome": "denied", "enforcement": "enforce",
+        "operation": "CREATE", "kind": "Pod", "namespace": "payments", "name": "api-0",
+        "user": "alice", "policies": [], "reason": "no EncryptionPolicy selects this pod" });
+    let r = webhook
+        .post_json("/v1/audit/admission", &json!({ "decisions": [decision] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let rec = h
+        .keyd
+        .store()
+        .audit_range(0, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event.action == "admission.denied")
+        .unwrap();
+    assert_eq!(rec.event.actor, "webhook/webhook");
+    assert_eq!(rec.event.details["namespace"], "payments");
+    // An outcome outside the fixed set is refused (it names an audit action).
+    let mut bad = decision.clone();
+    bad["outcome"] = json!("whatever");
+    let r = webhook
+        .post_json("/v1/audit/admission", &json!({ "decisions": [bad] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The webhook certificate cannot act as admin or node; nodes cannot read enforcement.
+    assert_eq!(
+        webhook.get("/v1/status").await.unwrap().status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        webhook.get("/v1/nodes/node-a/bundle").await.unwrap().status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.node("node-a")
+            .await
+            .get("/v1/enforcement")
+            .await
+            .unwrap()
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let r = h
+        .admin()
+        .await
+        .post_json("/v1/audit/admission", &json!({ "decisions": [] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}

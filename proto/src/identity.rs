@@ -1,7 +1,8 @@
 //! Who a client certificate speaks for.
 //!
 //! keyd reads the identity from the certificate's URI subject alternative names, in SPIFFE form:
-//! `spiffe://keyd/node/<name>` for a node agent and `spiffe://keyd/admin/<name>` for an operator.
+//! `spiffe://keyd/node/<name>` for a node agent, `spiffe://keyd/admin/<name>` for an operator and
+//! `spiffe://keyd/webhook/<name>` for the admission webhook.
 //! A certificate must carry exactly one such URI; one naming two identities is refused rather
 //! than guessed at.
 
@@ -16,13 +17,23 @@ pub enum Identity {
     Node(String),
     /// An operator; may call the admin endpoints.
     Admin(String),
+    /// The admission webhook; may read enforcement status and report admission decisions.
+    Webhook(String),
 }
 
 impl Identity {
+    /// The name part (`worker-1` of `node/worker-1`).
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Node(n) | Identity::Admin(n) | Identity::Webhook(n) => n,
+        }
+    }
+
     pub fn uri(&self) -> String {
         match self {
             Identity::Node(n) => format!("spiffe://{TRUST_DOMAIN}/node/{n}"),
             Identity::Admin(n) => format!("spiffe://{TRUST_DOMAIN}/admin/{n}"),
+            Identity::Webhook(n) => format!("spiffe://{TRUST_DOMAIN}/webhook/{n}"),
         }
     }
 
@@ -37,6 +48,7 @@ impl Identity {
         match kind {
             "node" => Ok(Some(Identity::Node(name.to_owned()))),
             "admin" => Ok(Some(Identity::Admin(name.to_owned()))),
+            "webhook" => Ok(Some(Identity::Webhook(name.to_owned()))),
             _ => Err(IdentityError::UnknownKind(kind.to_owned())),
         }
     }
@@ -47,6 +59,7 @@ impl fmt::Display for Identity {
         match self {
             Identity::Node(n) => write!(f, "node/{n}"),
             Identity::Admin(n) => write!(f, "admin/{n}"),
+            Identity::Webhook(n) => write!(f, "webhook/{n}"),
         }
     }
 }
@@ -68,7 +81,10 @@ impl fmt::Display for IdentityError {
                 )
             }
             IdentityError::UnknownKind(k) => {
-                write!(f, "identity kind {k:?} is neither \"node\" nor \"admin\"")
+                write!(
+                    f,
+                    "identity kind {k:?} is not \"node\", \"admin\" or \"webhook\""
+                )
             }
             IdentityError::BadName(why) => write!(f, "invalid name: {why}"),
         }

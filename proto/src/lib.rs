@@ -233,6 +233,74 @@ pub struct WireguardStatus {
     pub nodes_with_public_key: usize,
 }
 
+/// The encryption modes a policy can require.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionMode {
+    Wireguard,
+    Ipsec,
+}
+
+/// `GET /v1/enforcement`: whether each mode can be relied on, for the admission webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnforcementStatus {
+    /// When keyd computed this.
+    pub at: Timestamp,
+    pub ipsec: ModeStatus,
+    pub wireguard: ModeStatus,
+}
+
+impl EnforcementStatus {
+    pub fn mode(&self, mode: EncryptionMode) -> &ModeStatus {
+        match mode {
+            EncryptionMode::Ipsec => &self.ipsec,
+            EncryptionMode::Wireguard => &self.wireguard,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeStatus {
+    /// Keys exist and nodes have them (e.g. a current IPsec key; WireGuard node keys registered).
+    pub active: bool,
+    /// Every key of this mode is within its rotation schedule (none overdue).
+    pub within_schedule: bool,
+    /// Why `active` or `within_schedule` is false, for the denial message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One admission decision, as the webhook reports it to keyd's audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionDecision {
+    pub at: Timestamp,
+    /// `allowed`, `denied`, `warned`, `audited` or `break_glass`.
+    pub outcome: String,
+    /// The enforcement mode in force: `enforce`, `warn` or `audit`.
+    pub enforcement: String,
+    /// Kubernetes operation: `CREATE` or `UPDATE`.
+    pub operation: String,
+    /// e.g. `Pod`, `Deployment`.
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The requesting Kubernetes user.
+    pub user: String,
+    /// Policies that selected the object.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    pub reason: String,
+}
+
+/// `POST /v1/audit/admission`: a batch of decisions (the webhook buffers them off the request
+/// path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionDecisions {
+    pub decisions: Vec<AdmissionDecision>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,7 @@ impl Harness {
     pub fn paths_for(&self, id: &Identity) -> TlsPaths {
         let pair = match id {
             Identity::Admin(_) => &self.setup.pki.admin,
+            Identity::Webhook(_) => &self.setup.pki.webhook,
             Identity::Node(n) => {
                 &self
                     .setup
