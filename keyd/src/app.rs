@@ -42,6 +42,15 @@ pub async fn start(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
+    start_with_clock(config, shutdown, crate::service::Clock::default()).await
+}
+
+/// [`start`] with a clock that tests can move forward.
+pub async fn start_with_clock(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    clock: crate::service::Clock,
+) -> anyhow::Result<Running> {
     crate::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
     let wrapper: Arc<dyn KeyWrapper> = match &config.kek {
@@ -49,7 +58,7 @@ pub async fn start(
     };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
     let keyd = Arc::new(
-        Keyd::open(store, wrapper)
+        Keyd::open(store, wrapper, config.service.clone(), clock)
             .await
             .context("loading keys from the store")?,
     );
@@ -73,6 +82,8 @@ pub async fn start(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let scheduler_keyd = Arc::clone(&keyd);
+    let final_keyd = Arc::clone(&keyd);
     let serve = async move {
         tokio::join!(
             crate::server::serve_tls(
@@ -83,8 +94,15 @@ pub async fn start(
                 metrics,
                 wait(shutdown.clone())
             ),
-            crate::server::serve_plain(ops_listener, ops, wait(shutdown)),
+            crate::server::serve_plain(ops_listener, ops, wait(shutdown.clone())),
+            scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
         );
+        // A signed checkpoint at shutdown covers every record written.
+        match final_keyd.checkpoint(false).await {
+            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
+        }
     };
     tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
     Ok(Running {
