@@ -143,11 +143,7 @@ struct IpsecKeyEntry {
 
 impl IpsecKeyEntry {
     fn ctx(&self) -> SealContext {
-        SealContext {
-            record_id: format!("ipsec/{}", self.serial),
-            purpose: PURPOSE_IPSEC,
-            version: 1,
-        }
+        SealContext::new(format!("ipsec/{}", self.serial), PURPOSE_IPSEC)
     }
 }
 
@@ -172,11 +168,10 @@ struct KekState {
 
 impl WireguardState {
     fn master_ctx(&self) -> SealContext {
-        SealContext {
-            record_id: format!("wireguard/master/{}", self.master_serial),
-            purpose: PURPOSE_WG_MASTER,
-            version: 1,
-        }
+        SealContext::new(
+            format!("wireguard/master/{}", self.master_serial),
+            PURPOSE_WG_MASTER,
+        )
     }
 }
 
@@ -325,11 +320,7 @@ impl Keyd {
                 ));
             ignore_lost_race(store.commit(txn))?;
         }
-        let signing_ctx = SealContext {
-            record_id: AUDIT_SIGNING_RECORD.into(),
-            purpose: PURPOSE_AUDIT_SIGNING,
-            version: 1,
-        };
+        let signing_ctx = SealContext::new(AUDIT_SIGNING_RECORD.into(), PURPOSE_AUDIT_SIGNING);
         if store.get(Table::Sealed, AUDIT_SIGNING_RECORD)?.is_none() {
             let seed = crate::audit::new_seed().map_err(ServiceError::Invalid)?;
             let signer = AuditSigner::from_seed(&seed).map_err(ServiceError::Invalid)?;

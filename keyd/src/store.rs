@@ -250,31 +250,44 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// A table as of now. redb's read-only tables keep their own snapshot alive, so the
+    /// transaction need not outlive this call.
+    fn read(
+        &self,
+        table: Table,
+    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        r.open_table(table.def())
+            .map_err(|e| backend("open table")(e.into()))
+    }
+
+    fn read_audit(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, StoreError> {
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        r.open_table(AUDIT)
+            .map_err(|e| backend("open table")(e.into()))
+    }
+}
+
 impl Store for RedbStore {
     fn describe(&self) -> String {
         format!("redb:{}", self.path.display())
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
         Ok(v.map(|v| v.value().to_vec()))
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
             let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
@@ -357,13 +370,7 @@ impl Store for RedbStore {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let mut out = Vec::new();
         for entry in t
             .range(from..)
@@ -377,25 +384,13 @@ impl Store for RedbStore {
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let last = t.last().map_err(|e| backend("last")(e.into()))?;
         Ok(last.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
     }
 
     fn audit_last(&self) -> Result<Option<AuditRecord>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(AUDIT)
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read_audit()?;
         match t.last().map_err(|e| backend("audit tail")(e.into()))? {
             Some((k, v)) => Ok(Some(decode_audit(k.value(), v.value())?)),
             None => Ok(None),
@@ -428,13 +423,7 @@ impl Store for RedbStore {
     }
 
     fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(AUDIT)
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read_audit()?;
         let mut out = Vec::new();
         for entry in t
             .range(from..)
