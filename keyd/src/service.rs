@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::ipsec::{CiliumKey, IpsecError};
+use crate::kms::Custody;
 use crate::seal::{self, Key256, KeyWrapper, SealContext, SealError, SealedRecord};
 use crate::store::{AuditEvent, Store, StoreError, Table, Txn};
 use crate::wireguard;
@@ -58,7 +59,7 @@ impl IpsecKeyEntry {
     fn ctx(&self) -> SealContext {
         SealContext {
             record_id: format!("ipsec/{}", self.serial),
-            purpose: PURPOSE_IPSEC,
+            purpose: PURPOSE_IPSEC.into(),
             version: 1,
         }
     }
@@ -74,7 +75,7 @@ impl WireguardState {
     fn master_ctx(&self) -> SealContext {
         SealContext {
             record_id: format!("wireguard/master/{}", self.master_serial),
-            purpose: PURPOSE_WG_MASTER,
+            purpose: PURPOSE_WG_MASTER.into(),
             version: 1,
         }
     }
@@ -124,7 +125,8 @@ impl AsRef<[u8]> for BundleBody {
 
 pub struct Keyd {
     store: Arc<dyn Store>,
-    wrapper: Arc<dyn KeyWrapper>,
+    /// The KEK custodian keyring (see [`crate::kms`]).
+    wrapper: Arc<Custody>,
     cache: RwLock<Arc<Cache>>,
     bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
     /// Serializes this replica's writers so they do not race each other's CAS guards.
@@ -163,13 +165,18 @@ impl Keyd {
     /// Opens keyd over a store: creates the WireGuard master secret on first start, unseals what
     /// the store holds and fails if any record does not open (wrong KEK, tampering).
     pub async fn open(store: Arc<dyn Store>, wrapper: Arc<dyn KeyWrapper>) -> Result<Self> {
+        Self::open_with_custody(store, Arc::new(Custody::single(wrapper))).await
+    }
+
+    /// [`Keyd::open`] with a configured custodian keyring (what `keyd serve` runs).
+    pub async fn open_with_custody(store: Arc<dyn Store>, wrapper: Arc<Custody>) -> Result<Self> {
         if store.get(Table::Meta, WIREGUARD_DOC)?.is_none() {
             let state = WireguardState {
                 psk_epoch: 1,
                 master_serial: 1,
             };
             let master = Key256::random()?;
-            let sealed = seal::seal(wrapper.as_ref(), &state.master_ctx(), master.expose()).await?;
+            let sealed = seal::seal(&*wrapper, &state.master_ctx(), master.expose()).await?;
             let txn = Txn::default()
                 .guard(Table::Meta, WIREGUARD_DOC, None)
                 .put(
@@ -188,14 +195,15 @@ impl Keyd {
                 Err(e) => return Err(e.into()),
             }
         }
-        let cache = load_cache(store.as_ref(), wrapper.as_ref(), None).await?;
+        let cache = load_cache(store.as_ref(), &*wrapper, None).await?;
+        let metrics = crate::telemetry::Metrics::new(wrapper.metrics().clone());
         Ok(Self {
             store,
             wrapper,
             cache: RwLock::new(Arc::new(cache)),
             bundles: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
-            metrics: crate::telemetry::Metrics::default(),
+            metrics,
         })
     }
 
@@ -206,7 +214,7 @@ impl Keyd {
 
     async fn refresh(&self) -> Result<()> {
         let prev = self.cache();
-        let fresh = load_cache(self.store.as_ref(), self.wrapper.as_ref(), Some(&prev)).await?;
+        let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev)).await?;
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         self.bundles
             .write()
@@ -235,6 +243,10 @@ impl Keyd {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn custody(&self) -> &Arc<Custody> {
+        &self.wrapper
     }
 
     // ---- nodes -------------------------------------------------------------------------------
@@ -372,6 +384,8 @@ impl Keyd {
 
     /// The node's bundle, rendered once per state generation and shared between fetches.
     pub async fn bundle(&self, name: &str) -> Result<Arc<RenderedBundle>> {
+        // Held keys are served only for a bounded time while the custodian cannot be used.
+        self.wrapper.serving_check()?;
         let cache = self.cache();
         let node = cache.nodes.get(name).ok_or_else(|| not_registered(name))?;
         if Timestamp::now().0.saturating_sub(node.last_seen.0) >= LAST_SEEN_WRITE_INTERVAL.as_secs()
@@ -478,7 +492,7 @@ impl Keyd {
             origin: origin.into(),
         };
         let line = key.to_line();
-        let sealed = seal::seal(self.wrapper.as_ref(), &entry.ctx(), line.as_bytes()).await?;
+        let sealed = seal::seal(&*self.wrapper, &entry.ctx(), line.as_bytes()).await?;
         let spec = key.spec();
         let mut txn = Txn::default()
             .guard(Table::Meta, IPSEC_DOC, cache.ipsec_doc.clone())
@@ -515,6 +529,7 @@ impl Keyd {
         actor: &Identity,
         secret_namespace: Option<&str>,
     ) -> Result<Zeroizing<String>> {
+        self.wrapper.serving_check()?;
         let cache = self.cache();
         let (entry, key) = cache.ipsec.first().ok_or_else(|| {
             ServiceError::NotFound(
@@ -557,6 +572,7 @@ impl Keyd {
                     .filter(|n| n.wireguard_public_key.is_some())
                     .count(),
             },
+            custody: Some(self.wrapper.status()),
         }
     }
 
