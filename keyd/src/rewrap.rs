@@ -564,7 +564,7 @@ async fn complete(
             )),
     )
     .await?;
-    custody.retain_others(|o| still_used(&*o.wrapper));
+    custody.mark_drained(|o| still_used(&*o.wrapper));
     custody.set_migration(Some(m.status(None)));
     custody
         .metrics()

@@ -248,6 +248,7 @@ pub struct Custody {
     settings: CustodySettings,
     migration: Mutex<Option<MigrationStatus>>,
     config_note: Mutex<Option<String>>,
+    drained: Mutex<Vec<(&'static str, String)>>,
     /// Serializes KEK rotations and migrations (one at a time).
     pub(crate) migration_lock: tokio::sync::Mutex<()>,
     metrics: CustodyMetrics,
@@ -283,6 +284,7 @@ impl Custody {
             settings,
             migration: Mutex::new(None),
             config_note: Mutex::new(None),
+            drained: Mutex::new(Vec::new()),
             migration_lock: tokio::sync::Mutex::new(()),
             metrics: CustodyMetrics::default(),
         }
@@ -342,6 +344,24 @@ impl Custody {
         write(&self.ring).others.retain(|m| keep(m));
     }
 
+    /// Marks the non-active custodians for which `keep` is false as drained: no stored record
+    /// refers to them any more. They stay in the keyring until the process ends, because a
+    /// reader may still hold a record's bytes from before its rewrap; they no longer show as
+    /// retired in the status, and the next start does not connect to them.
+    pub fn mark_drained(&self, keep: impl Fn(&Member) -> bool) {
+        let ring = read(&self.ring);
+        let mut drained = lock(&self.drained);
+        for m in ring.others.iter().filter(|m| !keep(m)) {
+            drained.push((m.wrapper.backend(), m.wrapper.key_id()));
+        }
+    }
+
+    fn is_drained(&self, m: &Member) -> bool {
+        lock(&self.drained)
+            .iter()
+            .any(|(b, k)| *b == m.wrapper.backend() && *k == m.wrapper.key_id())
+    }
+
     pub fn set_migration(&self, m: Option<MigrationStatus>) {
         *lock(&self.migration) = m;
     }
@@ -390,13 +410,15 @@ impl Custody {
     }
 
     pub fn status(&self) -> KekStatus {
-        let (active, retired) = {
+        let (active, others) = {
             let ring = read(&self.ring);
-            (
-                ring.active.clone(),
-                ring.others.iter().map(Member::describe).collect(),
-            )
+            (ring.active.clone(), ring.others.clone())
         };
+        let retired = others
+            .iter()
+            .filter(|m| !self.is_drained(m))
+            .map(Member::describe)
+            .collect();
         KekStatus {
             backend: active.wrapper.backend().to_owned(),
             key_id: active.wrapper.key_id(),
