@@ -280,7 +280,10 @@ impl VaultFixture {
             &admin,
             &self.kubernetes_mount,
             "https://kubernetes.default.svc",
-            None,
+            Some(
+                vaultrs::api::auth::kubernetes::requests::ConfigureKubernetesAuthRequest::builder()
+                    .issuer("https://kubernetes.default.svc"),
+            ),
         )
         .await
         .expect("configure kubernetes auth");

@@ -17,7 +17,8 @@
 //! - `sys/mounts/:path`, `sys/auth/:path`, `sys/policies/acl/:name` (JSON or the simple HCL
 //!   `path "..." { capabilities = [...] }` form), `sys/health`; ACL enforcement with exact,
 //!   `*` (prefix) and `+` (segment) paths, 403 `permission denied` otherwise.
-//! - `X-Vault-Namespace`: each namespace has its own mounts, policies and tokens.
+//! - `X-Vault-Namespace` and `sys/namespaces/:path` (Vault Enterprise / HCP): each namespace
+//!   has its own mounts, policies and tokens.
 //! - Faults for tests: [`VaultDouble::stop`] / [`VaultDouble::start_again`] (the listener and
 //!   every open connection go away, state is kept), [`VaultDouble::seal`] (503 `Vault is
 //!   sealed`), TLS with its own CA ([`VaultDouble::start_tls`]).
@@ -474,6 +475,12 @@ fn route(
             st.tokens.remove(&token);
             (StatusCode::NO_CONTENT, Value::Null)
         }
+        ("POST" | "PUT", ["auth", "token", "revoke"]) => {
+            if let Some(t) = req["token"].as_str() {
+                st.tokens.remove(t);
+            }
+            (StatusCode::NO_CONTENT, Value::Null)
+        }
         ("POST" | "PUT", ["auth", "token", "create"]) => {
             let policies = strings(&req["policies"]);
             let ttl = parse_ttl(&req["ttl"]).unwrap_or(0);
@@ -482,6 +489,23 @@ fn route(
                 policies.push("default".into());
             }
             issue_token(st, ns, policies, ttl, json!({}))
+        }
+        ("POST" | "PUT", ["sys", "namespaces", rest @ ..]) => {
+            // Vault Enterprise namespaces: a child of the caller's namespace.
+            let child = rest.join("/");
+            let full = if ns.is_empty() {
+                child
+            } else {
+                format!("{ns}/{child}")
+            };
+            st.namespaces.entry(full.clone()).or_default();
+            (
+                StatusCode::OK,
+                envelope(
+                    st,
+                    json!({ "path": format!("{full}/"), "id": random_hex(4) }),
+                ),
+            )
         }
         ("POST" | "PUT", ["sys", "mounts", rest @ ..]) => {
             let mount = rest.join("/");

@@ -5,6 +5,9 @@
 //! 5 not found; 6 the request was invalid (keyd said what was wrong); 64 bad client config.
 #![forbid(unsafe_code)]
 
+#[path = "keyctl/kek.rs"]
+mod kek;
+
 use std::io::{IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -65,6 +68,9 @@ enum Command {
     /// IPsec PSKs in Cilium's format.
     #[command(subcommand)]
     Ipsec(IpsecCommand),
+    /// The key-encryption key: custodian health, rotation, migration between custodians.
+    #[command(subcommand)]
+    Kek(kek::KekCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +204,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             });
         }
+        Command::Kek(cmd) => kek::run(&mut conn, json, cmd).await?,
         Command::Ipsec(IpsecCommand::CiliumSecret { namespace, line }) => {
             let path = if line {
                 "/v1/ipsec/cilium?format=line".to_owned()
@@ -408,6 +415,12 @@ fn status_table(s: &Status) -> String {
         vec!["version".into(), s.version.clone()],
         vec!["store".into(), s.store.clone()],
         vec!["kek".into(), format!("{} ({})", s.kek_backend, s.kek_id)],
+        vec![
+            "kek health".into(),
+            s.custody
+                .as_ref()
+                .map_or("-".into(), |c| c.health.state.clone()),
+        ],
         vec!["nodes".into(), s.nodes.to_string()],
         vec!["ipsec outbound spi".into(), spi(s.ipsec.outbound_spi)],
         vec![

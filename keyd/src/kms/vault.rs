@@ -367,7 +367,19 @@ fn classify(e: &ClientError) -> (FailureKind, String) {
                 FailureKind::Rejected,
                 "Vault's answer could not be parsed".into(),
             ),
-            other => (FailureKind::Unavailable, error_chain(other)),
+            other => {
+                let chain = error_chain(other);
+                // A certificate Vault's server does not match, or one keyd does not trust, is
+                // configuration, not an outage.
+                if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+                    (
+                        FailureKind::Misconfigured,
+                        format!("{chain} (check kek.vault.ca_file and the address's host name)"),
+                    )
+                } else {
+                    (FailureKind::Unavailable, chain)
+                }
+            }
         },
         ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
             (FailureKind::Rejected, "Vault's answer had no data".into())
