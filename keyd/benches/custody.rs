@@ -86,7 +86,9 @@ async fn run(kind: Kind, n: usize) {
         _ => KekRotateRequest::default(),
     };
     let t = Instant::now();
-    let started = keyd::kms::http::rotate_kek(&keyd, "bench", req).await.unwrap();
+    let started = keyd::kms::http::rotate_kek(&keyd, "bench", req)
+        .await
+        .unwrap();
     let m = wait(&custody).await;
     let rewrap = t.elapsed();
     assert_eq!(m.failed, 0);

@@ -213,8 +213,16 @@ pub enum LogFormat {
 /// Installs the global subscriber (stderr). `level` is an `EnvFilter` directive; `RUST_LOG`
 /// overrides it.
 pub fn init_logging(format: LogFormat, level: &str) {
+    // vaultrs logs every Vault error response at ERROR, including the refusals keyd provokes on
+    // purpose (its start-up check unwraps under a wrong context); keyd reports each custodian
+    // failure itself, with the backend, key and call. Silenced unless asked for by name.
+    let level = if level.contains("vaultrs") || level.contains("rustify") {
+        level.to_owned()
+    } else {
+        format!("{level},vaultrs=off,rustify=off")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

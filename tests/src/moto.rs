@@ -17,17 +17,27 @@ use crate::http::{form_encode, request};
 
 const LAUNCHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/moto/kms_server.py");
 
-/// Whether moto can run here: `python3` with moto's server importable.
+/// The Python with moto installed: `$KEYD_TEST_PYTHON` (scripts/test.sh sets it when it
+/// installs moto into its own virtualenv), else `python3`.
+pub fn python() -> String {
+    std::env::var("KEYD_TEST_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// Whether moto can run here: that Python can import moto's server.
 pub fn prerequisite() -> Result<(), String> {
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(python())
         .args(["-c", "import moto.server, moto.kms"])
         .output()
-        .map_err(|e| format!("python3: {e}"))?;
+        .map_err(|e| format!("{}: {e}", python()))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "python3 cannot import moto ({}); pip install 'moto[server]'",
+            "{} cannot import moto ({}); pip install 'moto[server]'",
+            python(),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
@@ -88,7 +98,7 @@ impl Moto {
     /// Starts the server (again) on the same port and waits until it answers.
     pub async fn start_again(&self) {
         let log = std::fs::File::create(self.dir.path().join("moto.log")).expect("log");
-        let child = tokio::process::Command::new("python3")
+        let child = tokio::process::Command::new(python())
             .arg(LAUNCHER)
             .args(["--port", &self.addr.port().to_string()])
             .arg("--state")

@@ -82,6 +82,9 @@ struct State {
     sa_tokens: HashMap<String, ()>,
     /// Requests by `METHOD path` (without `/v1/`), for tests that count calls.
     requests: BTreeMap<String, u64>,
+    /// Every plaintext the transit engine received or returned, so that a test can search
+    /// logs for them.
+    plaintexts: Vec<Vec<u8>>,
     next_id: u64,
 }
 
@@ -238,6 +241,22 @@ impl VaultDouble {
             .filter(|(k, _)| k.ends_with(suffix))
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// Every plaintext (data keys) transit received or returned so far.
+    pub fn plaintexts(&self) -> Vec<Vec<u8>> {
+        self.state.lock().expect("lock").plaintexts.clone()
+    }
+
+    /// Every token the double has issued and not revoked (the root token included).
+    pub fn tokens(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .expect("lock")
+            .tokens
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Revokes a Vault token (as `vault token revoke` would).
@@ -980,7 +999,14 @@ fn transit(
         _ => return no_route(&format!("{mount}/{}", rest.join("/"))),
     };
     match reply {
-        Ok(data) => (StatusCode::OK, envelope(st, data)),
+        Ok(data) => {
+            for field in [&data["plaintext"], &req["plaintext"]] {
+                if let Some(p) = field.as_str().and_then(|p| STANDARD.decode(p).ok()) {
+                    st.plaintexts.push(p);
+                }
+            }
+            (StatusCode::OK, envelope(st, data))
+        }
         Err(e) => e,
     }
 }
