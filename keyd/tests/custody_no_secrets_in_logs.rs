@@ -34,10 +34,7 @@ async fn wait_ready(ops: u16, log: &std::path::Path) {
     let addr = format!("127.0.0.1:{ops}").parse().unwrap();
     let t = Instant::now();
     loop {
-        if let Ok((200, _)) = keyd_tests::http::request(addr, "GET", "/readyz", &[], vec![])
-            .await
-            .map(|(s, b)| (s, b))
-        {
+        if let Ok((200, _)) = keyd_tests::http::request(addr, "GET", "/readyz", &[], vec![]).await {
             return;
         }
         assert!(
