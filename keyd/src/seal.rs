@@ -217,9 +217,12 @@ pub fn probe_context() -> SealContext {
     }
 }
 
-/// Wraps and unwraps a fresh data key under [`probe_context`], then checks that the wrapped key
-/// does not unwrap under another context.
-pub async fn check_round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealError> {
+/// Wraps and unwraps a fresh data key under [`probe_context`] (the periodic health probe).
+pub async fn round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealError> {
+    round_trip_keeping(w).await.map(drop)
+}
+
+async fn round_trip_keeping<W: KeyWrapper + ?Sized>(w: &W) -> Result<WrappedKey, SealError> {
     let ctx = probe_context();
     let (dek, wrapped) = w.generate_data_key(&ctx).await?;
     let back = w.unwrap_data_key(&wrapped, &ctx).await?;
@@ -232,6 +235,14 @@ pub async fn check_round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealE
             detail: "the unwrapped data key differs from the one generated".into(),
         });
     }
+    Ok(wrapped)
+}
+
+/// [`round_trip`], then checks that the wrapped key does not unwrap under another context (the
+/// start-up check, and the check of a new custodian before a migration).
+pub async fn check_round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealError> {
+    let wrapped = round_trip_keeping(w).await?;
+    let ctx = probe_context();
     let other = SealContext {
         record_id: "keyd/custody-probe-other".into(),
         ..ctx

@@ -430,10 +430,11 @@ impl Custody {
         }
     }
 
-    /// Checks the active custodian now (a round trip) and records the outcome.
+    /// Checks the active custodian now (a wrap and unwrap round trip) and records the outcome.
     pub async fn probe(&self) -> Result<(), SealError> {
         let active = self.active().wrapper;
-        let result = match tokio::time::timeout(self.probe_timeout(), active.check()).await {
+        let check = crate::seal::round_trip(&*active);
+        let result = match tokio::time::timeout(self.probe_timeout(), check).await {
             Ok(r) => r,
             Err(_) => Err(self.timeout_error(&*active, "check")),
         };
