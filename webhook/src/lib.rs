@@ -1,9 +1,19 @@
-//! The keyd validating admission webhook.
+//! The keyd validating admission webhook: sensitive pods are admitted only under an encryption
+//! policy whose mode keyd reports ready.
 //!
-//! It will hold: the `EncryptionPolicy` / `ClusterEncryptionPolicy` CRD types, the pure admission
-//! decision over (object, namespace, policies, keyd status, config), kube-rs reflectors for
-//! policies and namespaces, and the axum + rustls server for `/validate`. It talks to keyd only
-//! through the wire types in [`keyd_proto`]. Nothing here is implemented yet (issue 5).
+//! Layout, pure core first: [`crd`] (the policy resources), [`selector`] (label selectors),
+//! [`policy`] (policies compiled and indexed), [`workload`] (the checked objects reduced to their
+//! pod labels), [`decision`] (the pure decision). At the edges: [`review`] (AdmissionReview in and
+//! out), [`config`], [`keyd`] (keyd's status cache and the buffered audit sink, over mTLS),
+//! [`kube_cache`] (reflectors), [`server`] (axum + rustls), [`metrics`], [`status`] (policy
+//! status), [`scan`] (the audit of running pods), [`manifests`] (generated YAML), [`app`]
+//! (wiring). It talks to keyd only through the wire types in [`keyd_proto`].
 #![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod decision;
+pub mod policy;
+pub mod selector;
+pub mod workload;
 
 pub use keyd_proto as proto;
