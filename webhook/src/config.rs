@@ -27,7 +27,21 @@
 //! namespace_enforcement_label = "keyd.io/enforcement"
 //! exempt_namespaces = ["kube-system"]
 //! break_glass_annotation = "keyd.io/break-glass"
+//!
+//! [limits]
+//! max_body_bytes = 6291456           # larger AdmissionReviews get 413
+//! body_timeout = "10s"               # a body slower than this gets 408
+//! handshake_timeout = "5s"           # TLS handshake, and HTTP/1.1 request headers
+//!
+//! [status]
+//! interval = "60s"                   # policy status (covered pods); "0s" turns it off
+//!
+//! [log]
+//! format = "json"                    # or "text"
+//! level = "info"                     # RUST_LOG overrides
 //! ```
+//!
+//! Flags `--listen`, `--ops-listen`, `--log-level` and `--log-format` override the file.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
