@@ -173,7 +173,12 @@ pub async fn handle(s: &AppState, body: &[u8]) -> Result<Vec<u8>, BadReview> {
         }
         Action::Check(c) => c,
     };
-    let ns = s.cluster.namespace(&checked.namespace).await;
+    // An exempt namespace is decided without its labels: no lookup (and no API read on a miss).
+    let ns = if s.decision.exempt_namespaces.contains(&checked.namespace) {
+        None
+    } else {
+        s.cluster.namespace(&checked.namespace).await
+    };
     let policies = s.cluster.policies();
     let keyd = s.keyd.view(Instant::now());
     let input = Input {
