@@ -337,7 +337,7 @@ pub fn decide(
         Vec::new()
     } else {
         policies
-            .candidates(input.namespace)
+            .candidates_for(input.namespace, namespace_labels)
             .filter(|p| p.selects(pod_labels, namespace_labels))
             .collect()
     };

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::crd::{ClusterEncryptionPolicy, EncryptionPolicy, Labels, Mode};
 use crate::selector::{Selector, SelectorError};
@@ -105,6 +105,15 @@ impl CompiledPolicy {
         self.selectors.as_ref().err()
     }
 
+    /// Whether a cluster policy's namespace selector matches (false for a malformed policy;
+    /// true for a namespaced policy, which has none).
+    fn namespace_selector_matches(&self, ns_labels: &Labels) -> bool {
+        match &self.selectors {
+            Ok(s) => s.namespaces.as_ref().is_none_or(|n| n.matches(ns_labels)),
+            Err(_) => false,
+        }
+    }
+
     /// Whether this policy selects a pod with `pod_labels` in a namespace with `ns_labels`
     /// (`None`: the namespace's labels are unknown, so no namespace selector can match; an
     /// `EncryptionPolicy` needs no namespace labels). The caller has already matched the
@@ -137,11 +146,21 @@ fn invalid(field: &'static str) -> impl FnOnce(SelectorError) -> InvalidSelector
 }
 
 /// Every policy in force, indexed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct PolicySet {
     by_namespace: HashMap<String, Vec<CompiledPolicy>>,
     cluster: Vec<CompiledPolicy>,
+    /// Per namespace, which cluster policies' namespace selectors match its labels: computed on
+    /// a namespace's first review and reused while its labels stay the same, so that a review
+    /// evaluates only those. A memo of a pure function: it changes no answer, only its cost.
+    namespace_memo: RwLock<NamespaceMemo>,
 }
+
+/// Namespace name to (the labels the entry was computed for, matching cluster policy indexes).
+type NamespaceMemo = HashMap<String, (Labels, Arc<[usize]>)>;
+
+/// Beyond this many namespaces the memo starts over (bounds its memory).
+const MEMO_LIMIT: usize = 100_000;
 
 impl PolicySet {
     pub fn new(
@@ -164,6 +183,7 @@ impl PolicySet {
         Self {
             by_namespace,
             cluster,
+            namespace_memo: RwLock::default(),
         }
     }
 
@@ -186,6 +206,57 @@ impl PolicySet {
             .into_iter()
             .flatten()
             .chain(self.cluster.iter())
+    }
+
+    /// The policies that may select a pod of `namespace` whose labels are `namespace_labels`:
+    /// that namespace's own, then the cluster-wide ones whose namespace selector matches
+    /// (none when the labels are unknown). The caller still applies
+    /// [`CompiledPolicy::selects`].
+    pub fn candidates_for<'a>(
+        &'a self,
+        namespace: &str,
+        namespace_labels: Option<&Labels>,
+    ) -> impl Iterator<Item = &'a CompiledPolicy> {
+        let cluster = match namespace_labels {
+            Some(labels) if !self.cluster.is_empty() => self.cluster_matching(namespace, labels),
+            _ => Arc::from([]),
+        };
+        self.by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .chain((0..cluster.len()).filter_map(move |i| self.cluster.get(cluster[i])))
+    }
+
+    /// Indexes into `cluster` of the policies whose namespace selector matches `labels`.
+    fn cluster_matching(&self, namespace: &str, labels: &Labels) -> Arc<[usize]> {
+        {
+            let memo = self
+                .namespace_memo
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((seen, hits)) = memo.get(namespace)
+                && seen == labels
+            {
+                return Arc::clone(hits);
+            }
+        }
+        let hits: Arc<[usize]> = self
+            .cluster
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.namespace_selector_matches(labels))
+            .map(|(i, _)| i)
+            .collect();
+        let mut memo = self
+            .namespace_memo
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if memo.len() >= MEMO_LIMIT {
+            memo.clear();
+        }
+        memo.insert(namespace.to_owned(), (labels.clone(), Arc::clone(&hits)));
+        hits
     }
 
     /// Every policy.
@@ -257,6 +328,23 @@ mod tests {
             ["EncryptionPolicy ns1/a", "ClusterEncryptionPolicy c"]
         );
         assert_eq!(set.candidates("other").count(), 1);
+
+        // With namespace labels, only cluster policies whose namespace selector matches.
+        let team_x = labels(&[("team", "x")]);
+        let names: Vec<String> = set
+            .candidates_for("ns1", Some(&team_x))
+            .map(|p| p.id.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["EncryptionPolicy ns1/a", "ClusterEncryptionPolicy c"]
+        );
+        assert_eq!(set.candidates_for("ns1", Some(&Labels::new())).count(), 1);
+        assert_eq!(set.candidates_for("ns1", None).count(), 1);
+        // The memo follows a label change of the same namespace.
+        assert_eq!(set.candidates_for("other", Some(&team_x)).count(), 1);
+        assert_eq!(set.candidates_for("other", Some(&Labels::new())).count(), 0);
+        assert_eq!(set.candidates_for("other", Some(&team_x)).count(), 1);
 
         let cp = set.candidates("other").next().unwrap();
         assert!(cp.selects(&Labels::new(), Some(&labels(&[("team", "x")]))));

@@ -45,7 +45,7 @@ pub fn coverage<'a>(
     let mut ns_cache: HashMap<&str, Option<Labels>> = HashMap::new();
     for (ns, labels) in pods {
         let ns_labels = ns_cache.entry(ns).or_insert_with(|| namespace_labels(ns));
-        for p in policies.candidates(ns) {
+        for p in policies.candidates_for(ns, ns_labels.as_ref()) {
             if p.selects(labels, ns_labels.as_ref()) {
                 *counts.entry(p.id.clone()).or_default() += 1;
             }
