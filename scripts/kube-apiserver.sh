@@ -4,19 +4,19 @@
 #   - kube-apiserver and kube-controller-manager, built from Debian's `kubernetes` source package
 #     (no package ships the binaries; the source tree vendors everything and builds offline with
 #     Debian's Go). A cold build takes 7-10 minutes on 2 cores, so the binaries are cached outside
-#     the work tree in $KEYD_KUBE_CACHE (default /var/cache/keyd-test/kube-1.20) and reused.
+#     the work tree in $KUBE_TEST_CACHE (default /var/cache/keyd-test/kube-1.20) and reused.
 #
 # One source change: Kubernetes 1.20 vendors modern-go/reflect2 1.0.1, which crashes the API
 # server (SIGSEGV in map iteration, e.g. on every custom-resource create) when built with Go 1.18
 # or newer, as Debian 12's Go (1.19) is. The build replaces it with Debian's reflect2 1.0.2, the
 # release that fixed exactly this (Kubernetes itself moved to it in 1.23). The cache holds a
 # BUILD stamp so that a cache from an unpatched build is rebuilt.
-# The tests find the binaries through KEYD_KUBE_APISERVER / KEYD_ETCD, or in the default cache
+# The tests find the binaries through KUBE_TEST_APISERVER / KUBE_TEST_ETCD, or in the default cache
 # and on PATH.
 # Needs root for apt-get; prints the cache directory on success.
 set -euo pipefail
 
-cache="${KEYD_KUBE_CACHE:-/var/cache/keyd-test/kube-1.20}"
+cache="${KUBE_TEST_CACHE:-/var/cache/keyd-test/kube-1.20}"
 build_id="kubernetes-1.20 reflect2-1.0.2"
 log() { printf '==> %s\n' "$*" >&2; }
 built() {

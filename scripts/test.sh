@@ -39,7 +39,8 @@ fi
 if [ "$(id -u)" = 0 ]; then
     log "kube-apiserver and etcd (scripts/kube-apiserver.sh; cached after the first build)"
     kube_cache="$(./scripts/kube-apiserver.sh)"
-    export KEYD_KUBE_APISERVER="${kube_cache}/kube-apiserver"
+    # (Not KEYD_*: keyd refuses unknown KEYD_ variables in its environment.)
+    export KUBE_TEST_APISERVER="${kube_cache}/kube-apiserver"
 else
     echo "not root: not installing kube-apiserver/etcd; the webhook's API-server tests will say so" >&2
 fi

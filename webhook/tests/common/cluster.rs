@@ -14,18 +14,18 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 
-/// Where the binaries are: `KEYD_KUBE_APISERVER` and `KEYD_ETCD`, else the build cache and PATH.
+/// Where the binaries are: `KUBE_TEST_APISERVER` and `KUBE_TEST_ETCD`, else the build cache and PATH.
 pub fn binaries() -> Result<(PathBuf, PathBuf), String> {
-    let apiserver = std::env::var_os("KEYD_KUBE_APISERVER")
+    let apiserver = std::env::var_os("KUBE_TEST_APISERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/keyd-test/kube-1.20/kube-apiserver"));
     if !apiserver.is_file() {
         return Err(format!(
-            "kube-apiserver not found at {} (set KEYD_KUBE_APISERVER or run scripts/kube-apiserver.sh)",
+            "kube-apiserver not found at {} (set KUBE_TEST_APISERVER or run scripts/kube-apiserver.sh)",
             apiserver.display()
         ));
     }
-    let etcd = match std::env::var_os("KEYD_ETCD") {
+    let etcd = match std::env::var_os("KUBE_TEST_ETCD") {
         Some(p) => PathBuf::from(p),
         None => std::env::var_os("PATH")
             .into_iter()
