@@ -44,6 +44,8 @@ const WARMUP: Duration = Duration::from_millis(300);
 const MEASURE: Duration = Duration::from_secs(1);
 const CONNECTIONS: [usize; 4] = [4, 8, 16, 32];
 const BODIES: usize = 1_000;
+/// Server threads' name, to read their CPU time from /proc.
+const SERVER_THREAD: &str = "bench-server";
 
 fn main() {
     keyd_webhook::tls::install_default_provider();
@@ -51,6 +53,7 @@ fn main() {
     // same cores, as a benchmark on one host must.
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(SERVER_THREAD)
         .enable_all()
         .build()
         .unwrap();
@@ -73,27 +76,102 @@ fn main() {
         bodies.iter().map(Vec::len).sum::<usize>() / bodies.len()
     );
     println!(
-        "| connections | webhook req/s | webhook p50 / p99 (ms) | no-op req/s | no-op p50 / p99 (ms) | webhook / no-op |"
+        "| connections | webhook req/s | p50 / p99 (ms) | server CPU per review (us) | no-op req/s | p50 / p99 (ms) | server CPU per request (us) | throughput webhook / no-op | CPU webhook / no-op |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_per_review = Vec::new();
     for c in CONNECTIONS {
-        let (mut w, mut n) = (Vec::new(), Vec::new());
+        let (mut w, mut n) = (Slices::default(), Slices::default());
         for _ in 0..ROUNDS {
-            w.extend(clients.block_on(load(webhook_addr, client_tls.clone(), bodies.clone(), c)));
-            n.extend(clients.block_on(load(noop_addr, client_tls.clone(), bodies.clone(), c)));
+            w.add(
+                &clients,
+                load(webhook_addr, client_tls.clone(), bodies.clone(), c),
+            );
+            n.add(
+                &clients,
+                load(noop_addr, client_tls.clone(), bodies.clone(), c),
+            );
         }
-        let (w, n) = (summarize(w), summarize(n));
+        let (ws, ns) = (
+            summarize(std::mem::take(&mut w.latencies)),
+            summarize(std::mem::take(&mut n.latencies)),
+        );
+        let (wc, nc) = (w.cpu_us_per_request(), n.cpu_us_per_request());
+        cpu_per_review.push((wc, nc));
         println!(
-            "| {c} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {:.2} |",
-            w.rate,
-            w.p50,
-            w.p99,
-            n.rate,
-            n.p50,
-            n.p99,
-            w.rate / n.rate
+            "| {c} | {:.0} | {:.2} / {:.2} | {wc:.0} | {:.0} | {:.2} / {:.2} | {nc:.0} | {:.2} | {:.2} |",
+            ws.rate,
+            ws.p50,
+            ws.p99,
+            ns.rate,
+            ns.p50,
+            ns.p99,
+            ws.rate / ns.rate,
+            wc / nc
         );
     }
+    let (wc, nc) = cpu_per_review
+        .iter()
+        .fold((f64::MAX, f64::MAX), |(a, b), (w, n)| {
+            (a.min(*w), b.min(*n))
+        });
+    println!(
+        "\nServer CPU per request (best point): webhook {wc:.0} us, no-op {nc:.0} us; two dedicated cores \
+         would serve about {:.0} reviews/s (no-op: {:.0}/s) before any client cost.",
+        2e6 / wc,
+        2e6 / nc
+    );
+}
+
+/// What a server's slices add up to.
+#[derive(Default)]
+struct Slices {
+    latencies: Vec<f64>,
+    completed: usize,
+    cpu_seconds: f64,
+}
+
+impl Slices {
+    fn add(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        slice: impl Future<Output = (Vec<f64>, usize)>,
+    ) {
+        let before = server_cpu_seconds();
+        let (latencies, completed) = rt.block_on(slice);
+        self.cpu_seconds += server_cpu_seconds() - before;
+        self.latencies.extend(latencies);
+        self.completed += completed;
+    }
+
+    fn cpu_us_per_request(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.completed.max(1) as f64
+    }
+}
+
+/// CPU time (user + system, seconds) used so far by the server runtime's threads, from
+/// /proc/self/task/*/stat (fields 14 and 15, in clock ticks of 1/100 s on Linux).
+fn server_cpu_seconds() -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != SERVER_THREAD {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // After ") " come fields 3..: utime is field 14, stime field 15.
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            for i in [11, 12] {
+                ticks += f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    ticks as f64 / 100.0
 }
 
 fn state() -> AppState {
@@ -221,13 +299,14 @@ fn summarize(mut all: Vec<f64>) -> Result {
     }
 }
 
-/// One slice: latencies (ms) of the requests sent and answered within the measured second.
+/// One slice: latencies (ms) of the requests sent and answered within the measured second, and
+/// how many requests were answered in the whole slice (warm-up included, as the CPU time is).
 async fn load(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     bodies: Arc<Vec<Vec<u8>>>,
     connections: usize,
-) -> Vec<f64> {
+) -> (Vec<f64>, usize) {
     let start = Instant::now();
     let measure_from = start + WARMUP;
     let end = measure_from + MEASURE;
@@ -247,6 +326,7 @@ async fn load(
                     let _ = conn.await;
                 });
                 let mut latencies = Vec::new();
+                let mut completed = 0usize;
                 let mut i = c * 7919;
                 loop {
                     let body = Bytes::from(bodies[i % bodies.len()].clone());
@@ -258,7 +338,7 @@ async fn load(
                         .unwrap();
                     let t = Instant::now();
                     if t >= end {
-                        return latencies;
+                        return (latencies, completed);
                     }
                     sender.ready().await.unwrap();
                     let resp = sender.send_request(req).await.unwrap();
@@ -266,6 +346,7 @@ async fn load(
                     let b = resp.into_body().collect().await.unwrap().to_bytes();
                     std::hint::black_box(b);
                     let done = Instant::now();
+                    completed += 1;
                     if t >= measure_from && done <= end {
                         latencies.push((done - t).as_secs_f64() * 1e3);
                     }
@@ -273,9 +354,11 @@ async fn load(
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut completed) = (Vec::new(), 0);
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (l, n) = t.await.unwrap();
+        all.extend(l);
+        completed += n;
     }
-    all
+    (all, completed)
 }
