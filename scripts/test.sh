@@ -53,6 +53,19 @@ else
     export TEST_MOTO_PYTHON="$venv/bin/python"
 fi
 
+# --- kube-apiserver + etcd for the webhook's real-API-server tests ---------------------------
+# Built once from Debian's kubernetes source package and cached outside the tree (7-10 minutes
+# the first time, nothing after). Without root it cannot install: the tests then skip with the
+# reason, or fail under CI=true.
+if [ "$(id -u)" = 0 ]; then
+    log "kube-apiserver and etcd (scripts/kube-apiserver.sh; cached after the first build)"
+    kube_cache="$(./scripts/kube-apiserver.sh)"
+    # (Not KEYD_*: keyd refuses unknown KEYD_ variables in its environment.)
+    export KUBE_TEST_APISERVER="${kube_cache}/kube-apiserver"
+else
+    echo "not root: not installing kube-apiserver/etcd; the webhook's API-server tests will say so" >&2
+fi
+
 # --- checks and tests ------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check
