@@ -14,9 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use keyd_proto::identity::Identity;
 use keyd_proto::{
-    Ack, Acked, EnforcementStatus, IpsecBundle, IpsecStatus, KeyRole, KeySpec, ModeStatus,
-    NodeBundle, NodeInfo, NodeRegistration, RotateRequest, Status, Timestamp, WireguardBundle,
-    WireguardStatus,
+    Ack, Acked, EnforcementStatus, IpsecBundle, IpsecPeer, IpsecStatus, KeyRole, KeySpec,
+    ModeStatus, NodeBundle, NodeInfo, NodeRegistration, RotateRequest, Status, Timestamp,
+    WireguardBundle, WireguardStatus,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -685,6 +685,17 @@ fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
             .iter()
             .enumerate()
             .map(|(i, (_, k))| k.to_proto(role(i)))
+            .collect(),
+        peers: cache
+            .nodes
+            .values()
+            .filter(|n| n.name != name)
+            .map(|n| IpsecPeer {
+                node: n.name.clone(),
+                endpoint: n.endpoint,
+                pod_cidrs: n.pod_cidrs.clone(),
+                boot_id: n.boot_id.clone(),
+            })
             .collect(),
     });
     let wireguard = WireguardBundle {

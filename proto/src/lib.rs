@@ -102,6 +102,23 @@ pub struct IpsecBundle {
     pub outbound_spi: u8,
     /// Every key the node must hold for inbound traffic, newest first.
     pub keys: Vec<IpsecKey>,
+    /// Every other registered node: where its ESP comes from and goes to, the pod CIDRs behind
+    /// it, and its boot ID, which per-tunnel keys are derived with. Absent from bundles of keyd
+    /// versions that did not send it.
+    #[serde(default)]
+    pub peers: Vec<IpsecPeer>,
+}
+
+/// Another node as an IPsec peer (never secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecPeer {
+    pub node: String,
+    /// The node's address: the outer destination of ESP sent to it and the outer source of ESP
+    /// received from it.
+    pub endpoint: IpAddr,
+    pub pod_cidrs: Vec<IpNet>,
+    /// `None` until the node registers one; per-tunnel (`+`) keys cannot be derived without it.
+    pub boot_id: Option<String>,
 }
 
 /// Where a key stands in the rotation.
