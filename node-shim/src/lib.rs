@@ -10,11 +10,15 @@
 //! - [`config`], [`secret`], [`derive`], [`model`], [`status`].
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod bootstrap;
 pub mod config;
 pub mod derive;
 pub mod kernel;
+pub mod keyd_client;
 pub mod model;
 pub mod reconcile;
 pub mod secret;
+pub mod status;
 
 pub use keyd_proto as proto;

@@ -318,6 +318,30 @@ pub struct AdmissionDecisions {
     pub decisions: Vec<AdmissionDecision>,
 }
 
+/// `POST /v1/bootstrap/node` on keyd's bootstrap listener (server-authenticated TLS, no client
+/// certificate): a node agent trades a projected ServiceAccount token for a short-lived node
+/// client certificate, as SPIRE's `k8s_psat` attestor does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    /// The node the agent says it runs on; keyd checks the token's pod is scheduled there.
+    pub node: String,
+    /// The projected ServiceAccount token (audience `keyd`).
+    pub token: SecretString,
+    /// A PKCS#10 request (PEM) for the key the agent generated; keyd ignores its names and
+    /// issues a certificate for `spiffe://keyd/node/{node}` only.
+    pub csr: String,
+}
+
+/// The answer to a [`BootstrapRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapResponse {
+    /// The node certificate (PEM), issued by keyd's CA.
+    pub certificate: String,
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

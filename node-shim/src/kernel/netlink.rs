@@ -111,7 +111,10 @@ impl NetlinkKernel {
                                 .into(),
                         ));
                     }
-                    (None, _) => Wg::Userspace(Userspace::new(&config.wireguard.device)),
+                    (None, _) => Wg::Userspace(Userspace::new(
+                        &config.wireguard.device,
+                        std::fs::File::open("/proc/thread-self/ns/net").ok(),
+                    )),
                 });
             }
         }

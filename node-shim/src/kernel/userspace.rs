@@ -33,13 +33,17 @@ pub(crate) struct UapiDevice {
 
 pub(crate) struct Userspace {
     name: String,
+    /// The network namespace the kernel handle was opened in: the TUN device and boringtun's
+    /// UDP sockets are made there, whichever thread applies the change.
+    netns: Option<std::fs::File>,
     device: Option<(DeviceHandle, UnixStream)>,
 }
 
 impl Userspace {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, netns: Option<std::fs::File>) -> Self {
         Self {
             name: name.to_owned(),
+            netns,
             device: None,
         }
     }
@@ -62,18 +66,37 @@ impl Userspace {
             .map_err(err("setting the UAPI timeout"))?;
         // boringtun takes ownership of this end; when `ours` closes, the device exits.
         let fd = theirs.into_raw_fd();
-        let handle = DeviceHandle::new(
-            &self.name,
-            DeviceConfig {
-                n_threads: 2,
-                use_connected_socket: true,
-                use_multi_queue: false,
-                uapi_fd: fd,
-            },
-        )
-        .map_err(|e| KernelError::Userspace {
+        let name = self.name.clone();
+        let netns = match &self.netns {
+            Some(f) => Some(f.try_clone().map_err(err("duplicating the netns handle"))?),
+            None => None,
+        };
+        // A thread of its own: it enters the namespace (namespaces are per thread, and the
+        // threads boringtun spawns inherit it) and is gone afterwards.
+        let started = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            }
+            DeviceHandle::new(
+                &name,
+                DeviceConfig {
+                    n_threads: 2,
+                    use_connected_socket: true,
+                    use_multi_queue: false,
+                    uapi_fd: fd,
+                },
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .join()
+        .map_err(|_| KernelError::Userspace {
+            what: "starting boringtun".into(),
+            source: std::io::Error::other("the start thread panicked"),
+        })?;
+        let handle = started.map_err(|source| KernelError::Userspace {
             what: format!("starting boringtun on TUN device {}", self.name),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })?;
         self.device = Some((handle, ours));
         Ok(())
@@ -166,10 +189,19 @@ impl Userspace {
         self.exchange(req.as_bytes()).map(drop)
     }
 
-    /// boringtun panics when asked to modify an existing peer, so a peer it has is removed and
-    /// added again (in the same request).
+    /// boringtun panics when asked to modify an existing peer, so a peer it has is removed first
+    /// (in a request of its own: boringtun carries `remove` and the other fields over from one
+    /// peer section to the next, so every section below sets every field).
     pub fn upsert_peers(&mut self, peers: &[WgPeerSpec]) -> Result<(), KernelError> {
         let current = self.get()?;
+        let existing: Vec<PublicKey> = peers
+            .iter()
+            .map(|p| p.public_key)
+            .filter(|k| current.peers.contains_key(k))
+            .collect();
+        if !existing.is_empty() {
+            self.remove_peers(&existing)?;
+        }
         // Sized for the worst case up front: a reallocation would leave a copy of the keys behind.
         let capacity: usize = peers
             .iter()
@@ -179,17 +211,15 @@ impl Userspace {
         let mut req = Zeroizing::new(String::with_capacity(capacity));
         req.push_str("set=1\n");
         for p in peers {
-            let pk = hex::encode(p.public_key.0);
-            if current.peers.contains_key(&p.public_key) {
-                req.push_str(&format!("public_key={pk}\nremove=true\n"));
-            }
-            req.push_str(&format!("public_key={pk}\npreshared_key="));
+            req.push_str(&format!(
+                "public_key={}\npreshared_key=",
+                hex::encode(p.public_key.0)
+            ));
             req.push_str(&p.preshared_key.to_hex());
-            req.push_str(&format!("\nendpoint={}\n", p.endpoint));
-            if p.keepalive > 0 {
-                req.push_str(&format!("persistent_keepalive_interval={}\n", p.keepalive));
-            }
-            req.push_str("replace_allowed_ips=true\n");
+            req.push_str(&format!(
+                "\nendpoint={}\npersistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
+                p.endpoint, p.keepalive
+            ));
             for ip in &p.allowed_ips {
                 req.push_str(&format!("allowed_ip={ip}\n"));
             }
