@@ -233,7 +233,8 @@ impl<K: Kernel> Agent<K> {
                 outcome: e.label(),
             })
             .inc();
-        let reachable = !matches!(e, KeydError::Unreachable(_));
+        // Reachable means keyd answered (even with an error).
+        let reachable = matches!(e, KeydError::Status { .. } | KeydError::Decode(_));
         m.keyd_reachable.set(i64::from(reachable));
         m.keyd_consecutive_failures.set(i64::from(self.failures));
         let text = error_chain(e);

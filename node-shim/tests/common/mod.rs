@@ -228,6 +228,13 @@ impl KeydHarness {
     }
 }
 
+impl KeydHarness {
+    /// Stops serving (the data directory and certificates stay).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 impl Drop for KeydHarness {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
@@ -319,4 +326,29 @@ impl Capture {
 
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An agent on the stateful fake kernel; the returned `FakeKernel` shares its state.
+pub fn start_fake_agent(
+    cfg: Config,
+    kernel: keyd_node_shim::kernel::fake::FakeKernel,
+) -> (Agent<keyd_node_shim::kernel::fake::FakeKernel>, Shared) {
+    let facts = agent::facts(&cfg).unwrap();
+    let paths = match &cfg.keyd.identity {
+        keyd_node_shim::config::IdentitySource::Static { cert, key } => keyd::tls::TlsPaths {
+            ca: cfg.keyd.ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        other => panic!("static identity expected, got {other:?}"),
+    };
+    let client = KeydClient::new(&cfg.keyd.server, &cfg.node_name, paths);
+    let shared = Shared::default();
+    let agent = Agent::start(cfg, facts, kernel, client, shared.clone()).unwrap();
+    (agent, shared)
+}
+
+pub fn config_wg(name: &str, ip: &str, cidr: &str) -> Config {
+    let text = format!("mode = \"wireguard\"\n{}", base_toml(name, ip, cidr));
+    RawConfig::from_toml(&text).unwrap().validate().unwrap()
 }
