@@ -28,6 +28,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The node bootstrap listener (`[bootstrap]`), if configured.
+    pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub bootstrap: Option<crate::bootstrap::RawBootstrap>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +261,7 @@ impl RawConfig {
         let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| err("log.level", e.to_string()))?;
+        let bootstrap = self.bootstrap.map(|b| b.validate(&tls.ca)).transpose()?;
         Ok(Config {
             data_dir,
             listen,
@@ -268,6 +273,7 @@ impl RawConfig {
             handshake_timeout,
             log_format,
             log_level,
+            bootstrap,
         })
     }
 }

@@ -18,6 +18,10 @@ pub const DEFAULT_REQID: u32 = 0x6b65;
 /// Mark bits that tell inbound states of different peers apart (bits 16..29: up to 16383 peers;
 /// clear of kube-proxy's 0x4000/0x8000).
 pub const DEFAULT_MARK_MASK: u32 = 0x3fff_0000;
+/// Seconds. Besides keeping NAT mappings, a keepalive makes a newly added peer handshake at once
+/// (the kernel sends one when the interval is set), so a peer that rotated its keypair is
+/// reached as soon as this node learns the new key, rather than after WireGuard's 5 s retry.
+pub const DEFAULT_KEEPALIVE: u16 = 25;
 /// Cilium's replay window.
 pub const DEFAULT_REPLAY_WINDOW: u32 = 1024;
 
@@ -77,6 +81,7 @@ pub struct WgSettings {
     pub private_key_file: Option<PathBuf>,
     pub route_table: u32,
     pub route_metric: u32,
+    /// Seconds, 0 for none (default 25, see [`DEFAULT_KEEPALIVE`]).
     pub persistent_keepalive: u16,
     /// Generate a new keypair when the current one is this old (unset: only on request, SIGUSR1).
     pub keypair_max_age: Option<Duration>,
@@ -495,7 +500,7 @@ fn validate_wg(raw: RawWireguard) -> Result<WgSettings, ConfigError> {
         private_key_file: raw.private_key_file,
         route_table,
         route_metric: raw.route_metric.unwrap_or(0),
-        persistent_keepalive: raw.persistent_keepalive.unwrap_or(0),
+        persistent_keepalive: raw.persistent_keepalive.unwrap_or(DEFAULT_KEEPALIVE),
         keypair_max_age,
     })
 }

@@ -549,12 +549,14 @@ pub fn ack(computed: &Computed, observed: &Observed, mode: Mode, wg_epoch: u64) 
                         })
                     })
             };
-            let spis: Vec<u8> = computed
+            let mut spis: Vec<u8> = computed
                 .spis
                 .iter()
                 .copied()
                 .filter(|s| installed(*s))
                 .collect();
+            // keyd stores them sorted; so does the status document.
+            spis.sort_unstable();
             let outbound = computed.outbound_spi.filter(|out| {
                 spis.contains(out)
                     && d.policies

@@ -29,7 +29,7 @@ const SKIP_HW: u32 = 1;
 const TC_ACT_PIPE: i32 = 3;
 const TCA_SKBEDIT_PARMS: u16 = 2;
 const TCA_SKBEDIT_MARK: u16 = 5;
-const TCA_SKBEDIT_MASK: u16 = 10;
+const TCA_SKBEDIT_MASK: u16 = 8;
 const EEXIST: i32 = 17;
 const ENOENT: i32 = 2;
 
@@ -209,72 +209,103 @@ pub(crate) fn dump_filters(
     };
     let mut out = BTreeMap::new();
     for r in replies {
-        let RouteNetlinkMessage::NewTrafficFilter(m) = r else {
+        if let RouteNetlinkMessage::NewTrafficFilter(m) = r
+            && let Some(f) = parse_filter(&m, prio)
+        {
+            out.insert(f.handle, f);
+        }
+    }
+    Ok(out)
+}
+
+/// One of node-shim's filters from a dump message (`None` for anyone else's, or the chain
+/// header message the kernel sends first for each priority).
+fn parse_filter(m: &TcMessage, prio: u16) -> Option<MarkFilter> {
+    if (m.header.info >> 16) as u16 != prio {
+        return None;
+    }
+    let h = (u32::from(m.header.handle.major) << 16) | u32::from(m.header.handle.minor);
+    if h == 0 {
+        return None;
+    }
+    let mut src = None;
+    let mut value = None;
+    let mut mask = None;
+    for a in &m.attributes {
+        let TcAttribute::Options(opts) = a else {
             continue;
         };
-        if (m.header.info >> 16) as u16 != prio {
-            continue;
-        }
-        let h = (u32::from(m.header.handle.major) << 16) | u32::from(m.header.handle.minor);
-        // The first reply per priority describes the filter chain itself (handle 0).
-        if h == 0 {
-            continue;
-        }
-        let mut src = None;
-        let mut value = None;
-        let mut mask = None;
-        for a in &m.attributes {
-            let TcAttribute::Options(opts) = a else {
-                continue;
-            };
-            for o in opts {
-                match o {
-                    TcOption::Flower(TcFilterFlowerOption::Ipv4Src(v4)) => {
-                        src = Some(IpAddr::V4(*v4))
-                    }
-                    TcOption::Flower(TcFilterFlowerOption::Ipv6Src(v6)) => {
-                        src = Some(IpAddr::V6(*v6))
-                    }
-                    TcOption::Flower(TcFilterFlowerOption::Actions(acts)) => {
-                        for act in acts {
-                            for aa in &act.attributes {
-                                let TcActionAttribute::Options(aopts) = aa else {
-                                    continue;
-                                };
-                                for ao in aopts {
-                                    if let TcActionOption::Other(nla) = ao {
-                                        let mut v = vec![0u8; nla.value_len()];
-                                        nla.emit_value(&mut v);
-                                        let n = v
-                                            .get(..4)
-                                            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                                        match nla.kind() {
-                                            TCA_SKBEDIT_MARK => value = n,
-                                            TCA_SKBEDIT_MASK => mask = n,
-                                            _ => {}
-                                        }
-                                    }
+        for o in opts {
+            match o {
+                TcOption::Flower(TcFilterFlowerOption::Ipv4Src(v4)) => src = Some(IpAddr::V4(*v4)),
+                TcOption::Flower(TcFilterFlowerOption::Ipv6Src(v6)) => src = Some(IpAddr::V6(*v6)),
+                TcOption::Flower(TcFilterFlowerOption::Actions(acts)) => {
+                    for aa in acts.iter().flat_map(|act| act.attributes.iter()) {
+                        let TcActionAttribute::Options(aopts) = aa else {
+                            continue;
+                        };
+                        for ao in aopts {
+                            if let TcActionOption::Other(nla) = ao {
+                                let mut v = vec![0u8; nla.value_len()];
+                                nla.emit_value(&mut v);
+                                let n = v
+                                    .get(..4)
+                                    .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                                match nla.kind() {
+                                    TCA_SKBEDIT_MARK => value = n,
+                                    TCA_SKBEDIT_MASK => mask = n,
+                                    _ => {}
                                 }
                             }
                         }
                     }
-                    _ => {}
                 }
+                _ => {}
             }
         }
-        if let (Some(src), Some(value)) = (src, value) {
-            out.insert(
-                h,
-                MarkFilter {
-                    handle: h,
-                    src,
-                    mark: Mark {
-                        value,
-                        mask: mask.unwrap_or(u32::MAX),
-                    },
-                },
-            );
-        }
     }
-    Ok(out)
+    Some(MarkFilter {
+        handle: h,
+        src: src?,
+        mark: Mark {
+            value: value?,
+            // skbedit without a mask sets the whole mark.
+            mask: mask.unwrap_or(u32::MAX),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::{Emitable as _, Parseable as _};
+
+    #[test]
+    fn filter_messages_round_trip() {
+        let f = MarkFilter {
+            handle: 7,
+            src: "192.0.2.7"
+                .parse()
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            mark: Mark {
+                value: 7 << 16,
+                mask: 0x3fff_0000,
+            },
+        };
+        let m = filter_msg(3, 0x6b65, &f, true);
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf);
+        let parsed = TcMessage::parse(&buf[..]).expect("parses");
+        assert_eq!(parse_filter(&parsed, 0x6b65), Some(f));
+        assert_eq!(
+            parse_filter(&parsed, 1),
+            None,
+            "another priority is not ours"
+        );
+        // tcm_info: priority high, ETH_P_IP in network order low.
+        assert_eq!(
+            parsed.header.info,
+            (0x6b65 << 16) | u32::from(0x0800u16.to_be())
+        );
+    }
 }

@@ -189,7 +189,7 @@ fn ipsec_layout_per_peer_and_key() {
     assert_eq!(
         ctx.ack(&computed),
         Ack {
-            ipsec_spis: vec![2, 1],
+            ipsec_spis: vec![1, 2],
             ipsec_outbound_spi: Some(2),
             wireguard_epoch: None
         }
@@ -272,7 +272,7 @@ fn rotation_installs_switches_then_retires_each_step_acked() {
     assert_eq!(
         ctx.ack(&c),
         Ack {
-            ipsec_spis: vec![2, 1],
+            ipsec_spis: vec![1, 2],
             ipsec_outbound_spi: Some(1),
             wireguard_epoch: None
         },

@@ -179,15 +179,39 @@ pub struct KeydHarness {
     pub dir: tempfile::TempDir,
     pub setup: keyd::app::DevSetup,
     pub api: std::net::SocketAddr,
+    /// The node bootstrap listener (only from [`KeydHarness::start_with_bootstrap`]).
+    pub bootstrap: Option<std::net::SocketAddr>,
     pub keyd: Arc<Keyd>,
     stop: watch::Sender<bool>,
 }
 
 impl KeydHarness {
     pub async fn start() -> Self {
+        Self::start_inner(None).await
+    }
+
+    /// keyd with its node bootstrap listener; `kube` stands in for the Kubernetes API server.
+    pub async fn start_with_bootstrap(kube: Arc<dyn keyd::bootstrap::KubeAuth>) -> Self {
+        Self::start_inner(Some(kube)).await
+    }
+
+    async fn start_inner(kube: Option<Arc<dyn keyd::bootstrap::KubeAuth>>) -> Self {
         keyd::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
+        if kube.is_some() {
+            let token = dir.path().join("keyd-kube-token");
+            std::fs::write(&token, "keyd's own token\n").unwrap();
+            let extra = format!(
+                "\n[bootstrap]\nlisten = \"127.0.0.1:0\"\nkube_api = \"https://127.0.0.1:1\"\nkube_ca = {:?}\nkube_token_file = {:?}\nservice_accounts = [\"keyd/node-shim\"]\nca_key = {:?}\ncert_validity = \"1m\"\n",
+                setup.pki.ca.display().to_string(),
+                token.display().to_string(),
+                setup.pki.dir.join("ca-key.pem").display().to_string(),
+            );
+            let mut text = std::fs::read_to_string(&setup.keyd_toml).unwrap();
+            text.push_str(&extra);
+            std::fs::write(&setup.keyd_toml, text).unwrap();
+        }
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
             ops_listen: Some("127.0.0.1:0".into()),
@@ -195,14 +219,16 @@ impl KeydHarness {
         };
         let config = keyd::config::load(Some(&setup.keyd_toml), &HashMap::new(), &flags).unwrap();
         let (stop, rx) = watch::channel(false);
-        let running = keyd::app::start(config, rx).await.unwrap();
+        let running = keyd::app::start_with_kube(config, rx, kube).await.unwrap();
         let api = running.api_addr;
+        let bootstrap = running.bootstrap_addr;
         let keyd = Arc::clone(&running.keyd);
         tokio::spawn(running.serve());
         KeydHarness {
             dir,
             setup,
             api,
+            bootstrap,
             keyd,
             stop,
         }
