@@ -44,14 +44,38 @@ pub async fn start(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
-    start_with_kube(config, shutdown, None).await
+    start_with_clock(config, shutdown, crate::service::Clock::default()).await
+}
+
+/// [`start`] with a clock that tests can move forward.
+pub async fn start_with_clock(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    clock: crate::service::Clock,
+) -> anyhow::Result<Running> {
+    start_with(config, shutdown, clock, None).await
 }
 
 /// [`start`], with `kube` standing in for the Kubernetes API server that node bootstrap asks
-/// (tests); `None` uses the configured one.
+/// (tests).
 pub async fn start_with_kube(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    kube: Arc<dyn crate::bootstrap::KubeAuth>,
+) -> anyhow::Result<Running> {
+    start_with(
+        config,
+        shutdown,
+        crate::service::Clock::default(),
+        Some(kube),
+    )
+    .await
+}
+
+async fn start_with(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    clock: crate::service::Clock,
     kube: Option<Arc<dyn crate::bootstrap::KubeAuth>>,
 ) -> anyhow::Result<Running> {
     crate::tls::install_default_provider();
@@ -61,7 +85,7 @@ pub async fn start_with_kube(
     };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
     let keyd = Arc::new(
-        Keyd::open(store, wrapper)
+        Keyd::open(store, wrapper, config.service.clone(), clock)
             .await
             .context("loading keys from the store")?,
     );
@@ -108,6 +132,8 @@ pub async fn start_with_kube(
         }
         None => (None, None),
     };
+    let scheduler_keyd = Arc::clone(&keyd);
+    let final_keyd = Arc::clone(&keyd);
     let serve = async move {
         tokio::join!(
             async move {
@@ -123,8 +149,15 @@ pub async fn start_with_kube(
                 metrics,
                 wait(shutdown.clone())
             ),
-            crate::server::serve_plain(ops_listener, ops, wait(shutdown)),
+            crate::server::serve_plain(ops_listener, ops, wait(shutdown.clone())),
+            scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
         );
+        // A signed checkpoint at shutdown covers every record written.
+        match final_keyd.checkpoint(false).await {
+            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
+        }
     };
     tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
     Ok(Running {

@@ -378,7 +378,7 @@ pub fn check_review(review: &TokenReviewStatus, cfg: &BootstrapConfig) -> Result
                 .unwrap_or_default()
         ));
     }
-    if !review.audiences.iter().any(|a| *a == cfg.audience) {
+    if !review.audiences.contains(&cfg.audience) {
         return Err(format!(
             "the token is not for audience {:?} (project it with `audience: {}`)",
             cfg.audience, cfg.audience
@@ -509,11 +509,12 @@ impl Bootstrap {
                 self.cfg.cert_validity,
             )
             .map_err(|e| match e {
-                crate::pki::PkiError::Rcgen { what, .. } if what == "parsing the CSR" => {
-                    BootstrapError::Invalid(
-                        "csr: not a PKCS#10 request in PEM with a valid signature".into(),
-                    )
-                }
+                crate::pki::PkiError::Rcgen {
+                    what: "parsing the CSR",
+                    ..
+                } => BootstrapError::Invalid(
+                    "csr: not a PKCS#10 request in PEM with a valid signature".into(),
+                ),
                 other => BootstrapError::Pki(other),
             })?;
         let _ = self

@@ -28,6 +28,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub service: crate::service::ServiceConfig,
+    /// How often the scheduler checks for due rotations and rollout progress.
+    pub scheduler_tick: Duration,
     /// The node bootstrap listener (`[bootstrap]`), if configured.
     pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
 }
@@ -54,7 +57,27 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub rotation: RawRotation,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
     pub bootstrap: Option<crate::bootstrap::RawBootstrap>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRotation {
+    pub node_liveness_timeout: Option<String>,
+    pub rollout_stuck_after: Option<String>,
+    pub scheduler_tick: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub checkpoint_interval: Option<String>,
+    pub segment_records: Option<u64>,
+    pub segment_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +149,18 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_HANDSHAKE_TIMEOUT", "limits.handshake_timeout"),
     ("KEYD_LOG_FORMAT", "log.format"),
     ("KEYD_LOG_LEVEL", "log.level"),
+    (
+        "KEYD_NODE_LIVENESS_TIMEOUT",
+        "rotation.node_liveness_timeout",
+    ),
+    ("KEYD_ROLLOUT_STUCK_AFTER", "rotation.rollout_stuck_after"),
+    ("KEYD_SCHEDULER_TICK", "rotation.scheduler_tick"),
+    (
+        "KEYD_AUDIT_CHECKPOINT_INTERVAL",
+        "audit.checkpoint_interval",
+    ),
+    ("KEYD_AUDIT_SEGMENT_RECORDS", "audit.segment_records"),
+    ("KEYD_AUDIT_SEGMENT_AGE", "audit.segment_age"),
 ];
 
 impl RawConfig {
@@ -184,6 +219,23 @@ impl RawConfig {
             get("KEYD_HANDSHAKE_TIMEOUT").or(self.limits.handshake_timeout.take());
         self.log.format = get("KEYD_LOG_FORMAT").or(self.log.format.take());
         self.log.level = get("KEYD_LOG_LEVEL").or(self.log.level.take());
+        self.rotation.node_liveness_timeout =
+            get("KEYD_NODE_LIVENESS_TIMEOUT").or(self.rotation.node_liveness_timeout.take());
+        self.rotation.rollout_stuck_after =
+            get("KEYD_ROLLOUT_STUCK_AFTER").or(self.rotation.rollout_stuck_after.take());
+        self.rotation.scheduler_tick =
+            get("KEYD_SCHEDULER_TICK").or(self.rotation.scheduler_tick.take());
+        self.audit.checkpoint_interval =
+            get("KEYD_AUDIT_CHECKPOINT_INTERVAL").or(self.audit.checkpoint_interval.take());
+        if let Some(v) = get("KEYD_AUDIT_SEGMENT_RECORDS") {
+            self.audit.segment_records = Some(v.parse().map_err(|_| {
+                err(
+                    "KEYD_AUDIT_SEGMENT_RECORDS",
+                    format!("{v:?} is not a whole number"),
+                )
+            })?);
+        }
+        self.audit.segment_age = get("KEYD_AUDIT_SEGMENT_AGE").or(self.audit.segment_age.take());
         Ok(())
     }
 
@@ -261,8 +313,47 @@ impl RawConfig {
         let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| err("log.level", e.to_string()))?;
+        let defaults = crate::service::ServiceConfig::default();
+        let dur = |field: &str, v: &Option<String>, d: Duration| match v {
+            Some(v) => parse_duration(field, v),
+            None => Ok(d),
+        };
+        let service = crate::service::ServiceConfig {
+            node_liveness_timeout: dur(
+                "rotation.node_liveness_timeout",
+                &self.rotation.node_liveness_timeout,
+                defaults.node_liveness_timeout,
+            )?,
+            rollout_stuck_after: dur(
+                "rotation.rollout_stuck_after",
+                &self.rotation.rollout_stuck_after,
+                defaults.rollout_stuck_after,
+            )?,
+            checkpoint_interval: dur(
+                "audit.checkpoint_interval",
+                &self.audit.checkpoint_interval,
+                defaults.checkpoint_interval,
+            )?,
+            segment_records: match self.audit.segment_records {
+                Some(0) => return Err(err("audit.segment_records", "must be at least 1")),
+                Some(n) => n,
+                None => defaults.segment_records,
+            },
+            segment_age: dur(
+                "audit.segment_age",
+                &self.audit.segment_age,
+                defaults.segment_age,
+            )?,
+        };
+        let scheduler_tick = dur(
+            "rotation.scheduler_tick",
+            &self.rotation.scheduler_tick,
+            Duration::from_secs(1),
+        )?;
         let bootstrap = self.bootstrap.map(|b| b.validate(&tls.ca)).transpose()?;
         Ok(Config {
+            service,
+            scheduler_tick,
             data_dir,
             listen,
             ops_listen,

@@ -10,12 +10,14 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod fsutil;
 pub mod ipsec;
 pub mod pki;
+pub mod rotation;
 pub mod seal;
 pub mod server;
 pub mod service;

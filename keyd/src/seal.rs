@@ -55,6 +55,16 @@ pub struct SealContext {
 }
 
 impl SealContext {
+    /// The first version of a record. Records are immutable, so every record keyd writes today
+    /// is version 1; the field exists so that a record rewritten in place would change its AAD.
+    pub fn new(record_id: String, purpose: &'static str) -> Self {
+        Self {
+            record_id,
+            purpose,
+            version: 1,
+        }
+    }
+
     /// The canonical associated-data string. Fields are length-prefixed so that no two contexts
     /// share an encoding.
     pub fn aad(&self) -> Vec<u8> {

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub ipsec_rotations: Counter,
     pub refused_requests: Counter,
     pub nodes: Gauge,
+    pub rollouts_stuck: Counter,
+    pub scheduled_rotation_failures: Counter,
+    pub audit_checkpoints: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -61,6 +64,24 @@ impl Default for Metrics {
         let ipsec_rotations = Counter::default();
         let refused_requests = Counter::default();
         let nodes = Gauge::default();
+        let rollouts_stuck = Counter::default();
+        let scheduled_rotation_failures = Counter::default();
+        let audit_checkpoints = Counter::default();
+        r.register(
+            "ipsec_rollouts_stuck",
+            "IPsec rollout phases that waited longer than the limit",
+            rollouts_stuck.clone(),
+        );
+        r.register(
+            "scheduled_rotation_failures",
+            "Scheduled rotations that failed to start",
+            scheduled_rotation_failures.clone(),
+        );
+        r.register(
+            "audit_checkpoints",
+            "Signed audit checkpoints",
+            audit_checkpoints.clone(),
+        );
         r.register(
             "http_requests",
             "HTTP requests by route template and status",
@@ -101,6 +122,9 @@ impl Default for Metrics {
             ipsec_rotations,
             refused_requests,
             nodes,
+            rollouts_stuck,
+            scheduled_rotation_failures,
+            audit_checkpoints,
         }
     }
 }

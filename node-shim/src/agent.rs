@@ -100,6 +100,10 @@ pub struct Agent<K: Kernel> {
     last_ack: Option<Ack>,
     recheck_at: Option<Instant>,
     failures: u32,
+    /// keyd's node-key epoch the WireGuard keypair answers (`None`: a key made at start, which
+    /// answers the epoch the first bundle names).
+    wg_key_epoch: Option<u64>,
+    long_poll: Option<Duration>,
 }
 
 impl<K: Kernel> std::fmt::Debug for Agent<K> {
@@ -149,6 +153,15 @@ impl<K: Kernel> Agent<K> {
                 },
             };
         }
+        // The epoch a key answers is kept with it in the kernel (the device alias); a key read
+        // from a file is the kernel's key if the device has it.
+        let wg_key_epoch = match (&wg_key, &observed.wg) {
+            (Some(k), Some(w)) if w.public_key == Some(k.public_key()) => {
+                Some(w.key_epoch.unwrap_or(0))
+            }
+            _ => None,
+        };
+        let cfg_long_poll = cfg.long_poll;
         let public = wg_key.as_ref().map(|k| k.public_key().to_base64());
         shared.update(|s| {
             s.node = cfg.node_name.clone();
@@ -188,6 +201,8 @@ impl<K: Kernel> Agent<K> {
             last_ack: None,
             recheck_at: None,
             failures: 0,
+            wg_key_epoch,
+            long_poll: cfg_long_poll,
         })
     }
 
@@ -204,6 +219,7 @@ impl<K: Kernel> Agent<K> {
             endpoint: self.facts.endpoint,
             pod_cidrs: self.facts.pod_cidrs.clone(),
             wireguard_public_key: self.wg_key.as_ref().map(|k| k.public_key().to_base64()),
+            wireguard_key_epoch: self.wg_key.as_ref().and(self.wg_key_epoch),
             boot_id: Some(self.facts.boot_id.clone()),
         }
     }
@@ -259,28 +275,29 @@ impl<K: Kernel> Agent<K> {
     /// One round: register if needed, fetch, reconcile when something changed, acknowledge.
     /// Returns how long to wait before the next round.
     pub async fn step(&mut self) -> Duration {
-        let reg = self.registration();
-        if self.registered.as_ref() != Some(&reg) {
-            match self.client.register(&reg).await {
-                Ok(_) => {
-                    self.keyd_ok("register", "ok");
-                    self.registered = Some(reg);
-                }
-                Err(e) => {
-                    self.keyd_failed("register", &e);
-                    self.reassert();
-                    return self.backoff();
-                }
-            }
+        if !self.ensure_registered().await {
+            self.reassert();
+            return self.backoff();
         }
-        match self.client.fetch_bundle(self.etag.as_deref()).await {
-            Ok(Fetched::NotModified) => self.keyd_ok("fetch", "not_modified"),
+        let wait = self.long_poll_wait();
+        let asked = Instant::now();
+        let mut not_modified = false;
+        match self.client.fetch_bundle(self.etag.as_deref(), wait).await {
+            Ok(Fetched::NotModified) => {
+                self.keyd_ok("fetch", "not_modified");
+                not_modified = true;
+            }
             Ok(Fetched::Bundle { bundle, etag }) => {
                 self.keyd_ok("fetch", "ok");
                 self.bundle = Some(*bundle);
                 self.etag = Some(etag);
                 self.fresh = true;
                 self.dirty = true;
+            }
+            Err(e) if wait.is_some() && e.is_bad_request() => {
+                tracing::warn!(error = %error_chain(&e), "keyd refuses long polls; polling every poll_interval instead");
+                self.long_poll = None;
+                return Duration::ZERO;
             }
             Err(e) if e.is_not_found() => {
                 // keyd does not know this node (its store was reset): register again.
@@ -295,6 +312,25 @@ impl<K: Kernel> Agent<K> {
                 return self.backoff();
             }
         }
+        if self.cfg.mode == Mode::Wireguard
+            && let Some(want) = self.bundle.as_ref().map(|b| b.wireguard.node_key_epoch)
+        {
+            match self.wg_key_epoch {
+                // A key made at start answers whatever epoch is current.
+                None => self.wg_key_epoch = Some(want),
+                Some(have) if want > have => {
+                    tracing::info!(
+                        epoch = want,
+                        key_epoch = have,
+                        "keyd asks for a new WireGuard keypair"
+                    );
+                    if self.rotate_keypair().await.is_err() {
+                        return self.backoff();
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         let due = self.recheck_at.is_some_and(|t| Instant::now() >= t);
         if self.dirty || due {
             if let Err(e) = self.reconcile(true) {
@@ -303,12 +339,52 @@ impl<K: Kernel> Agent<K> {
             }
             self.send_ack().await;
         }
-        self.next_delay()
+        // The registration may have learned the key's epoch.
+        self.ensure_registered().await;
+        match wait {
+            // The long poll did the waiting. A 304 long before the wait was up means keyd does
+            // not hold long polls: fall back to the poll interval rather than spin.
+            Some(w) if not_modified && asked.elapsed() < w / 2 && w >= Duration::from_secs(1) => {
+                self.next_delay()
+            }
+            Some(_) => Duration::ZERO,
+            None => self.next_delay(),
+        }
     }
 
-    fn next_delay(&self) -> Duration {
+    /// Registers (or re-registers) when what keyd should know about this node changed.
+    /// Returns whether keyd has the current registration.
+    async fn ensure_registered(&mut self) -> bool {
+        let reg = self.registration();
+        if self.registered.as_ref() == Some(&reg) {
+            return true;
+        }
+        match self.client.register(&reg).await {
+            Ok(_) => {
+                self.keyd_ok("register", "ok");
+                self.registered = Some(reg);
+                true
+            }
+            Err(e) => {
+                self.keyd_failed("register", &e);
+                false
+            }
+        }
+    }
+
+    /// How long the next fetch may wait for a change: the long-poll time, cut short by a
+    /// held-back outbound switch or a keypair that is due.
+    fn long_poll_wait(&self) -> Option<Duration> {
+        let lp = self.long_poll?;
+        self.etag.as_ref()?;
+        if self.dirty {
+            return None;
+        }
+        Some(self.deadline_within(lp).max(Duration::from_millis(1)))
+    }
+
+    fn deadline_within(&self, mut d: Duration) -> Duration {
         let now = Instant::now();
-        let mut d = self.cfg.poll_interval;
         if let Some(t) = self.recheck_at {
             d = d.min(t.saturating_duration_since(now));
         }
@@ -316,6 +392,10 @@ impl<K: Kernel> Agent<K> {
             d = d.min((self.wg_key_born + max).saturating_duration_since(now));
         }
         d
+    }
+
+    fn next_delay(&self) -> Duration {
+        self.deadline_within(self.cfg.poll_interval)
     }
 
     async fn send_ack(&mut self) {
@@ -421,6 +501,7 @@ impl<K: Kernel> Agent<K> {
             facts: &self.facts,
             config: &self.cfg,
             wg_private_key: self.wg_key.as_ref(),
+            wg_key_epoch: self.wg_key_epoch.unwrap_or(bundle.wireguard.node_key_epoch),
             outbound_spi: outbound,
             marks: &marks,
         });
@@ -507,8 +588,15 @@ impl<K: Kernel> Agent<K> {
         }
         let new = Key32::random()
             .map_err(|_| KeydError::Decode("random number generator failed".into()))?;
+        // The new key answers the epoch keyd asks for now (never ahead of it).
+        let epoch = self
+            .bundle
+            .as_ref()
+            .map(|b| b.wireguard.node_key_epoch)
+            .or(self.wg_key_epoch);
         let mut reg = self.registration();
         reg.wireguard_public_key = Some(new.public_key().to_base64());
+        reg.wireguard_key_epoch = epoch;
         if let Err(e) = self.client.register(&reg).await {
             self.keyd_failed("register", &e);
             return Err(e);
@@ -521,6 +609,7 @@ impl<K: Kernel> Agent<K> {
         }
         let public = new.public_key();
         self.wg_key = Some(new);
+        self.wg_key_epoch = epoch;
         self.wg_key_born = Instant::now();
         self.registered = Some(reg);
         self.dirty = true;

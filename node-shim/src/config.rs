@@ -114,6 +114,9 @@ pub struct Config {
     pub pod_cidrs: Vec<IpNet>,
     pub mode: Mode,
     pub poll_interval: Duration,
+    /// Long polls: keyd answers as soon as the bundle changes, waiting at most this long
+    /// (`None`: plain polling every `poll_interval`).
+    pub long_poll: Option<Duration>,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub ops_listen: Option<SocketAddr>,
@@ -133,6 +136,8 @@ pub struct RawConfig {
     pub pod_cidrs: Option<Vec<String>>,
     pub mode: Option<String>,
     pub poll_interval: Option<String>,
+    /// `"30s"` (default), or `"off"` to poll every `poll_interval`.
+    pub long_poll: Option<String>,
     pub backoff_initial: Option<String>,
     pub backoff_max: Option<String>,
     pub ops_listen: Option<String>,
@@ -315,6 +320,16 @@ impl RawConfig {
         if poll_interval < Duration::from_millis(100) || poll_interval > Duration::from_secs(3600) {
             return Err(err("poll_interval", "must be between 100ms and 1h"));
         }
+        let long_poll = match self.long_poll.as_deref() {
+            Some("off") => None,
+            other => {
+                let d = duration("long_poll", other, Duration::from_secs(30))?;
+                if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+                    return Err(err("long_poll", "must be between 1s and 5m, or \"off\""));
+                }
+                Some(d)
+            }
+        };
         let backoff_initial = duration(
             "backoff_initial",
             self.backoff_initial.as_deref(),
@@ -369,6 +384,7 @@ impl RawConfig {
             pod_cidrs,
             mode,
             poll_interval,
+            long_poll,
             backoff_initial,
             backoff_max,
             ops_listen,

@@ -31,6 +31,11 @@ impl KeydError {
         matches!(self, KeydError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
     }
 
+    /// keyd refused the request's form (a keyd without long polls refuses `?wait=`).
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, KeydError::Status { status, .. } if *status == StatusCode::BAD_REQUEST)
+    }
+
     /// A short, bounded label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -109,6 +114,18 @@ impl KeydClient {
         body: Option<Vec<u8>>,
         extra: &[(header::HeaderName, &str)],
     ) -> Result<Response, KeydError> {
+        self.send_within(self.timeout, method, path, body, extra)
+            .await
+    }
+
+    async fn send_within(
+        &mut self,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        extra: &[(header::HeaderName, &str)],
+    ) -> Result<Response, KeydError> {
         let connector = self.connector()?.clone();
         if self.conn.is_none() {
             self.conn = Some(connector.connect().await.map_err(KeydError::Unreachable)?);
@@ -117,7 +134,7 @@ impl KeydClient {
             .conn
             .as_mut()
             .ok_or_else(|| KeydError::Decode("no connection".into()))?;
-        match tokio::time::timeout(self.timeout, conn.send(method, path, body, extra)).await {
+        match tokio::time::timeout(timeout, conn.send(method, path, body, extra)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => {
                 self.conn = None;
@@ -153,14 +170,28 @@ impl KeydClient {
     /// `GET /v1/nodes/{name}/bundle`, conditional on `etag`. The body holds keys: it is parsed
     /// straight into zeroizing types, and keyd's `Bytes` buffer is not copied.
     ///
-    /// This is where a long-poll or watch replaces the poll: the same call with a wait
-    /// parameter returns when the bundle changes instead of at once.
-    pub async fn fetch_bundle(&mut self, etag: Option<&str>) -> Result<Fetched, KeydError> {
-        let path = format!("/v1/nodes/{}/bundle", self.node);
+    /// With `wait` (and an `etag`), a long poll: keyd answers as soon as the bundle changes, or
+    /// 304 when `wait` has passed.
+    pub async fn fetch_bundle(
+        &mut self,
+        etag: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Fetched, KeydError> {
+        let path = match (etag, wait) {
+            (Some(_), Some(w)) => format!(
+                "/v1/nodes/{}/bundle?wait={}ms",
+                self.node,
+                w.as_millis().max(1)
+            ),
+            _ => format!("/v1/nodes/{}/bundle", self.node),
+        };
+        let budget = self.timeout + wait.unwrap_or_default();
         let extra: Vec<(header::HeaderName, &str)> = etag
             .map(|e| vec![(header::IF_NONE_MATCH, e)])
             .unwrap_or_default();
-        let r = self.send(Method::GET, &path, None, &extra).await?;
+        let r = self
+            .send_within(budget, Method::GET, &path, None, &extra)
+            .await?;
         if r.status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::NotModified);
         }

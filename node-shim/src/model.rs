@@ -196,6 +196,9 @@ pub struct WgDeviceConfig {
     pub private_key: Key32,
     pub listen_port: u16,
     pub fwmark: u32,
+    /// keyd's node-key epoch this keypair answers. Kept in the device's alias, so that a restarted
+    /// node-shim that adopts the key also knows how old it is.
+    pub key_epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +233,8 @@ pub struct ObservedWg {
     pub public_key: Option<PublicKey>,
     pub listen_port: u16,
     pub fwmark: u32,
+    /// From the device alias (`keyd-node-shim key-epoch=N`).
+    pub key_epoch: Option<u64>,
     pub peers: BTreeMap<PublicKey, ObservedPeer>,
     pub routes: BTreeSet<RouteSpec>,
 }

@@ -44,8 +44,9 @@ pub struct Inputs<'a> {
     pub bundle: &'a NodeBundle,
     pub facts: &'a NodeFacts,
     pub config: &'a Config,
-    /// WireGuard mode: this node's private key.
+    /// WireGuard mode: this node's private key, and keyd's node-key epoch it answers.
     pub wg_private_key: Option<&'a Key32>,
+    pub wg_key_epoch: u64,
     /// IPsec mode: the SPI outbound traffic uses (see [`choose_outbound`]).
     pub outbound_spi: Option<u8>,
     /// IPsec mode: peer address -> mark index (see [`assign_marks`]).
@@ -383,6 +384,7 @@ fn desired_wireguard(inputs: &Inputs<'_>) -> Computed {
             private_key: private_key.clone(),
             listen_port: cfg.listen_port,
             fwmark: cfg.fwmark,
+            key_epoch: inputs.wg_key_epoch,
         },
         peers,
         routes,
@@ -431,6 +433,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 if !key_ok
                     || ow.listen_port != dw.config.listen_port
                     || ow.fwmark != dw.config.fwmark
+                    || ow.key_epoch != Some(dw.config.key_epoch)
                 {
                     p.ensure.push(Op::WgConfigure(dw.config.clone()));
                 }

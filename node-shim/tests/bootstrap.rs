@@ -111,12 +111,13 @@ async fn a_projected_token_buys_a_short_lived_node_certificate() {
             endpoint: "192.168.0.1".parse().unwrap(),
             pod_cidrs: vec![],
             wireguard_public_key: None,
+            wireguard_key_epoch: None,
             boot_id: None,
         })
         .await
         .unwrap();
     let mut as_b = KeydClient::new(&keyd_url(&keyd), "node-b", paths);
-    let e = as_b.fetch_bundle(None).await.unwrap_err();
+    let e = as_b.fetch_bundle(None, None).await.unwrap_err();
     assert!(
         matches!(&e, KeydError::Status { status, .. } if status.as_u16() == 403),
         "{e}"

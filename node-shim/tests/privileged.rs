@@ -103,6 +103,7 @@ fn wg_bundle(own: &str, peers: &[(&str, &Key32, &str, &str, u8)], epoch: u64) ->
         ipsec: None,
         wireguard: WireguardBundle {
             epoch,
+            node_key_epoch: 1,
             peers: peers
                 .iter()
                 .map(|(node, key, ip, cidr, psk)| WireguardPeer {
@@ -148,6 +149,7 @@ fn privileged_reconciler_against_real_netlink() {
             facts: &facts,
             config: &cfg,
             wg_private_key: Some(&own),
+            wg_key_epoch: 1,
             outbound_spi: None,
             marks: &marks,
         });

@@ -133,6 +133,7 @@ fn privileged_vm_end_to_end() {
     );
     for key in [
         "wg_pod_to_pod=ok",
+        "wg_psk_epoch_acked=2",
         "wg_old_public_key_gone=yes",
         "wg_rotation_stream_survived=yes",
         "wg_restart_kernel_ops=0",

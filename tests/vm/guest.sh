@@ -239,12 +239,15 @@ stop_probe() {
     grep -E 'packets transmitted' "$OUT/$tag-ping.txt" | tee -a "$LOGS/$tag-ping-summary.log" || true
 }
 
-# node-a has a new key and node-b no longer lists the old one.
+# Both nodes have new keys, and each lists only the other's new key.
 wg_rotated() {
-    local new peers
-    new=$(ns node-a wg show keyd-wg0 public-key)
-    peers=$(ns node-b wg show keyd-wg0 peers)
-    [ "$new" != "$OLD_KEY" ] && [[ $peers != *"$OLD_KEY"* ]] && [[ $peers == *"$new"* ]]
+    local new_a new_b peers_a peers_b
+    new_a=$(ns node-a wg show keyd-wg0 public-key)
+    new_b=$(ns node-b wg show keyd-wg0 public-key)
+    peers_a=$(ns node-a wg show keyd-wg0 peers)
+    peers_b=$(ns node-b wg show keyd-wg0 peers)
+    [ "$new_a" != "$OLD_A" ] && [ "$new_b" != "$OLD_B" ] &&
+        [ "$peers_a" = "$new_b" ] && [ "$peers_b" = "$new_a" ]
 }
 
 wireguard_phase() {
@@ -264,23 +267,29 @@ wireguard_phase() {
     ns pod-a ping -c 3 -W 2 10.2.0.2 > "$LOGS/wg-ping.txt" || fail "WireGuard: pod-a cannot reach pod-b"
     result wg_pod_to_pod ok
 
-    log "WireGuard: stream, capture, three keypair rotations"
+    log "WireGuard: stream, capture, a preshared-key epoch, three node-key epochs"
     start_capture wg
     start_stream wg
     start_probe wg-rotation
     sleep 3
-    local first_old="" round
+    # New preshared keys: updated in place, used from the next handshake.
+    keyctl rotate wireguard-psk > "$LOGS/keyctl-wg.log"
+    for n in node-a node-b; do
+        wait_for 30 "$n acked preshared-key epoch 2" status_has "$n" '"wireguard_epoch":2'
+    done
+    result wg_psk_epoch_acked 2
+    sleep 2
+    local first_a="" first_b="" round
     for round in 1 2 3; do
-        OLD_KEY=$(ns node-a wg show keyd-wg0 public-key)
-        [ -n "$first_old" ] || first_old=$OLD_KEY
-        # Rotations land at different points of node-b's 1 s poll.
-        sleep "0.$((RANDOM % 10))"
-        kill -USR1 "${SHIM_PID[node-a]}"
-        wait_for 30 "node-b to have node-a's new key (rotation $round)" wg_rotated
+        OLD_A=$(ns node-a wg show keyd-wg0 public-key)
+        OLD_B=$(ns node-b wg show keyd-wg0 public-key)
+        [ -n "$first_a" ] || { first_a=$OLD_A; first_b=$OLD_B; }
+        # keyd asks every node for a new keypair (a node-key epoch).
+        keyctl rotate wireguard-node-keys >> "$LOGS/keyctl-wg.log"
+        wait_for 30 "both nodes to rotate and learn each other's new key (epoch $round)" wg_rotated
         sleep 2
     done
-    local old=$first_old
-    sleep 2
+    local old=$first_a
     stop_probe wg-rotation
     stop_stream wg
     stop_capture
@@ -289,11 +298,13 @@ wireguard_phase() {
         fail "WireGuard capture has UDP not on port 51871"
     fi
     [ "$(ns node-a wg show keyd-wg0 public-key)" != "$old" ] || fail "node-a's public key did not change"
-    local peers_b dump_a
-    peers_b=$(ns node-b wg show keyd-wg0 peers)
+    local dump_a dump_b
     dump_a=$(ns node-a wg show keyd-wg0 dump)
-    [[ $peers_b != *"$old"* ]] || fail "old public key still on node-b"
-    [[ $dump_a != *"$old"* ]] || fail "old public key still on node-a"
+    dump_b=$(ns node-b wg show keyd-wg0 dump)
+    for k in "$first_a" "$first_b" "$OLD_A" "$OLD_B"; do
+        [[ $dump_a != *"$k"* ]] || fail "an old public key is still on node-a"
+        [[ $dump_b != *"$k"* ]] || fail "an old public key is still on node-b"
+    done
     result wg_old_public_key_gone yes
     result wg_rotation_stream_survived yes
 
@@ -323,6 +334,8 @@ ipsec_phase() {
     ns node-a ip route add 10.2.0.0/24 via 192.168.100.2
     ns node-b ip route add 10.1.0.0/24 via 192.168.100.1
     keyctl ipsec rotate > "$LOGS/keyctl.log"
+    # Rollouts retire the old key after the overlap (5 minutes by default).
+    keyctl schedule set ipsec --overlap 3s >> "$LOGS/keyctl.log"
     node_config node-a 192.168.100.1 10.1.0.0/24 ipsec 9101
     node_config node-b 192.168.100.2 10.2.0.0/24 ipsec 9102
     start_shim node-a ipsec
@@ -339,19 +352,22 @@ ipsec_phase() {
     ns pod-a ping -c 3 -W 2 10.2.0.2 > "$LOGS/esp-ping.txt" || fail "IPsec: pod-a cannot reach pod-b"
     result esp_pod_to_pod ok
 
-    log "IPsec: stream, capture, two rotations"
+    log "IPsec: stream, capture, a rollout (staged, active, retired)"
     start_capture esp
     start_stream esp
     start_probe esp-rotation
     sleep 3
     keyctl ipsec rotate >> "$LOGS/keyctl.log"
     for n in node-a node-b; do
+        wait_for 60 "$n installed staged key 2" status_has "$n" '"ipsec_spis":[1,2]'
+    done
+    for n in node-a node-b; do
         wait_for 60 "$n outbound on key 2" status_has "$n" '"ipsec_spis":[1,2],"ipsec_outbound_spi":2'
     done
-    keyctl ipsec rotate >> "$LOGS/keyctl.log"
     for n in node-a node-b; do
-        wait_for 60 "$n outbound on key 3, key 1 gone" status_has "$n" '"ipsec_spis":[2,3],"ipsec_outbound_spi":3'
+        wait_for 60 "$n with key 1 retired" status_has "$n" '"ipsec_spis":[2],"ipsec_outbound_spi":2'
     done
+    keyctl ipsec show >> "$LOGS/keyctl.log"
     sleep 3
     stop_probe esp-rotation
     stop_stream esp
@@ -362,8 +378,8 @@ ipsec_phase() {
         states=$(ns "$n" ip xfrm state)
         [[ $states != *"spi 0x00000001 "* ]] || fail "$n still has SPI 1"
     done
-    grep -q 'ESP(spi=0x00000002' "$OUT/esp.txt" || fail "no ESP with SPI 2 seen during the rotation"
-    grep -q 'ESP(spi=0x00000003' "$OUT/esp.txt" || fail "no ESP with SPI 3 seen after the rotation"
+    grep -q 'ESP(spi=0x00000001' "$OUT/esp.txt" || fail "no ESP with SPI 1 seen before the rotation"
+    grep -q 'ESP(spi=0x00000002' "$OUT/esp.txt" || fail "no ESP with SPI 2 seen after the rotation"
     result esp_old_spi_gone yes
     result esp_rotation_stream_survived yes
     keyctl nodes > "$LOGS/keyctl-nodes.txt" 2>&1 || true
@@ -376,7 +392,7 @@ ipsec_phase() {
     wait_for 60 "node-a ready after restart" status_has node-a '"ready":true'
     sleep 2
     stop_probe esp-restart
-    status_has node-a '"xfrm_states":4' || fail "adopted state count: $(status_of node-a)"
+    status_has node-a '"xfrm_states":2' || fail "adopted state count: $(status_of node-a)"
     no_kernel_ops node-a || fail "restart changed the kernel: $(metrics_of node-a | grep kernel_ops)"
     result esp_restart_kernel_ops 0
     stop_shim node-a

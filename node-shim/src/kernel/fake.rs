@@ -172,6 +172,7 @@ impl Kernel for FakeKernel {
             public_key: w.config.as_ref().map(|c| c.private_key.public_key()),
             listen_port: w.config.as_ref().map_or(0, |c| c.listen_port),
             fwmark: w.config.as_ref().map_or(0, |c| c.fwmark),
+            key_epoch: w.config.as_ref().map(|c| c.key_epoch),
             peers: w
                 .peers
                 .values()

@@ -154,10 +154,11 @@ impl NetlinkKernel {
     }
 
     fn observe_wg(&mut self) -> Result<Option<ObservedWg>, KernelError> {
-        let Some(link) = route::link_by_name(&mut self.route, &self.wg_device)? else {
+        let Some(link) = route::link_details(&mut self.route, &self.wg_device)? else {
             return Ok(None);
         };
-        let (index, up) = link;
+        let (index, up) = (link.index, link.up);
+        let key_epoch = link.alias.as_deref().and_then(route::parse_epoch_alias);
         let routes = route::routes(&mut self.route, index)?;
         let device = self.wg_device.clone();
         match &mut self.wg {
@@ -169,6 +170,7 @@ impl NetlinkKernel {
                     public_key: d.public_key,
                     listen_port: d.listen_port,
                     fwmark: d.fwmark,
+                    key_epoch,
                     peers: d.peers,
                     routes,
                 }))
@@ -188,6 +190,7 @@ impl NetlinkKernel {
                     public_key: d.public_key,
                     listen_port: d.listen_port,
                     fwmark: d.fwmark,
+                    key_epoch,
                     peers: d.peers,
                     routes,
                 }))
@@ -232,11 +235,17 @@ impl NetlinkKernel {
                 let device = self.wg_device.clone();
                 match &mut self.wg {
                     Some(Wg::Kernel { sock, family }) => {
-                        wireguard::configure(sock, *family, &device, c).map_err(at(0))
+                        wireguard::configure(sock, *family, &device, c).map_err(at(0))?
                     }
-                    Some(Wg::Userspace(u)) => u.configure(c).map_err(at(0)),
-                    None => Err((0, KernelError::Unsupported("not in WireGuard mode".into()))),
+                    Some(Wg::Userspace(u)) => u.configure(c).map_err(at(0))?,
+                    None => {
+                        return Err((0, KernelError::Unsupported("not in WireGuard mode".into())));
+                    }
                 }
+                // The key first, then the epoch it answers.
+                let idx = self.wg_index().map_err(at(0))?;
+                route::set_alias(&mut self.route, idx, &route::epoch_alias(c.key_epoch))
+                    .map_err(at(0))
             }
             Op::WgUpsertPeers(peers) => {
                 let device = self.wg_device.clone();

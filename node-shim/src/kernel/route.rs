@@ -31,6 +31,19 @@ pub(crate) fn link_by_name(
     sock: &mut NlSocket,
     name: &str,
 ) -> Result<Option<(u32, bool)>, KernelError> {
+    Ok(link_details(sock, name)?.map(|l| (l.index, l.up)))
+}
+
+pub(crate) struct LinkDetails {
+    pub index: u32,
+    pub up: bool,
+    pub alias: Option<String>,
+}
+
+pub(crate) fn link_details(
+    sock: &mut NlSocket,
+    name: &str,
+) -> Result<Option<LinkDetails>, KernelError> {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_owned()));
     match sock.fetch(
@@ -39,14 +52,45 @@ pub(crate) fn link_by_name(
         NLM_F_ACK,
     ) {
         Ok(replies) => Ok(replies.into_iter().find_map(|r| match r {
-            RouteNetlinkMessage::NewLink(l) => {
-                Some((l.header.index, l.header.flags.contains(LinkFlags::Up)))
-            }
+            RouteNetlinkMessage::NewLink(l) => Some(LinkDetails {
+                index: l.header.index,
+                up: l.header.flags.contains(LinkFlags::Up),
+                alias: l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfAlias(s) => Some(s),
+                    _ => None,
+                }),
+            }),
             _ => None,
         })),
         Err(e) if e.errno() == Some(ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Sets a link's alias (`ip link set DEV alias TEXT`).
+pub(crate) fn set_alias(sock: &mut NlSocket, index: u32, alias: &str) -> Result<(), KernelError> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    m.attributes.push(LinkAttribute::IfAlias(alias.to_owned()));
+    let r = sock.request(
+        "setting the link alias",
+        RouteNetlinkMessage::SetLink(m),
+        0,
+        |_| {},
+    )?;
+    check("setting the link alias", r)
+}
+
+/// The alias node-shim gives its WireGuard device, carrying the key's node-key epoch.
+pub(crate) fn epoch_alias(epoch: u64) -> String {
+    format!("keyd-node-shim key-epoch={epoch}")
+}
+
+pub(crate) fn parse_epoch_alias(alias: &str) -> Option<u64> {
+    alias
+        .strip_prefix("keyd-node-shim key-epoch=")?
+        .parse()
+        .ok()
 }
 
 /// Creates a link of `kind` (`wireguard`).

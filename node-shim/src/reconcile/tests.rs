@@ -71,6 +71,7 @@ fn ipsec_bundle(node: &str, keys: Vec<IpsecKey>, peers: Vec<IpsecPeer>) -> NodeB
         }),
         wireguard: WireguardBundle {
             epoch: 1,
+            node_key_epoch: 1,
             peers: vec![],
         },
     }
@@ -122,6 +123,7 @@ impl Ctx {
             facts: &self.facts,
             config: &self.config,
             wg_private_key: None,
+            wg_key_epoch: 0,
             outbound_spi: outbound,
             marks: &marks,
         });
@@ -425,6 +427,7 @@ fn failed_install_is_not_acknowledged() {
         facts: &ctx.facts,
         config: &ctx.config,
         wg_private_key: None,
+        wg_key_epoch: 0,
         outbound_spi: Some(1),
         marks: &marks,
     });
@@ -520,7 +523,11 @@ fn wg_bundle(epoch: u64, peers: Vec<WireguardPeer>) -> NodeBundle {
         node: "a".into(),
         revision: "r".into(),
         ipsec: None,
-        wireguard: WireguardBundle { epoch, peers },
+        wireguard: WireguardBundle {
+            epoch,
+            node_key_epoch: 1,
+            peers,
+        },
     }
 }
 
@@ -536,6 +543,7 @@ fn wg_sync(
         facts: &node_a(),
         config: cfg,
         wg_private_key: Some(key),
+        wg_key_epoch: 1,
         outbound_spi: None,
         marks: &BTreeMap::new(),
     });
@@ -661,6 +669,7 @@ fn wireguard_skips_bad_peers() {
         facts: &node_a(),
         config: &cfg,
         wg_private_key: Some(&own),
+        wg_key_epoch: 1,
         outbound_spi: None,
         marks: &BTreeMap::new(),
     });

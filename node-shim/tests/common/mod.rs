@@ -148,6 +148,7 @@ node_name = "{name}"
 endpoint = "{ip}"
 pod_cidrs = ["{cidr}"]
 poll_interval = "200ms"
+long_poll = "off"
 backoff_initial = "100ms"
 backoff_max = "1s"
 [keyd]
@@ -219,7 +220,10 @@ impl KeydHarness {
         };
         let config = keyd::config::load(Some(&setup.keyd_toml), &HashMap::new(), &flags).unwrap();
         let (stop, rx) = watch::channel(false);
-        let running = keyd::app::start_with_kube(config, rx, kube).await.unwrap();
+        let running = match kube {
+            Some(k) => keyd::app::start_with_kube(config, rx, k).await.unwrap(),
+            None => keyd::app::start(config, rx).await.unwrap(),
+        };
         let api = running.api_addr;
         let bootstrap = running.bootstrap_addr;
         let keyd = Arc::clone(&running.keyd);

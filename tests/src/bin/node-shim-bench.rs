@@ -164,6 +164,7 @@ fn wg_bundle(peers: &[(Key32, Key32)]) -> NodeBundle {
         ipsec: None,
         wireguard: WireguardBundle {
             epoch: 1,
+            node_key_epoch: 1,
             peers: peers
                 .iter()
                 .enumerate()
@@ -206,6 +207,7 @@ fn ipsec_bundle(n: usize, key: &[u8]) -> NodeBundle {
         }),
         wireguard: WireguardBundle {
             epoch: 1,
+            node_key_epoch: 1,
             peers: vec![],
         },
     }
@@ -234,6 +236,7 @@ fn pass(
         facts: &facts,
         config: cfg,
         wg_private_key: wg_key,
+        wg_key_epoch: 1,
         outbound_spi: None,
         marks: &marks,
     });
