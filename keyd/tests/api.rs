@@ -335,7 +335,11 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
     // Each node's bundle lists the other nodes as IPsec peers (per-tunnel keys need their
     // addresses and boot IDs).
     assert_eq!(
-        ipsec.peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(),
+        ipsec
+            .peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<Vec<_>>(),
         ["node-b"]
     );
     assert_eq!(ipsec.peers[0].boot_id.as_deref(), Some("boot-2"));

@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, Mode};
 use crate::kernel::{ApplyError, Kernel, KernelError};
 use crate::keyd_client::{Fetched, KeydClient, KeydError};
+use crate::model::{Op, WgPeerSpec};
 use crate::reconcile::{self, Inputs, NodeFacts};
-use crate::secret::Key32;
+use crate::secret::{Key32, PublicKey};
 use crate::status::{KernelOp, OpOutcome, Outcome, Shared, SkippedPeer};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,12 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32, unit: f64) -> Dur
     let exp = initial.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
     let cap = exp.min(max);
     cap / 2 + cap.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn random_unit() -> f64 {
@@ -104,7 +111,27 @@ pub struct Agent<K: Kernel> {
     /// answers the epoch the first bundle names).
     wg_key_epoch: Option<u64>,
     long_poll: Option<Duration>,
+    /// Peers added recently whose first handshake is awaited (see [`Agent::nudge_handshakes`]).
+    handshakes: BTreeMap<PublicKey, Awaited>,
+    /// The WireGuard peers last wanted, to re-add one without a new bundle.
+    wanted_peers: BTreeMap<PublicKey, WgPeerSpec>,
 }
+
+/// A peer added at `since` (wall clock, seconds) that has not handshaken yet.
+#[derive(Debug, Clone, Copy)]
+struct Awaited {
+    since: u64,
+    next: Instant,
+    attempts: u32,
+}
+
+/// When two nodes replace their keypairs at the same moment (a node-key epoch asks every node
+/// at once), each may send its first handshake before the other has the new key; both are
+/// dropped and WireGuard waits 5 s (REKEY_TIMEOUT) before trying again. A peer that has not
+/// handshaken this long after being added is re-added, which makes the kernel handshake again at
+/// once (a fresh peer has no rate limit, and the keepalive sends a packet).
+const HANDSHAKE_NUDGE_AFTER: Duration = Duration::from_millis(1500);
+const HANDSHAKE_NUDGES: u32 = 3;
 
 impl<K: Kernel> std::fmt::Debug for Agent<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,6 +230,8 @@ impl<K: Kernel> Agent<K> {
             failures: 0,
             wg_key_epoch,
             long_poll: cfg_long_poll,
+            handshakes: BTreeMap::new(),
+            wanted_peers: BTreeMap::new(),
         })
     }
 
@@ -331,6 +360,7 @@ impl<K: Kernel> Agent<K> {
                 Some(_) => {}
             }
         }
+        self.nudge_handshakes();
         let due = self.recheck_at.is_some_and(|t| Instant::now() >= t);
         if self.dirty || due {
             if let Err(e) = self.reconcile(true) {
@@ -349,6 +379,59 @@ impl<K: Kernel> Agent<K> {
             }
             Some(_) => Duration::ZERO,
             None => self.next_delay(),
+        }
+    }
+
+    /// Re-adds peers that were added a while ago and have not handshaken yet (see
+    /// [`HANDSHAKE_NUDGE_AFTER`]); gives up on a peer after [`HANDSHAKE_NUDGES`] tries, leaving
+    /// WireGuard's own retries.
+    fn nudge_handshakes(&mut self) {
+        let now = Instant::now();
+        if !self.handshakes.values().any(|a| a.next <= now) {
+            return;
+        }
+        let Ok(observed) = self.kernel.observe() else {
+            return;
+        };
+        let peers = observed.wg.map(|w| w.peers).unwrap_or_default();
+        let mut readd = Vec::new();
+        self.handshakes.retain(|k, a| {
+            let done = peers
+                .get(k)
+                .and_then(|p| p.last_handshake)
+                .is_some_and(|t| t + 1 >= a.since);
+            if done || a.attempts >= HANDSHAKE_NUDGES {
+                return false;
+            }
+            if a.next <= now {
+                a.attempts += 1;
+                a.next = now + HANDSHAKE_NUDGE_AFTER;
+                readd.push(*k);
+            }
+            true
+        });
+        let specs: Vec<WgPeerSpec> = readd
+            .iter()
+            .filter_map(|k| self.wanted_peers.get(k).cloned())
+            .collect();
+        if specs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            peers = specs.len(),
+            "no handshake yet with new peer(s): adding them again to handshake at once"
+        );
+        let ops = [Op::WgRemovePeers(readd), Op::WgUpsertPeers(specs)];
+        if let Err(e) = self.kernel.apply(&ops) {
+            tracing::warn!(error = %error_chain(&e), "re-adding peers failed");
+        } else {
+            for op in &ops {
+                self.shared
+                    .metrics
+                    .kernel_ops
+                    .get_or_create(&KernelOp { op: op.kind() })
+                    .inc();
+            }
         }
     }
 
@@ -385,6 +468,9 @@ impl<K: Kernel> Agent<K> {
 
     fn deadline_within(&self, mut d: Duration) -> Duration {
         let now = Instant::now();
+        if let Some(t) = self.handshakes.values().map(|a| a.next).min() {
+            d = d.min(t.saturating_duration_since(now));
+        }
         if let Some(t) = self.recheck_at {
             d = d.min(t.saturating_duration_since(now));
         }
@@ -506,6 +592,24 @@ impl<K: Kernel> Agent<K> {
             marks: &marks,
         });
         let plan = reconcile::plan(&computed.desired, &observed);
+        // Peers new to the kernel: watch for their first handshake.
+        let added: Vec<PublicKey> = computed
+            .desired
+            .wg
+            .as_ref()
+            .map(|w| {
+                w.peers
+                    .keys()
+                    .filter(|k| {
+                        observed
+                            .wg
+                            .as_ref()
+                            .is_none_or(|o| !o.peers.contains_key(k))
+                    })
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
         let metrics = self.shared.metrics.clone();
         let count = |ops: &[crate::model::Op], upto: usize| {
             for op in &ops[..upto] {
@@ -537,6 +641,21 @@ impl<K: Kernel> Agent<K> {
             tracing::info!(ops = plan.ensure.len(), removed = if full { plan.remove.len() } else { 0 }, revision = %bundle.revision, "kernel updated");
         }
         let after = self.kernel.observe().map_err(ReconcileError::Observe)?;
+        if let Some(w) = &computed.desired.wg {
+            self.wanted_peers = w.peers.clone();
+            let wall = unix_now();
+            for k in added {
+                self.handshakes.insert(
+                    k,
+                    Awaited {
+                        since: wall,
+                        next: now + HANDSHAKE_NUDGE_AFTER,
+                        attempts: 0,
+                    },
+                );
+            }
+            self.handshakes.retain(|k, _| w.peers.contains_key(k));
+        }
         let ack = reconcile::ack(&computed, &after, self.cfg.mode, bundle.wireguard.epoch);
         for spi in &ack.ipsec_spis {
             self.installed_since.entry(*spi).or_insert(now);

@@ -360,3 +360,35 @@ async fn keyd_node_key_epochs_rotate_every_keypair_once() {
     assert_eq!(a2.public_key(), Some(new_a));
     assert_eq!(epochs(&keyd), vec![Some(2), Some(2)]);
 }
+
+#[tokio::test]
+async fn new_peers_that_do_not_handshake_are_re_added_a_few_times() {
+    let keyd = KeydHarness::start().await;
+    let cfg_a = keyd.point_at(config_wg("node-a", "192.168.0.1", "10.1.0.0/24"), "node-a");
+    let cfg_b = keyd.point_at(config_wg("node-b", "192.168.0.2", "10.2.0.0/24"), "node-b");
+    let ka = FakeKernel::new();
+    let (mut a, _) = start_fake_agent(cfg_a, ka.clone());
+    let (mut b, _) = start_fake_agent(cfg_b, FakeKernel::new());
+    b.step().await;
+    a.step().await;
+    assert_eq!(ka.state().wg.as_ref().unwrap().peers.len(), 1);
+    let readds = |k: &FakeKernel| {
+        k.state()
+            .log
+            .iter()
+            .filter(|op| **op == "wg_peers_remove")
+            .count()
+    };
+    assert_eq!(readds(&ka), 0);
+    // The fake kernel never reports a handshake: the peer is re-added every 1.5 s, three times.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        a.step().await;
+    }
+    assert_eq!(readds(&ka), 3);
+    assert_eq!(
+        ka.state().wg.as_ref().unwrap().peers.len(),
+        1,
+        "the peer is still there"
+    );
+}

@@ -101,7 +101,19 @@ start_keyd() {
     KEYD_PID=$!
     wait_for 60 "keyd ready" curl -sf http://127.0.0.1:9443/readyz
 }
-keyctl() { "$BIN/keyctl" --config "$KEYD_DIR/keyctl.toml" "$@"; }
+# Retried when keyd is unreachable (exit 3): under emulation on a busy host a TLS handshake can
+# exceed keyd's 10 s handshake timeout.
+keyctl() {
+    local attempt rc
+    for attempt in 1 2 3; do
+        rc=0
+        "$BIN/keyctl" --config "$KEYD_DIR/keyctl.toml" "$@" || rc=$?
+        [ "$rc" -eq 3 ] || return "$rc"
+        log "keyctl $1: keyd unreachable (attempt $attempt)"
+        sleep 2
+    done
+    return 3
+}
 
 # node_config NODE IP CIDR MODE PORT
 node_config() {
@@ -250,6 +262,19 @@ wg_rotated() {
         [ "$peers_a" = "$new_b" ] && [ "$peers_b" = "$new_a" ]
 }
 
+# What each side holds, for a failure: keys and peers, and digests (never the values) of the
+# preshared keys.
+wg_diagnostics() {
+    for n in node-a node-b; do
+        echo "== $n" >> "$LOGS/wg-diagnostics.txt"
+        ns "$n" wg show keyd-wg0 >> "$LOGS/wg-diagnostics.txt" 2>&1 || true
+        echo "psk digest: $(ns "$n" wg show keyd-wg0 preshared-keys | awk '{print $2}' | sha256sum)" >> "$LOGS/wg-diagnostics.txt"
+        status_of "$n" >> "$LOGS/wg-diagnostics.txt" || true
+        echo >> "$LOGS/wg-diagnostics.txt"
+    done
+    keyctl nodes >> "$LOGS/wg-diagnostics.txt" 2>&1 || true
+}
+
 wireguard_phase() {
     log "WireGuard: start node-shim on both nodes"
     node_config node-a 192.168.100.1 10.1.0.0/24 wireguard 9101
@@ -264,7 +289,10 @@ wireguard_phase() {
     ns node-a wg show keyd-wg0 > "$LOGS/wg-a.txt"
     grep -q 'listening port: 51871' "$LOGS/wg-a.txt" || fail "listen port"
     grep -q 'preshared key: (hidden)' "$LOGS/wg-a.txt" || fail "no preshared key on the peer"
-    ns pod-a ping -c 3 -W 2 10.2.0.2 > "$LOGS/wg-ping.txt" || fail "WireGuard: pod-a cannot reach pod-b"
+    if ! ns pod-a ping -c 3 -W 2 10.2.0.2 > "$LOGS/wg-ping.txt"; then
+        wg_diagnostics
+        fail "WireGuard: pod-a cannot reach pod-b"
+    fi
     result wg_pod_to_pod ok
 
     log "WireGuard: stream, capture, a preshared-key epoch, three node-key epochs"
