@@ -25,11 +25,32 @@ fi
 apt_needed=()
 command -v cc >/dev/null 2>&1 || apt_needed+=(build-essential)
 command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
+# The aws-kms tests run moto's KMS server (Python); a virtualenv holds it if needed.
+command -v python3 >/dev/null 2>&1 || apt_needed+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_needed+=(python3-venv)
 if [ "${#apt_needed[@]}" -gt 0 ]; then
     log "installing ${apt_needed[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${apt_needed[@]}"
+fi
+
+# --- test servers ----------------------------------------------------------------------------
+# moto[server] from PyPI, for the aws-kms custody tests (tests/moto/kms_server.py runs it). Used
+# from the system python3 if it already has it, else installed once into a private virtualenv
+# (Debian's python3 refuses `pip install` outside one). The Vault test double is Rust, built
+# with the tests; set VAULT_ADDR and VAULT_TOKEN to run the same suite against a real Vault.
+if python3 -c 'import moto.server, moto.kms' >/dev/null 2>&1; then
+    export TEST_MOTO_PYTHON=python3
+else
+    venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/venv"
+    if ! "$venv/bin/python" -c 'import moto.server, moto.kms' >/dev/null 2>&1; then
+        log "installing moto[server] into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        "$venv/bin/python" -m pip install --quiet 'moto[server]'
+    fi
+    export TEST_MOTO_PYTHON="$venv/bin/python"
 fi
 
 # --- kube-apiserver + etcd for the webhook's real-API-server tests ---------------------------

@@ -48,7 +48,19 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/ipsec/import", post(ipsec_import))
         .route("/v1/ipsec/cilium", get(ipsec_cilium))
         .route("/v1/enforcement", get(enforcement))
+        .route("/v1/schedules", get(schedules_list))
+        .route("/v1/schedules/{class}", put(schedule_update))
+        .route("/v1/schedules/{class}/bounds", put(schedule_bounds))
+        .route("/v1/rotate/{class}", post(rotate_class))
+        .route("/v1/report", get(report))
+        .route("/v1/audit/export", get(audit_export))
+        .route("/v1/audit/public-key", get(audit_public_key))
+        .route("/v1/audit/segments", get(audit_segments))
+        .route("/v1/audit/prune", post(audit_prune))
         .route("/v1/audit/admission", post(admission_decisions))
+        .route("/v1/kek", get(crate::kms::http::status))
+        .route("/v1/kek/rotate", post(crate::kms::http::rotate))
+        .route("/v1/kek/migrate", post(crate::kms::http::migrate))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -75,8 +87,26 @@ pub fn ops_router(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    // Ready once the store answers; the cache was filled before the listener opened.
+    // Ready once the store answers; the cache was filled before the listener opened. While the
+    // KEK custodian cannot be used keyd stays ready (it serves the keys it holds) and says so,
+    // until kek.max_unavailable has passed.
+    if let Err(e) = s.keyd.custody().serving_check() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response();
+    }
+    let health = s.keyd.custody().health();
     match s.keyd.store().get(crate::store::Table::Meta, "wireguard") {
+        Ok(Some(_)) if health.is_down() => {
+            let status = s.keyd.custody().status().health;
+            (
+                StatusCode::OK,
+                format!(
+                    "ready (degraded: the KEK custodian cannot be used: {}; serving held keys until {}; rotations and imports are refused)\n",
+                    status.reason.unwrap_or_default(),
+                    status.serving_until.map(|t| t.to_string()).unwrap_or_default()
+                ),
+            )
+                .into_response()
+        }
         Ok(Some(_)) => (StatusCode::OK, "ready\n").into_response(),
         Ok(None) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -165,12 +195,16 @@ impl From<ServiceError> for ApiError {
                 e.to_string(),
             ),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::Rollout(r) => {
+                ApiError::new(StatusCode::CONFLICT, "rollout_in_progress", r.to_string())
+            }
             ServiceError::Store(StoreError::Conflict { .. }) => ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!("{e}; nothing was changed"),
             ),
-            ServiceError::Store(_) | ServiceError::Seal(_) => {
+            ServiceError::Seal(s) => crate::kms::http::custodian_error(s),
+            ServiceError::Store(_) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -405,18 +439,54 @@ async fn register_node(
     Ok(Json(info).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleQuery {
+    /// Long poll: with `If-None-Match`, wait up to this long (e.g. `30s`, at most 5m) for the
+    /// bundle to change before answering 304.
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+/// The longest a long poll may wait.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 async fn bundle(
     State(s): State<AppState>,
     OwnNode { name, .. }: OwnNode,
     headers: HeaderMap,
+    query: Result<Query<BundleQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let b = s.keyd.bundle(&name).await?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let wait = match q.wait.as_deref() {
+        None => None,
+        Some(w) => Some(
+            humantime::parse_duration(w)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("wait={w:?}: {e}"),
+                    )
+                })?
+                .min(MAX_WAIT),
+        ),
+    };
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let b = match (&if_none_match, wait) {
+        (Some(etag), Some(wait)) => match s.keyd.bundle_wait(&name, etag, wait).await? {
+            Some(b) => b,
+            None => s.keyd.bundle(&name).await?,
+        },
+        _ => s.keyd.bundle(&name).await?,
+    };
     let etag = HeaderValue::from_str(&b.etag)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "etag"))?;
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == b.etag.as_bytes())
-    {
+    if if_none_match.as_deref() == Some(b.etag.as_str()) {
         s.keyd
             .metrics
             .bundle_fetches
@@ -426,6 +496,7 @@ async fn bundle(
             .inc();
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
+    s.keyd.audit_bundle_fetch(&name, &b).await?;
     s.keyd
         .metrics
         .bundle_fetches
@@ -505,6 +576,160 @@ async fn admission_decisions(
         .record_admission_decisions(&caller, batch.decisions)
         .await?;
     Ok(Json(json!({ "recorded": n })).into_response())
+}
+
+fn parse_class(class: &str) -> Result<keyd_proto::KeyClass, ApiError> {
+    keyd_proto::KeyClass::parse(class).ok_or_else(|| {
+        let all: Vec<&str> = keyd_proto::KeyClass::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("key class {class:?} is not one of {}", all.join(", ")),
+        )
+    })
+}
+
+async fn schedules_list(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.schedules()).into_response()
+}
+
+async fn schedule_update(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+    ApiJson(update): ApiJson<keyd_proto::ScheduleUpdate>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    Ok(Json(s.keyd.update_schedule(&caller, class, update).await?).into_response())
+}
+
+async fn schedule_bounds(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+    ApiJson(bounds): ApiJson<keyd_proto::Bounds>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    Ok(Json(s.keyd.set_bounds(&caller, class, bounds).await?).into_response())
+}
+
+async fn rotate_class(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    let what = s.keyd.rotate_class(&caller, class).await?;
+    Ok(Json(json!({ "class": class, "result": what })).into_response())
+}
+
+async fn report(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.report()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    #[serde(default)]
+    from_seq: Option<u64>,
+    #[serde(default)]
+    to_seq: Option<u64>,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// Header carrying the number of records an export will stream (for progress bars).
+pub const RECORDS_HEADER: &str = "x-keyd-audit-records";
+
+async fn audit_export(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    query: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", m);
+    let time =
+        |name: &str, v: &Option<String>| -> Result<Option<keyd_proto::Timestamp>, ApiError> {
+            v.as_deref()
+                .map(|t| {
+                    humantime::parse_rfc3339_weak(t)
+                        .map(keyd_proto::Timestamp::from_system)
+                        .map_err(|e| {
+                            bad(format!(
+                                "{name}={t:?}: {e} (use RFC 3339, e.g. 2026-11-21T00:00:00Z)"
+                            ))
+                        })
+                })
+                .transpose()
+        };
+    let format_name = q.format.as_deref().unwrap_or("jsonl");
+    let format = crate::audit::Format::parse(format_name).ok_or_else(|| {
+        bad(format!(
+            "format {format_name:?} is not one of jsonl, ocsf, cef"
+        ))
+    })?;
+    let range = crate::service::ExportRange {
+        since: time("since", &q.since)?,
+        until: time("until", &q.until)?,
+        from_seq: q.from_seq,
+        to_seq: q.to_seq,
+    };
+    let export = s.keyd.export_audit(&caller, range, format).await?;
+    let content_type = if format == crate::audit::Format::Cef {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    let body =
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(export.chunks));
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (
+                header::HeaderName::from_static(RECORDS_HEADER),
+                export.records.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn audit_public_key(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    let (public_key, key_id) = s.keyd.audit_public_key();
+    Json(json!({ "public_key": public_key, "key_id": key_id, "algorithm": "ed25519" }))
+        .into_response()
+}
+
+async fn audit_segments(State(s): State<AppState>, Admin(_): Admin) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.audit_segments()?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneRequest {
+    through_seq: u64,
+    last_hash: String,
+}
+
+async fn audit_prune(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<PruneRequest>,
+) -> Result<Response, ApiError> {
+    let deleted = s
+        .keyd
+        .prune_audit(&caller, req.through_seq, &req.last_hash)
+        .await?;
+    Ok(Json(json!({ "pruned": deleted, "through_seq": req.through_seq })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,8 +7,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::config::{Config, KekConfig};
-use crate::seal::{KeyWrapper, LocalKek};
+use crate::config::Config;
 use crate::service::Keyd;
 use crate::store::{RedbStore, Store};
 
@@ -42,17 +41,39 @@ pub async fn start(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
+    start_with_clock(config, shutdown, crate::service::Clock::default()).await
+}
+
+/// [`start`] with a clock that tests can move forward.
+pub async fn start_with_clock(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    clock: crate::service::Clock,
+) -> anyhow::Result<Running> {
     crate::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
-    let wrapper: Arc<dyn KeyWrapper> = match &config.kek {
-        KekConfig::Local { path } => Arc::new(LocalKek::load_or_create(path)?),
-    };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
+    // The custodian answers a wrap and unwrap round trip before anything else happens.
+    let custody = crate::kms::bootstrap(&config.kek, &config.custody, &store).await?;
+    if config.custody.verify_on_start {
+        let n = crate::rewrap::verify_all(&store, &custody)
+            .await
+            .map_err(|(id, e)| anyhow::anyhow!("sealed record {id} does not open: {e}"))?;
+        tracing::info!(records = n, "every sealed record opens");
+    }
     let keyd = Arc::new(
-        Keyd::open(store, wrapper)
+        Keyd::open_with_custody(store, Arc::clone(&custody), config.service.clone(), clock)
             .await
             .context("loading keys from the store")?,
     );
+    let _monitor = custody.spawn_monitor(shutdown.clone());
+    crate::rewrap::resume(
+        Arc::clone(keyd.store()),
+        Arc::clone(&custody),
+        crate::rewrap::RunOptions::default(),
+    )
+    .await
+    .context("resuming the KEK migration")?;
     let (tls_rx, _reloader) =
         crate::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
             .context("loading the server certificate")?;
@@ -73,6 +94,8 @@ pub async fn start(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let scheduler_keyd = Arc::clone(&keyd);
+    let final_keyd = Arc::clone(&keyd);
     let serve = async move {
         tokio::join!(
             crate::server::serve_tls(
@@ -83,8 +106,15 @@ pub async fn start(
                 metrics,
                 wait(shutdown.clone())
             ),
-            crate::server::serve_plain(ops_listener, ops, wait(shutdown)),
+            crate::server::serve_plain(ops_listener, ops, wait(shutdown.clone())),
+            scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
         );
+        // A signed checkpoint at shutdown covers every record written.
+        match final_keyd.checkpoint(false).await {
+            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
+        }
     };
     tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
     Ok(Running {

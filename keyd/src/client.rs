@@ -214,6 +214,22 @@ impl Connection {
         })
     }
 
+    /// Sends a GET and returns the response head with its body unread, for streaming large
+    /// bodies (audit exports) without holding them in memory.
+    pub async fn get_streaming(
+        &mut self,
+        path: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(header::HOST, &self.authority)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(req).await?)
+    }
+
     pub async fn get(&mut self, path: &str) -> Result<Response, ClientError> {
         self.send(Method::GET, path, None, &[]).await
     }

@@ -24,17 +24,18 @@ pub struct Config {
     pub tls: TlsPaths,
     pub tls_reload_interval: Duration,
     pub kek: KekConfig,
+    pub custody: crate::kms::CustodySettings,
     pub max_body_bytes: usize,
     pub handshake_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub service: crate::service::ServiceConfig,
+    /// How often the scheduler checks for due rotations and rollout progress.
+    pub scheduler_tick: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KekConfig {
-    /// A 256-bit key in a 0600 file, created on first start.
-    Local { path: PathBuf },
-}
+/// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::kms::config`]).
+pub use keyd_proto::kek::KekSpec as KekConfig;
 
 /// The file form; every field optional so that env and flags can fill it in.
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +52,26 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub rotation: RawRotation,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRotation {
+    pub node_liveness_timeout: Option<String>,
+    pub rollout_stuck_after: Option<String>,
+    pub scheduler_tick: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub checkpoint_interval: Option<String>,
+    pub segment_records: Option<u64>,
+    pub segment_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,12 +83,7 @@ pub struct RawTls {
     pub reload_interval: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKek {
-    pub backend: Option<String>,
-    pub local_path: Option<PathBuf>,
-}
+pub use crate::kms::config::RawKek;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +138,18 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_HANDSHAKE_TIMEOUT", "limits.handshake_timeout"),
     ("KEYD_LOG_FORMAT", "log.format"),
     ("KEYD_LOG_LEVEL", "log.level"),
+    (
+        "KEYD_NODE_LIVENESS_TIMEOUT",
+        "rotation.node_liveness_timeout",
+    ),
+    ("KEYD_ROLLOUT_STUCK_AFTER", "rotation.rollout_stuck_after"),
+    ("KEYD_SCHEDULER_TICK", "rotation.scheduler_tick"),
+    (
+        "KEYD_AUDIT_CHECKPOINT_INTERVAL",
+        "audit.checkpoint_interval",
+    ),
+    ("KEYD_AUDIT_SEGMENT_RECORDS", "audit.segment_records"),
+    ("KEYD_AUDIT_SEGMENT_AGE", "audit.segment_age"),
 ];
 
 impl RawConfig {
@@ -147,7 +175,11 @@ impl RawConfig {
 
     /// Overlays `KEYD_*` variables from `env` (a map, so tests need not touch the process env).
     pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-        let known: std::collections::HashSet<&str> = ENV_VARS.iter().map(|(k, _)| *k).collect();
+        let known: std::collections::HashSet<&str> = ENV_VARS
+            .iter()
+            .chain(crate::kms::config::ENV_VARS)
+            .map(|(k, _)| *k)
+            .collect();
         for k in env.keys() {
             if k.starts_with("KEYD_") && !known.contains(k.as_str()) {
                 return Err(err(
@@ -166,8 +198,7 @@ impl RawConfig {
         self.tls.key = path("KEYD_TLS_KEY").or(self.tls.key.take());
         self.tls.reload_interval =
             get("KEYD_TLS_RELOAD_INTERVAL").or(self.tls.reload_interval.take());
-        self.kek.backend = get("KEYD_KEK_BACKEND").or(self.kek.backend.take());
-        self.kek.local_path = path("KEYD_KEK_LOCAL_PATH").or(self.kek.local_path.take());
+        self.kek.apply_env(env)?;
         if let Some(v) = get("KEYD_MAX_BODY_BYTES") {
             self.limits.max_body_bytes = Some(v.parse().map_err(|_| {
                 err(
@@ -180,6 +211,23 @@ impl RawConfig {
             get("KEYD_HANDSHAKE_TIMEOUT").or(self.limits.handshake_timeout.take());
         self.log.format = get("KEYD_LOG_FORMAT").or(self.log.format.take());
         self.log.level = get("KEYD_LOG_LEVEL").or(self.log.level.take());
+        self.rotation.node_liveness_timeout =
+            get("KEYD_NODE_LIVENESS_TIMEOUT").or(self.rotation.node_liveness_timeout.take());
+        self.rotation.rollout_stuck_after =
+            get("KEYD_ROLLOUT_STUCK_AFTER").or(self.rotation.rollout_stuck_after.take());
+        self.rotation.scheduler_tick =
+            get("KEYD_SCHEDULER_TICK").or(self.rotation.scheduler_tick.take());
+        self.audit.checkpoint_interval =
+            get("KEYD_AUDIT_CHECKPOINT_INTERVAL").or(self.audit.checkpoint_interval.take());
+        if let Some(v) = get("KEYD_AUDIT_SEGMENT_RECORDS") {
+            self.audit.segment_records = Some(v.parse().map_err(|_| {
+                err(
+                    "KEYD_AUDIT_SEGMENT_RECORDS",
+                    format!("{v:?} is not a whole number"),
+                )
+            })?);
+        }
+        self.audit.segment_age = get("KEYD_AUDIT_SEGMENT_AGE").or(self.audit.segment_age.take());
         Ok(())
     }
 
@@ -217,22 +265,7 @@ impl RawConfig {
             "tls.reload_interval",
             self.tls.reload_interval.as_deref().unwrap_or("10s"),
         )?;
-        let kek = match self.kek.backend.as_deref().unwrap_or("local") {
-            "local" => KekConfig::Local {
-                path: self
-                    .kek
-                    .local_path
-                    .unwrap_or_else(|| data_dir.join("kek.key")),
-            },
-            other => {
-                return Err(err(
-                    "kek.backend",
-                    format!(
-                        "{other:?} is not a backend this build supports (supported: \"local\")"
-                    ),
-                ));
-            }
-        };
+        let (kek, custody) = self.kek.validate(&data_dir)?;
         let max_body_bytes = self.limits.max_body_bytes.unwrap_or(64 * 1024);
         if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
             return Err(err(
@@ -257,13 +290,53 @@ impl RawConfig {
         let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| err("log.level", e.to_string()))?;
+        let defaults = crate::service::ServiceConfig::default();
+        let dur = |field: &str, v: &Option<String>, d: Duration| match v {
+            Some(v) => parse_duration(field, v),
+            None => Ok(d),
+        };
+        let service = crate::service::ServiceConfig {
+            node_liveness_timeout: dur(
+                "rotation.node_liveness_timeout",
+                &self.rotation.node_liveness_timeout,
+                defaults.node_liveness_timeout,
+            )?,
+            rollout_stuck_after: dur(
+                "rotation.rollout_stuck_after",
+                &self.rotation.rollout_stuck_after,
+                defaults.rollout_stuck_after,
+            )?,
+            checkpoint_interval: dur(
+                "audit.checkpoint_interval",
+                &self.audit.checkpoint_interval,
+                defaults.checkpoint_interval,
+            )?,
+            segment_records: match self.audit.segment_records {
+                Some(0) => return Err(err("audit.segment_records", "must be at least 1")),
+                Some(n) => n,
+                None => defaults.segment_records,
+            },
+            segment_age: dur(
+                "audit.segment_age",
+                &self.audit.segment_age,
+                defaults.segment_age,
+            )?,
+        };
+        let scheduler_tick = dur(
+            "rotation.scheduler_tick",
+            &self.rotation.scheduler_tick,
+            Duration::from_secs(1),
+        )?;
         Ok(Config {
+            service,
+            scheduler_tick,
             data_dir,
             listen,
             ops_listen,
             tls,
             tls_reload_interval,
             kek,
+            custody,
             max_body_bytes,
             handshake_timeout,
             log_format,

@@ -23,16 +23,19 @@ pub enum Table {
     Meta,
     /// Registered nodes, by node name.
     Nodes,
+    /// Signed audit checkpoints, keyed by the zero-padded sequence number they cover.
+    Checkpoints,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Sealed, Table::Meta, Table::Nodes];
+    pub const ALL: [Table; 4] = [Table::Sealed, Table::Meta, Table::Nodes, Table::Checkpoints];
 
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
             Table::Sealed => "sealed",
             Table::Meta => "meta",
             Table::Nodes => "nodes",
+            Table::Checkpoints => "checkpoints",
         })
     }
 }
@@ -48,6 +51,8 @@ pub struct Txn {
     pub puts: Vec<(Table, String, Vec<u8>)>,
     pub deletes: Vec<(Table, String)>,
     pub audit: Vec<AuditEvent>,
+    /// The time stamped on the audit records; the system clock when absent.
+    pub at: Option<Timestamp>,
 }
 
 // Values may be sealed records; list only what is touched.
@@ -166,6 +171,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn commit(&self, txn: Txn) -> Result<(), StoreError>;
     /// Audit records with `seq >= from`, at most `limit`.
     fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Entries of a table with keys `>= from`, in key order, at most `limit`.
+    fn scan_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The entry with the greatest key.
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError>;
+    /// The newest audit record.
+    fn audit_last(&self) -> Result<Option<AuditRecord>, StoreError>;
+    /// Deletes audit records with `seq <= through`, at most `limit` of them (oldest first), in one
+    /// transaction; returns how many were deleted. Called repeatedly to prune in small steps.
+    fn audit_delete_through(&self, through: u64, limit: usize) -> Result<usize, StoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,31 +250,44 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// A table as of now. redb's read-only tables keep their own snapshot alive, so the
+    /// transaction need not outlive this call.
+    fn read(
+        &self,
+        table: Table,
+    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        r.open_table(table.def())
+            .map_err(|e| backend("open table")(e.into()))
+    }
+
+    fn read_audit(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, StoreError> {
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| backend("begin read")(e.into()))?;
+        r.open_table(AUDIT)
+            .map_err(|e| backend("open table")(e.into()))
+    }
+}
+
 impl Store for RedbStore {
     fn describe(&self) -> String {
         format!("redb:{}", self.path.display())
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
         Ok(v.map(|v| v.value().to_vec()))
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))?;
+        let t = self.read(table)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
             let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
@@ -315,7 +347,7 @@ impl Store for RedbStore {
                     }
                     None => (1, GENESIS_HASH.to_owned()),
                 };
-                let at = Timestamp::now();
+                let at = txn.at.unwrap_or_else(Timestamp::now);
                 for event in txn.audit {
                     let rec = AuditRecord::chain(seq, at, event, prev);
                     let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend {
@@ -332,14 +364,66 @@ impl Store for RedbStore {
         w.commit().map_err(|e| backend("commit")(e.into()))
     }
 
-    fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let r = self
+    fn scan_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let t = self.read(table)?;
+        let mut out = Vec::new();
+        for entry in t
+            .range(from..)
+            .map_err(|e| backend("scan")(e.into()))?
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let t = self.read(table)?;
+        let last = t.last().map_err(|e| backend("last")(e.into()))?;
+        Ok(last.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+    }
+
+    fn audit_last(&self) -> Result<Option<AuditRecord>, StoreError> {
+        let t = self.read_audit()?;
+        match t.last().map_err(|e| backend("audit tail")(e.into()))? {
+            Some((k, v)) => Ok(Some(decode_audit(k.value(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn audit_delete_through(&self, through: u64, limit: usize) -> Result<usize, StoreError> {
+        let w = self
             .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        let t = r
-            .open_table(AUDIT)
-            .map_err(|e| backend("open table")(e.into()))?;
+            .begin_write()
+            .map_err(|e| backend("begin write")(e.into()))?;
+        let n = {
+            let mut t = w
+                .open_table(AUDIT)
+                .map_err(|e| backend("open table")(e.into()))?;
+            let keys: Vec<u64> = t
+                .range(..=through)
+                .map_err(|e| backend("audit range")(e.into()))?
+                .take(limit)
+                .map(|e| e.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| backend("audit range")(e.into()))?;
+            for k in &keys {
+                t.remove(k).map_err(|e| backend("audit delete")(e.into()))?;
+            }
+            keys.len()
+        };
+        w.commit().map_err(|e| backend("commit")(e.into()))?;
+        Ok(n)
+    }
+
+    fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let t = self.read_audit()?;
         let mut out = Vec::new();
         for entry in t
             .range(from..)
@@ -356,6 +440,13 @@ impl Store for RedbStore {
         }
         Ok(out)
     }
+}
+
+fn decode_audit(k: u64, v: &[u8]) -> Result<AuditRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        what: format!("audit record {k}"),
+        why: e.to_string(),
+    })
 }
 
 #[cfg(test)]

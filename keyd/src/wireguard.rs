@@ -85,6 +85,8 @@ mod tests {
             endpoint: "192.0.2.1".parse().unwrap(),
             pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
             wireguard_public_key: key.map(str::to_owned),
+            wireguard_key_epoch: None,
+            wireguard_key_since: None,
             boot_id: None,
             registered_at: Timestamp(0),
             last_seen: Timestamp(0),

@@ -7,12 +7,12 @@ mod common;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use common::Harness;
+use common::{Harness, drive_rollout};
 use http::{Method, StatusCode, header};
 use keyd::client::{Connector, Response};
 use keyd::pki::CertificateAuthority;
 use keyd_proto::identity::Identity;
-use keyd_proto::{ErrorBody, IpsecStatus, NodeBundle, NodeInfo, NodeRegistration, Status};
+use keyd_proto::{ErrorBody, IpsecStatus, KeyRole, NodeBundle, NodeInfo, NodeRegistration, Status};
 use serde_json::json;
 
 fn wg_public_key(seed: u8) -> String {
@@ -25,6 +25,7 @@ fn registration(ip: &str, cidr: &str, wg_seed: u8) -> NodeRegistration {
         endpoint: ip.parse().unwrap(),
         pod_cidrs: vec![cidr.parse().unwrap()],
         wireguard_public_key: Some(wg_public_key(wg_seed)),
+        wireguard_key_epoch: None,
         boot_id: Some(format!("boot-{wg_seed}")),
     }
 }
@@ -199,6 +200,7 @@ async fn restart_keeps_every_key() {
             .await
             .unwrap();
         assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+        drive_rollout(&h, &["node-a", "node-b"]).await;
     }
     let line_before = admin
         .get("/v1/ipsec/cilium?format=line")
@@ -226,8 +228,15 @@ async fn restart_keeps_every_key() {
             .body,
         line_before
     );
-    let status_after: Status =
+    let mut status_after: Status =
         serde_json::from_slice(&admin.get("/v1/status").await.unwrap().body).unwrap();
+    // The custodian's last health check is, rightly, newer after a restart.
+    let mut status_before = status_before;
+    for s in [&mut status_before, &mut status_after] {
+        if let Some(c) = s.custody.as_mut() {
+            c.health.last_check = None;
+        }
+    }
     assert_eq!(status_after, status_before);
     assert_eq!(status_after.ipsec.outbound_spi, Some(3));
     assert_eq!(status_after.nodes, 2);
@@ -259,6 +268,39 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
         .post_json("/v1/ipsec/rotate", &json!({}))
         .await
         .unwrap();
+    // Key 2 is staged: inbound only, key 1 still outbound.
+    let staged: NodeBundle = serde_json::from_slice(
+        &h.node("node-a")
+            .await
+            .get("/v1/nodes/node-a/bundle")
+            .await
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    let ipsec = staged.ipsec.unwrap();
+    assert_eq!(ipsec.outbound_spi, 1);
+    assert_eq!(
+        ipsec
+            .keys
+            .iter()
+            .map(|k| (k.spi, k.role))
+            .collect::<Vec<_>>(),
+        vec![(2, KeyRole::Next), (1, KeyRole::Current)]
+    );
+    // Both nodes install key 2: the rollout turns active, key 1 stays for inbound.
+    for n in ["node-a", "node-b"] {
+        let r = h
+            .node(n)
+            .await
+            .post_json(
+                &format!("/v1/nodes/{n}/ack"),
+                &json!({ "ipsec_spis": [1, 2], "ipsec_outbound_spi": 1 }),
+            )
+            .await
+            .unwrap();
+        assert!(r.status.is_success(), "{}", r.error_message());
+    }
 
     let mut a = h.node("node-a").await;
     let resp = a.get("/v1/nodes/node-a/bundle").await.unwrap();
@@ -280,12 +322,15 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
     )
     .unwrap();
     assert_eq!(etag, format!("\"{}\"", ba.revision));
-
     let ipsec = ba.ipsec.as_ref().unwrap();
     assert_eq!(ipsec.outbound_spi, 2);
     assert_eq!(
-        ipsec.keys.iter().map(|k| k.spi).collect::<Vec<_>>(),
-        vec![2, 1],
+        ipsec
+            .keys
+            .iter()
+            .map(|k| (k.spi, k.role))
+            .collect::<Vec<_>>(),
+        vec![(2, KeyRole::Current), (1, KeyRole::Previous)],
         "current and previous"
     );
     assert_eq!(ba.ipsec, bb.ipsec, "every node holds the same PSKs");
@@ -304,29 +349,17 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
     assert_eq!(ba.wireguard.peers[0].preshared_key.len(), 32);
 
     // Conditional fetch: unchanged state answers 304 without a body.
+    let cond = [(header::IF_NONE_MATCH, etag.as_str())];
     let r = a
-        .send(
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-            &[(header::IF_NONE_MATCH, etag.as_str())],
-        )
+        .send(Method::GET, "/v1/nodes/node-a/bundle", None, &cond)
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
     assert!(r.body.is_empty());
-    // A rotation changes the bundle.
-    admin
-        .post_json("/v1/ipsec/rotate", &json!({}))
-        .await
-        .unwrap();
+    // Completing the rollout changes the bundle: key 1 retires.
+    drive_rollout(&h, &["node-a", "node-b"]).await;
     let r = a
-        .send(
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-            &[(header::IF_NONE_MATCH, etag.as_str())],
-        )
+        .send(Method::GET, "/v1/nodes/node-a/bundle", None, &cond)
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::OK);
@@ -338,7 +371,7 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
             .iter()
             .map(|k| k.spi)
             .collect::<Vec<_>>(),
-        vec![3, 2],
+        vec![2],
         "key 1 retired"
     );
 
@@ -346,7 +379,7 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
     let r = a
         .post_json(
             "/v1/nodes/node-a/ack",
-            &json!({ "ipsec_spis": [3, 2], "ipsec_outbound_spi": 3, "wireguard_epoch": 1 }),
+            &json!({ "ipsec_spis": [2], "ipsec_outbound_spi": 2, "wireguard_epoch": 1 }),
         )
         .await
         .unwrap();
@@ -354,8 +387,8 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
     let nodes: Vec<NodeInfo> =
         serde_json::from_slice(&admin.get("/v1/nodes").await.unwrap().body).unwrap();
     let na = nodes.iter().find(|n| n.name == "node-a").unwrap();
-    assert_eq!(na.acked.ack.ipsec_spis, vec![2, 3]);
-    assert_eq!(na.acked.ack.ipsec_outbound_spi, Some(3));
+    assert_eq!(na.acked.ack.ipsec_spis, vec![2]);
+    assert_eq!(na.acked.ack.ipsec_outbound_spi, Some(2));
     // An ack for a key keyd never issued is refused.
     let r = a
         .post_json("/v1/nodes/node-a/ack", &json!({ "ipsec_spis": [9] }))
@@ -369,18 +402,13 @@ async fn every_key_event_is_audited_without_key_bytes() {
     let h = Harness::start().await;
     register_both(&h).await;
     let mut admin = h.admin().await;
-    admin
-        .post_json("/v1/ipsec/rotate", &json!({}))
-        .await
-        .unwrap();
-    admin
-        .post_json("/v1/ipsec/rotate", &json!({}))
-        .await
-        .unwrap();
-    admin
-        .post_json("/v1/ipsec/rotate", &json!({}))
-        .await
-        .unwrap();
+    for _ in 0..3 {
+        admin
+            .post_json("/v1/ipsec/rotate", &json!({}))
+            .await
+            .unwrap();
+        drive_rollout(&h, &["node-a", "node-b"]).await;
+    }
     let line = String::from_utf8(
         admin
             .get("/v1/ipsec/cilium?format=line")
@@ -397,9 +425,12 @@ async fn every_key_event_is_audited_without_key_bytes() {
         "node.registered",
         "wireguard.node_key.registered",
         "ipsec.key.generated",
+        "ipsec.key.staged",
         "ipsec.key.activated",
         "ipsec.key.retired",
         "ipsec.key.exported",
+        "bundle.fetched",
+        "node.keys.acknowledged",
     ] {
         assert!(actions.contains(&expected), "no {expected} in {actions:?}");
     }

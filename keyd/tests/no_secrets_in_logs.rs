@@ -103,14 +103,14 @@ async fn a_full_run_logs_no_key_material() {
         out
     };
     run(&["ipsec", "rotate"], None, 0);
-    run(&["ipsec", "rotate"], None, 0);
-    let imported = format!("3+ rfc4106(gcm(aes)) {} 128", "5e".repeat(20));
-    run(&["ipsec", "import"], Some(&imported), 0);
-    // Refused imports: a wrong ID and a malformed key field, both carrying key-like hex.
-    let refused_a = format!("2+ rfc4106(gcm(aes)) {} 128", "7c".repeat(20));
-    let refused_b = format!("4+ rfc4106(gcm(aes)) {} 128", "9d".repeat(19));
+    // Refused imports: a reused ID and a malformed key field, both carrying key-like hex.
+    let refused_a = format!("1+ rfc4106(gcm(aes)) {} 128", "7c".repeat(20));
+    let refused_b = format!("2+ rfc4106(gcm(aes)) {} 128", "9d".repeat(19));
     run(&["ipsec", "import"], Some(&refused_a), 6);
     run(&["ipsec", "import"], Some(&refused_b), 6);
+    // A valid import rolls out after key 1 (no nodes yet: it is active at once).
+    let imported = format!("2+ rfc4106(gcm(aes)) {} 128", "5e".repeat(20));
+    run(&["ipsec", "import"], Some(&imported), 0);
     let secret_yaml = run(&["ipsec", "cilium-secret"], None, 0);
     let line = run(&["ipsec", "cilium-secret", "--line"], None, 0);
     run(&["status", "-o", "json"], None, 0);
@@ -173,7 +173,7 @@ async fn a_full_run_logs_no_key_material() {
         let r = conn
             .post_json(
                 &format!("/v1/nodes/{name}/ack"),
-                &json!({ "ipsec_spis": [3, 2], "ipsec_outbound_spi": 3 }),
+                &json!({ "ipsec_spis": [2, 1], "ipsec_outbound_spi": 2 }),
             )
             .await
             .unwrap();
@@ -209,7 +209,7 @@ async fn a_full_run_logs_no_key_material() {
         "trace logging produced only {} lines",
         logs.lines().count()
     );
-    assert!(!secret_yaml.is_empty() && line.starts_with("3+ "), "{line}");
+    assert!(!secret_yaml.is_empty() && line.starts_with("2+ "), "{line}");
 
     let mut secrets: Vec<(String, String)> = Vec::new();
     let kek = std::fs::read_to_string(data.join("kek.key")).unwrap();

@@ -7,8 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod kek;
 mod secret;
-mod time;
+pub mod time;
 
 use std::net::IpAddr;
 
@@ -40,6 +41,9 @@ pub struct NodeRegistration {
     /// leaves the node.
     #[serde(default)]
     pub wireguard_public_key: Option<String>,
+    /// The node-key epoch the posted public key answers (see [`WireguardBundle::node_key_epoch`]).
+    #[serde(default)]
+    pub wireguard_key_epoch: Option<u64>,
     /// The kernel boot ID (`/proc/sys/kernel/random/boot_id`); per-tunnel IPsec keys are derived
     /// with both ends' boot IDs, as Cilium does.
     #[serde(default)]
@@ -53,6 +57,12 @@ pub struct NodeInfo {
     pub endpoint: IpAddr,
     pub pod_cidrs: Vec<IpNet>,
     pub wireguard_public_key: Option<String>,
+    /// The node-key epoch of that public key.
+    #[serde(default)]
+    pub wireguard_key_epoch: Option<u64>,
+    /// When the current WireGuard public key was registered.
+    #[serde(default)]
+    pub wireguard_key_since: Option<Timestamp>,
     pub boot_id: Option<String>,
     pub registered_at: Timestamp,
     pub last_seen: Timestamp,
@@ -108,6 +118,8 @@ pub struct IpsecBundle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyRole {
+    /// Staged by a rollout: install it for inbound traffic only, and acknowledge it.
+    Next,
     /// In use for outbound traffic.
     Current,
     /// Replaced by a newer key, still accepted inbound during the overlap.
@@ -147,6 +159,11 @@ pub enum IpsecAlgorithm {
 pub struct WireguardBundle {
     /// The preshared-key epoch.
     pub epoch: u64,
+    /// The node-key epoch keyd asks for: when it is higher than the epoch of the key this node
+    /// registered, the node generates a new keypair and registers the new public key with
+    /// `wireguard_key_epoch` set to this value.
+    #[serde(default)]
+    pub node_key_epoch: u64,
     /// Every other node with a registered public key.
     pub peers: Vec<WireguardPeer>,
 }
@@ -183,6 +200,170 @@ pub struct IpsecKeyInfo {
 pub struct IpsecStatus {
     pub outbound_spi: Option<u8>,
     pub keys: Vec<IpsecKeyInfo>,
+    /// The rollout in progress, if any.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub from_spi: u8,
+    pub to_spi: u8,
+    /// `staged` (new key inbound only) or `active` (new key outbound, old key still accepted).
+    pub phase: String,
+    pub started_at: Timestamp,
+    pub phase_since: Timestamp,
+    /// Live nodes that have not yet acknowledged what this phase needs.
+    pub waiting_for: Vec<String>,
+    /// Nodes not seen within the liveness timeout: they no longer block the rollout.
+    pub not_live: Vec<String>,
+    /// Set when the rollout has waited longer than the configured limit.
+    pub stuck: bool,
+}
+
+/// The key classes that rotate on schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyClass {
+    /// The IPsec PSK (rolled out staged -> active -> retired).
+    Ipsec,
+    /// Each node's WireGuard keypair (nodes generate new ones when asked).
+    WireguardNodeKeys,
+    /// The pairwise WireGuard preshared keys (a new epoch).
+    WireguardPsk,
+    /// The key-encryption key (every sealed record is rewrapped).
+    Kek,
+}
+
+impl KeyClass {
+    pub const ALL: [KeyClass; 4] = [
+        KeyClass::Ipsec,
+        KeyClass::WireguardNodeKeys,
+        KeyClass::WireguardPsk,
+        KeyClass::Kek,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyClass::Ipsec => "ipsec",
+            KeyClass::WireguardNodeKeys => "wireguard-node-keys",
+            KeyClass::WireguardPsk => "wireguard-psk",
+            KeyClass::Kek => "kek",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyClass> {
+        KeyClass::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// A rotation schedule. Durations are humantime strings on the wire (`"30d"`, `"12h"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Time between rotations.
+    #[serde(with = "time::duration")]
+    pub period: std::time::Duration,
+    /// How long the old key stays accepted after the new one is in use.
+    #[serde(with = "time::duration")]
+    pub overlap: std::time::Duration,
+    /// Rotations start only inside this window, if set.
+    #[serde(default)]
+    pub window: Option<MaintenanceWindow>,
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Days of the week and hours (UTC) inside which rotations may start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    /// `mon` .. `sun`; empty means every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// First hour (0..=23, UTC) of the window.
+    pub start_hour: u8,
+    /// Hour at which the window closes (1..=24, UTC); may be lower than `start_hour` to wrap
+    /// past midnight.
+    pub end_hour: u8,
+}
+
+/// Compliance bounds on a class's period, set by an administrator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    #[serde(
+        default,
+        with = "time::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min_period: Option<std::time::Duration>,
+    #[serde(
+        default,
+        with = "time::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_period: Option<std::time::Duration>,
+}
+
+/// `GET /v1/schedules`: every class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassSchedule {
+    pub class: KeyClass,
+    pub schedule: Schedule,
+    pub bounds: Bounds,
+}
+
+/// `PUT /v1/schedules/{class}`: any field left out keeps its value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleUpdate {
+    #[serde(
+        default,
+        with = "time::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub period: Option<std::time::Duration>,
+    #[serde(
+        default,
+        with = "time::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub overlap: Option<std::time::Duration>,
+    /// `Some(None)` (JSON `null`) removes the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Option<MaintenanceWindow>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// One line of `keyctl report`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassReport {
+    pub class: KeyClass,
+    pub last_rotation: Option<Timestamp>,
+    pub next_due: Option<Timestamp>,
+    /// Age in seconds of the oldest key of this class still in use.
+    pub oldest_key_age_secs: Option<u64>,
+    pub paused: bool,
+    /// The oldest key is younger than period + overlap (+ the wait for the window).
+    pub within_schedule: bool,
+    /// The schedule respects the bounds and no key in use is older than `max_period`.
+    pub within_bounds: bool,
+    pub overdue: bool,
+    /// Why not within schedule or bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `GET /v1/report`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub at: Timestamp,
+    pub classes: Vec<ClassReport>,
+    /// True when any class is overdue.
+    pub overdue: bool,
 }
 
 /// `POST /v1/ipsec/rotate`.
@@ -225,6 +406,9 @@ pub struct Status {
     pub nodes: usize,
     pub ipsec: IpsecStatus,
     pub wireguard: WireguardStatus,
+    /// The KEK custodian's health and any KEK rotation or migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custody: Option<kek::KekStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,3 +41,43 @@ impl<'de> Deserialize<'de> for Timestamp {
             .map_err(|e| de::Error::custom(format!("invalid RFC 3339 timestamp {s:?}: {e}")))
     }
 }
+
+/// Serde for `Duration` as a humantime string (`"30d"`, `"90m"`).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (use e.g. \"30d\", \"12h\")"
+            ))
+        })
+    }
+}
+
+/// Serde for `Option<Duration>` as a humantime string or null.
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct W(#[serde(with = "super::duration")] Duration);
+        Option::<W>::deserialize(d).map(|o| o.map(|W(d)| d))
+    }
+}

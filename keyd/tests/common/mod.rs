@@ -21,16 +21,41 @@ pub struct Harness {
     pub api: SocketAddr,
     pub ops: SocketAddr,
     pub keyd: Arc<Keyd>,
+    /// keyd's clock; tests move it forward instead of sleeping.
+    pub clock: keyd::service::Clock,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Harness {
     pub async fn start() -> Self {
-        Self::start_in(tempfile::tempdir().unwrap()).await
+        Self::start_with(
+            tempfile::tempdir().unwrap(),
+            HashMap::new(),
+            keyd::service::Clock::default(),
+        )
+        .await
     }
 
-    async fn start_in(dir: tempfile::TempDir) -> Self {
+    /// Starts with extra `KEYD_*` settings (e.g. a short audit segment).
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_with(
+            tempfile::tempdir().unwrap(),
+            env,
+            keyd::service::Clock::default(),
+        )
+        .await
+    }
+
+    async fn start_with(
+        dir: tempfile::TempDir,
+        env: HashMap<String, String>,
+        clock: keyd::service::Clock,
+    ) -> Self {
         keyd::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
         let flags = Flags {
@@ -38,9 +63,25 @@ impl Harness {
             ops_listen: Some("127.0.0.1:0".into()),
             ..Flags::default()
         };
-        let config = keyd::config::load(Some(&setup.keyd_toml), &HashMap::new(), &flags).unwrap();
+        // The scheduler is driven by the tests (`keyd.tick()`), not by wall time.
+        let mut env = env;
+        env.entry("KEYD_SCHEDULER_TICK".into())
+            .or_insert_with(|| "1h".into());
+        let config = keyd::config::load(Some(&setup.keyd_toml), &env, &flags).unwrap();
         let (stop, rx) = watch::channel(false);
-        let running = keyd::app::start(config, rx).await.unwrap();
+        // After a restart the previous instance's last references (its audit writer thread,
+        // draining connections) may hold the store for a moment longer.
+        let mut attempts = 0;
+        let running = loop {
+            match keyd::app::start_with_clock(config.clone(), rx.clone(), clock.clone()).await {
+                Ok(r) => break r,
+                Err(e) if attempts < 50 && format!("{e:#}").contains("already open") => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("keyd did not start: {e:#}"),
+            }
+        };
         let (api, ops, keyd) = (
             running.api_addr,
             running.ops_addr,
@@ -53,6 +94,7 @@ impl Harness {
             api,
             ops,
             keyd,
+            clock,
             stop,
             task,
         }
@@ -65,12 +107,13 @@ impl Harness {
             stop,
             task,
             keyd,
+            clock,
             ..
         } = self;
         stop.send(true).unwrap();
         task.await.unwrap();
         drop(keyd);
-        Self::start_in(dir).await
+        Self::start_with(dir, HashMap::new(), clock).await
     }
 
     pub fn paths_for(&self, id: &Identity) -> TlsPaths {
@@ -120,4 +163,43 @@ impl Harness {
 /// Reads a file as text (for checking that secrets never show up elsewhere).
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
+}
+
+/// Plays the nodes' part in an IPsec rollout until it completes: every node fetches its bundle,
+/// acknowledges what it would program, and keyd's clock moves past the overlap.
+pub async fn drive_rollout(h: &Harness, nodes: &[&str]) {
+    for _ in 0..10 {
+        for name in nodes {
+            let mut c = h.node(name).await;
+            let b: keyd_proto::NodeBundle = serde_json::from_slice(
+                &c.get(&format!("/v1/nodes/{name}/bundle"))
+                    .await
+                    .unwrap()
+                    .body,
+            )
+            .unwrap();
+            if let Some(ipsec) = b.ipsec {
+                let spis: Vec<u8> = ipsec.keys.iter().map(|k| k.spi).collect();
+                let ack = serde_json::json!({ "ipsec_spis": spis, "ipsec_outbound_spi": ipsec.outbound_spi });
+                let r = c
+                    .post_json(&format!("/v1/nodes/{name}/ack"), &ack)
+                    .await
+                    .unwrap();
+                assert!(r.status.is_success(), "{}", r.error_message());
+            }
+        }
+        h.keyd.tick().await.unwrap();
+        match h.keyd.ipsec_status().rollout {
+            None => return,
+            Some(r) if r.phase == "active" && r.waiting_for.is_empty() => {
+                h.clock.advance(std::time::Duration::from_secs(301));
+                h.keyd.tick().await.unwrap();
+            }
+            Some(_) => {}
+        }
+    }
+    panic!(
+        "the rollout did not complete: {:?}",
+        h.keyd.ipsec_status().rollout
+    );
 }

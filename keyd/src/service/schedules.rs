@@ -1,0 +1,396 @@
+//! Rotation schedules and bounds, rotation by key class, the compliance report, and the
+//! scheduler's tick.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use keyd_proto::{
+    Bounds, ClassReport, ClassSchedule, KeyClass, Report, Schedule, ScheduleUpdate, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Keyd, Result, ServiceError, WIREGUARD_DOC, to_json};
+use crate::rotation;
+use crate::store::{AuditEvent, Table, Txn};
+
+pub(super) const SCHEDULES_DOC: &str = "schedules";
+/// How long the scheduler waits before retrying a scheduled rotation that failed.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(3600);
+
+/// Schedules and bounds as stored; a class absent here has its default schedule and no bounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSchedules(BTreeMap<KeyClass, StoredClass>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredClass {
+    schedule: Schedule,
+    #[serde(default)]
+    bounds: Bounds,
+}
+
+impl StoredSchedules {
+    pub fn get(&self, class: KeyClass) -> ClassSchedule {
+        match self.0.get(&class) {
+            Some(c) => ClassSchedule {
+                class,
+                schedule: c.schedule.clone(),
+                bounds: c.bounds.clone(),
+            },
+            None => ClassSchedule {
+                class,
+                schedule: rotation::default_schedule(class),
+                bounds: Bounds::default(),
+            },
+        }
+    }
+
+    fn set(&mut self, c: ClassSchedule) {
+        self.0.insert(
+            c.class,
+            StoredClass {
+                schedule: c.schedule,
+                bounds: c.bounds,
+            },
+        );
+    }
+}
+
+impl Keyd {
+    pub fn schedules(&self) -> Vec<ClassSchedule> {
+        let cache = self.cache();
+        KeyClass::ALL
+            .iter()
+            .map(|c| cache.schedules.get(*c))
+            .collect()
+    }
+
+    /// Changes a class's schedule (fields left out keep their value), checked against its bounds.
+    pub async fn update_schedule(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        class: KeyClass,
+        update: ScheduleUpdate,
+    ) -> Result<ClassSchedule> {
+        let _w = self.write_lock.lock().await;
+        let cache = self.cache();
+        let before = cache.schedules.get(class);
+        let mut after = before.clone();
+        if let Some(p) = update.period {
+            after.schedule.period = p;
+        }
+        if let Some(o) = update.overlap {
+            after.schedule.overlap = o;
+        }
+        if let Some(w) = update.window {
+            after.schedule.window = w;
+        }
+        if let Some(p) = update.paused {
+            after.schedule.paused = p;
+        }
+        rotation::validate_schedule(class, &after.schedule, &after.bounds)
+            .map_err(ServiceError::Invalid)?;
+        let action = match (before.schedule.paused, after.schedule.paused) {
+            (false, true) => "schedule.paused",
+            (true, false) => "schedule.resumed",
+            _ => "schedule.changed",
+        };
+        self.write_schedule(actor, action, &before, after).await
+    }
+
+    /// Sets a class's compliance bounds; refused when the current schedule falls outside them.
+    pub async fn set_bounds(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        class: KeyClass,
+        bounds: Bounds,
+    ) -> Result<ClassSchedule> {
+        rotation::validate_bounds(&bounds).map_err(ServiceError::Invalid)?;
+        let _w = self.write_lock.lock().await;
+        let before = self.cache().schedules.get(class);
+        let after = ClassSchedule {
+            bounds,
+            ..before.clone()
+        };
+        rotation::validate_schedule(class, &after.schedule, &after.bounds).map_err(|e| {
+            ServiceError::Invalid(format!(
+                "{e}; change the schedule first (keyctl schedule set)"
+            ))
+        })?;
+        self.write_schedule(actor, "schedule.bounds_changed", &before, after)
+            .await
+    }
+
+    async fn write_schedule(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        action: &str,
+        before: &ClassSchedule,
+        after: ClassSchedule,
+    ) -> Result<ClassSchedule> {
+        let cache = self.cache();
+        let mut all = cache.schedules.clone();
+        all.set(after.clone());
+        let txn = Txn::default()
+            .guard(Table::Meta, SCHEDULES_DOC, cache.schedules_doc.clone())
+            .put(Table::Meta, SCHEDULES_DOC, to_json(&all))
+            .audit(AuditEvent::new(
+                action,
+                actor,
+                json!({ "class": after.class, "before": { "schedule": before.schedule, "bounds": before.bounds },
+                        "after": { "schedule": after.schedule, "bounds": after.bounds } }),
+            ));
+        self.commit(txn).await?;
+        Ok(after)
+    }
+
+    /// Rotates one class now.
+    pub async fn rotate_class(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        class: KeyClass,
+    ) -> Result<String> {
+        match class {
+            KeyClass::Ipsec => {
+                let s = self
+                    .rotate_ipsec(actor, keyd_proto::RotateRequest::default())
+                    .await?;
+                Ok(match &s.rollout {
+                    Some(r) => format!(
+                        "IPsec rollout from SPI {} to {} started ({})",
+                        r.from_spi, r.to_spi, r.phase
+                    ),
+                    None => format!(
+                        "IPsec key {} is current",
+                        s.outbound_spi.unwrap_or_default()
+                    ),
+                })
+            }
+            KeyClass::WireguardPsk => {
+                let epoch = self.bump_wireguard(actor, false).await?;
+                Ok(format!("WireGuard preshared keys moved to epoch {epoch}"))
+            }
+            KeyClass::WireguardNodeKeys => {
+                let epoch = self.bump_wireguard(actor, true).await?;
+                Ok(format!(
+                    "nodes asked for new WireGuard keypairs (node-key epoch {epoch})"
+                ))
+            }
+            KeyClass::Kek => self.rotate_kek(actor).await,
+        }
+    }
+
+    /// Starts a new preshared-key epoch (`node_keys == false`) or node-key epoch.
+    async fn bump_wireguard(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        node_keys: bool,
+    ) -> Result<u64> {
+        let _w = self.write_lock.lock().await;
+        let cache = self.cache();
+        let mut wg = cache.wg.clone();
+        let now = self.clock.now();
+        let (action, epoch) = if node_keys {
+            wg.node_key_epoch += 1;
+            wg.node_key_epoch_since = now;
+            ("wireguard.node_key_epoch.started", wg.node_key_epoch)
+        } else {
+            wg.psk_epoch += 1;
+            wg.psk_epoch_since = now;
+            ("wireguard.psk.rotated", wg.psk_epoch)
+        };
+        let txn = Txn::default()
+            .guard(Table::Meta, WIREGUARD_DOC, Some(cache.wg_doc.clone()))
+            .put(Table::Meta, WIREGUARD_DOC, to_json(&wg))
+            .audit(AuditEvent::new(action, actor, json!({ "epoch": epoch })));
+        self.commit(txn).await?;
+        Ok(epoch)
+    }
+
+    /// When each class last rotated, and the age of its oldest key in use.
+    fn class_times(&self, class: KeyClass, now: Timestamp) -> (Option<Timestamp>, Option<u64>) {
+        let cache = self.cache();
+        let age = |t: Timestamp| now.0.saturating_sub(t.0);
+        match class {
+            KeyClass::Ipsec => {
+                let last = cache
+                    .ipsec_state
+                    .last_rotation
+                    .or_else(|| cache.ipsec_state.keys.first().map(|k| k.created_at));
+                (
+                    last,
+                    cache
+                        .ipsec_state
+                        .keys
+                        .iter()
+                        .map(|k| age(k.created_at))
+                        .max(),
+                )
+            }
+            KeyClass::WireguardPsk => (
+                Some(cache.wg.psk_epoch_since),
+                Some(age(cache.wg.psk_epoch_since)),
+            ),
+            KeyClass::WireguardNodeKeys => {
+                let oldest = cache
+                    .nodes
+                    .values()
+                    .filter_map(|n| n.wireguard_key_since)
+                    .map(age)
+                    .max();
+                (Some(cache.wg.node_key_epoch_since), oldest)
+            }
+            KeyClass::Kek => {
+                // The last KEK rotation or migration, if any, else the KEK's first use.
+                let migrated = crate::rewrap::read_doc(self.store.as_ref())
+                    .ok()
+                    .flatten()
+                    .and_then(|(doc, _)| doc.migration)
+                    .map(|m| m.started_at);
+                let last = migrated.map_or(cache.kek.since, |m| m.max(cache.kek.since));
+                (Some(last), Some(age(last)))
+            }
+        }
+    }
+
+    /// Per class: last rotation, next due, oldest key age, and whether it is within schedule and
+    /// bounds.
+    pub fn report(&self) -> Report {
+        let now = self.clock.now();
+        let cache = self.cache();
+        let grace = self.config.rollout_stuck_after;
+        let classes: Vec<ClassReport> = KeyClass::ALL
+            .iter()
+            .map(|&class| {
+                let cs = cache.schedules.get(class);
+                let (last, oldest) = self.class_times(class, now);
+                let next_due = last.map(|l| rotation::next_due(&cs.schedule, l));
+                // A rotation may start at its due time (or the window's next opening) and then
+                // take the overlap plus a rollout's allowed wait to complete.
+                let limit = |last: Timestamp, due: Timestamp| {
+                    due.0.saturating_sub(last.0) + cs.schedule.overlap.as_secs() + grace.as_secs()
+                };
+                let mut problems = Vec::new();
+                let overdue = match (last, next_due) {
+                    (Some(l), Some(d)) => {
+                        let lim = limit(l, d);
+                        let late = now.0.saturating_sub(l.0) > lim;
+                        let old_key = oldest.is_some_and(|a| a > lim);
+                        if late {
+                            problems.push(format!("rotation due since {d}"));
+                        } else if old_key {
+                            problems.push(format!(
+                                "a key in use is {} old",
+                                fmt_secs(oldest.unwrap_or_default())
+                            ));
+                        }
+                        late || old_key
+                    }
+                    _ => false,
+                };
+                let mut within_bounds =
+                    rotation::validate_schedule(class, &cs.schedule, &cs.bounds)
+                        .map_err(|e| problems.push(e))
+                        .is_ok();
+                if let (Some(max), Some(age)) = (cs.bounds.max_period, oldest)
+                    && age > max.as_secs() + cs.schedule.overlap.as_secs() + grace.as_secs()
+                {
+                    within_bounds = false;
+                    problems.push(format!(
+                        "a key in use is {} old, beyond max_period = {}",
+                        fmt_secs(age),
+                        humantime::format_duration(max)
+                    ));
+                }
+                if last.is_none() {
+                    problems.push("no key yet".into());
+                }
+                ClassReport {
+                    class,
+                    last_rotation: last,
+                    next_due,
+                    oldest_key_age_secs: oldest,
+                    paused: cs.schedule.paused,
+                    within_schedule: !overdue,
+                    within_bounds,
+                    overdue,
+                    detail: (!problems.is_empty()).then(|| problems.join("; ")),
+                }
+            })
+            .collect();
+        let overdue = classes.iter().any(|c| c.overdue);
+        Report {
+            at: now,
+            classes,
+            overdue,
+        }
+    }
+
+    /// One pass of the scheduler: starts every due rotation, moves the rollout on, and keeps the
+    /// audit log's checkpoints and segments. Safe to run on several replicas: every write is
+    /// guarded, so a rotation that another replica started is not started again.
+    pub async fn tick(&self) -> Result<()> {
+        let now = self.clock.now();
+        self.advance_rollout().await?;
+        for class in KeyClass::ALL {
+            let cs = self.cache().schedules.get(class);
+            let (last, _) = self.class_times(class, now);
+            let Some(last) = last else { continue };
+            let busy = class == KeyClass::Ipsec && self.cache().ipsec_state.rollout.is_some();
+            if busy || !rotation::is_due(&cs.schedule, last, now) {
+                continue;
+            }
+            let recently_failed = self
+                .failed_rotations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&class)
+                .is_some_and(|t| now.0.saturating_sub(t.0) < RETRY_FAILED_AFTER.as_secs());
+            if recently_failed {
+                continue;
+            }
+            match self.rotate_class(&"keyd/scheduler", class).await {
+                Ok(what) => {
+                    tracing::info!(class = class.as_str(), what, "scheduled rotation started");
+                    self.failed_rotations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&class);
+                }
+                Err(e) => {
+                    tracing::error!(class = class.as_str(), error = %e, "scheduled rotation failed; retrying in an hour");
+                    self.metrics.scheduled_rotation_failures.inc();
+                    self.failed_rotations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(class, now);
+                }
+            }
+        }
+        self.maintain_audit_log(now).await
+    }
+
+    /// Runs [`Keyd::tick`] every `every` until `stop` turns true.
+    pub async fn run_scheduler(
+        &self,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.tick().await {
+                tracing::error!(error = %e, "scheduler pass failed");
+            }
+        }
+    }
+}
+
+fn fmt_secs(s: u64) -> String {
+    humantime::format_duration(Duration::from_secs(s)).to_string()
+}
