@@ -93,6 +93,33 @@ impl Drop for Guarded {
     }
 }
 
+/// Deletes a directory after this process exits (its stdin pipe closes), once the servers the
+/// guardians kill have had a moment to stop writing into it.
+struct Janitor {
+    _process: Child,
+    _stdin: Option<ChildStdin>,
+}
+
+impl Janitor {
+    fn spawn(dir: &Path) -> Self {
+        let mut process = Command::new("bash")
+            .arg("-c")
+            .arg(r#"cat >/dev/null; sleep 2; rm -rf -- "$1""#)
+            .arg("janitor")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start the janitor");
+        let stdin = process.stdin.take();
+        Self {
+            _process: process,
+            _stdin: stdin,
+        }
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -108,6 +135,8 @@ pub struct Cluster {
     pub kubeconfig: PathBuf,
     // Fields drop in declaration order: the controller manager, the API server, then etcd.
     controller_manager: Option<Guarded>,
+    /// Removes `dir` once this process is gone (the shared test environment is never dropped).
+    _janitor: Janitor,
     apiserver: Guarded,
     etcd: Guarded,
 }
@@ -179,6 +208,7 @@ impl Cluster {
             dir.join("apiserver.log"),
         );
         let url = format!("https://127.0.0.1:{api_port}");
+        let dir_for_janitor = dir.clone();
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -196,6 +226,7 @@ impl Cluster {
             url,
             kubeconfig,
             controller_manager: None,
+            _janitor: Janitor::spawn(&dir_for_janitor),
             apiserver,
             etcd,
         };
