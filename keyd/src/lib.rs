@@ -13,7 +13,6 @@
 pub mod api;
 pub mod app;
 pub mod audit;
-pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod fsutil;
