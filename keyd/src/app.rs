@@ -109,6 +109,9 @@ pub async fn start_with_clock(
             crate::server::serve_plain(ops_listener, ops, wait(shutdown.clone())),
             scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
         );
+        if let Err(e) = final_keyd.flush_liveness().await {
+            tracing::warn!(error = %e, "cannot write node liveness at shutdown");
+        }
         // A signed checkpoint at shutdown covers every record written.
         match final_keyd.checkpoint(false).await {
             Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),

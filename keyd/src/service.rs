@@ -95,8 +95,9 @@ impl Clock {
     }
 }
 
-/// How stale a node's stored `last_seen` may get before a bundle fetch rewrites it. Keeps polls
-/// from turning into a disk write each.
+/// How stale a node's stored `last_seen` may get before a bundle fetch marks it for rewriting.
+/// Marked nodes are written together by the scheduler's next pass ([`Keyd::flush_liveness`]),
+/// so polls never turn into disk writes on the request path.
 const LAST_SEEN_WRITE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The IPsec key set as stored (non-secret; the keys are sealed records).
@@ -247,6 +248,10 @@ pub struct Keyd {
     /// When a scheduled rotation of a class last failed: retried at most hourly, so a rotation
     /// that needs an operator (a new KMS key) does not fail on every tick.
     failed_rotations: Mutex<HashMap<KeyClass, Timestamp>>,
+    /// Nodes seen fetching since their stored `last_seen` went stale, and when: written in one
+    /// transaction by the next scheduler pass. Losing it in a crash costs only liveness
+    /// precision (the node's next fetch marks it again), never a key or an audit record.
+    pending_seen: Mutex<HashMap<String, Timestamp>>,
 }
 
 impl fmt::Debug for Keyd {
@@ -369,6 +374,7 @@ impl Keyd {
             changed: tokio::sync::watch::channel(0).0,
             audited_fetches: Mutex::new(HashMap::new()),
             failed_rotations: Mutex::new(HashMap::new()),
+            pending_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -568,11 +574,19 @@ impl Keyd {
         Ok(info)
     }
 
+    /// Every registered node, with liveness not yet flushed to the store applied.
     pub fn list_nodes(&self) -> Vec<NodeInfo> {
+        let pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
         self.cache()
             .nodes
             .values()
-            .map(|n| NodeInfo::clone(n))
+            .map(|n| {
+                let mut n = NodeInfo::clone(n);
+                if let Some(seen) = pending.get(&n.name) {
+                    n.last_seen = n.last_seen.max(*seen);
+                }
+                n
+            })
             .collect()
     }
 
@@ -642,9 +656,12 @@ impl Keyd {
         self.wrapper.serving_check()?;
         let cache = self.cache();
         let node = cache.nodes.get(name).ok_or_else(|| not_registered(name))?;
-        if self.clock.now().0.saturating_sub(node.last_seen.0) >= LAST_SEEN_WRITE_INTERVAL.as_secs()
-        {
-            self.touch(name).await?;
+        let now = self.clock.now();
+        if now.0.saturating_sub(node.last_seen.0) >= LAST_SEEN_WRITE_INTERVAL.as_secs() {
+            self.pending_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), now);
         }
         if let Some(b) = self
             .bundles
@@ -726,18 +743,60 @@ impl Keyd {
         result
     }
 
-    /// Records that a node is alive without changing anything else about it.
-    async fn touch(&self, name: &str) -> Result<()> {
+    /// Writes the liveness that bundle fetches recorded since the last pass, in one transaction
+    /// (one fsync however many nodes polled). Run by every scheduler pass, before the rollout
+    /// looks at liveness, and at shutdown. On failure the entries go back for the next pass.
+    pub async fn flush_liveness(&self) -> Result<usize> {
+        let pending =
+            std::mem::take(&mut *self.pending_seen.lock().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let result = self.write_liveness(&pending).await;
+        if result.is_err() {
+            let mut now_pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, seen) in pending {
+                let e = now_pending.entry(name).or_insert(seen);
+                *e = (*e).max(seen);
+            }
+        }
+        result
+    }
+
+    async fn write_liveness(&self, pending: &HashMap<String, Timestamp>) -> Result<usize> {
         let _w = self.write_lock.lock().await;
-        let Some(previous) = self.store.get(Table::Nodes, name)? else {
-            return Ok(());
-        };
-        let mut info: NodeInfo = from_json(&previous, "node record")?;
-        info.last_seen = self.clock.now();
-        let txn = Txn::default()
-            .guard(Table::Nodes, name, Some(previous))
-            .put(Table::Nodes, name, to_json(&info));
-        self.commit_node(txn, info).await
+        let mut txn = Txn::default();
+        let mut updated = Vec::with_capacity(pending.len());
+        for (name, seen) in pending {
+            // Read from the store, not the cache: the CAS guard must hold the stored bytes.
+            let Some(previous) = self.store.get(Table::Nodes, name)? else {
+                continue; // deleted since it fetched
+            };
+            let mut info: NodeInfo = from_json(&previous, "node record")?;
+            if info.last_seen >= *seen {
+                continue; // an acknowledgement or registration wrote a newer one
+            }
+            info.last_seen = *seen;
+            txn = txn.guard(Table::Nodes, name, Some(previous)).put(
+                Table::Nodes,
+                name,
+                to_json(&info),
+            );
+            updated.push(info);
+        }
+        if updated.is_empty() {
+            return Ok(0);
+        }
+        self.commit_only(txn).await?;
+        // Only liveness changed: nothing a bundle carries, so rendered bundles stay valid.
+        let count = updated.len();
+        let prev = self.cache();
+        let mut next = (*prev).clone();
+        for info in updated {
+            next.nodes.insert(info.name.clone(), Arc::new(info));
+        }
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(count)
     }
 
     // ---- IPsec -------------------------------------------------------------------------------

@@ -544,3 +544,71 @@ async fn a_node_key_epoch_asks_nodes_for_new_keypairs() {
     assert_eq!(b.wireguard.peers[0].public_key, new_pk);
     assert!(actions(&h).contains(&"wireguard.node_key_epoch.started".to_owned()));
 }
+
+/// Bundle fetches keep a node live without writing on the request path: the scheduler's next
+/// pass writes every pending `last_seen` in one transaction, and the rollout sees it.
+#[tokio::test]
+async fn fetches_keep_a_node_live_and_the_scheduler_writes_it() {
+    let h = Harness::start().await;
+    register(&h, "node-a", 1).await;
+    let stored = |h: &Harness| -> keyd_proto::NodeInfo {
+        let raw = h
+            .keyd
+            .store()
+            .get(keyd::store::Table::Nodes, "node-a")
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let registered = stored(&h).last_seen;
+    let mut node = h.node("node-a").await;
+    let first = node.get("/v1/nodes/node-a/bundle").await.unwrap();
+    assert!(first.status.is_success(), "{}", first.error_message());
+
+    h.clock.advance(Duration::from_secs(31));
+    let fetched_at = h.keyd.clock().now();
+    let r = node.get("/v1/nodes/node-a/bundle").await.unwrap();
+    assert!(r.status.is_success(), "{}", r.error_message());
+    assert_eq!(
+        r.headers.get(header::ETAG),
+        first.headers.get(header::ETAG),
+        "liveness is not part of the bundle"
+    );
+    assert_eq!(
+        stored(&h).last_seen,
+        registered,
+        "no write on the fetch path"
+    );
+    let listed = h.keyd.list_nodes();
+    assert_eq!(
+        listed[0].last_seen, fetched_at,
+        "listing shows pending liveness"
+    );
+
+    h.clock.advance(Duration::from_secs(5));
+    h.keyd.tick().await.unwrap();
+    assert_eq!(
+        stored(&h).last_seen,
+        fetched_at,
+        "the scheduler pass wrote it"
+    );
+    assert_eq!(
+        h.keyd.flush_liveness().await.unwrap(),
+        0,
+        "nothing left pending"
+    );
+
+    // It survives a restart, and the node's bundle is unchanged by it.
+    let h = h.restart().await;
+    assert_eq!(stored(&h).last_seen, fetched_at);
+    let again = h
+        .node("node-a")
+        .await
+        .get("/v1/nodes/node-a/bundle")
+        .await
+        .unwrap();
+    assert_eq!(
+        again.headers.get(header::ETAG),
+        first.headers.get(header::ETAG)
+    );
+}

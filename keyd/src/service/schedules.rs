@@ -332,6 +332,8 @@ impl Keyd {
     /// guarded, so a rotation that another replica started is not started again.
     pub async fn tick(&self) -> Result<()> {
         let now = self.clock.now();
+        // Liveness first: the rollout decides on it.
+        self.flush_liveness().await?;
         self.advance_rollout().await?;
         for class in KeyClass::ALL {
             let cs = self.cache().schedules.get(class);
