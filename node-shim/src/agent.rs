@@ -130,8 +130,8 @@ struct Awaited {
 /// dropped and WireGuard waits 5 s (REKEY_TIMEOUT) before trying again. A peer that has not
 /// handshaken this long after being added is re-added, which makes the kernel handshake again at
 /// once (a fresh peer has no rate limit, and the keepalive sends a packet).
-const HANDSHAKE_NUDGE_AFTER: Duration = Duration::from_millis(1500);
-const HANDSHAKE_NUDGES: u32 = 3;
+const HANDSHAKE_NUDGE_AFTER: Duration = Duration::from_secs(1);
+const HANDSHAKE_NUDGES: u32 = 5;
 
 impl<K: Kernel> std::fmt::Debug for Agent<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -380,12 +380,12 @@ async fn new_peers_that_do_not_handshake_are_re_added_a_few_times() {
             .count()
     };
     assert_eq!(readds(&ka), 0);
-    // The fake kernel never reports a handshake: the peer is re-added every 1.5 s, three times.
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+    // The fake kernel never reports a handshake: the peer is re-added every second, five times.
+    for _ in 0..14 {
+        tokio::time::sleep(Duration::from_millis(750)).await;
         a.step().await;
     }
-    assert_eq!(readds(&ka), 3);
+    assert_eq!(readds(&ka), 5);
     assert_eq!(
         ka.state().wg.as_ref().unwrap().peers.len(),
         1,

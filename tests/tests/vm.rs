@@ -138,6 +138,7 @@ fn privileged_vm_end_to_end() {
         "wg_rotation_stream_survived=yes",
         "wg_restart_kernel_ops=0",
         "esp_pod_to_pod=ok",
+        "esp_rollout_steps_acked=staged,active,retired",
         "esp_old_spi_gone=yes",
         "esp_rotation_stream_survived=yes",
         "esp_restart_kernel_ops=0",

@@ -275,6 +275,19 @@ wg_diagnostics() {
     keyctl nodes >> "$LOGS/wg-diagnostics.txt" 2>&1 || true
 }
 
+# acked_in_order LOG PATTERN...: each pattern appears in an "acknowledged to keyd" line after
+# the previous one.
+acked_in_order() {
+    local log=$1 line=0 pattern found
+    shift
+    for pattern in "$@"; do
+        found=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -nF 'acknowledged to keyd' | grep -F -- "$pattern" |
+            awk -F: -v after="$line" '$1 > after { print $1; exit }')
+        [ -n "$found" ] || return 1
+        line=$found
+    done
+}
+
 wireguard_phase() {
     log "WireGuard: start node-shim on both nodes"
     node_config node-a 192.168.100.1 10.1.0.0/24 wireguard 9101
@@ -386,16 +399,20 @@ ipsec_phase() {
     start_probe esp-rotation
     sleep 3
     keyctl ipsec rotate >> "$LOGS/keyctl.log"
+    # The whole rollout can take only seconds: wait for its end, then check from each node's log
+    # that every step was acknowledged, in order.
     for n in node-a node-b; do
-        wait_for 60 "$n installed staged key 2" status_has "$n" '"ipsec_spis":[1,2]'
-    done
-    for n in node-a node-b; do
-        wait_for 60 "$n outbound on key 2" status_has "$n" '"ipsec_spis":[1,2],"ipsec_outbound_spi":2'
-    done
-    for n in node-a node-b; do
-        wait_for 60 "$n with key 1 retired" status_has "$n" '"ipsec_spis":[2],"ipsec_outbound_spi":2'
+        wait_for 90 "$n with key 2 outbound and key 1 retired" status_has "$n" '"ipsec_spis":[2],"ipsec_outbound_spi":2'
     done
     keyctl ipsec show >> "$LOGS/keyctl.log"
+    for n in node-a node-b; do
+        acked_in_order "$LOGS/$n-ipsec.log" \
+            'ipsec_spis=[1, 2] ipsec_outbound_spi=Some(1)' \
+            'ipsec_spis=[1, 2] ipsec_outbound_spi=Some(2)' \
+            'ipsec_spis=[2] ipsec_outbound_spi=Some(2)' ||
+            fail "$n did not acknowledge staged, active and retired in order"
+    done
+    result esp_rollout_steps_acked "staged,active,retired"
     sleep 3
     stop_probe esp-rotation
     stop_stream esp

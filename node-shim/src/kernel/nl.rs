@@ -19,6 +19,9 @@ use crate::kernel::KernelError;
 
 /// Requests packed into one datagram, at most (a larger request goes alone).
 const BATCH_BYTES: usize = 32 * 1024;
+/// Requests per datagram, at most: every failing request queues an error reply before we read
+/// any, and the receive buffer (net.core.rmem_max, 208 KiB by default) must hold them all.
+const BATCH_MESSAGES: usize = 128;
 /// A reply datagram is at most this long (the kernel sizes dump skbs well below it).
 const RECV_BYTES: usize = 256 * 1024;
 
@@ -70,7 +73,8 @@ impl NlSocket {
             );
             msg.finalize();
             let len = msg.buffer_len().div_ceil(4) * 4;
-            if !group.is_empty() && group_len + len > BATCH_BYTES {
+            if !group.is_empty() && (group_len + len > BATCH_BYTES || group.len() >= BATCH_MESSAGES)
+            {
                 self.flush(what, &mut group, flags, &mut results, &scrub)?;
                 group_len = 0;
             }

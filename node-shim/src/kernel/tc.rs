@@ -145,24 +145,19 @@ fn filter_msg(ifindex: u32, prio: u16, f: &MarkFilter, with_options: bool) -> Tc
     m
 }
 
-/// Adds `filters` (any existing filter with the same handle is replaced).
+/// Adds `filters`, replacing any existing filter with the same handle (`NLM_F_CREATE` without
+/// `NLM_F_EXCL` is `tc filter replace`).
 pub(crate) fn set_filters(
     sock: &mut NlSocket,
     ifindex: u32,
     prio: u16,
     filters: &[MarkFilter],
 ) -> Result<(), KernelError> {
-    del_filters(sock, ifindex, prio, filters, true)?;
     let msgs = filters
         .iter()
         .map(|f| RouteNetlinkMessage::NewTrafficFilter(filter_msg(ifindex, prio, f, true)))
         .collect();
-    for r in sock.batch(
-        "adding ESP mark filters",
-        msgs,
-        NLM_F_CREATE | NLM_F_EXCL,
-        |_| {},
-    )? {
+    for r in sock.batch("adding ESP mark filters", msgs, NLM_F_CREATE, |_| {})? {
         r.map_err(|errno| KernelError::netlink("adding an ESP mark filter", errno))?;
     }
     Ok(())
