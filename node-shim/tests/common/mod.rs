@@ -175,6 +175,16 @@ pub fn config_wg_userspace(name: &str, ip: &str, cidr: &str, device: &str) -> Co
     RawConfig::from_toml(&text).unwrap().validate().unwrap()
 }
 
+/// What keyd's bootstrap asks: a stand-in, or a real API server.
+pub enum Kube {
+    Fake(Arc<dyn keyd::bootstrap::KubeAuth>),
+    Real {
+        url: String,
+        ca: PathBuf,
+        token: PathBuf,
+    },
+}
+
 /// keyd in this process on loopback, with the dev PKI (certificates for node-a and node-b).
 pub struct KeydHarness {
     pub dir: tempfile::TempDir,
@@ -193,19 +203,36 @@ impl KeydHarness {
 
     /// keyd with its node bootstrap listener; `kube` stands in for the Kubernetes API server.
     pub async fn start_with_bootstrap(kube: Arc<dyn keyd::bootstrap::KubeAuth>) -> Self {
-        Self::start_inner(Some(kube)).await
+        Self::start_inner(Some(Kube::Fake(kube))).await
     }
 
-    async fn start_inner(kube: Option<Arc<dyn keyd::bootstrap::KubeAuth>>) -> Self {
+    /// keyd with its node bootstrap listener asking the API server at `url` (CA `ca`, keyd's
+    /// credential in `token`).
+    pub async fn start_with_bootstrap_at(url: &str, ca: &std::path::Path, token: &std::path::Path) -> Self {
+        Self::start_inner(Some(Kube::Real {
+            url: url.to_owned(),
+            ca: ca.to_owned(),
+            token: token.to_owned(),
+        }))
+        .await
+    }
+
+    async fn start_inner(kube: Option<Kube>) -> Self {
         keyd::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
-        if kube.is_some() {
-            let token = dir.path().join("keyd-kube-token");
-            std::fs::write(&token, "keyd's own token\n").unwrap();
+        if let Some(k) = &kube {
+            let (url, ca, token) = match k {
+                Kube::Real { url, ca, token } => (url.clone(), ca.clone(), token.clone()),
+                Kube::Fake(_) => {
+                    let token = dir.path().join("keyd-kube-token");
+                    std::fs::write(&token, "keyd's own token\n").unwrap();
+                    ("https://127.0.0.1:1".to_owned(), setup.pki.ca.clone(), token)
+                }
+            };
             let extra = format!(
-                "\n[bootstrap]\nlisten = \"127.0.0.1:0\"\nkube_api = \"https://127.0.0.1:1\"\nkube_ca = {:?}\nkube_token_file = {:?}\nservice_accounts = [\"keyd/node-shim\"]\nca_key = {:?}\ncert_validity = \"1m\"\n",
-                setup.pki.ca.display().to_string(),
+                "\n[bootstrap]\nlisten = \"127.0.0.1:0\"\nkube_api = {url:?}\nkube_ca = {:?}\nkube_token_file = {:?}\nservice_accounts = [\"keyd/node-shim\"]\nca_key = {:?}\ncert_validity = \"1m\"\n",
+                ca.display().to_string(),
                 token.display().to_string(),
                 setup.pki.dir.join("ca-key.pem").display().to_string(),
             );
@@ -221,8 +248,8 @@ impl KeydHarness {
         let config = keyd::config::load(Some(&setup.keyd_toml), &HashMap::new(), &flags).unwrap();
         let (stop, rx) = watch::channel(false);
         let running = match kube {
-            Some(k) => keyd::app::start_with_kube(config, rx, k).await.unwrap(),
-            None => keyd::app::start(config, rx).await.unwrap(),
+            Some(Kube::Fake(k)) => keyd::app::start_with_kube(config, rx, k).await.unwrap(),
+            _ => keyd::app::start(config, rx).await.unwrap(),
         };
         let api = running.api_addr;
         let bootstrap = running.bootstrap_addr;
