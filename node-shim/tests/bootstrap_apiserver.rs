@@ -21,6 +21,7 @@ use keyd::client::{Connection, Connector};
 use keyd_node_shim::bootstrap::{BootstrapError, Bootstrapper};
 use keyd_node_shim::keyd_client::KeydClient;
 use keyd_proto::NodeRegistration;
+use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 
 fn apiserver_bin() -> Option<PathBuf> {
@@ -31,11 +32,13 @@ fn apiserver_bin() -> Option<PathBuf> {
 }
 
 fn etcd_bin() -> Option<PathBuf> {
-    std::env::var_os("KUBE_TEST_ETCD").map(PathBuf::from).or_else(|| {
-        std::env::split_paths(&std::env::var_os("PATH")?)
-            .map(|d| d.join("etcd"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("KUBE_TEST_ETCD")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join("etcd"))
+                .find(|p| p.is_file())
+        })
 }
 
 fn free_port() -> u16 {
@@ -306,16 +309,29 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         other => panic!("expected a refusal, got {other}"),
     };
     // The same pod asking for node-b's identity.
-    let (status, why) = refused(bootstrapper("node-b", &token_a, "a-as-b").obtain().await.unwrap_err());
+    let (status, why) = refused(
+        bootstrapper("node-b", &token_a, "a-as-b")
+            .obtain()
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(status, 403);
     assert!(why.contains("runs on node \"node-a\""), "{why}");
     // A token for another audience (the API server's own).
     let token_api = api
         .pod_token("shim-a2", "node-a", "https://kubernetes.default.svc")
         .await;
-    let (status, why) = refused(bootstrapper("node-a", &token_api, "aud").obtain().await.unwrap_err());
+    let (status, why) = refused(
+        bootstrapper("node-a", &token_api, "aud")
+            .obtain()
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(status, 403);
-    assert!(why.contains("not valid") || why.contains("audience"), "{why}");
+    assert!(
+        why.contains("not valid") || why.contains("audience"),
+        "{why}"
+    );
     // A service account that is not allowed.
     let created = api
         .call(
@@ -337,10 +353,14 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         )
         .await;
     let (status, why) = refused(
-        bootstrapper("node-a", tr["status"]["token"].as_str().unwrap(), "intruder")
-            .obtain()
-            .await
-            .unwrap_err(),
+        bootstrapper(
+            "node-a",
+            tr["status"]["token"].as_str().unwrap(),
+            "intruder",
+        )
+        .obtain()
+        .await
+        .unwrap_err(),
     );
     assert_eq!(status, 403);
     assert!(why.contains("may not bootstrap"), "{why}");
@@ -351,6 +371,11 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         Value::Null,
     )
     .await;
-    let (status, _) = refused(bootstrapper("node-a", &token_a, "deleted").obtain().await.unwrap_err());
+    let (status, _) = refused(
+        bootstrapper("node-a", &token_a, "deleted")
+            .obtain()
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(status, 403);
 }

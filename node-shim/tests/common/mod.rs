@@ -208,7 +208,11 @@ impl KeydHarness {
 
     /// keyd with its node bootstrap listener asking the API server at `url` (CA `ca`, keyd's
     /// credential in `token`).
-    pub async fn start_with_bootstrap_at(url: &str, ca: &std::path::Path, token: &std::path::Path) -> Self {
+    pub async fn start_with_bootstrap_at(
+        url: &str,
+        ca: &std::path::Path,
+        token: &std::path::Path,
+    ) -> Self {
         Self::start_inner(Some(Kube::Real {
             url: url.to_owned(),
             ca: ca.to_owned(),
@@ -227,7 +231,11 @@ impl KeydHarness {
                 Kube::Fake(_) => {
                     let token = dir.path().join("keyd-kube-token");
                     std::fs::write(&token, "keyd's own token\n").unwrap();
-                    ("https://127.0.0.1:1".to_owned(), setup.pki.ca.clone(), token)
+                    (
+                        "https://127.0.0.1:1".to_owned(),
+                        setup.pki.ca.clone(),
+                        token,
+                    )
                 }
             };
             let extra = format!(
