@@ -25,6 +25,9 @@ fi
 apt_needed=()
 command -v cc >/dev/null 2>&1 || apt_needed+=(build-essential)
 command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
+# The aws-kms tests run moto's KMS server (Python); a virtualenv holds it if needed.
+command -v python3 >/dev/null 2>&1 || apt_needed+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_needed+=(python3-venv)
 # node-shim's privileged tests and VM harness (tests/vm): Debian's kernel (it has WireGuard
 # and ESP; the host kernel has neither) under QEMU, and the tools the guest uses from the
 # host's root file system.
@@ -49,6 +52,37 @@ if ! command -v vng >/dev/null 2>&1; then
     log "installing virtme-ng (pip)"
     pip3 install -q virtme-ng || pip3 install -q --break-system-packages virtme-ng
     hash -r
+fi
+
+# --- test servers ----------------------------------------------------------------------------
+# moto[server] from PyPI, for the aws-kms custody tests (tests/moto/kms_server.py runs it). Used
+# from the system python3 if it already has it, else installed once into a private virtualenv
+# (Debian's python3 refuses `pip install` outside one). The Vault test double is Rust, built
+# with the tests; set VAULT_ADDR and VAULT_TOKEN to run the same suite against a real Vault.
+if python3 -c 'import moto.server, moto.kms' >/dev/null 2>&1; then
+    export TEST_MOTO_PYTHON=python3
+else
+    venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/venv"
+    if ! "$venv/bin/python" -c 'import moto.server, moto.kms' >/dev/null 2>&1; then
+        log "installing moto[server] into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
+        "$venv/bin/python" -m pip install --quiet 'moto[server]'
+    fi
+    export TEST_MOTO_PYTHON="$venv/bin/python"
+fi
+
+# --- kube-apiserver + etcd for the webhook's real-API-server tests ---------------------------
+# Built once from Debian's kubernetes source package and cached outside the tree (7-10 minutes
+# the first time, nothing after). Without root it cannot install: the tests then skip with the
+# reason, or fail under CI=true.
+if [ "$(id -u)" = 0 ]; then
+    log "kube-apiserver and etcd (scripts/kube-apiserver.sh; cached after the first build)"
+    kube_cache="$(./scripts/kube-apiserver.sh)"
+    # (Not KEYD_*: keyd refuses unknown KEYD_ variables in its environment.)
+    export KUBE_TEST_APISERVER="${kube_cache}/kube-apiserver"
+else
+    echo "not root: not installing kube-apiserver/etcd; the webhook's API-server tests will say so" >&2
 fi
 
 # --- checks and tests ------------------------------------------------------------------------

@@ -58,6 +58,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/audit/segments", get(audit_segments))
         .route("/v1/audit/prune", post(audit_prune))
         .route("/v1/audit/admission", post(admission_decisions))
+        .route("/v1/kek", get(crate::kms::http::status))
+        .route("/v1/kek/rotate", post(crate::kms::http::rotate))
+        .route("/v1/kek/migrate", post(crate::kms::http::migrate))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -84,8 +87,26 @@ pub fn ops_router(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    // Ready once the store answers; the cache was filled before the listener opened.
+    // Ready once the store answers; the cache was filled before the listener opened. While the
+    // KEK custodian cannot be used keyd stays ready (it serves the keys it holds) and says so,
+    // until kek.max_unavailable has passed.
+    if let Err(e) = s.keyd.custody().serving_check() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response();
+    }
+    let health = s.keyd.custody().health();
     match s.keyd.store().get(crate::store::Table::Meta, "wireguard") {
+        Ok(Some(_)) if health.is_down() => {
+            let status = s.keyd.custody().status().health;
+            (
+                StatusCode::OK,
+                format!(
+                    "ready (degraded: the KEK custodian cannot be used: {}; serving held keys until {}; rotations and imports are refused)\n",
+                    status.reason.unwrap_or_default(),
+                    status.serving_until.map(|t| t.to_string()).unwrap_or_default()
+                ),
+            )
+                .into_response()
+        }
         Ok(Some(_)) => (StatusCode::OK, "ready\n").into_response(),
         Ok(None) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -182,7 +203,8 @@ impl From<ServiceError> for ApiError {
                 "conflict",
                 format!("{e}; nothing was changed"),
             ),
-            ServiceError::Store(_) | ServiceError::Seal(_) => {
+            ServiceError::Seal(s) => crate::kms::http::custodian_error(s),
+            ServiceError::Store(_) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

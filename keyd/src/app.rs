@@ -7,8 +7,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::config::{Config, KekConfig};
-use crate::seal::{KeyWrapper, LocalKek};
+use crate::config::Config;
 use crate::service::Keyd;
 use crate::store::{RedbStore, Store};
 
@@ -80,15 +79,28 @@ async fn start_with(
 ) -> anyhow::Result<Running> {
     crate::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
-    let wrapper: Arc<dyn KeyWrapper> = match &config.kek {
-        KekConfig::Local { path } => Arc::new(LocalKek::load_or_create(path)?),
-    };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
+    // The custodian answers a wrap and unwrap round trip before anything else happens.
+    let custody = crate::kms::bootstrap(&config.kek, &config.custody, &store).await?;
+    if config.custody.verify_on_start {
+        let n = crate::rewrap::verify_all(&store, &custody)
+            .await
+            .map_err(|(id, e)| anyhow::anyhow!("sealed record {id} does not open: {e}"))?;
+        tracing::info!(records = n, "every sealed record opens");
+    }
     let keyd = Arc::new(
-        Keyd::open(store, wrapper, config.service.clone(), clock)
+        Keyd::open_with_custody(store, Arc::clone(&custody), config.service.clone(), clock)
             .await
             .context("loading keys from the store")?,
     );
+    let _monitor = custody.spawn_monitor(shutdown.clone());
+    crate::rewrap::resume(
+        Arc::clone(keyd.store()),
+        Arc::clone(&custody),
+        crate::rewrap::RunOptions::default(),
+    )
+    .await
+    .context("resuming the KEK migration")?;
     let (tls_rx, _reloader) =
         crate::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
             .context("loading the server certificate")?;

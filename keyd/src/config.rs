@@ -24,6 +24,7 @@ pub struct Config {
     pub tls: TlsPaths,
     pub tls_reload_interval: Duration,
     pub kek: KekConfig,
+    pub custody: crate::kms::CustodySettings,
     pub max_body_bytes: usize,
     pub handshake_timeout: Duration,
     pub log_format: LogFormat,
@@ -35,11 +36,8 @@ pub struct Config {
     pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KekConfig {
-    /// A 256-bit key in a 0600 file, created on first start.
-    Local { path: PathBuf },
-}
+/// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::kms::config`]).
+pub use keyd_proto::kek::KekSpec as KekConfig;
 
 /// The file form; every field optional so that env and flags can fill it in.
 #[derive(Debug, Default, Deserialize)]
@@ -89,12 +87,7 @@ pub struct RawTls {
     pub reload_interval: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKek {
-    pub backend: Option<String>,
-    pub local_path: Option<PathBuf>,
-}
+pub use crate::kms::config::RawKek;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,7 +179,11 @@ impl RawConfig {
 
     /// Overlays `KEYD_*` variables from `env` (a map, so tests need not touch the process env).
     pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-        let known: std::collections::HashSet<&str> = ENV_VARS.iter().map(|(k, _)| *k).collect();
+        let known: std::collections::HashSet<&str> = ENV_VARS
+            .iter()
+            .chain(crate::kms::config::ENV_VARS)
+            .map(|(k, _)| *k)
+            .collect();
         for k in env.keys() {
             if k.starts_with("KEYD_") && !known.contains(k.as_str()) {
                 return Err(err(
@@ -205,8 +202,7 @@ impl RawConfig {
         self.tls.key = path("KEYD_TLS_KEY").or(self.tls.key.take());
         self.tls.reload_interval =
             get("KEYD_TLS_RELOAD_INTERVAL").or(self.tls.reload_interval.take());
-        self.kek.backend = get("KEYD_KEK_BACKEND").or(self.kek.backend.take());
-        self.kek.local_path = path("KEYD_KEK_LOCAL_PATH").or(self.kek.local_path.take());
+        self.kek.apply_env(env)?;
         if let Some(v) = get("KEYD_MAX_BODY_BYTES") {
             self.limits.max_body_bytes = Some(v.parse().map_err(|_| {
                 err(
@@ -273,22 +269,7 @@ impl RawConfig {
             "tls.reload_interval",
             self.tls.reload_interval.as_deref().unwrap_or("10s"),
         )?;
-        let kek = match self.kek.backend.as_deref().unwrap_or("local") {
-            "local" => KekConfig::Local {
-                path: self
-                    .kek
-                    .local_path
-                    .unwrap_or_else(|| data_dir.join("kek.key")),
-            },
-            other => {
-                return Err(err(
-                    "kek.backend",
-                    format!(
-                        "{other:?} is not a backend this build supports (supported: \"local\")"
-                    ),
-                ));
-            }
-        };
+        let (kek, custody) = self.kek.validate(&data_dir)?;
         let max_body_bytes = self.limits.max_body_bytes.unwrap_or(64 * 1024);
         if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
             return Err(err(
@@ -360,6 +341,7 @@ impl RawConfig {
             tls,
             tls_reload_interval,
             kek,
+            custody,
             max_body_bytes,
             handshake_timeout,
             log_format,

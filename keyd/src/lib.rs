@@ -3,7 +3,9 @@
 //!
 //! Layout: [`config`] (file, env, flags; validated before anything binds), [`seal`] (envelope
 //! encryption behind the `KeyWrapper` custodian trait), [`store`] (the transactional store trait
-//! and its redb default), [`ipsec`] and [`wireguard`] (key formats and derivations),
+//! and its redb default), [`kms`] (the KEK custodians: local, AWS KMS, Vault transit, and the
+//! keyring with its health) and [`rewrap`] (KEK rotation and migration), [`ipsec`] and
+//! [`wireguard`] (key formats and derivations),
 //! [`service`] (the operations, each one store transaction with its audit records), [`api`] and
 //! [`server`] (HTTP over mTLS), [`tls`] and [`pki`] (certificates), [`client`] (for keyctl).
 #![forbid(unsafe_code)]
@@ -16,7 +18,9 @@ pub mod client;
 pub mod config;
 pub mod fsutil;
 pub mod ipsec;
+pub mod kms;
 pub mod pki;
+pub mod rewrap;
 pub mod rotation;
 pub mod seal;
 pub mod server;

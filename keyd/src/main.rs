@@ -26,7 +26,10 @@ enum Command {
     /// Environment variables: KEYD_DATA_DIR, KEYD_LISTEN, KEYD_OPS_LISTEN, KEYD_TLS_CA,
     /// KEYD_TLS_CERT, KEYD_TLS_KEY, KEYD_TLS_RELOAD_INTERVAL, KEYD_KEK_BACKEND,
     /// KEYD_KEK_LOCAL_PATH, KEYD_MAX_BODY_BYTES, KEYD_HANDSHAKE_TIMEOUT, KEYD_LOG_FORMAT,
-    /// KEYD_LOG_LEVEL. Invalid configuration exits with status 64 naming the field.
+    /// KEYD_LOG_LEVEL, and the KEYD_KEK_* variables of the custodian (KEYD_KEK_AWS_*,
+    /// KEYD_KEK_VAULT_*, KEYD_KEK_MAX_UNAVAILABLE, ...; see the README, "Key custody").
+    /// Invalid configuration exits with status 64 naming the field. Before it listens, keyd
+    /// checks its KEK custodian with a wrap and unwrap round trip and opens every sealed record.
     Serve {
         #[arg(long)]
         config: PathBuf,

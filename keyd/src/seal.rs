@@ -6,6 +6,7 @@
 //! (record id, purpose, version) as associated data, so a sealed record copied over another
 //! record's slot, or a wrapped data key moved between records, fails to open.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -50,7 +51,8 @@ impl fmt::Debug for Key256 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealContext {
     pub record_id: String,
-    pub purpose: &'static str,
+    /// A constant in keyd's code, or (when a KEK rotation rewraps a record) the record's own.
+    pub purpose: Cow<'static, str>,
     pub version: u64,
 }
 
@@ -60,8 +62,18 @@ impl SealContext {
     pub fn new(record_id: String, purpose: &'static str) -> Self {
         Self {
             record_id,
-            purpose,
+            purpose: Cow::Borrowed(purpose),
             version: 1,
+        }
+    }
+
+    /// The context a stored record claims for itself (its id is the store key). Used where
+    /// keyd handles records without knowing their kind: a rewrap, a verification pass.
+    pub fn of_record(record_id: &str, record: &SealedRecord) -> Self {
+        Self {
+            record_id: record_id.to_owned(),
+            purpose: Cow::Owned(record.purpose.clone()),
+            version: record.version,
         }
     }
 
@@ -83,7 +95,7 @@ impl SealContext {
     pub fn pairs(&self) -> [(&'static str, String); 3] {
         [
             ("keyd:record", self.record_id.clone()),
-            ("keyd:purpose", self.purpose.to_owned()),
+            ("keyd:purpose", self.purpose.to_string()),
             ("keyd:version", self.version.to_string()),
         ]
     }
@@ -99,13 +111,45 @@ impl fmt::Debug for WrappedKey {
     }
 }
 
+/// A data key wrapped by a custodian, and which KEK wrapped it (for the record).
+#[derive(Debug, Clone)]
+pub struct Wrapped {
+    pub key: WrappedKey,
+    pub backend: &'static str,
+    pub kek_id: String,
+}
+
 /// The custodian of the key-encryption key.
+///
+/// Implementations: [`LocalKek`], `kms::aws::AwsKms`, `kms::vault::VaultTransit`, and
+/// `kms::Custody`, the keyring that holds the active custodian and the ones records may still be
+/// wrapped under during a KEK rotation. Errors name the backend and key and say what went wrong
+/// in a way an operator can act on ([`SealError::kind`]).
 #[async_trait]
 pub trait KeyWrapper: Send + Sync + fmt::Debug + 'static {
     /// Short backend name for status and records, e.g. `local`.
     fn backend(&self) -> &'static str;
     /// Identifies the wrapping key (a fingerprint, a KMS key ARN, a Vault key name), never secret.
     fn key_id(&self) -> String;
+    /// The KEK id recorded for a data key this custodian wrapped. Vault transit records the
+    /// key version it used, so that a rotation can find what is not yet on the newest one.
+    fn kek_id_of(&self, _wrapped: &WrappedKey) -> String {
+        self.key_id()
+    }
+    /// Whether records sealed under `(backend, kek_id)` are this custodian's to unwrap.
+    fn holds(&self, backend: &str, kek_id: &str) -> bool {
+        backend == self.backend() && kek_id == self.key_id()
+    }
+    /// Whether a record this custodian holds is wrapped under its newest key (a KEK rotation
+    /// rewraps those that are not).
+    fn is_current(&self, kek_id: &str) -> bool {
+        kek_id == self.key_id()
+    }
+    /// Where the custodian lives (region and endpoint, Vault address and namespace), so that two
+    /// wrappers can tell whether a server-side rewrap between them is possible.
+    fn location(&self) -> String {
+        String::new()
+    }
     /// A fresh data key and its wrapped form, bound to `ctx`.
     async fn generate_data_key(&self, ctx: &SealContext)
     -> Result<(Key256, WrappedKey), SealError>;
@@ -115,6 +159,118 @@ pub trait KeyWrapper: Send + Sync + fmt::Debug + 'static {
         wrapped: &WrappedKey,
         ctx: &SealContext,
     ) -> Result<Key256, SealError>;
+    /// Wraps an existing data key under this custodian's key (a migration from another one).
+    async fn wrap_data_key(&self, dek: &Key256, ctx: &SealContext)
+    -> Result<WrappedKey, SealError>;
+
+    /// A fresh data key, wrapped, with the KEK that wrapped it. A keyring overrides this so that
+    /// the KEK recorded is the one that actually wrapped the key.
+    async fn generate(&self, ctx: &SealContext) -> Result<(Key256, Wrapped), SealError> {
+        let (dek, key) = self.generate_data_key(ctx).await?;
+        let kek_id = self.kek_id_of(&key);
+        Ok((
+            dek,
+            Wrapped {
+                key,
+                backend: self.backend(),
+                kek_id,
+            },
+        ))
+    }
+
+    /// Recovers the data key of a stored record, refusing records this custodian does not hold.
+    async fn unwrap_record(
+        &self,
+        record: &SealedRecord,
+        ctx: &SealContext,
+    ) -> Result<Key256, SealError> {
+        if !self.holds(&record.backend, &record.kek_id) {
+            return Err(SealError::NoCustodian {
+                backend: record.backend.clone(),
+                kek_id: record.kek_id.clone(),
+            });
+        }
+        self.unwrap_data_key(&record.wrapped_key, ctx).await
+    }
+
+    /// Re-wraps, inside the custodian, a data key that `source` wrapped, so that its plaintext
+    /// never leaves the custodian (Vault `rewrap`, KMS `ReEncrypt`). `None` when this custodian
+    /// cannot do that for `source`; the caller then unwraps and wraps.
+    async fn rewrap_from(
+        &self,
+        _source: &dyn KeyWrapper,
+        _record: &SealedRecord,
+        _ctx: &SealContext,
+    ) -> Option<Result<WrappedKey, SealError>> {
+        None
+    }
+
+    /// Creates a new version of this custodian's key in place (Vault transit `rotate`). `None`
+    /// where a rotation means moving to another key instead.
+    async fn rotate_key_version(&self) -> Option<Result<(), SealError>> {
+        None
+    }
+
+    /// The start-up and health check: a wrap and unwrap round trip, which also proves that the
+    /// custodian enforces the context (a wrapped key does not unwrap under another record).
+    async fn check(&self) -> Result<(), SealError> {
+        check_round_trip(self).await
+    }
+}
+
+/// The context of the round trip that [`KeyWrapper::check`] makes; never a real record's.
+pub fn probe_context() -> SealContext {
+    SealContext {
+        record_id: "keyd/custody-probe".into(),
+        purpose: Cow::Borrowed("custody-probe"),
+        version: 1,
+    }
+}
+
+/// Wraps and unwraps a fresh data key under [`probe_context`] (the periodic health probe).
+pub async fn round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealError> {
+    round_trip_keeping(w).await.map(drop)
+}
+
+async fn round_trip_keeping<W: KeyWrapper + ?Sized>(w: &W) -> Result<WrappedKey, SealError> {
+    let ctx = probe_context();
+    let (dek, wrapped) = w.generate_data_key(&ctx).await?;
+    let back = w.unwrap_data_key(&wrapped, &ctx).await?;
+    if !crate::kms::ct_eq(dek.expose(), back.expose()) {
+        return Err(SealError::Custodian {
+            backend: w.backend(),
+            key_id: w.key_id(),
+            op: "unwrap",
+            kind: FailureKind::Misconfigured,
+            detail: "the unwrapped data key differs from the one generated".into(),
+        });
+    }
+    Ok(wrapped)
+}
+
+/// [`round_trip`], then checks that the wrapped key does not unwrap under another context (the
+/// start-up check, and the check of a new custodian before a migration).
+pub async fn check_round_trip<W: KeyWrapper + ?Sized>(w: &W) -> Result<(), SealError> {
+    let wrapped = round_trip_keeping(w).await?;
+    let ctx = probe_context();
+    let other = SealContext {
+        record_id: "keyd/custody-probe-other".into(),
+        ..ctx
+    };
+    match w.unwrap_data_key(&wrapped, &other).await {
+        Err(e) if e.kind() == Some(FailureKind::ContextMismatch) => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Err(SealError::Custodian {
+            backend: w.backend(),
+            key_id: w.key_id(),
+            op: "unwrap",
+            kind: FailureKind::Misconfigured,
+            detail: "a data key wrapped for one record unwrapped under another record's context: \
+                     the custodian ignores the context (a Vault transit key must be created with \
+                     derived=true)"
+                .into(),
+        }),
+    }
 }
 
 /// A record as stored: nothing in it is readable without the KEK.
@@ -148,14 +304,14 @@ pub async fn seal(
     ctx: &SealContext,
     plaintext: &[u8],
 ) -> Result<SealedRecord, SealError> {
-    let (dek, wrapped_key) = wrapper.generate_data_key(ctx).await?;
+    let (dek, wrapped) = wrapper.generate(ctx).await?;
     let (nonce, ciphertext) = aead_encrypt(&dek, &ctx.aad(), plaintext)?;
     Ok(SealedRecord {
-        backend: wrapper.backend().to_owned(),
-        kek_id: wrapper.key_id(),
-        purpose: ctx.purpose.to_owned(),
+        backend: wrapped.backend.to_owned(),
+        kek_id: wrapped.kek_id,
+        purpose: ctx.purpose.to_string(),
         version: ctx.version,
-        wrapped_key,
+        wrapped_key: wrapped.key,
         nonce,
         ciphertext,
     })
@@ -172,8 +328,23 @@ pub async fn open(
             record_id: ctx.record_id.clone(),
         });
     }
-    let dek = wrapper.unwrap_data_key(&record.wrapped_key, ctx).await?;
-    aead_decrypt(&dek, &ctx.aad(), &record.nonce, &record.ciphertext).map_err(|_| {
+    let dek = wrapper.unwrap_record(record, ctx).await?;
+    open_with(&dek, ctx, record)
+}
+
+/// Opens a record with its data key already unwrapped. A rewrap uses it to prove that a newly
+/// wrapped data key is the record's: AES-GCM authenticates the ciphertext under it.
+pub fn open_with(
+    dek: &Key256,
+    ctx: &SealContext,
+    record: &SealedRecord,
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    if record.purpose != ctx.purpose || record.version != ctx.version {
+        return Err(SealError::ContextMismatch {
+            record_id: ctx.record_id.clone(),
+        });
+    }
+    aead_decrypt(dek, &ctx.aad(), &record.nonce, &record.ciphertext).map_err(|_| {
         SealError::ContextMismatch {
             record_id: ctx.record_id.clone(),
         }
@@ -300,10 +471,19 @@ impl KeyWrapper for LocalKek {
         ctx: &SealContext,
     ) -> Result<(Key256, WrappedKey), SealError> {
         let dek = Key256::random()?;
+        let wrapped = self.wrap_data_key(&dek, ctx).await?;
+        Ok((dek, wrapped))
+    }
+
+    async fn wrap_data_key(
+        &self,
+        dek: &Key256,
+        ctx: &SealContext,
+    ) -> Result<WrappedKey, SealError> {
         let (nonce, mut ct) = aead_encrypt(&self.kek, &ctx.aad(), dek.expose())?;
         let mut wrapped = nonce;
         wrapped.append(&mut ct);
-        Ok((dek, WrappedKey(wrapped)))
+        Ok(WrappedKey(wrapped))
     }
 
     async fn unwrap_data_key(
@@ -345,6 +525,103 @@ pub enum SealError {
     },
     #[error("local KEK file {path}: {why}")]
     KekFile { path: PathBuf, why: String },
+    /// A remote custodian refused or failed a call; `kind` says which way.
+    #[error("{backend} key {key_id}: {op} failed: {kind}: {detail}")]
+    Custodian {
+        backend: &'static str,
+        key_id: String,
+        /// The custodian call, e.g. `GenerateDataKey` or `transit/decrypt`.
+        op: &'static str,
+        kind: FailureKind,
+        detail: String,
+    },
+    #[error(
+        "record is sealed under {backend} KEK {kek_id}, which no configured custodian holds: \
+         keep that custodian configured until a KEK migration has moved every record off it"
+    )]
+    NoCustodian { backend: String, kek_id: String },
+}
+
+impl SealError {
+    /// How a custodian failure should be handled; `None` for errors that are not about the
+    /// custodian (randomness, corrupt records).
+    pub fn kind(&self) -> Option<FailureKind> {
+        match self {
+            SealError::Custodian { kind, .. } => Some(*kind),
+            SealError::Unwrap { .. } | SealError::ContextMismatch { .. } => {
+                Some(FailureKind::ContextMismatch)
+            }
+            SealError::NoCustodian { .. } => Some(FailureKind::KeyNotFound),
+            SealError::KekFile { .. } => Some(FailureKind::KeyNotFound),
+            _ => None,
+        }
+    }
+}
+
+/// Why a custodian call failed. Each kind has its own remedy, and only some of them mean the
+/// custodian as a whole cannot be used ([`FailureKind::is_custodian_down`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// Unreachable, timed out, throttled, a server error, a sealed Vault. Transient: keyd
+    /// retries, and serves the keys it holds meanwhile.
+    Unavailable,
+    /// The credentials are refused, expired, or lack a permission on the key.
+    PermissionDenied,
+    /// The key, key version or mount does not exist (a wrong key id).
+    KeyNotFound,
+    /// The key is disabled, pending deletion, or the key version is below
+    /// `min_decryption_version`.
+    KeyDisabled,
+    /// The wrapped key does not belong to this context: it was moved from another record,
+    /// altered, or wrapped by another key.
+    ContextMismatch,
+    /// The custodian is set up in a way keyd cannot rely on (a check caught it).
+    Misconfigured,
+    /// The custodian refused the request for another reason.
+    Rejected,
+}
+
+impl FailureKind {
+    /// Stable name, for status, metrics labels and API error codes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Unavailable => "unavailable",
+            FailureKind::PermissionDenied => "permission_denied",
+            FailureKind::KeyNotFound => "key_not_found",
+            FailureKind::KeyDisabled => "key_disabled",
+            FailureKind::ContextMismatch => "context_mismatch",
+            FailureKind::Misconfigured => "misconfigured",
+            FailureKind::Rejected => "rejected",
+        }
+    }
+
+    /// Whether the failure is about the custodian rather than one record: keyd then treats the
+    /// custodian as unavailable (fails fast, probes until it answers, serves held keys for
+    /// `kek.max_unavailable`).
+    pub fn is_custodian_down(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Unavailable
+                | FailureKind::PermissionDenied
+                | FailureKind::KeyNotFound
+                | FailureKind::KeyDisabled
+                | FailureKind::Misconfigured
+        )
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureKind::Unavailable => "custodian unavailable (retried; check the network path and the server)",
+            FailureKind::PermissionDenied => "permission denied (the credentials are refused or lack a permission on this key)",
+            FailureKind::KeyNotFound => "key not found (check the configured key id, mount and region)",
+            FailureKind::KeyDisabled => "key disabled (the key or key version is disabled, pending deletion, or below min_decryption_version)",
+            FailureKind::ContextMismatch => "wrong encryption context (the wrapped key belongs to another record, or was altered)",
+            FailureKind::Misconfigured => "custodian misconfigured",
+            FailureKind::Rejected => "request rejected",
+        })
+    }
 }
 
 mod b64 {
@@ -373,7 +650,7 @@ mod tests {
     fn ctx(id: &str, version: u64) -> SealContext {
         SealContext {
             record_id: id.into(),
-            purpose: "ipsec-psk",
+            purpose: "ipsec-psk".into(),
             version,
         }
     }
@@ -401,7 +678,7 @@ mod tests {
         assert!(open(&w, &ctx("ipsec/2", 1), &a).await.is_err());
         assert!(open(&w, &ctx("ipsec/1", 2), &a).await.is_err());
         let other_purpose = SealContext {
-            purpose: "wireguard-master",
+            purpose: "wireguard-master".into(),
             ..ctx("ipsec/1", 1)
         };
         assert!(open(&w, &other_purpose, &a).await.is_err());
@@ -420,9 +697,41 @@ mod tests {
 
     #[tokio::test]
     async fn another_kek_cannot_open() {
-        let sealed = seal(&kek(), &ctx("x", 1), b"x").await.unwrap();
+        let a = kek();
+        let sealed = seal(&a, &ctx("x", 1), b"x").await.unwrap();
+        // The record names its KEK, so the refusal says which one is missing.
         let err = open(&kek(), &ctx("x", 1), &sealed).await.unwrap_err();
+        assert_eq!(err.kind(), Some(FailureKind::KeyNotFound));
+        assert!(err.to_string().contains(&a.key_id()), "{err}");
+        // A record relabelled with the other KEK's id still does not open under it.
+        let b = kek();
+        let mut relabelled = sealed.clone();
+        relabelled.kek_id = b.key_id();
+        let err = open(&b, &ctx("x", 1), &relabelled).await.unwrap_err();
         assert!(err.to_string().contains("cannot unwrap"), "{err}");
+        assert_eq!(err.kind(), Some(FailureKind::ContextMismatch));
+    }
+
+    #[tokio::test]
+    async fn local_kek_passes_the_round_trip_check_and_rewraps() {
+        let a = kek();
+        a.check().await.unwrap();
+        let (dek, wrapped) = a.generate_data_key(&ctx("r", 1)).await.unwrap();
+        let b = kek();
+        let moved = b
+            .wrap_data_key(
+                &a.unwrap_data_key(&wrapped, &ctx("r", 1)).await.unwrap(),
+                &ctx("r", 1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            b.unwrap_data_key(&moved, &ctx("r", 1))
+                .await
+                .unwrap()
+                .expose(),
+            dek.expose()
+        );
     }
 
     #[test]

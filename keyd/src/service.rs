@@ -32,6 +32,7 @@ pub use schedules::StoredSchedules;
 
 use crate::audit::{AuditSigner, AuditWriter};
 use crate::ipsec::{CiliumKey, IpsecError};
+use crate::kms::Custody;
 use crate::rotation::{self, Effect, Event, NodeAcks, Phase, Rollout, RolloutConfig};
 use crate::seal::{self, Key256, KeyWrapper, SealContext, SealError, SealedRecord};
 use crate::store::{AuditEvent, Store, StoreError, Table, Txn};
@@ -227,7 +228,8 @@ impl AsRef<[u8]> for BundleBody {
 
 pub struct Keyd {
     store: Arc<dyn Store>,
-    wrapper: Arc<dyn KeyWrapper>,
+    /// The KEK custodian keyring (see [`crate::kms`]).
+    wrapper: Arc<Custody>,
     cache: RwLock<Arc<Cache>>,
     bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
     /// Serializes this replica's writers so they do not race each other's CAS guards.
@@ -242,6 +244,9 @@ pub struct Keyd {
     /// The bundle revision last audited as fetched, per node: a fetch of the same revision by
     /// the same node is recorded once.
     audited_fetches: Mutex<HashMap<String, String>>,
+    /// When a scheduled rotation of a class last failed: retried at most hourly, so a rotation
+    /// that needs an operator (a new KMS key) does not fail on every tick.
+    failed_rotations: Mutex<HashMap<KeyClass, Timestamp>>,
 }
 
 impl fmt::Debug for Keyd {
@@ -274,12 +279,22 @@ pub enum ServiceError {
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
 impl Keyd {
-    /// Opens keyd over a store: creates the WireGuard master secret and the audit signing key on
-    /// first start, unseals what the store holds and fails if any record does not open (wrong
-    /// KEK, tampering).
+    /// Opens keyd over a store with a single custodian: creates the WireGuard master secret and
+    /// the audit signing key on first start, unseals what the store holds and fails if any
+    /// record does not open (wrong KEK, tampering).
     pub async fn open(
         store: Arc<dyn Store>,
         wrapper: Arc<dyn KeyWrapper>,
+        config: ServiceConfig,
+        clock: Clock,
+    ) -> Result<Self> {
+        Self::open_with_custody(store, Arc::new(Custody::single(wrapper)), config, clock).await
+    }
+
+    /// [`Keyd::open`] with a configured custodian keyring (what `keyd serve` runs).
+    pub async fn open_with_custody(
+        store: Arc<dyn Store>,
+        wrapper: Arc<Custody>,
         config: ServiceConfig,
         clock: Clock,
     ) -> Result<Self> {
@@ -293,7 +308,7 @@ impl Keyd {
                 node_key_epoch_since: now,
             };
             let master = Key256::random()?;
-            let sealed = seal::seal(wrapper.as_ref(), &state.master_ctx(), master.expose()).await?;
+            let sealed = seal::seal(&*wrapper, &state.master_ctx(), master.expose()).await?;
             let txn = Txn::default()
                 .guard(Table::Meta, WIREGUARD_DOC, None)
                 .put(
@@ -310,21 +325,20 @@ impl Keyd {
             ignore_lost_race(store.commit(txn))?;
         }
         if store.get(Table::Meta, KEK_DOC)?.is_none() {
-            let txn = Txn::default()
-                .guard(Table::Meta, KEK_DOC, None)
-                .put(Table::Meta, KEK_DOC, to_json(&KekState { since: now }))
-                .audit(AuditEvent::new(
-                    "kek.first_used",
-                    "keyd",
-                    json!({ "backend": wrapper.backend(), "kek": wrapper.key_id() }),
-                ));
+            // Only a timestamp for the report; the custodian's first use is audited by
+            // `kms::bootstrap` as `kek.custodian.initialised`.
+            let txn = Txn::default().guard(Table::Meta, KEK_DOC, None).put(
+                Table::Meta,
+                KEK_DOC,
+                to_json(&KekState { since: now }),
+            );
             ignore_lost_race(store.commit(txn))?;
         }
         let signing_ctx = SealContext::new(AUDIT_SIGNING_RECORD.into(), PURPOSE_AUDIT_SIGNING);
         if store.get(Table::Sealed, AUDIT_SIGNING_RECORD)?.is_none() {
             let seed = crate::audit::new_seed().map_err(ServiceError::Invalid)?;
             let signer = AuditSigner::from_seed(&seed).map_err(ServiceError::Invalid)?;
-            let sealed = seal::seal(wrapper.as_ref(), &signing_ctx, &seed).await?;
+            let sealed = seal::seal(&*wrapper, &signing_ctx, &seed).await?;
             let txn = Txn::default()
                 .guard(Table::Sealed, AUDIT_SIGNING_RECORD, None)
                 .put(Table::Sealed, AUDIT_SIGNING_RECORD, sealed.to_bytes())
@@ -335,24 +349,26 @@ impl Keyd {
                 ));
             ignore_lost_race(store.commit(txn))?;
         }
-        let seed = open_record(store.as_ref(), wrapper.as_ref(), &signing_ctx).await?;
+        let seed = open_record(store.as_ref(), &*wrapper, &signing_ctx).await?;
         let signer =
             AuditSigner::from_seed(&seed).map_err(|e| corrupt(AUDIT_SIGNING_RECORD, &e))?;
-        let cache = load_cache(store.as_ref(), wrapper.as_ref(), None).await?;
+        let cache = load_cache(store.as_ref(), &*wrapper, None).await?;
         let audit = AuditWriter::spawn(Arc::clone(&store), clock.clone());
+        let metrics = crate::telemetry::Metrics::new(wrapper.metrics().clone());
         Ok(Self {
             store,
             wrapper,
             cache: RwLock::new(Arc::new(cache)),
             bundles: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
-            metrics: crate::telemetry::Metrics::default(),
+            metrics,
             config,
             clock,
             audit,
             signer,
             changed: tokio::sync::watch::channel(0).0,
             audited_fetches: Mutex::new(HashMap::new()),
+            failed_rotations: Mutex::new(HashMap::new()),
         })
     }
 
@@ -407,7 +423,7 @@ impl Keyd {
 
     async fn refresh(&self) -> Result<()> {
         let prev = self.cache();
-        let fresh = load_cache(self.store.as_ref(), self.wrapper.as_ref(), Some(&prev)).await?;
+        let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev)).await?;
         let generation = fresh.generation;
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         self.bundles
@@ -445,6 +461,10 @@ impl Keyd {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn custody(&self) -> &Arc<Custody> {
+        &self.wrapper
     }
 
     // ---- nodes -------------------------------------------------------------------------------
@@ -618,6 +638,8 @@ impl Keyd {
 
     /// The node's bundle, rendered once per state generation and shared between fetches.
     pub async fn bundle(&self, name: &str) -> Result<Arc<RenderedBundle>> {
+        // Held keys are served only for a bounded time while the custodian cannot be used.
+        self.wrapper.serving_check()?;
         let cache = self.cache();
         let node = cache.nodes.get(name).ok_or_else(|| not_registered(name))?;
         if self.clock.now().0.saturating_sub(node.last_seen.0) >= LAST_SEEN_WRITE_INTERVAL.as_secs()
@@ -808,7 +830,7 @@ impl Keyd {
             origin: origin.into(),
         };
         let line = key.to_line();
-        let sealed = seal::seal(self.wrapper.as_ref(), &entry.ctx(), line.as_bytes()).await?;
+        let sealed = seal::seal(&*self.wrapper, &entry.ctx(), line.as_bytes()).await?;
         let spec = key.spec();
         let mut txn = Txn::default()
             .guard(Table::Meta, IPSEC_DOC, cache.ipsec_doc.clone())
@@ -912,12 +934,17 @@ impl Keyd {
         txn
     }
 
-    /// KEK rotation belongs to the custodian backends (local, AWS KMS, Vault transit).
-    async fn rotate_kek(&self, _actor: &(dyn fmt::Display + Sync)) -> Result<String> {
-        Err(ServiceError::Invalid(
-            "KEK rotation is not available in this build: rewrapping every record under a new \
-             KEK comes with the KMS and Vault custodians"
-                .into(),
+    /// A new KEK on the active custodian (a new local key file, a new Vault key version), with
+    /// every record rewrapped in the background; see [`crate::rewrap`]. AWS KMS keys rotate by
+    /// moving to a new key (`keyctl kek rotate --key-id`), so a scheduled rotation there is
+    /// refused with that instruction and the report shows the class as due.
+    async fn rotate_kek(&self, actor: &(dyn fmt::Display + Sync)) -> Result<String> {
+        let status = crate::kms::http::rotate_kek(self, &actor.to_string(), Default::default())
+            .await
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        Ok(format!(
+            "KEK rotation {} started: {} records to rewrap to {}",
+            status.id, status.total, status.to
         ))
     }
 
@@ -953,6 +980,7 @@ impl Keyd {
         actor: &Identity,
         secret_namespace: Option<&str>,
     ) -> Result<Zeroizing<String>> {
+        self.wrapper.serving_check()?;
         let cache = self.cache();
         // The key in outbound use: a staged key is not yet safe to hand to Cilium, which would
         // switch to it at once.
@@ -1002,6 +1030,7 @@ impl Keyd {
                     .filter(|n| n.wireguard_public_key.is_some())
                     .count(),
             },
+            custody: Some(self.wrapper.status()),
         }
     }
 

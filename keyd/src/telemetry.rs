@@ -29,6 +29,85 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// A custodian call (`generate`, `unwrap`, `wrap`, `rewrap`, `check`) and its outcome (`ok`
+/// or a [`crate::seal::FailureKind`] name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordState {
+    pub state: &'static str,
+}
+
+/// The KEK custodian's metrics; owned by [`crate::kms::Custody`], registered with [`Metrics`].
+#[derive(Clone, Default)]
+pub struct CustodyMetrics {
+    pub custodian_up: Gauge,
+    pub custodian_calls: Family<CallLabels, Counter>,
+    /// Progress of the running or last KEK migration: `total`, `rewrapped`, `failed`,
+    /// `remaining`.
+    pub rewrap_records: Family<RecordState, Gauge>,
+    pub rewrapped_records: Counter,
+    pub migration_running: Gauge,
+}
+
+impl fmt::Debug for CustodyMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CustodyMetrics")
+    }
+}
+
+impl CustodyMetrics {
+    pub fn record_call(&self, op: &'static str, outcome: &'static str) {
+        self.custodian_calls
+            .get_or_create(&CallLabels { op, outcome })
+            .inc();
+    }
+
+    pub fn set_progress(&self, total: u64, rewrapped: u64, failed: u64) {
+        let set = |state, v: u64| {
+            self.rewrap_records
+                .get_or_create(&RecordState { state })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set("total", total);
+        set("rewrapped", rewrapped);
+        set("failed", failed);
+        set("remaining", total.saturating_sub(rewrapped + failed));
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "kek_custodian_up",
+            "1 while the active KEK custodian answers, 0 while it cannot be used",
+            self.custodian_up.clone(),
+        );
+        r.register(
+            "kek_custodian_calls",
+            "KEK custodian calls by operation and outcome",
+            self.custodian_calls.clone(),
+        );
+        r.register(
+            "kek_rewrap_records",
+            "Sealed records of the running or last KEK migration, by state",
+            self.rewrap_records.clone(),
+        );
+        r.register(
+            "kek_rewrapped_records",
+            "Sealed records rewrapped under a new KEK",
+            self.rewrapped_records.clone(),
+        );
+        r.register(
+            "kek_migration_running",
+            "1 while a KEK rotation or migration is rewrapping records",
+            self.migration_running.clone(),
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -42,6 +121,7 @@ pub struct Metrics {
     pub rollouts_stuck: Counter,
     pub scheduled_rotation_failures: Counter,
     pub audit_checkpoints: Counter,
+    pub custody: CustodyMetrics,
 }
 
 impl fmt::Debug for Metrics {
@@ -52,6 +132,13 @@ impl fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(CustodyMetrics::default())
+    }
+}
+
+impl Metrics {
+    /// Metrics registering the custodian's own (see [`crate::kms::Custody::metrics`]).
+    pub fn new(custody: CustodyMetrics) -> Self {
         let mut r = Registry::with_prefix("keyd");
         let http_requests = Family::<RouteLabels, Counter>::default();
         let http_duration = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
@@ -113,6 +200,7 @@ impl Default for Metrics {
             refused_requests.clone(),
         );
         r.register("nodes", "Registered nodes", nodes.clone());
+        custody.register(&mut r);
         Self {
             registry: Arc::new(r),
             http_requests,
@@ -125,11 +213,10 @@ impl Default for Metrics {
             rollouts_stuck,
             scheduled_rotation_failures,
             audit_checkpoints,
+            custody,
         }
     }
-}
 
-impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -150,8 +237,16 @@ pub enum LogFormat {
 /// Installs the global subscriber (stderr). `level` is an `EnvFilter` directive; `RUST_LOG`
 /// overrides it.
 pub fn init_logging(format: LogFormat, level: &str) {
+    // vaultrs logs every Vault error response at ERROR, including the refusals keyd provokes on
+    // purpose (its start-up check unwraps under a wrong context); keyd reports each custodian
+    // failure itself, with the backend, key and call. Silenced unless asked for by name.
+    let level = if level.contains("vaultrs") || level.contains("rustify") {
+        level.to_owned()
+    } else {
+        format!("{level},vaultrs=off,rustify=off")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod kek;
 mod secret;
 pub mod time;
 
@@ -422,6 +423,9 @@ pub struct Status {
     pub nodes: usize,
     pub ipsec: IpsecStatus,
     pub wireguard: WireguardStatus,
+    /// The KEK custodian's health and any KEK rotation or migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custody: Option<kek::KekStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

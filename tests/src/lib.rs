@@ -1,2 +1,16 @@
 //! Cross-component tests and harnesses for keyd, the webhook and node-shim.
+//!
+//! Key custody harnesses: [`vault_double`] (a test double of Vault's HTTP API), [`vault_admin`]
+//! (sets up transit keys, policies and logins on the double or on a real Vault when
+//! `VAULT_ADDR` and `VAULT_TOKEN` are set), and [`moto`] (moto's KMS server on loopback).
+//! [`loadgen`] is the keyd benchmark behind `cargo run --release -p keyd-tests --bin loadgen`
+//! (results and method in `docs/benchmarks.md`); its scenario code is also run briefly by
+//! `tests/loadgen_smoke.rs` so that the harness cannot silently rot.
 #![forbid(unsafe_code)]
+
+pub mod http;
+pub mod loadgen;
+pub mod moto;
+pub mod prereq;
+pub mod vault_admin;
+pub mod vault_double;

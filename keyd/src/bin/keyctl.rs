@@ -6,6 +6,9 @@
 //! overdue, or `audit verify` found the file tampered with; 64 bad client config.
 #![forbid(unsafe_code)]
 
+#[path = "keyctl/kek.rs"]
+mod kek;
+
 use std::io::{IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,6 +97,17 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The key-encryption key: custodian health, rotation, migration between custodians.
+    Kek(KekArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KekArgs {
+    #[command(subcommand)]
+    cmd: kek::KekCommand,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +370,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Audit(cmd) => audit(&mut conn, cmd).await?,
+        Command::Kek(k) => kek::run(&mut conn, k.output == Output::Json, k.cmd).await?,
     }
     Ok(())
 }
@@ -889,6 +904,12 @@ fn status_table(s: &Status) -> String {
         vec!["version".into(), s.version.clone()],
         vec!["store".into(), s.store.clone()],
         vec!["kek".into(), format!("{} ({})", s.kek_backend, s.kek_id)],
+        vec![
+            "kek health".into(),
+            s.custody
+                .as_ref()
+                .map_or("-".into(), |c| c.health.state.clone()),
+        ],
         vec!["nodes".into(), s.nodes.to_string()],
         vec!["ipsec outbound spi".into(), spi(s.ipsec.outbound_spi)],
         vec![

@@ -16,6 +16,8 @@ use crate::rotation;
 use crate::store::{AuditEvent, Table, Txn};
 
 pub(super) const SCHEDULES_DOC: &str = "schedules";
+/// How long the scheduler waits before retrying a scheduled rotation that failed.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(3600);
 
 /// Schedules and bounds as stored; a class absent here has its default schedule and no bounds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,7 +241,16 @@ impl Keyd {
                     .max();
                 (Some(cache.wg.node_key_epoch_since), oldest)
             }
-            KeyClass::Kek => (Some(cache.kek.since), Some(age(cache.kek.since))),
+            KeyClass::Kek => {
+                // The last KEK rotation or migration, if any, else the KEK's first use.
+                let migrated = crate::rewrap::read_doc(self.store.as_ref())
+                    .ok()
+                    .flatten()
+                    .and_then(|(doc, _)| doc.migration)
+                    .map(|m| m.started_at);
+                let last = migrated.map_or(cache.kek.since, |m| m.max(cache.kek.since));
+                (Some(last), Some(age(last)))
+            }
         }
     }
 
@@ -330,13 +341,30 @@ impl Keyd {
             if busy || !rotation::is_due(&cs.schedule, last, now) {
                 continue;
             }
+            let recently_failed = self
+                .failed_rotations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&class)
+                .is_some_and(|t| now.0.saturating_sub(t.0) < RETRY_FAILED_AFTER.as_secs());
+            if recently_failed {
+                continue;
+            }
             match self.rotate_class(&"keyd/scheduler", class).await {
                 Ok(what) => {
-                    tracing::info!(class = class.as_str(), what, "scheduled rotation started")
+                    tracing::info!(class = class.as_str(), what, "scheduled rotation started");
+                    self.failed_rotations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&class);
                 }
                 Err(e) => {
-                    tracing::error!(class = class.as_str(), error = %e, "scheduled rotation failed");
+                    tracing::error!(class = class.as_str(), error = %e, "scheduled rotation failed; retrying in an hour");
                     self.metrics.scheduled_rotation_failures.inc();
+                    self.failed_rotations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(class, now);
                 }
             }
         }

@@ -1,0 +1,336 @@
+//! HTTP: `/validate` (AdmissionReview), `/healthz`, `/readyz`, `/metrics`, over TLS with a
+//! certificate reloaded from disk; optionally the last three over plain HTTP on an ops port.
+//!
+//! Nothing a client sends can panic or hang a handler: bodies are read with a size limit (413)
+//! and a time limit (408), handshakes and request headers have timeouts, and every parse error
+//! becomes a 400 or a denying AdmissionResponse.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use keyd_proto::{AdmissionDecision, Timestamp};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Limits;
+use crate::decision::{DecisionConfig, Input, decide};
+use crate::keyd::{AuditQueue, StatusCache};
+use crate::kube_cache::ClusterSource;
+use crate::metrics::Metrics;
+use crate::review::{self, Action, BadReview};
+
+/// Everything a review needs.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub cluster: ClusterSource,
+    pub keyd: Arc<StatusCache>,
+    pub audit: Arc<AuditQueue>,
+    pub decision: Arc<DecisionConfig>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+}
+
+/// The TLS port's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/validate", post(validate))
+        .merge(ops_routes())
+        .with_state(state)
+}
+
+/// Health and metrics only.
+fn ops_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// The ops port's router with its state.
+pub fn ops_app(state: AppState) -> Router {
+    ops_routes().with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.cluster.is_ready() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy and namespace caches have not synced yet\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn plain(status: StatusCode, text: String) -> Response {
+    (status, text).into_response()
+}
+
+async fn validate(State(s): State<AppState>, req: Request) -> Response {
+    let max = s.limits.max_body_bytes;
+    // Refuse early on a declared length; `Limited` enforces it for chunked bodies too.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        Metrics::count(&s.metrics.reviews_undecided, "too_large");
+        return plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("AdmissionReview larger than {max} bytes\n"),
+        );
+    }
+    let body = Limited::new(req.into_body(), max);
+    let bytes = match tokio::time::timeout(s.limits.body_timeout, body.collect()).await {
+        Err(_) => {
+            Metrics::count(&s.metrics.reviews_undecided, "body_timeout");
+            return plain(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time\n".into(),
+            );
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Metrics::count(&s.metrics.reviews_undecided, "too_large");
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("AdmissionReview larger than {max} bytes\n"),
+            );
+        }
+        Ok(Err(e)) => {
+            Metrics::count(&s.metrics.reviews_undecided, "bad_request");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}\n"),
+            );
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let started = Instant::now();
+    let result = handle(&s, &bytes).await;
+    s.metrics
+        .review_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(json) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            Body::from(json),
+        )
+            .into_response(),
+        Err(e) => {
+            Metrics::count(&s.metrics.reviews_undecided, "bad_request");
+            tracing::info!(error = %e, "refused a request that is not an AdmissionReview");
+            plain(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+    }
+}
+
+/// One AdmissionReview body to its response body.
+pub async fn handle(s: &AppState, body: &[u8]) -> Result<Vec<u8>, BadReview> {
+    let r = review::parse(body)?;
+    let checked = match r.action {
+        Action::Pass(why) => {
+            Metrics::count(&s.metrics.reviews_undecided, "not_checked");
+            tracing::debug!(uid = %r.uid, why, "allowed without a decision");
+            return Ok(review::respond(r.api_version, &r.uid, true, None, &[]));
+        }
+        Action::Reject { code, message } => {
+            Metrics::count(&s.metrics.reviews_undecided, "invalid_object");
+            tracing::info!(uid = %r.uid, %message, "refused an object the webhook cannot read");
+            return Ok(review::respond(
+                r.api_version,
+                &r.uid,
+                false,
+                Some((code, &message)),
+                &[],
+            ));
+        }
+        Action::Check(c) => c,
+    };
+    // An exempt namespace is decided without its labels: no lookup (and no API read on a miss).
+    let ns = if s.decision.exempt_namespaces.contains(&checked.namespace) {
+        None
+    } else {
+        s.cluster.namespace(&checked.namespace).await
+    };
+    let policies = s.cluster.policies();
+    let keyd = s.keyd.view(Instant::now());
+    let input = Input {
+        operation: checked.operation,
+        namespace: &checked.namespace,
+        object: &checked.object,
+        old_object: checked.old_object.as_ref(),
+        user: &checked.user,
+    };
+    let t = Instant::now();
+    let d = decide(
+        &input,
+        ns.as_ref().map(|n| n.labels()),
+        &policies,
+        &keyd,
+        &s.decision,
+    );
+    s.metrics
+        .decision_duration
+        .observe(t.elapsed().as_secs_f64());
+    s.metrics.record_decision(checked.kind, &d);
+    if !d.allowed {
+        tracing::info!(
+            uid = %r.uid,
+            kind = %checked.kind,
+            namespace = %checked.namespace,
+            name = %checked.object.display_name(),
+            reason = d.reason.as_str(),
+            "denied"
+        );
+    }
+    // Dry runs are answered but not recorded: the webhook registers sideEffects NoneOnDryRun.
+    if d.record && !checked.dry_run {
+        s.audit.push(AdmissionDecision {
+            at: Timestamp::now(),
+            outcome: d.outcome.as_str().to_owned(),
+            enforcement: d.enforcement.as_str().to_owned(),
+            operation: checked.operation.as_str().to_owned(),
+            kind: checked.kind.as_str().to_owned(),
+            namespace: checked.namespace.clone(),
+            name: checked.object.display_name(),
+            user: checked.user.clone(),
+            policies: d.policies.clone(),
+            reason: d.summary.clone(),
+        });
+    }
+    Ok(review::respond(
+        r.api_version,
+        &r.uid,
+        d.allowed,
+        Some((403, &d.message)),
+        &d.warnings,
+    ))
+}
+
+/// Serves `router` over TLS until `shutdown` resolves, then drains connections (at most
+/// `drain`). Each handshake uses the latest config from `tls`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<ServerConfig>>,
+    router: Router,
+    handshake_timeout: Duration,
+    drain: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = Arc::new(http_builder(handshake_timeout));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.borrow()));
+        let router = router.clone();
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router))
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within the drain timeout");
+    }
+}
+
+/// Serves `router` over plain HTTP until `shutdown` resolves.
+pub async fn serve_plain(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = http_builder(Duration::from_secs(5));
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ops accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()))
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// HTTP/1.1 and HTTP/2; a client must send its request headers within `header_timeout`.
+fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    b
+}
