@@ -28,11 +28,30 @@ command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
 # The aws-kms tests run moto's KMS server (Python); a virtualenv holds it if needed.
 command -v python3 >/dev/null 2>&1 || apt_needed+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_needed+=(python3-venv)
+# node-shim's privileged tests and VM harness (tests/vm): Debian's kernel (it has WireGuard
+# and ESP; the host kernel has neither) under QEMU, and the tools the guest uses from the
+# host's root file system.
+command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_needed+=(qemu-system-x86)
+ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || apt_needed+=(linux-image-amd64)
+command -v wg >/dev/null 2>&1 || apt_needed+=(wireguard-tools)
+command -v tcpdump >/dev/null 2>&1 || apt_needed+=(tcpdump)
+command -v ip >/dev/null 2>&1 || apt_needed+=(iproute2)
+command -v ping >/dev/null 2>&1 || apt_needed+=(iputils-ping)
+command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
+command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
+if ! command -v vng >/dev/null 2>&1 && ! command -v pip3 >/dev/null 2>&1; then
+    apt_needed+=(python3-pip)
+fi
 if [ "${#apt_needed[@]}" -gt 0 ]; then
     log "installing ${apt_needed[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${apt_needed[@]}"
+fi
+if ! command -v vng >/dev/null 2>&1; then
+    log "installing virtme-ng (pip)"
+    pip3 install -q virtme-ng || pip3 install -q --break-system-packages virtme-ng
+    hash -r
 fi
 
 # --- test servers ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ use crate::store::{RedbStore, Store};
 pub struct Running {
     pub api_addr: std::net::SocketAddr,
     pub ops_addr: std::net::SocketAddr,
+    /// The node bootstrap listener, when `[bootstrap]` is configured.
+    pub bootstrap_addr: Option<std::net::SocketAddr>,
     pub keyd: Arc<Keyd>,
     serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
 }
@@ -49,6 +51,31 @@ pub async fn start_with_clock(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
     clock: crate::service::Clock,
+) -> anyhow::Result<Running> {
+    start_with(config, shutdown, clock, None).await
+}
+
+/// [`start`], with `kube` standing in for the Kubernetes API server that node bootstrap asks
+/// (tests).
+pub async fn start_with_kube(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    kube: Arc<dyn crate::bootstrap::KubeAuth>,
+) -> anyhow::Result<Running> {
+    start_with(
+        config,
+        shutdown,
+        crate::service::Clock::default(),
+        Some(kube),
+    )
+    .await
+}
+
+async fn start_with(
+    config: Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    clock: crate::service::Clock,
+    kube: Option<Arc<dyn crate::bootstrap::KubeAuth>>,
 ) -> anyhow::Result<Running> {
     crate::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
@@ -94,10 +121,38 @@ pub async fn start_with_clock(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let (bootstrap_addr, bootstrap) = match &config.bootstrap {
+        Some(b) => {
+            let kube = match kube {
+                Some(k) => k,
+                None => Arc::new(
+                    crate::bootstrap::KubeApi::new(&b.kube_api, &b.kube_ca, &b.kube_token_file)
+                        .context("setting up the Kubernetes client for node bootstrap")?,
+                ),
+            };
+            let (addr, fut) = crate::bootstrap::start(
+                b.clone(),
+                &config.tls,
+                Arc::clone(&keyd),
+                kube,
+                config.handshake_timeout,
+                wait(shutdown.clone()),
+            )
+            .await
+            .with_context(|| format!("starting the bootstrap listener on {}", b.listen))?;
+            (Some(addr), Some(fut))
+        }
+        None => (None, None),
+    };
     let scheduler_keyd = Arc::clone(&keyd);
     let final_keyd = Arc::clone(&keyd);
     let serve = async move {
         tokio::join!(
+            async move {
+                if let Some(f) = bootstrap {
+                    f.await;
+                }
+            },
             crate::server::serve_tls(
                 api_listener,
                 tls_rx,
@@ -123,6 +178,7 @@ pub async fn start_with_clock(
     Ok(Running {
         api_addr,
         ops_addr,
+        bootstrap_addr,
         keyd,
         serve: Box::pin(serve),
     })

@@ -32,6 +32,8 @@ pub struct Config {
     pub service: crate::service::ServiceConfig,
     /// How often the scheduler checks for due rotations and rollout progress.
     pub scheduler_tick: Duration,
+    /// The node bootstrap listener (`[bootstrap]`), if configured.
+    pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
 }
 
 /// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::kms::config`]).
@@ -56,6 +58,8 @@ pub struct RawConfig {
     pub rotation: RawRotation,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub bootstrap: Option<crate::bootstrap::RawBootstrap>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,6 +331,7 @@ impl RawConfig {
             &self.rotation.scheduler_tick,
             Duration::from_secs(1),
         )?;
+        let bootstrap = self.bootstrap.map(|b| b.validate(&tls.ca)).transpose()?;
         Ok(Config {
             service,
             scheduler_tick,
@@ -341,6 +346,7 @@ impl RawConfig {
             handshake_timeout,
             log_format,
             log_level,
+            bootstrap,
         })
     }
 }

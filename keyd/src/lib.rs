@@ -13,6 +13,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod fsutil;

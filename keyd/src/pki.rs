@@ -306,6 +306,36 @@ impl CertificateAuthority {
         self.issue(&params)
     }
 
+    /// A node client certificate (as [`issue_client`](Self::issue_client)) for the public key
+    /// of `csr_pem`, a PKCS#10 request whose signature proves its sender holds the key. The
+    /// names the request asks for are ignored: the certificate names `identity` only.
+    pub fn issue_client_for_csr(
+        &self,
+        identity: &Identity,
+        csr_pem: &str,
+        validity: Duration,
+    ) -> Result<IssuedForCsr, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(rcgen_err("parsing the CSR"))?;
+        let name = identity.name();
+        validate_name(name).map_err(PkiError::InvalidIdentity)?;
+        let mut params = leaf_params(name, validity)?;
+        let uri =
+            Ia5String::try_from(identity.uri()).map_err(rcgen_err("encoding the identity URI"))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let not_before = keyd_proto::Timestamp(params.not_before.unix_timestamp().max(0) as u64);
+        let not_after = keyd_proto::Timestamp(params.not_after.unix_timestamp().max(0) as u64);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(rcgen_err("signing a certificate"))?;
+        Ok(IssuedForCsr {
+            cert_pem: cert.pem(),
+            not_before,
+            not_after,
+        })
+    }
+
     fn issue(&self, params: &CertificateParams) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(rcgen_err("generating a certificate key"))?;
@@ -317,6 +347,14 @@ impl CertificateAuthority {
             key_pem: Zeroizing::new(key.serialize_pem()),
         })
     }
+}
+
+/// A certificate issued for a CSR's key (which stays with the requester).
+#[derive(Debug, Clone)]
+pub struct IssuedForCsr {
+    pub cert_pem: String,
+    pub not_before: keyd_proto::Timestamp,
+    pub not_after: keyd_proto::Timestamp,
 }
 
 /// A certificate and its private key, both PEM. `Debug` omits the key.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keyd_proto::identity::Identity;
 use keyd_proto::{
-    Ack, Acked, EnforcementStatus, IpsecBundle, IpsecStatus, KeyClass, KeyRole, KeySpec,
+    Ack, Acked, EnforcementStatus, IpsecBundle, IpsecPeer, IpsecStatus, KeyClass, KeyRole, KeySpec,
     ModeStatus, NodeBundle, NodeInfo, NodeRegistration, RolloutStatus, RotateRequest, Status,
     Timestamp, WireguardBundle, WireguardStatus,
 };
@@ -1263,6 +1263,17 @@ fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
                 .iter()
                 .zip(&roles)
                 .map(|((_, k), role)| k.to_proto(*role))
+                .collect(),
+            peers: cache
+                .nodes
+                .values()
+                .filter(|n| n.name != name)
+                .map(|n| IpsecPeer {
+                    node: n.name.clone(),
+                    endpoint: n.endpoint,
+                    pod_cidrs: n.pod_cidrs.clone(),
+                    boot_id: n.boot_id.clone(),
+                })
                 .collect(),
         });
     let wireguard = WireguardBundle {

@@ -333,7 +333,23 @@ async fn bundles_carry_keys_peers_and_matching_psks() {
         vec![(2, KeyRole::Current), (1, KeyRole::Previous)],
         "current and previous"
     );
-    assert_eq!(ba.ipsec, bb.ipsec, "every node holds the same PSKs");
+    let ipsec_b = bb.ipsec.as_ref().unwrap();
+    assert_eq!(
+        (ipsec.outbound_spi, &ipsec.keys),
+        (ipsec_b.outbound_spi, &ipsec_b.keys),
+        "every node holds the same PSKs"
+    );
+    // Each node's bundle lists the other nodes as IPsec peers (per-tunnel keys need their
+    // addresses and boot IDs).
+    assert_eq!(
+        ipsec
+            .peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<Vec<_>>(),
+        ["node-b"]
+    );
+    assert_eq!(ipsec.peers[0].boot_id.as_deref(), Some("boot-2"));
 
     assert_eq!(ba.wireguard.peers.len(), 1);
     assert_eq!(ba.wireguard.peers[0].node, "node-b");

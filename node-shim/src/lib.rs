@@ -1,10 +1,24 @@
-//! node-shim, the per-node agent.
+//! node-shim, the per-node agent: registers the node with keyd over mTLS, fetches its bundle,
+//! programs WireGuard or IPsec (XFRM) in the kernel, and acknowledges what it programmed.
 //!
-//! It will hold: a pure reconciler from (bundle, node facts) to the desired kernel state, the
-//! kernel access (XFRM states and policies, WireGuard devices, routes, tc eBPF steering) behind a
-//! narrow trait with a stateful fake, and the mTLS client that registers the node with keyd,
-//! fetches its [`keyd_proto::NodeBundle`] and acknowledges what it programmed. The netlink and
-//! `unsafe` code will live under one `kernel` module. Nothing here is implemented yet (issue 6).
+//! - [`reconcile`]: the pure core. Desired kernel state as a function of (bundle, node facts),
+//!   the plan from the kernel's actual state to it, and the acknowledgement.
+//! - [`kernel`]: the [`kernel::Kernel`] trait, its stateful fake, and the netlink implementation
+//!   (the only netlink code in the workspace).
+//! - [`agent`]: the loop around them: fetch, reconcile, acknowledge, back off when keyd is away.
+//! - [`keyd_client`], [`bootstrap`]: talking to keyd; static or bootstrapped identity.
+//! - [`config`], [`secret`], [`derive`], [`model`], [`status`].
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod bootstrap;
+pub mod config;
+pub mod derive;
+pub mod kernel;
+pub mod keyd_client;
+pub mod model;
+pub mod reconcile;
+pub mod secret;
+pub mod status;
 
 pub use keyd_proto as proto;

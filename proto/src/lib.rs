@@ -112,6 +112,23 @@ pub struct IpsecBundle {
     pub outbound_spi: u8,
     /// Every key the node must hold for inbound traffic, newest first.
     pub keys: Vec<IpsecKey>,
+    /// Every other registered node: where its ESP comes from and goes to, the pod CIDRs behind
+    /// it, and its boot ID, which per-tunnel keys are derived with. Absent from bundles of keyd
+    /// versions that did not send it.
+    #[serde(default)]
+    pub peers: Vec<IpsecPeer>,
+}
+
+/// Another node as an IPsec peer (never secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpsecPeer {
+    pub node: String,
+    /// The node's address: the outer destination of ESP sent to it and the outer source of ESP
+    /// received from it.
+    pub endpoint: IpAddr,
+    pub pod_cidrs: Vec<IpNet>,
+    /// `None` until the node registers one; per-tunnel (`+`) keys cannot be derived without it.
+    pub boot_id: Option<String>,
 }
 
 /// Where a key stands in the rotation.
@@ -483,6 +500,30 @@ pub struct AdmissionDecision {
 #[serde(deny_unknown_fields)]
 pub struct AdmissionDecisions {
     pub decisions: Vec<AdmissionDecision>,
+}
+
+/// `POST /v1/bootstrap/node` on keyd's bootstrap listener (server-authenticated TLS, no client
+/// certificate): a node agent trades a projected ServiceAccount token for a short-lived node
+/// client certificate, as SPIRE's `k8s_psat` attestor does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    /// The node the agent says it runs on; keyd checks the token's pod is scheduled there.
+    pub node: String,
+    /// The projected ServiceAccount token (audience `keyd`).
+    pub token: SecretString,
+    /// A PKCS#10 request (PEM) for the key the agent generated; keyd ignores its names and
+    /// issues a certificate for `spiffe://keyd/node/{node}` only.
+    pub csr: String,
+}
+
+/// The answer to a [`BootstrapRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapResponse {
+    /// The node certificate (PEM), issued by keyd's CA.
+    pub certificate: String,
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
 }
 
 #[cfg(test)]

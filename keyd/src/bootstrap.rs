@@ -1,0 +1,758 @@
+//! Node bootstrap, as SPIRE's `k8s_psat` attestor does it: a node agent that has no certificate
+//! yet presents its projected ServiceAccount token; keyd asks the Kubernetes API server whether
+//! the token is valid (TokenReview, with keyd's audience), whose it is (an allowed service
+//! account) and which pod it was issued for, checks that this pod runs on the node the agent
+//! names, and issues a short-lived client certificate for `spiffe://keyd/node/NODE` from keyd's
+//! CA for the public key of the agent's CSR (whose signature proves the agent holds the key).
+//!
+//! It is served on a listener of its own (`[bootstrap] listen`) with server-authenticated TLS
+//! only, so the mTLS API never accepts a client without a certificate. Every issuance and every
+//! refusal is audited.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http::{Method, header};
+use keyd_proto::identity::{Identity, validate_name};
+use keyd_proto::{BootstrapRequest, BootstrapResponse, ErrorBody, SecretString};
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::client::Connector;
+use crate::config::ConfigError;
+use crate::pki::CertificateAuthority;
+use crate::service::Keyd;
+use crate::store::AuditEvent;
+
+/// The `[bootstrap]` section as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBootstrap {
+    /// Address of the bootstrap listener, e.g. `0.0.0.0:8444`.
+    pub listen: Option<String>,
+    /// The API server, `https://HOST:PORT` (in a pod: `https://kubernetes.default.svc`).
+    pub kube_api: Option<String>,
+    /// The API server's CA (in a pod: the service account's `ca.crt`).
+    pub kube_ca: Option<PathBuf>,
+    /// keyd's own credential for TokenReview and reading pods (in a pod: the service account
+    /// token, re-read for every request since kubelet rotates it).
+    pub kube_token_file: Option<PathBuf>,
+    /// The audience node tokens must carry (default `keyd`).
+    pub audience: Option<String>,
+    /// Service accounts allowed to bootstrap, as `NAMESPACE/NAME` (node-shim's DaemonSet).
+    pub service_accounts: Option<Vec<String>>,
+    /// The private key of keyd's client CA (`tls.ca`), which signs node certificates.
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of issued certificates (default 1h, at most 24h); agents renew at 2/3.
+    pub cert_validity: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    pub listen: SocketAddr,
+    pub kube_api: String,
+    pub kube_ca: PathBuf,
+    pub kube_token_file: PathBuf,
+    pub audience: String,
+    /// (namespace, name)
+    pub service_accounts: Vec<(String, String)>,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert_validity: Duration,
+}
+
+fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: format!("bootstrap.{field}"),
+        message: message.into(),
+    }
+}
+
+impl RawBootstrap {
+    /// `tls_ca` is keyd's client CA: the certificates issued here must chain to it.
+    pub fn validate(self, tls_ca: &Path) -> Result<BootstrapConfig, ConfigError> {
+        let listen = self
+            .listen
+            .ok_or_else(|| cerr("listen", "required"))?
+            .parse()
+            .map_err(|_| cerr("listen", "not an address like 0.0.0.0:8444"))?;
+        let kube_api = self
+            .kube_api
+            .unwrap_or_else(|| "https://kubernetes.default.svc".to_owned());
+        if !kube_api.starts_with("https://") {
+            return Err(cerr("kube_api", "must be an https:// URL"));
+        }
+        let file =
+            |field: &str, p: Option<PathBuf>, default: &str| -> Result<PathBuf, ConfigError> {
+                let p = p.unwrap_or_else(|| PathBuf::from(default));
+                std::fs::metadata(&p).map_err(|e| cerr(field, format!("{}: {e}", p.display())))?;
+                Ok(p)
+            };
+        let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+        let kube_ca = file("kube_ca", self.kube_ca, &format!("{sa}/ca.crt"))?;
+        let kube_token_file = file(
+            "kube_token_file",
+            self.kube_token_file,
+            &format!("{sa}/token"),
+        )?;
+        let ca_key = file("ca_key", self.ca_key, "")?;
+        let audience = self.audience.unwrap_or_else(|| "keyd".to_owned());
+        if audience.is_empty() {
+            return Err(cerr("audience", "must not be empty"));
+        }
+        let mut service_accounts = Vec::new();
+        for s in self.service_accounts.unwrap_or_default() {
+            let (ns, name) = s
+                .split_once('/')
+                .filter(|(ns, name)| validate_name(ns).is_ok() && validate_name(name).is_ok())
+                .ok_or_else(|| cerr("service_accounts", format!("{s:?} is not NAMESPACE/NAME")))?;
+            service_accounts.push((ns.to_owned(), name.to_owned()));
+        }
+        if service_accounts.is_empty() {
+            return Err(cerr(
+                "service_accounts",
+                "name at least one NAMESPACE/NAME allowed to bootstrap",
+            ));
+        }
+        let cert_validity =
+            humantime::parse_duration(self.cert_validity.as_deref().unwrap_or("1h"))
+                .map_err(|e| cerr("cert_validity", e.to_string()))?;
+        if cert_validity < Duration::from_secs(60) || cert_validity > Duration::from_secs(24 * 3600)
+        {
+            return Err(cerr("cert_validity", "must be between 1m and 24h"));
+        }
+        Ok(BootstrapConfig {
+            listen,
+            kube_api,
+            kube_ca,
+            kube_token_file,
+            audience,
+            service_accounts,
+            ca_cert: tls_ca.to_owned(),
+            ca_key,
+            cert_validity,
+        })
+    }
+}
+
+/// What the API server said about a token (`TokenReview.status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct TokenReviewStatus {
+    #[serde(default)]
+    pub authenticated: bool,
+    #[serde(default)]
+    pub user: ReviewedUser,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ReviewedUser {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub uid: String,
+    /// For a bound token: `authentication.kubernetes.io/pod-name` and `.../pod-uid`.
+    #[serde(default)]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+/// The facts about a pod that the decision needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    pub uid: String,
+    pub node_name: Option<String>,
+    pub phase: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot read keyd's Kubernetes token {path}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the Kubernetes API server is unreachable")]
+    Unreachable(#[source] crate::client::ClientError),
+    #[error("the Kubernetes API server answered {status} to {what}")]
+    Status { what: &'static str, status: u16 },
+    #[error("the Kubernetes API server's answer to {what} is not valid")]
+    Decode { what: &'static str },
+}
+
+/// The two Kubernetes API calls bootstrap makes; a fake stands in for it in unit tests.
+#[async_trait::async_trait]
+pub trait KubeAuth: Send + Sync + fmt::Debug {
+    async fn token_review(
+        &self,
+        token: &SecretString,
+        audience: &str,
+    ) -> Result<TokenReviewStatus, KubeError>;
+    /// `None` if there is no such pod.
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodFacts>, KubeError>;
+}
+
+/// The real API server, over HTTPS with keyd's bearer token.
+#[derive(Debug)]
+pub struct KubeApi {
+    connector: Connector,
+    token_file: PathBuf,
+}
+
+impl KubeApi {
+    pub fn new(server: &str, ca: &Path, token_file: &Path) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)? {
+            roots.add(c?)?;
+        }
+        let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            connector: Connector::new(server, Arc::new(config))?,
+            token_file: token_file.to_owned(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: &'static str,
+    ) -> Result<Option<bytes::Bytes>, KubeError> {
+        let token = zeroize::Zeroizing::new(std::fs::read_to_string(&self.token_file).map_err(
+            |source| KubeError::Token {
+                path: self.token_file.clone(),
+                source,
+            },
+        )?);
+        let auth = zeroize::Zeroizing::new(format!("Bearer {}", token.trim()));
+        let mut conn = self
+            .connector
+            .connect()
+            .await
+            .map_err(KubeError::Unreachable)?;
+        let resp = conn
+            .send(
+                method,
+                path,
+                body,
+                &[
+                    (header::AUTHORIZATION, auth.as_str()),
+                    (header::ACCEPT, "application/json"),
+                ],
+            )
+            .await
+            .map_err(KubeError::Unreachable)?;
+        if resp.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status.is_success() {
+            return Err(KubeError::Status {
+                what,
+                status: resp.status.as_u16(),
+            });
+        }
+        Ok(Some(resp.body))
+    }
+}
+
+#[async_trait::async_trait]
+impl KubeAuth for KubeApi {
+    async fn token_review(
+        &self,
+        token: &SecretString,
+        audience: &str,
+    ) -> Result<TokenReviewStatus, KubeError> {
+        let what = "a TokenReview";
+        let body = zeroize::Zeroizing::new(
+            serde_json::to_vec(&json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": { "token": token.expose(), "audiences": [audience] }
+            }))
+            .map_err(|_| KubeError::Decode { what })?,
+        );
+        let resp = self
+            .call(
+                Method::POST,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                Some(body.to_vec()),
+                what,
+            )
+            .await?
+            .ok_or(KubeError::Status { what, status: 404 })?;
+        #[derive(Deserialize)]
+        struct Review {
+            #[serde(default)]
+            status: TokenReviewStatus,
+        }
+        serde_json::from_slice::<Review>(&resp)
+            .map(|r| r.status)
+            .map_err(|_| KubeError::Decode { what })
+    }
+
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodFacts>, KubeError> {
+        let what = "reading a pod";
+        let Some(body) = self
+            .call(
+                Method::GET,
+                &format!("/api/v1/namespaces/{namespace}/pods/{name}"),
+                None,
+                what,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        #[derive(Deserialize)]
+        struct Pod {
+            metadata: Meta,
+            #[serde(default)]
+            spec: Spec,
+            #[serde(default)]
+            status: PodStatus,
+        }
+        #[derive(Deserialize)]
+        struct Meta {
+            uid: String,
+        }
+        #[derive(Deserialize, Default)]
+        struct Spec {
+            #[serde(rename = "nodeName")]
+            node_name: Option<String>,
+        }
+        #[derive(Deserialize, Default)]
+        struct PodStatus {
+            phase: Option<String>,
+        }
+        let pod: Pod = serde_json::from_slice(&body).map_err(|_| KubeError::Decode { what })?;
+        Ok(Some(PodFacts {
+            uid: pod.metadata.uid,
+            node_name: pod.spec.node_name,
+            phase: pod.status.phase,
+        }))
+    }
+}
+
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// Who the token proved to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: String,
+    pub pod_uid: String,
+}
+
+/// The decision on the API server's answers: pure, so every refusal is unit-tested.
+pub fn check_review(review: &TokenReviewStatus, cfg: &BootstrapConfig) -> Result<Attested, String> {
+    if !review.authenticated {
+        return Err(format!(
+            "the token is not valid{}",
+            review
+                .error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if !review.audiences.contains(&cfg.audience) {
+        return Err(format!(
+            "the token is not for audience {:?} (project it with `audience: {}`)",
+            cfg.audience, cfg.audience
+        ));
+    }
+    let (namespace, service_account) = review
+        .user
+        .username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+        .ok_or_else(|| format!("{:?} is not a service account", review.user.username))?;
+    if !cfg
+        .service_accounts
+        .iter()
+        .any(|(ns, n)| ns == namespace && n == service_account)
+    {
+        return Err(format!(
+            "service account {namespace}/{service_account} may not bootstrap nodes"
+        ));
+    }
+    let one = |k: &str| review.user.extra.get(k).and_then(|v| v.first()).cloned();
+    let (Some(pod), Some(pod_uid)) = (one(POD_NAME), one(POD_UID)) else {
+        return Err(
+            "the token is not bound to a pod (use a projected service account token)".into(),
+        );
+    };
+    Ok(Attested {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        pod,
+        pod_uid,
+    })
+}
+
+pub fn check_pod(a: &Attested, pod: Option<&PodFacts>, node: &str) -> Result<(), String> {
+    let pod = pod.ok_or_else(|| format!("pod {}/{} does not exist", a.namespace, a.pod))?;
+    if pod.uid != a.pod_uid {
+        return Err(format!(
+            "pod {}/{} was replaced since the token was issued",
+            a.namespace, a.pod
+        ));
+    }
+    match pod.node_name.as_deref() {
+        Some(n) if n == node => {}
+        Some(n) => {
+            return Err(format!(
+                "pod {}/{} runs on node {n:?}, not {node:?}",
+                a.namespace, a.pod
+            ));
+        }
+        None => return Err(format!("pod {}/{} is not scheduled", a.namespace, a.pod)),
+    }
+    if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Err(format!("pod {}/{} has terminated", a.namespace, a.pod));
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot check the token")]
+    Kube(#[source] KubeError),
+    #[error("cannot issue the certificate")]
+    Pki(#[source] crate::pki::PkiError),
+}
+
+#[derive(Clone)]
+pub struct Bootstrap {
+    cfg: Arc<BootstrapConfig>,
+    ca: Arc<CertificateAuthority>,
+    kube: Arc<dyn KubeAuth>,
+    keyd: Arc<Keyd>,
+}
+
+impl fmt::Debug for Bootstrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bootstrap")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bootstrap {
+    pub fn new(
+        cfg: BootstrapConfig,
+        kube: Arc<dyn KubeAuth>,
+        keyd: Arc<Keyd>,
+    ) -> Result<Self, crate::pki::PkiError> {
+        let ca = CertificateAuthority::load(&cfg.ca_cert, &cfg.ca_key)?;
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            ca: Arc::new(ca),
+            kube,
+            keyd,
+        })
+    }
+
+    /// Checks the token and the pod, then issues. Refusals are audited by the caller.
+    pub async fn handle(
+        &self,
+        req: &BootstrapRequest,
+    ) -> Result<BootstrapResponse, BootstrapError> {
+        validate_name(&req.node).map_err(|e| BootstrapError::Invalid(format!("node: {e}")))?;
+        if req.token.expose().is_empty() || req.token.expose().len() > 16 * 1024 {
+            return Err(BootstrapError::Invalid("token: empty or too long".into()));
+        }
+        let review = self
+            .kube
+            .token_review(&req.token, &self.cfg.audience)
+            .await
+            .map_err(BootstrapError::Kube)?;
+        let who = check_review(&review, &self.cfg).map_err(BootstrapError::Refused)?;
+        let pod = self
+            .kube
+            .pod(&who.namespace, &who.pod)
+            .await
+            .map_err(BootstrapError::Kube)?;
+        check_pod(&who, pod.as_ref(), &req.node).map_err(BootstrapError::Refused)?;
+        let issued = self
+            .ca
+            .issue_client_for_csr(
+                &Identity::Node(req.node.clone()),
+                &req.csr,
+                self.cfg.cert_validity,
+            )
+            .map_err(|e| match e {
+                crate::pki::PkiError::Rcgen {
+                    what: "parsing the CSR",
+                    ..
+                } => BootstrapError::Invalid(
+                    "csr: not a PKCS#10 request in PEM with a valid signature".into(),
+                ),
+                other => BootstrapError::Pki(other),
+            })?;
+        let _ = self
+            .keyd
+            .audit(AuditEvent::new(
+                "node.certificate.issued",
+                Identity::Node(req.node.clone()),
+                json!({ "node": req.node, "pod": format!("{}/{}", who.namespace, who.pod),
+                        "service_account": format!("{}/{}", who.namespace, who.service_account),
+                        "not_after": issued.not_after.to_string(), "via": "bootstrap" }),
+            ))
+            .await;
+        Ok(BootstrapResponse {
+            certificate: issued.cert_pem,
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        })
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: code.to_owned(),
+            message,
+        }),
+    )
+        .into_response()
+}
+
+async fn bootstrap_node(State(b): State<Bootstrap>, body: axum::body::Bytes) -> Response {
+    let req: BootstrapRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()),
+    };
+    match b.handle(&req).await {
+        Ok(resp) => {
+            tracing::info!(node = %req.node, not_after = %resp.not_after, "node certificate issued");
+            (StatusCode::OK, Json(resp)).into_response()
+        }
+        Err(e) => {
+            let text = crate_error_chain(&e);
+            tracing::warn!(node = %req.node, error = %text, "bootstrap refused");
+            let _ = b
+                .keyd
+                .audit(AuditEvent::new(
+                    "bootstrap.refused",
+                    "anonymous",
+                    json!({ "node": req.node, "reason": text }),
+                ))
+                .await;
+            match e {
+                BootstrapError::Invalid(m) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+                BootstrapError::Refused(m) => error(StatusCode::FORBIDDEN, "forbidden", m),
+                BootstrapError::Kube(_) => {
+                    error(StatusCode::BAD_GATEWAY, "kubernetes_unavailable", text)
+                }
+                BootstrapError::Pki(_) => {
+                    error(StatusCode::INTERNAL_SERVER_ERROR, "internal", text)
+                }
+            }
+        }
+    }
+}
+
+fn crate_error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub fn router(b: Bootstrap) -> Router {
+    Router::new()
+        .route("/v1/bootstrap/node", post(bootstrap_node))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(b)
+}
+
+/// keyd's server certificate without client authentication: bootstrapping clients have none.
+pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Binds the bootstrap listener; the future serves until `shutdown`.
+pub async fn start(
+    cfg: BootstrapConfig,
+    tls: &crate::tls::TlsPaths,
+    keyd: Arc<Keyd>,
+    kube: Arc<dyn KubeAuth>,
+    handshake_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(
+    SocketAddr,
+    std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+)> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let server = server_config(&tls.cert, &tls.key)?;
+    let (_tx, rx) = tokio::sync::watch::channel(server);
+    let metrics = keyd.metrics.clone();
+    let b = Bootstrap::new(cfg, kube, keyd)?;
+    let fut = async move {
+        // Keep the sender alive for as long as the listener serves.
+        let _tx = _tx;
+        crate::server::serve_tls(
+            listener,
+            rx,
+            router(b),
+            handshake_timeout,
+            metrics,
+            shutdown,
+        )
+        .await;
+    };
+    Ok((addr, Box::pin(fut)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BootstrapConfig {
+        BootstrapConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            kube_api: "https://k".into(),
+            kube_ca: "/ca".into(),
+            kube_token_file: "/t".into(),
+            audience: "keyd".into(),
+            service_accounts: vec![("keyd".into(), "node-shim".into())],
+            ca_cert: "/c".into(),
+            ca_key: "/k".into(),
+            cert_validity: Duration::from_secs(3600),
+        }
+    }
+
+    fn review() -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: true,
+            user: ReviewedUser {
+                username: "system:serviceaccount:keyd:node-shim".into(),
+                uid: "u".into(),
+                extra: BTreeMap::from([
+                    (POD_NAME.to_owned(), vec!["node-shim-abcde".to_owned()]),
+                    (POD_UID.to_owned(), vec!["uid-1".to_owned()]),
+                ]),
+            },
+            audiences: vec!["keyd".into()],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn accepts_a_bound_token_of_an_allowed_service_account() {
+        let a = check_review(&review(), &cfg()).unwrap();
+        assert_eq!(a.pod, "node-shim-abcde");
+        let pod = PodFacts {
+            uid: "uid-1".into(),
+            node_name: Some("worker-1".into()),
+            phase: Some("Running".into()),
+        };
+        check_pod(&a, Some(&pod), "worker-1").unwrap();
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let c = cfg();
+        let mut r = review();
+        r.authenticated = false;
+        r.error = Some("token expired".into());
+        assert!(check_review(&r, &c).unwrap_err().contains("token expired"));
+        let mut r = review();
+        r.audiences = vec!["https://kubernetes.default.svc".into()];
+        assert!(check_review(&r, &c).unwrap_err().contains("audience"));
+        let mut r = review();
+        r.user.username = "system:serviceaccount:default:default".into();
+        assert!(
+            check_review(&r, &c)
+                .unwrap_err()
+                .contains("may not bootstrap")
+        );
+        let mut r = review();
+        r.user.username = "alice".into();
+        assert!(
+            check_review(&r, &c)
+                .unwrap_err()
+                .contains("not a service account")
+        );
+        let mut r = review();
+        r.user.extra.clear();
+        assert!(
+            check_review(&r, &c)
+                .unwrap_err()
+                .contains("not bound to a pod")
+        );
+
+        let a = check_review(&review(), &c).unwrap();
+        let pod = |uid: &str, node: Option<&str>, phase: &str| PodFacts {
+            uid: uid.into(),
+            node_name: node.map(str::to_owned),
+            phase: Some(phase.into()),
+        };
+        assert!(
+            check_pod(&a, None, "w")
+                .unwrap_err()
+                .contains("does not exist")
+        );
+        assert!(
+            check_pod(&a, Some(&pod("other", Some("w"), "Running")), "w")
+                .unwrap_err()
+                .contains("replaced")
+        );
+        assert!(
+            check_pod(&a, Some(&pod("uid-1", Some("w2"), "Running")), "w")
+                .unwrap_err()
+                .contains("runs on node")
+        );
+        assert!(
+            check_pod(&a, Some(&pod("uid-1", None, "Pending")), "w")
+                .unwrap_err()
+                .contains("not scheduled")
+        );
+        assert!(
+            check_pod(&a, Some(&pod("uid-1", Some("w"), "Failed")), "w")
+                .unwrap_err()
+                .contains("terminated")
+        );
+    }
+}

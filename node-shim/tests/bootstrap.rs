@@ -1,0 +1,184 @@
+//! Node bootstrap end to end (no privileges): node-shim's client against keyd's bootstrap
+//! listener, with a stand-in for the Kubernetes API server's TokenReview and pod endpoints.
+//! The stand-in answers in the API's own shapes; the test against a real kube-apiserver is in
+//! the Kubernetes harness (see README).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use keyd::bootstrap::{KubeAuth, KubeError, PodFacts, ReviewedUser, TokenReviewStatus};
+use keyd_node_shim::bootstrap::{self, BootstrapError, Bootstrapper, Issued};
+use keyd_node_shim::keyd_client::{KeydClient, KeydError};
+use keyd_proto::{NodeRegistration, SecretString, Timestamp};
+
+/// Tokens `token-<pod>` are valid bound tokens of keyd/node-shim for pod `<pod>`; pod
+/// `shim-on-a` runs on node-a, `shim-on-b` on node-b; anything else is invalid.
+#[derive(Debug)]
+struct FakeKube;
+
+#[async_trait::async_trait]
+impl KubeAuth for FakeKube {
+    async fn token_review(
+        &self,
+        token: &SecretString,
+        audience: &str,
+    ) -> Result<TokenReviewStatus, KubeError> {
+        let Some(pod) = token.expose().strip_prefix("token-") else {
+            return Ok(TokenReviewStatus {
+                authenticated: false,
+                error: Some("invalid bearer token".into()),
+                ..Default::default()
+            });
+        };
+        Ok(TokenReviewStatus {
+            authenticated: true,
+            user: ReviewedUser {
+                username: "system:serviceaccount:keyd:node-shim".into(),
+                uid: "sa-uid".into(),
+                extra: BTreeMap::from([
+                    (
+                        "authentication.kubernetes.io/pod-name".to_owned(),
+                        vec![pod.to_owned()],
+                    ),
+                    (
+                        "authentication.kubernetes.io/pod-uid".to_owned(),
+                        vec![format!("uid-{pod}")],
+                    ),
+                ]),
+            },
+            audiences: vec![audience.to_owned()],
+            error: None,
+        })
+    }
+
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodFacts>, KubeError> {
+        assert_eq!(namespace, "keyd");
+        let node = match name {
+            "shim-on-a" => "node-a",
+            "shim-on-b" => "node-b",
+            _ => return Ok(None),
+        };
+        Ok(Some(PodFacts {
+            uid: format!("uid-{name}"),
+            node_name: Some(node.into()),
+            phase: Some("Running".into()),
+        }))
+    }
+}
+
+fn bootstrapper(
+    keyd: &KeydHarness,
+    dir: &std::path::Path,
+    node: &str,
+    token: &str,
+) -> Bootstrapper {
+    let token_path = dir.join(format!("{node}-token"));
+    std::fs::write(&token_path, format!("{token}\n")).unwrap();
+    Bootstrapper {
+        server: format!("https://127.0.0.1:{}", keyd.bootstrap.unwrap().port()),
+        ca: keyd.setup.pki.ca.clone(),
+        token_path,
+        cert_dir: dir.join(node),
+        node: node.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_projected_token_buys_a_short_lived_node_certificate() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
+    let issued = b.obtain().await.unwrap();
+    let life = issued.not_after.0 - issued.not_before.0;
+    // 1m validity plus keyd's 5-minute backdating of not_before.
+    assert!((360..=361).contains(&life), "lifetime {life}s");
+    let paths = bootstrap::paths(&b.cert_dir, &b.ca);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&paths.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // The certificate is node-a's identity on the mTLS API, and only node-a's.
+    let mut client = KeydClient::new(&keyd_url(&keyd), "node-a", paths.clone());
+    client
+        .register(&NodeRegistration {
+            endpoint: "192.168.0.1".parse().unwrap(),
+            pod_cidrs: vec![],
+            wireguard_public_key: None,
+            wireguard_key_epoch: None,
+            boot_id: None,
+        })
+        .await
+        .unwrap();
+    let mut as_b = KeydClient::new(&keyd_url(&keyd), "node-b", paths);
+    let e = as_b.fetch_bundle(None, None).await.unwrap_err();
+    assert!(
+        matches!(&e, KeydError::Status { status, .. } if status.as_u16() == 403),
+        "{e}"
+    );
+}
+
+fn keyd_url(k: &KeydHarness) -> String {
+    format!("https://127.0.0.1:{}", k.api.port())
+}
+
+#[tokio::test]
+async fn refusals_name_the_reason() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("node-a", "not-a-token", "not valid"),
+        // A pod on node-b asking for node-a's identity.
+        ("node-a", "token-shim-on-b", "runs on node \"node-b\""),
+        ("node-a", "token-gone", "does not exist"),
+    ];
+    for (node, token, why) in cases {
+        let e = bootstrapper(&keyd, dir.path(), node, token)
+            .obtain()
+            .await
+            .unwrap_err();
+        match &e {
+            BootstrapError::Refused { status, message } => {
+                assert_eq!(*status, 403, "{e}");
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("{token}: {other}"),
+        }
+        assert!(!dir.path().join(node).join("node.pem").exists());
+    }
+}
+
+#[tokio::test]
+async fn renews_before_expiry() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
+    b.obtain().await.unwrap();
+    let cert = bootstrap::paths(&b.cert_dir, &b.ca).cert;
+    let first = std::fs::read_to_string(&cert).unwrap();
+    // Pretend the certificate is two thirds through its life already.
+    let now = Timestamp::from_system(SystemTime::now()).0;
+    let issued = Issued {
+        not_before: Timestamp(now - 20),
+        not_after: Timestamp(now + 10),
+    };
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(b.clone().renew_loop(issued, Duration::from_millis(100), rx));
+    let mut renewed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if std::fs::read_to_string(&cert).unwrap() != first {
+            renewed = true;
+            break;
+        }
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(renewed, "the certificate was not renewed");
+}
