@@ -576,7 +576,7 @@ impl Keyd {
 
     /// Every registered node, with liveness not yet flushed to the store applied.
     pub fn list_nodes(&self) -> Vec<NodeInfo> {
-        let pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = self.pending_seen();
         self.cache()
             .nodes
             .values()
@@ -743,36 +743,40 @@ impl Keyd {
         result
     }
 
+    /// Liveness seen by bundle fetches and not yet written to the store, by node.
+    fn pending_seen(&self) -> HashMap<String, Timestamp> {
+        self.pending_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Writes the liveness that bundle fetches recorded since the last pass, in one transaction
     /// (one fsync however many nodes polled). Run by every scheduler pass, before the rollout
-    /// looks at liveness, and at shutdown. On failure the entries go back for the next pass.
+    /// looks at liveness, and at shutdown. Entries leave the pending map only once the store and
+    /// the cache hold them, so readers never see a node's liveness go back; on failure they stay
+    /// for the next pass. A node record that does not parse is skipped (and logged), not allowed
+    /// to block everyone else's liveness.
     pub async fn flush_liveness(&self) -> Result<usize> {
-        let pending =
-            std::mem::take(&mut *self.pending_seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let _w = self.write_lock.lock().await;
+        let pending = self.pending_seen();
         if pending.is_empty() {
             return Ok(0);
         }
-        let result = self.write_liveness(&pending).await;
-        if result.is_err() {
-            let mut now_pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, seen) in pending {
-                let e = now_pending.entry(name).or_insert(seen);
-                *e = (*e).max(seen);
-            }
-        }
-        result
-    }
-
-    async fn write_liveness(&self, pending: &HashMap<String, Timestamp>) -> Result<usize> {
-        let _w = self.write_lock.lock().await;
         let mut txn = Txn::default();
-        let mut updated = Vec::with_capacity(pending.len());
-        for (name, seen) in pending {
+        let mut written = Vec::with_capacity(pending.len());
+        for (name, seen) in &pending {
             // Read from the store, not the cache: the CAS guard must hold the stored bytes.
             let Some(previous) = self.store.get(Table::Nodes, name)? else {
                 continue; // deleted since it fetched
             };
-            let mut info: NodeInfo = from_json(&previous, "node record")?;
+            let mut info: NodeInfo = match from_json(&previous, "node record") {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::error!(node = %name, error = %e, "cannot record liveness: unreadable node record");
+                    continue;
+                }
+            };
             if info.last_seen >= *seen {
                 continue; // an acknowledgement or registration wrote a newer one
             }
@@ -782,27 +786,40 @@ impl Keyd {
                 name,
                 to_json(&info),
             );
-            updated.push(info);
+            written.push((name.clone(), *seen));
         }
-        if updated.is_empty() {
-            return Ok(0);
+        if !written.is_empty() {
+            self.commit_only(txn).await?;
+            // Only `last_seen` is copied into the cached node: nothing a bundle carries changes
+            // here, so rendered bundles stay valid and long polls stay asleep.
+            let prev = self.cache();
+            let mut next = (*prev).clone();
+            for (name, seen) in &written {
+                if let Some(node) = next.nodes.get_mut(name) {
+                    Arc::make_mut(node).last_seen = *seen;
+                }
+            }
+            *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         }
-        self.commit_only(txn).await?;
-        // Only liveness changed: nothing a bundle carries, so rendered bundles stay valid.
-        let count = updated.len();
-        let prev = self.cache();
-        let mut next = (*prev).clone();
-        for info in updated {
-            next.nodes.insert(info.name.clone(), Arc::new(info));
+        let mut now_pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, seen) in &pending {
+            // A fetch since the snapshot may have marked the node again, later.
+            if now_pending.get(name).is_some_and(|t| t <= seen) {
+                now_pending.remove(name);
+            }
         }
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        Ok(count)
+        Ok(written.len())
     }
 
     // ---- IPsec -------------------------------------------------------------------------------
 
     pub fn ipsec_status(&self) -> IpsecStatus {
-        ipsec_status(&self.cache(), &self.config, self.clock.now())
+        ipsec_status(
+            &self.cache(),
+            &self.config,
+            self.clock.now(),
+            &self.pending_seen(),
+        )
     }
 
     /// Starts a rotation: the first key becomes current at once; later keys roll out staged ->
@@ -919,7 +936,7 @@ impl Keyd {
                         from,
                         to: entry.spi,
                     },
-                    &node_acks(cache),
+                    &node_acks(cache, &self.pending_seen()),
                     &self.rollout_config(cache),
                     now,
                 )?;
@@ -1017,7 +1034,7 @@ impl Keyd {
         let (next, effects) = rotation::step(
             Some(&current),
             &Event::Tick,
-            &node_acks(&cache),
+            &node_acks(&cache, &self.pending_seen()),
             &self.rollout_config(&cache),
             self.clock.now(),
         )?;
@@ -1080,7 +1097,7 @@ impl Keyd {
             kek_backend: self.wrapper.backend().to_owned(),
             kek_id: self.wrapper.key_id(),
             nodes: cache.nodes.len(),
-            ipsec: ipsec_status(&cache, &self.config, self.clock.now()),
+            ipsec: ipsec_status(&cache, &self.config, self.clock.now(), &self.pending_seen()),
             wireguard: WireguardStatus {
                 psk_epoch: cache.wg.psk_epoch,
                 nodes_with_public_key: cache
@@ -1207,7 +1224,12 @@ impl Keyd {
     }
 }
 
-fn ipsec_status(cache: &Cache, cfg: &ServiceConfig, now: Timestamp) -> IpsecStatus {
+fn ipsec_status(
+    cache: &Cache,
+    cfg: &ServiceConfig,
+    now: Timestamp,
+    seen: &HashMap<String, Timestamp>,
+) -> IpsecStatus {
     let roles = cache.ipsec_state.roles();
     IpsecStatus {
         outbound_spi: cache.ipsec_state.outbound_spi(),
@@ -1223,7 +1245,7 @@ fn ipsec_status(cache: &Cache, cfg: &ServiceConfig, now: Timestamp) -> IpsecStat
                 stuck_after: cfg.rollout_stuck_after,
                 overlap: Duration::ZERO,
             };
-            let p = rotation::progress(r, &node_acks(cache), &rc, now);
+            let p = rotation::progress(r, &node_acks(cache, seen), &rc, now);
             RolloutStatus {
                 from_spi: r.from_spi,
                 to_spi: r.to_spi,
@@ -1238,13 +1260,17 @@ fn ipsec_status(cache: &Cache, cfg: &ServiceConfig, now: Timestamp) -> IpsecStat
     }
 }
 
-fn node_acks(cache: &Cache) -> Vec<NodeAcks> {
+/// Every node's acknowledgements and liveness; `seen` is liveness not yet written to the store
+/// ([`Keyd::flush_liveness`]), so that a rollout never counts a polling node as dead.
+fn node_acks(cache: &Cache, seen: &HashMap<String, Timestamp>) -> Vec<NodeAcks> {
     cache
         .nodes
         .values()
         .map(|n| NodeAcks {
             name: n.name.clone(),
-            last_seen: n.last_seen,
+            last_seen: seen
+                .get(&n.name)
+                .map_or(n.last_seen, |t| n.last_seen.max(*t)),
             installed: n.acked.ack.ipsec_spis.clone(),
             outbound: n.acked.ack.ipsec_outbound_spi,
         })

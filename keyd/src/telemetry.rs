@@ -120,6 +120,7 @@ pub struct Metrics {
     pub nodes: Gauge,
     pub rollouts_stuck: Counter,
     pub scheduled_rotation_failures: Counter,
+    pub liveness_write_failures: Counter,
     pub audit_checkpoints: Counter,
     pub custody: CustodyMetrics,
 }
@@ -153,6 +154,7 @@ impl Metrics {
         let nodes = Gauge::default();
         let rollouts_stuck = Counter::default();
         let scheduled_rotation_failures = Counter::default();
+        let liveness_write_failures = Counter::default();
         let audit_checkpoints = Counter::default();
         r.register(
             "ipsec_rollouts_stuck",
@@ -163,6 +165,11 @@ impl Metrics {
             "scheduled_rotation_failures",
             "Scheduled rotations that failed to start",
             scheduled_rotation_failures.clone(),
+        );
+        r.register(
+            "liveness_write_failures",
+            "Scheduler passes that could not write node liveness seen by bundle fetches",
+            liveness_write_failures.clone(),
         );
         r.register(
             "audit_checkpoints",
@@ -212,6 +219,7 @@ impl Metrics {
             nodes,
             rollouts_stuck,
             scheduled_rotation_failures,
+            liveness_write_failures,
             audit_checkpoints,
             custody,
         }

@@ -332,8 +332,12 @@ impl Keyd {
     /// guarded, so a rotation that another replica started is not started again.
     pub async fn tick(&self) -> Result<()> {
         let now = self.clock.now();
-        // Liveness first: the rollout decides on it.
-        self.flush_liveness().await?;
+        // Liveness first: the rollout decides on it (and counts pending liveness either way, so
+        // a failed write delays nothing but durability; it is retried on the next pass).
+        if let Err(e) = self.flush_liveness().await {
+            tracing::warn!(error = %e, "cannot write node liveness; retrying on the next pass");
+            self.metrics.liveness_write_failures.inc();
+        }
         self.advance_rollout().await?;
         for class in KeyClass::ALL {
             let cs = self.cache().schedules.get(class);
