@@ -61,7 +61,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn random_unit() -> f64 {
+/// A uniform random number in [0, 1), for jitter.
+pub fn random_unit() -> f64 {
     let mut b = [0u8; 8];
     // Jitter only spreads retries; a failing RNG just means no jitter.
     let _ = getrandom::fill(&mut b);
@@ -362,13 +363,16 @@ impl<K: Kernel> Agent<K> {
         }
         self.nudge_handshakes();
         let due = self.recheck_at.is_some_and(|t| Instant::now() >= t);
-        if self.dirty || due {
-            if let Err(e) = self.reconcile(true) {
-                tracing::warn!(error = %error_chain(&e), "reconcile failed; retrying");
-                return self.cfg.backoff_initial.min(self.cfg.poll_interval);
-            }
-            self.send_ack().await;
+        if (self.dirty || due)
+            && let Err(e) = self.reconcile(true)
+        {
+            tracing::warn!(error = %error_chain(&e), "reconcile failed; retrying");
+            return self.cfg.backoff_initial.min(self.cfg.poll_interval);
         }
+        // Every step, not only after a reconcile: an acknowledgement that failed (keyd away)
+        // must reach keyd once it is back, and by then the unchanged bundle answers 304, which
+        // does not make anything dirty. A no-op when keyd already has this one.
+        self.send_ack().await;
         // The registration may have learned the key's epoch.
         self.ensure_registered().await;
         match wait {

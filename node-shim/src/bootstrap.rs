@@ -13,6 +13,7 @@ use keyd::client::Connector;
 use keyd::tls::TlsPaths;
 use keyd_proto::identity::Identity;
 use keyd_proto::{BootstrapRequest, BootstrapResponse, SecretString, Timestamp};
+use rcgen::PublicKeyData as _;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
 };
@@ -114,6 +115,36 @@ fn server_only_tls(ca: &Path) -> Result<Arc<ClientConfig>, BootstrapError> {
 }
 
 impl Bootstrapper {
+    /// A certificate an earlier run obtained, if it is still usable: this node's identity,
+    /// within its validity period, with its key beside it. node-shim starts on it (and renews it
+    /// in the background) instead of waiting for keyd and the API server, so a restart while
+    /// either is away does not stop the agent.
+    pub fn existing(&self) -> Option<Issued> {
+        let p = paths(&self.cert_dir, &self.ca);
+        let der = CertificateDer::pem_file_iter(&p.cert).ok()?.next()?.ok()?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).ok()?;
+        let want = Identity::Node(self.node.clone()).uri();
+        let names_node = x509
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|san| {
+                san.value.general_names.iter().any(
+                    |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want),
+                )
+            });
+        let key_pem = Zeroizing::new(std::fs::read_to_string(&p.key).ok()?);
+        let key = KeyPair::from_pem(&key_pem).ok()?;
+        let matches_key = key.subject_public_key_info() == x509.public_key().raw;
+        let not_before = u64::try_from(x509.validity().not_before.timestamp()).ok()?;
+        let not_after = u64::try_from(x509.validity().not_after.timestamp()).ok()?;
+        let now = Timestamp::now().0;
+        (names_node && matches_key && not_before <= now && now < not_after).then_some(Issued {
+            not_before: Timestamp(not_before),
+            not_after: Timestamp(not_after),
+        })
+    }
+
     /// One exchange: a new key and CSR, the token, a certificate written to `cert_dir`.
     pub async fn obtain(&self) -> Result<Issued, BootstrapError> {
         let token =

@@ -101,12 +101,23 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
                 node: cfg.node_name.clone(),
             };
             let mut attempt = 0;
+            let existing = b.existing();
+            if let Some(i) = &existing {
+                tracing::info!(not_after = %i.not_after, "starting on the node certificate already in cert_dir");
+            }
             let issued = loop {
+                if let Some(i) = existing {
+                    break i;
+                }
                 match b.obtain().await {
                     Ok(i) => break i,
                     Err(e) => {
-                        let wait =
-                            agent::backoff(cfg.backoff_initial, cfg.backoff_max, attempt, 0.5);
+                        let wait = agent::backoff(
+                            cfg.backoff_initial,
+                            cfg.backoff_max,
+                            attempt,
+                            agent::random_unit(),
+                        );
                         attempt += 1;
                         tracing::warn!(error = %agent::error_chain(&e), retry_in = ?wait, "bootstrap failed");
                         tokio::time::sleep(wait).await;

@@ -182,3 +182,28 @@ async fn renews_before_expiry() {
     task.await.unwrap();
     assert!(renewed, "the certificate was not renewed");
 }
+
+#[tokio::test]
+async fn a_restart_starts_on_the_certificate_it_already_has() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
+    assert_eq!(b.existing(), None, "nothing obtained yet");
+    let issued = b.obtain().await.unwrap();
+    assert_eq!(b.existing(), Some(issued));
+
+    // Usable without a token or keyd: what a restart during an API server outage needs.
+    let mut offline = b.clone();
+    offline.token_path = dir.path().join("no-such-token");
+    offline.server = "https://127.0.0.1:9".into();
+    assert_eq!(offline.existing(), Some(issued));
+
+    // Not another node's, and not with a key that does not match.
+    let mut other = b.clone();
+    other.node = "node-b".into();
+    assert_eq!(other.existing(), None, "names node-a, not node-b");
+    let p = bootstrap::paths(&b.cert_dir, &b.ca);
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&p.key, stranger.serialize_pem()).unwrap();
+    assert_eq!(b.existing(), None, "the key does not match the certificate");
+}
