@@ -142,6 +142,7 @@ fn privileged_vm_end_to_end() {
         "esp_old_spi_gone=yes",
         "esp_rotation_stream_survived=yes",
         "esp_restart_kernel_ops=0",
+        "esp_keyd_away_states_kept=yes",
         "bench_peers=1000",
     ] {
         assert!(results.contains(key), "missing {key} in:\n{results}");

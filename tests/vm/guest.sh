@@ -96,8 +96,12 @@ topology() {
 KEYD_DIR=/tmp/keyd-e2e
 start_keyd() {
     rm -rf "$KEYD_DIR"
+    run_keyd
+}
+# keyd on the data directory as it is (a restart keeps every key and certificate).
+run_keyd() {
     "$BIN/keyd" dev --data-dir "$KEYD_DIR" --listen 172.31.0.1:8443 --ops-listen 127.0.0.1:9443 \
-        > "$LOGS/keyd.log" 2>&1 &
+        >> "$LOGS/keyd.log" 2>&1 &
     KEYD_PID=$!
     wait_for 60 "keyd ready" curl -sf http://127.0.0.1:9443/readyz
 }
@@ -440,6 +444,37 @@ ipsec_phase() {
     status_has node-a '"xfrm_states":2' || fail "adopted state count: $(status_of node-a)"
     no_kernel_ops node-a || fail "restart changed the kernel: $(metrics_of node-a | grep kernel_ops)"
     result esp_restart_kernel_ops 0
+
+    # keyd goes away: the nodes say so, keep every state and keep encrypting; when keyd is back
+    # they reach it again without touching the kernel.
+    log "IPsec: keyd away keeps the kernel state"
+    local n states_before=()
+    for n in node-a node-b; do
+        states_before+=("$(ns "$n" ip xfrm state | grep -c '^src' || true)")
+    done
+    start_probe esp-keyd-away
+    kill -TERM "$KEYD_PID" 2>/dev/null || true
+    wait "$KEYD_PID" 2>/dev/null || true
+    for n in node-a node-b; do
+        wait_for 30 "$n to notice that keyd is away" status_has "$n" '"reachable":false'
+    done
+    sleep 5
+    local i=0
+    for n in node-a node-b; do
+        [ "$(ns "$n" ip xfrm state | grep -c '^src' || true)" = "${states_before[$i]}" ] ||
+            fail "$n's XFRM states changed while keyd was away"
+        i=$((i + 1))
+    done
+    ns pod-a ping -c 3 -W 2 10.2.0.2 > "$LOGS/esp-keyd-away-ping.txt" || fail "pod-a cannot reach pod-b while keyd is away"
+    run_keyd
+    for n in node-a node-b; do
+        wait_for 60 "$n to reach keyd again" status_has "$n" '"reachable":true'
+    done
+    sleep 2
+    stop_probe esp-keyd-away
+    [ "$(grep -F 'esp-keyd-away_max_lost_pings=' "$RES" | cut -d= -f2)" -le 2 ] ||
+        fail "traffic stopped while keyd was away (see $OUT/esp-keyd-away-ping.txt)"
+    result esp_keyd_away_states_kept yes
     stop_shim node-a
     stop_shim node-b
 }
