@@ -5,6 +5,10 @@
 //! clients. Who the client is comes from the one `spiffe://keyd/...` URI SAN in that
 //! certificate (see [`keyd_proto::identity`]).
 //!
+//! The webhook serves with the same code: [`serving_config`] and [`watch_server_config`] take a
+//! [`ServerTlsPaths`], whose client CA is optional (the Kubernetes API server usually presents
+//! no client certificate). keyd's own listener always passes one.
+//!
 //! The only crypto provider is aws-lc-rs. Configs are built with
 //! `builder_with_provider(provider())`, so they never depend on a process default; the default
 //! is still installed by [`install_default_provider`] for libraries that look it up.
@@ -54,6 +58,29 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// This side's private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+}
+
+/// Where a server's TLS material lives on disk; without `client_ca`, clients are not asked for a
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsPaths {
+    /// This server's certificate chain, end entity first (PEM).
+    pub cert: PathBuf,
+    /// This server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA certificate(s) a client's certificate must chain to (PEM); `None` asks for none.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// keyd's server: mTLS, clients chained to `ca`.
+impl From<TlsPaths> for ServerTlsPaths {
+    fn from(paths: TlsPaths) -> Self {
+        ServerTlsPaths {
+            cert: paths.cert,
+            key: paths.key,
+            client_ca: Some(paths.ca),
+        }
+    }
 }
 
 /// Which of the three files an error is about.
@@ -143,25 +170,39 @@ fn join(ids: &[Identity]) -> String {
 /// A server config that requires a client certificate chained to `paths.ca`, serves
 /// `paths.cert`/`paths.key`, and offers ALPN `h2` then `http/1.1`.
 pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = Arc::new(root_store(&paths.ca)?);
-    // `build()` without `allow_unauthenticated()`: a handshake without a client certificate fails.
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|source| TlsError::ClientVerifier {
-            path: paths.ca.clone(),
-            source,
-        })?;
-    let (chain, key) = cert_and_key(paths)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    serving_config(&paths.clone().into())
+}
+
+/// A server config serving `paths.cert`/`paths.key` with ALPN `h2` then `http/1.1`. With
+/// `paths.client_ca`, a client certificate chained to it is required; without, none is asked for.
+pub fn serving_config(paths: &ServerTlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(TlsError::ProtocolVersions)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|source| TlsError::CertifiedKey {
-            cert: paths.cert.clone(),
-            key: paths.key.clone(),
-            source,
-        })?;
+        .map_err(TlsError::ProtocolVersions)?;
+    let builder = match &paths.client_ca {
+        Some(ca) => {
+            let roots = Arc::new(root_store(ca)?);
+            // `build()` without `allow_unauthenticated()`: a handshake without a client
+            // certificate fails.
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|source| TlsError::ClientVerifier {
+                    path: ca.clone(),
+                    source,
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let (chain, key) = cert_and_key(&paths.cert, &paths.key)?;
+    let mut config =
+        builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::CertifiedKey {
+                cert: paths.cert.clone(),
+                key: paths.key.clone(),
+                source,
+            })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -170,7 +211,7 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
 /// `http/1.1`.
 pub fn client_config(paths: &TlsPaths) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = root_store(&paths.ca)?;
-    let (chain, key) = cert_and_key(paths)?;
+    let (chain, key) = cert_and_key(&paths.cert, &paths.key)?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ProtocolVersions)?
@@ -217,7 +258,7 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, PeerIdent
     }
 }
 
-/// Loads the server config once (its error is returned) and then polls the three files every
+/// Loads the server config once (its error is returned) and then polls its files every
 /// `interval`. When a file's modification time, change time, size or inode changes, the config
 /// is rebuilt and sent on the channel; when the rebuild fails (say the certificate was replaced
 /// but the key not yet), a warning is logged and the previous config keeps being served. The
@@ -228,16 +269,17 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, PeerIdent
 /// # Panics
 /// Outside a Tokio runtime (it spawns the poller).
 pub fn watch_server_config(
-    paths: TlsPaths,
+    paths: impl Into<ServerTlsPaths>,
     interval: Duration,
 ) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
+    let paths = paths.into();
     if interval.is_zero() {
         return Err(TlsError::ZeroInterval);
     }
     // Fingerprint before reading: a change that lands during the read shows up as a difference
     // at the next poll, so it is never missed.
     let mut seen = Fingerprint::of(&paths);
-    let (tx, rx) = watch::channel(server_config(&paths)?);
+    let (tx, rx) = watch::channel(serving_config(&paths)?);
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -277,19 +319,20 @@ pub fn watch_server_config(
 
 /// One poll: `None` when nothing changed, otherwise the new fingerprint and the rebuild result.
 fn poll_once(
-    paths: &TlsPaths,
+    paths: &ServerTlsPaths,
     previous: &Fingerprint,
 ) -> Option<(Fingerprint, Result<Arc<ServerConfig>, TlsError>)> {
     let now = Fingerprint::of(paths);
     if now == *previous {
         return None;
     }
-    Some((now, server_config(paths)))
+    Some((now, serving_config(paths)))
 }
 
-/// What the poller compares. A missing file is a state of its own (`None`), so its return is a
-/// change. The inode catches an atomic rename (and Kubernetes' `..data` symlink swap, since
-/// `metadata` follows symlinks); ctime catches a rewrite that preserved mtime.
+/// What the poller compares: certificate, key and client CA (`None` when there is none). A
+/// missing file is a state of its own (`None`), so its return is a change. The inode catches an
+/// atomic rename (and Kubernetes' `..data` symlink swap, since `metadata` follows symlinks);
+/// ctime catches a rewrite that preserved mtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint([Option<FileStamp>; 3]);
 
@@ -303,7 +346,7 @@ struct FileStamp {
 }
 
 impl Fingerprint {
-    fn of(paths: &TlsPaths) -> Self {
+    fn of(paths: &ServerTlsPaths) -> Self {
         let stamp = |path: &Path| {
             std::fs::metadata(path).ok().map(|m| FileStamp {
                 modified: m.modified().ok(),
@@ -313,7 +356,11 @@ impl Fingerprint {
                 ino: m.ino(),
             })
         };
-        Fingerprint([stamp(&paths.ca), stamp(&paths.cert), stamp(&paths.key)])
+        Fingerprint([
+            stamp(&paths.cert),
+            stamp(&paths.key),
+            paths.client_ca.as_deref().and_then(stamp),
+        ])
     }
 }
 
@@ -344,10 +391,11 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 fn cert_and_key(
-    paths: &TlsPaths,
+    cert: &Path,
+    key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let chain = read_certs(FileRole::Certificate, &paths.cert)?;
-    let key = read_key(&paths.key)?;
+    let chain = read_certs(FileRole::Certificate, cert)?;
+    let key = read_key(key)?;
     Ok((chain, key))
 }
 

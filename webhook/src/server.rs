@@ -5,6 +5,7 @@
 //! and a time limit (408), handshakes and request headers have timeouts, and every parse error
 //! becomes a 400 or a denying AdmissionResponse.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use keyd::server::Handshake;
 use keyd_proto::{AdmissionDecision, Timestamp};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
@@ -244,54 +245,28 @@ pub async fn serve_tls(
     drain: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new(http_builder(handshake_timeout));
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.borrow()));
-        let router = router.clone();
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router))
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish within the drain timeout");
-    }
+    // The `&_` makes the closure accept a borrow of any lifetime.
+    let connection = move |peer: SocketAddr, handshake: Result<&_, Handshake>| match handshake {
+        Ok(_) => Some(router.clone()),
+        Err(Handshake::Failed(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(Handshake::TimedOut) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    };
+    keyd::server::serve_tls_with(
+        listener,
+        tls,
+        http_builder(handshake_timeout),
+        handshake_timeout,
+        drain,
+        shutdown,
+        connection,
+    )
+    .await;
 }
 
 /// Serves `router` over plain HTTP until `shutdown` resolves.
@@ -300,27 +275,13 @@ pub async fn serve_plain(
     router: Router,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = http_builder(Duration::from_secs(5));
-    tokio::pin!(shutdown);
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ops accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let conn = builder
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()))
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
+    keyd::server::serve_plain_with(
+        listener,
+        router,
+        http_builder(Duration::from_secs(5)),
+        shutdown,
+    )
+    .await;
 }
 
 /// HTTP/1.1 and HTTP/2; a client must send its request headers within `header_timeout`.
