@@ -1,15 +1,14 @@
 //! The real kernel: [`Kernel`] over netlink sockets (and boringtun for userspace WireGuard).
 
 use netlink_packet_route::link::InfoKind;
+use netlink_packet_xfrm::XfrmMessage;
 use netlink_sys::protocols::{NETLINK_GENERIC, NETLINK_ROUTE, NETLINK_XFRM};
 
 use crate::config::{Config, Mode, WgBackend};
 use crate::kernel::nl::NlSocket;
 use crate::kernel::userspace::Userspace;
 use crate::kernel::{ApplyError, Kernel, KernelError, route, tc, wireguard, xfrm};
-use crate::model::{
-    MarkFilter, Observed, ObservedWg, Op, PolicyId, PolicySpec, RouteSpec, StateId, XfrmStateSpec,
-};
+use crate::model::{MarkFilter, Observed, ObservedWg, Op, RouteSpec};
 
 /// Which WireGuard implementation carries the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,80 +303,64 @@ impl NetlinkKernel {
                 .map_err(at(0))
             }
             Op::XfrmStateAdd(_) => {
-                let specs: Vec<&XfrmStateSpec> = run
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::XfrmStateAdd(s) => Some(s),
-                        _ => None,
-                    })
-                    .collect();
-                let mut msgs = Vec::with_capacity(specs.len());
-                for (i, s) in specs.iter().enumerate() {
-                    msgs.push(xfrm::state_add_msg(s).map_err(at(i))?);
+                let mut msgs = Vec::with_capacity(run.len());
+                for (i, op) in run.iter().enumerate() {
+                    if let Op::XfrmStateAdd(spec) = op {
+                        msgs.push(xfrm::state_add_msg(spec).map_err(at(i))?);
+                    }
                 }
-                let sock = self.xfrm_sock().map_err(at(0))?;
-                let results = sock
-                    .batch(
-                        "adding XFRM states",
-                        msgs,
-                        xfrm::STATE_ADD_FLAGS,
-                        xfrm::scrub,
-                    )
-                    .map_err(at(0))?;
-                per_item(results, &|i| run[i].to_string())
+                let flags = xfrm::STATE_ADD_FLAGS;
+                self.xfrm_batch(run, "adding XFRM states", msgs, flags, xfrm::scrub)
             }
             Op::XfrmStateDel(_) => {
-                let ids: Vec<StateId> = run
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::XfrmStateDel(id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                let msgs = ids.iter().map(xfrm::state_del_msg).collect();
-                let sock = self.xfrm_sock().map_err(at(0))?;
-                let results = sock
-                    .batch("deleting XFRM states", msgs, 0, |_| {})
-                    .map_err(at(0))?;
-                per_item(results, &|i| run[i].to_string())
+                let msgs = xfrm_msgs(run, |op| match op {
+                    Op::XfrmStateDel(id) => Some(xfrm::state_del_msg(id)),
+                    _ => None,
+                });
+                self.xfrm_batch(run, "deleting XFRM states", msgs, 0, |_| {})
             }
             Op::XfrmPolicySet(_) => {
-                let specs: Vec<PolicySpec> = run
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::XfrmPolicySet(p) => Some(*p),
-                        _ => None,
-                    })
-                    .collect();
-                let msgs = specs.iter().map(xfrm::policy_set_msg).collect();
-                let sock = self.xfrm_sock().map_err(at(0))?;
-                let results = sock
-                    .batch(
-                        "setting XFRM policies",
-                        msgs,
-                        xfrm::POLICY_SET_FLAGS,
-                        |_| {},
-                    )
-                    .map_err(at(0))?;
-                per_item(results, &|i| run[i].to_string())
+                let msgs = xfrm_msgs(run, |op| match op {
+                    Op::XfrmPolicySet(spec) => Some(xfrm::policy_set_msg(spec)),
+                    _ => None,
+                });
+                let flags = xfrm::POLICY_SET_FLAGS;
+                self.xfrm_batch(run, "setting XFRM policies", msgs, flags, |_| {})
             }
             Op::XfrmPolicyDel(_) => {
-                let ids: Vec<PolicyId> = run
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::XfrmPolicyDel(id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                let msgs = ids.iter().map(xfrm::policy_del_msg).collect();
-                let sock = self.xfrm_sock().map_err(at(0))?;
-                let results = sock
-                    .batch("deleting XFRM policies", msgs, 0, |_| {})
-                    .map_err(at(0))?;
-                per_item(results, &|i| run[i].to_string())
+                let msgs = xfrm_msgs(run, |op| match op {
+                    Op::XfrmPolicyDel(id) => Some(xfrm::policy_del_msg(id)),
+                    _ => None,
+                });
+                self.xfrm_batch(run, "deleting XFRM policies", msgs, 0, |_| {})
             }
         }
     }
+
+    /// Sends a run of XFRM messages (one per op of `run`, in order) as one batch; a refused
+    /// message is reported against its op.
+    fn xfrm_batch(
+        &mut self,
+        run: &[Op],
+        what: &'static str,
+        msgs: Vec<XfrmMessage>,
+        flags: u16,
+        scrub: impl Fn(&mut XfrmMessage),
+    ) -> Result<(), (usize, KernelError)> {
+        let sock = self.xfrm_sock().map_err(|e| (0, e))?;
+        let results = sock.batch(what, msgs, flags, scrub).map_err(|e| (0, e))?;
+        for (i, r) in results.into_iter().enumerate() {
+            if let Err(errno) = r {
+                return Err((i, KernelError::netlink(run[i].to_string(), errno)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The messages for a run of one kind of XFRM op.
+fn xfrm_msgs(run: &[Op], msg: impl Fn(&Op) -> Option<XfrmMessage>) -> Vec<XfrmMessage> {
+    run.iter().filter_map(msg).collect()
 }
 
 /// Ops that go to the kernel together when consecutive.
