@@ -18,6 +18,12 @@ fi
 echo "booting $kernel"
 # --disable-kvm: nested KVM hangs at early boot on these machines. The guest sees the host's
 # root file system read-only; OUT_DIR is shared writable.
-exec timeout 1500 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 \
+# The console goes to a file, not to our stdout: written straight to a stdout that was a file
+# (a CI log), it overwrote the log from its start, losing everything cargo had printed before.
+# Its readable lines are printed afterwards.
+rc=0
+timeout 1500 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 \
     --rwdir "$OUT" \
-    --exec "$here/guest.sh $BIN $OUT $*"
+    --exec "$here/guest.sh $BIN $OUT $*" > "$OUT/console.log" 2>&1 || rc=$?
+sed 's/\x1b\[[0-9;?]*[A-Za-z]//g' "$OUT/console.log" | tr -d '\r' | grep -av '^[[:space:]]*$' | tail -n 300 || true
+exit "$rc"
