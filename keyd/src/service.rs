@@ -580,12 +580,9 @@ impl Keyd {
         self.cache()
             .nodes
             .values()
-            .map(|n| {
-                let mut n = NodeInfo::clone(n);
-                if let Some(seen) = pending.get(&n.name) {
-                    n.last_seen = n.last_seen.max(*seen);
-                }
-                n
+            .map(|n| NodeInfo {
+                last_seen: last_seen(n, &pending),
+                ..NodeInfo::clone(n)
             })
             .collect()
     }
@@ -1268,13 +1265,17 @@ fn node_acks(cache: &Cache, seen: &HashMap<String, Timestamp>) -> Vec<NodeAcks> 
         .values()
         .map(|n| NodeAcks {
             name: n.name.clone(),
-            last_seen: seen
-                .get(&n.name)
-                .map_or(n.last_seen, |t| n.last_seen.max(*t)),
+            last_seen: last_seen(n, seen),
             installed: n.acked.ack.ipsec_spis.clone(),
             outbound: n.acked.ack.ipsec_outbound_spi,
         })
         .collect()
+}
+
+/// When the node was last seen: its stored time, or a later one not yet written (`seen`).
+fn last_seen(node: &NodeInfo, seen: &HashMap<String, Timestamp>) -> Timestamp {
+    seen.get(&node.name)
+        .map_or(node.last_seen, |t| node.last_seen.max(*t))
 }
 
 fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
