@@ -39,6 +39,9 @@ command -v ip >/dev/null 2>&1 || apt_needed+=(iproute2)
 command -v ping >/dev/null 2>&1 || apt_needed+=(iputils-ping)
 command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
+# virtme-ng builds the guest's initramfs with busybox and stops without it ("initramfs is
+# needed, and no busybox was found").
+command -v busybox >/dev/null 2>&1 || apt_needed+=(busybox)
 if ! command -v vng >/dev/null 2>&1 && ! command -v pip3 >/dev/null 2>&1; then
     apt_needed+=(python3-pip)
 fi
