@@ -1,0 +1,203 @@
+//! What is missing when a sensitive pod is not covered, said twice: one line for the audit record
+//! and the log, and the full message with the fix for the person whose request is refused.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use keyd_proto::{EncryptionMode, EnforcementStatus};
+
+use super::coverage::first_ready_mode;
+use super::example::example_policy;
+use super::{Context, KeydView, Reason};
+use crate::crd::Mode;
+use crate::policy::{CompiledPolicy, PolicyKind};
+
+pub(super) enum Violation {
+    NoPolicy {
+        /// Candidate policies ignored for a malformed selector, with the problem.
+        ignored: Vec<String>,
+    },
+    ModeNotReady {
+        status: Arc<EnforcementStatus>,
+        selecting: Vec<CompiledPolicy>,
+    },
+    KeydUnavailable {
+        why: Arc<str>,
+        selecting: Vec<CompiledPolicy>,
+    },
+    NamespaceUnknown,
+}
+
+impl Violation {
+    pub(super) fn reason(&self) -> Reason {
+        match self {
+            Violation::NoPolicy { .. } => Reason::NoPolicy,
+            Violation::ModeNotReady { .. } => Reason::ModeNotReady,
+            Violation::KeydUnavailable { .. } => Reason::KeydUnavailable,
+            Violation::NamespaceUnknown => Reason::NamespaceUnknown,
+        }
+    }
+
+    /// One line, without the fix.
+    pub(super) fn summary(&self, ctx: &Context<'_>) -> String {
+        match self {
+            Violation::NoPolicy { .. } => format!(
+                "sensitive ({}) but no EncryptionPolicy or ClusterEncryptionPolicy selects {}",
+                ctx.why_sensitive,
+                ctx.subject()
+            ),
+            Violation::ModeNotReady { status, selecting } => {
+                let parts: Vec<String> = selecting
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} requires {} ({})",
+                            p.id,
+                            p.mode.as_str(),
+                            not_ready_reason(status, p.mode)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "sensitive ({}) and selected, but keyd reports no required mode ready: {}",
+                    ctx.why_sensitive,
+                    parts.join("; ")
+                )
+            }
+            Violation::KeydUnavailable { why, selecting } => format!(
+                "sensitive ({}) and selected by {}, but keyd's status is unknown: {why}",
+                ctx.why_sensitive,
+                names(selecting)
+            ),
+            Violation::NamespaceUnknown => format!(
+                "namespace {} is not known to the webhook yet, so it cannot tell whether the \
+                 namespace makes {} sensitive",
+                ctx.input.namespace,
+                ctx.subject()
+            ),
+        }
+    }
+
+    /// The full message: object, what is missing, and the fix.
+    pub(super) fn message(&self, ctx: &Context<'_>, keyd: &KeydView) -> String {
+        let mut m = format!(
+            "keyd: {} is refused: {}.\n",
+            ctx.object_ref(),
+            self.summary(ctx)
+        );
+        // `write!` into a String cannot fail.
+        match self {
+            Violation::NoPolicy { ignored } => {
+                let _ = write!(
+                    m,
+                    "Fix: create a policy that selects {}, for example:\n{}",
+                    ctx.subject(),
+                    example_policy(ctx, keyd)
+                );
+                for i in ignored {
+                    let _ = writeln!(m, "Note: {i} selects nothing: its selector is malformed.");
+                }
+            }
+            Violation::ModeNotReady { status, selecting } => {
+                mode_not_ready_fix(&mut m, status, selecting);
+            }
+            Violation::KeydUnavailable { .. } => {
+                let _ = writeln!(
+                    m,
+                    "The webhook refuses sensitive pods while it cannot reach keyd \
+                     (keyd.when_unavailable = deny).\nFix: restore the webhook's connection to \
+                     keyd (keyd running, its address and the webhook's client certificate in \
+                     the webhook config), then retry."
+                );
+            }
+            Violation::NamespaceUnknown => {
+                let _ = writeln!(m, "Fix: retry in a few seconds.");
+            }
+        }
+        if let Some(note) = &ctx.enforcement_note {
+            let _ = writeln!(m, "Note: {note}.");
+        }
+        let _ = write!(
+            m,
+            "Emergency only: set the annotation {}: \"<reason>\" {}; the pod is then admitted and \
+             the use is recorded with your user name.",
+            ctx.config.break_glass_annotation,
+            ctx.where_annotation()
+        );
+        m
+    }
+}
+
+/// The fixes for selecting policies whose modes are not ready: make a mode ready, or switch each
+/// policy to a mode that is.
+fn mode_not_ready_fix(m: &mut String, status: &EnforcementStatus, selecting: &[CompiledPolicy]) {
+    // `write!` into a String cannot fail.
+    let _ = writeln!(m, "Fix, either:");
+    let mut modes: Vec<Mode> = selecting.iter().map(|p| p.mode).collect();
+    modes.dedup();
+    for mode in modes {
+        let _ = writeln!(
+            m,
+            "  - make {} ready in keyd: {}",
+            mode.as_str(),
+            fix_for_mode(mode)
+        );
+    }
+    if let Some(other) = first_ready_mode(status) {
+        for p in selecting {
+            let _ = writeln!(
+                m,
+                "  - or switch {} to {}, which is ready: {}",
+                p.id,
+                other.as_str(),
+                patch_command(p, other)
+            );
+        }
+    }
+}
+
+fn names(ps: &[CompiledPolicy]) -> String {
+    ps.iter()
+        .map(|p| p.id.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn not_ready_reason(status: &EnforcementStatus, mode: Mode) -> String {
+    let m = status.mode(EncryptionMode::from(mode));
+    let what = if !m.active {
+        "not active"
+    } else {
+        "keys overdue for rotation"
+    };
+    match &m.reason {
+        Some(r) => format!("{what}: {r}"),
+        None => what.to_owned(),
+    }
+}
+
+fn fix_for_mode(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Ipsec => {
+            "`keyctl ipsec rotate` creates or rotates the IPsec key (`keyctl status` shows it)"
+        }
+        Mode::Wireguard => {
+            "nodes must register their WireGuard public keys with keyd (node-shim does this; \
+             `keyctl status` shows how many have)"
+        }
+    }
+}
+
+fn patch_command(p: &CompiledPolicy, mode: Mode) -> String {
+    let patch = format!("'{{\"spec\":{{\"mode\":\"{}\"}}}}'", mode.as_str());
+    match p.id.kind {
+        PolicyKind::Namespaced => format!(
+            "kubectl -n {} patch encryptionpolicy {} --type merge -p {patch}",
+            p.id.namespace, p.id.name
+        ),
+        PolicyKind::Cluster => format!(
+            "kubectl patch clusterencryptionpolicy {} --type merge -p {patch}",
+            p.id.name
+        ),
+    }
+}
