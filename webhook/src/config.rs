@@ -185,15 +185,29 @@ pub struct Flags {
     pub log_format: Option<String>,
 }
 
+/// What is wrong with the configuration; each names the field as the file spells it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("config field `{field}`: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
+pub enum ConfigError {
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    /// A path set to "": refused here, or it would surface later as an unreadable file with no
+    /// name and no field.
+    #[error("config field `{field}`: the path is empty")]
+    EmptyPath { field: &'static str },
+}
+
+impl ConfigError {
+    /// The field, as the file spells it (`tls.cert`), or `<file>` when the file does not parse.
+    pub fn field(&self) -> &str {
+        match self {
+            ConfigError::Invalid { field, .. } => field,
+            ConfigError::EmptyPath { field } => field,
+        }
+    }
 }
 
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
+    ConfigError::Invalid {
         field: field.to_owned(),
         message: message.into(),
     }
@@ -227,9 +241,9 @@ impl Config {
             .transpose()?;
 
         let tls = ServerTlsPaths {
-            cert: raw.tls.cert.ok_or_else(|| err("tls.cert", "required"))?,
-            key: raw.tls.key.ok_or_else(|| err("tls.key", "required"))?,
-            client_ca: raw.tls.client_ca,
+            cert: required_path("tls.cert", raw.tls.cert)?,
+            key: required_path("tls.key", raw.tls.key)?,
+            client_ca: path("tls.client_ca", raw.tls.client_ca)?,
         };
         let tls_reload_interval = duration(
             "tls.reload_interval",
@@ -271,9 +285,9 @@ impl Config {
         let keyd = KeydConfig {
             url,
             tls: ClientTlsPaths {
-                ca: raw.keyd.ca.ok_or_else(|| err("keyd.ca", "required"))?,
-                cert: raw.keyd.cert.ok_or_else(|| err("keyd.cert", "required"))?,
-                key: raw.keyd.key.ok_or_else(|| err("keyd.key", "required"))?,
+                ca: required_path("keyd.ca", raw.keyd.ca)?,
+                cert: required_path("keyd.cert", raw.keyd.cert)?,
+                key: required_path("keyd.key", raw.keyd.key)?,
             },
             refresh_interval: duration(
                 "keyd.refresh_interval",
@@ -419,6 +433,18 @@ fn addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| err(field, format!("{s:?} is not an address like 0.0.0.0:8443")))
 }
 
+/// An optional path; set, it must not be empty.
+fn path(field: &'static str, v: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    match v {
+        Some(p) if p.as_os_str().is_empty() => Err(ConfigError::EmptyPath { field }),
+        v => Ok(v),
+    }
+}
+
+fn required_path(field: &'static str, v: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    path(field, v)?.ok_or_else(|| err(field, "required"))
+}
+
 fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
@@ -522,7 +548,12 @@ key = "/k/webhook-key.pem"
 
     #[test]
     fn errors_name_the_field() {
-        let field = |toml: &str| Config::parse(toml, &Flags::default()).unwrap_err().field;
+        let field = |toml: &str| {
+            Config::parse(toml, &Flags::default())
+                .unwrap_err()
+                .field()
+                .to_owned()
+        };
         assert_eq!(field(""), "tls.cert");
         assert_eq!(
             field(&MINIMAL.replace("url = \"https://keyd:8443\"", "")),
@@ -574,6 +605,33 @@ key = "/k/webhook-key.pem"
             &Flags::default(),
         )
         .unwrap_err();
-        assert!(unknown.message.contains("enforcment"), "{unknown}");
+        assert!(
+            matches!(&unknown, ConfigError::Invalid { message, .. } if message.contains("enforcment")),
+            "{unknown}"
+        );
+    }
+
+    /// Every path field: set to "", it is refused naming the field, before any file is read.
+    #[test]
+    fn empty_paths_name_the_field() {
+        // (field, a line of MINIMAL, that line with the field empty)
+        let cases = [
+            ("tls.cert", "cert = \"/t/tls.crt\"", "cert = \"\""),
+            ("tls.key", "key = \"/t/tls.key\"", "key = \"\""),
+            ("tls.client_ca", "[tls]", "[tls]\nclient_ca = \"\""),
+            ("keyd.ca", "ca = \"/k/ca.pem\"", "ca = \"\""),
+            ("keyd.cert", "cert = \"/k/webhook.pem\"", "cert = \"\""),
+            ("keyd.key", "key = \"/k/webhook-key.pem\"", "key = \"\""),
+        ];
+        for (field, line, empty) in cases {
+            let toml = MINIMAL.replacen(line, empty, 1);
+            assert_ne!(toml, MINIMAL, "case {field}: {line:?} is not in MINIMAL");
+            let e = Config::parse(&toml, &Flags::default()).unwrap_err();
+            assert_eq!(e, ConfigError::EmptyPath { field }, "case {field}");
+            assert!(
+                e.to_string().contains(&format!("`{field}`")),
+                "case {field}: {e}"
+            );
+        }
     }
 }
