@@ -71,26 +71,23 @@ fn sensitive_pod(name: &str, extra: &[(&str, &str)]) -> Workload {
     Workload::pod(name, l, Labels::new())
 }
 
-fn run(
-    object: &Workload,
-    ns: &str,
-    ns_labels: Option<&Labels>,
-    policies: &PolicySet,
-    keyd: &KeydView,
-    config: &DecisionConfig,
-) -> Decision {
+/// Decides a CREATE by alice in namespace team-a (known, no labels), with keyd's IPsec ready and
+/// the default config: the request of the tests that are not tables.
+fn run(object: &Workload, policies: &PolicySet) -> Decision {
+    let input = Input {
+        operation: Operation::Create,
+        namespace: "team-a",
+        object,
+        old_object: None,
+        user: "alice",
+    };
+    let config = DecisionConfig::default();
     decide(
-        &Input {
-            operation: Operation::Create,
-            namespace: ns,
-            object,
-            old_object: None,
-            user: "alice",
-        },
-        ns_labels,
+        &input,
+        Some(&Labels::new()),
         policies,
-        keyd,
-        config,
+        &keyd_ipsec_only(),
+        &config,
     )
 }
 
@@ -260,14 +257,7 @@ fn a_sensitive_pod_without_a_policy_is_denied_with_object_missing_piece_and_fix(
         "payments-0",
         &[("app", "payments"), ("pod-template-hash", "abc")],
     );
-    let d = run(
-        &pod,
-        "team-a",
-        Some(&Labels::new()),
-        &PolicySet::default(),
-        &keyd_ipsec_only(),
-        &DecisionConfig::default(),
-    );
+    let d = run(&pod, &PolicySet::default());
     assert!(!d.allowed);
     assert_eq!((d.outcome, d.reason), (Outcome::Denied, Reason::NoPolicy));
     assert!(d.record);
@@ -292,21 +282,13 @@ fn a_sensitive_pod_without_a_policy_is_denied_with_object_missing_piece_and_fix(
         .collect();
     let p: EncryptionPolicy = serde_norway::from_str(&yaml).expect(&yaml);
     let set = PolicySet::from_resources([&p], []);
-    let d = run(
-        &pod,
-        "team-a",
-        Some(&Labels::new()),
-        &set,
-        &keyd_ipsec_only(),
-        &DecisionConfig::default(),
-    );
+    let d = run(&pod, &set);
     assert_eq!((d.allowed, d.reason), (true, Reason::Covered));
     assert!(!d.record);
 }
 
 #[test]
 fn workload_templates_are_judged_like_pods() {
-    let cfg = DecisionConfig::default();
     for kind in WorkloadKind::ALL
         .into_iter()
         .filter(|k| *k != WorkloadKind::Pod)
@@ -317,14 +299,7 @@ fn workload_templates_are_judged_like_pods() {
             labels(&[("keyd.io/sensitive", "true"), ("app", "web")]),
             Labels::new(),
         );
-        let d = run(
-            &w,
-            "team-a",
-            Some(&Labels::new()),
-            &PolicySet::default(),
-            &keyd_ipsec_only(),
-            &cfg,
-        );
+        let d = run(&w, &PolicySet::default());
         assert_eq!((d.allowed, d.reason), (false, Reason::NoPolicy), "{kind}");
         assert!(
             d.message.starts_with(&format!("keyd: {kind} team-a/web is refused: sensitive (pod label keyd.io/sensitive=true) but no EncryptionPolicy or ClusterEncryptionPolicy selects its pods.")),
@@ -337,14 +312,7 @@ fn workload_templates_are_judged_like_pods() {
         let mut own =
             Workload::with_template(kind, "web", labels(&[("app", "web")]), Labels::new());
         own.labels = labels(&[("keyd.io/sensitive", "true")]);
-        let d = run(
-            &own,
-            "team-a",
-            Some(&Labels::new()),
-            &PolicySet::default(),
-            &keyd_ipsec_only(),
-            &cfg,
-        );
+        let d = run(&own, &PolicySet::default());
         assert_eq!(d.reason, Reason::NotSensitive, "{kind}");
     }
 }
