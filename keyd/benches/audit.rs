@@ -34,7 +34,7 @@ fn main() {
         .collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     if let Ok(filter) = std::env::var("BENCH_LOG") {
-        keyd::telemetry::init_logging(keyd::telemetry::LogFormat::Text, &filter);
+        keyd_mtls::ops::init_logging(keyd_mtls::ops::LogFormat::Text, &filter);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,7 +1,7 @@
 //! The HTTP API served over mTLS, and the plain-HTTP ops endpoints.
 //!
-//! The caller's identity comes from its client certificate (see [`crate::tls::peer_identity`])
-//! and reaches handlers as a request extension set per connection by [`crate::server`]. A node
+//! The caller's identity comes from its client certificate (see [`keyd_mtls::identity::peer_identity`])
+//! and reaches handlers as a request extension set per connection by [`keyd_mtls::server`]. A node
 //! certificate may touch only its own node's resources; the rest of `/v1` needs an admin
 //! certificate. Every refusal is a JSON [`ErrorBody`], and every authorization refusal is
 //! audited.
@@ -24,10 +24,7 @@ use serde_json::json;
 
 use crate::service::{Keyd, ServiceError};
 use crate::store::AuditEvent;
-use crate::tls::PeerIdentityError;
-
-/// The identity the connection's client certificate proved, or why it names none.
-pub type PeerIdentity = Result<Identity, PeerIdentityError>;
+use keyd_mtls::identity::PeerIdentity;
 
 #[derive(Clone, Debug)]
 pub struct AppState {

@@ -77,7 +77,7 @@ async fn start_with(
     clock: crate::service::Clock,
     kube: Option<Arc<dyn crate::bootstrap::KubeAuth>>,
 ) -> anyhow::Result<Running> {
-    crate::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
     // The custodian answers a wrap and unwrap round trip before anything else happens.
@@ -102,7 +102,7 @@ async fn start_with(
     .await
     .context("resuming the KEK migration")?;
     let (tls_rx, _reloader) =
-        crate::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
+        keyd_mtls::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
             .context("loading the server certificate")?;
     let api_listener = TcpListener::bind(config.listen)
         .await
@@ -133,9 +133,10 @@ async fn start_with(
             let (addr, fut) = crate::bootstrap::start(
                 b.clone(),
                 &config.tls,
+                config.tls_reload_interval,
                 Arc::clone(&keyd),
                 kube,
-                config.handshake_timeout,
+                config.listener,
                 wait(shutdown.clone()),
             )
             .await
@@ -153,15 +154,25 @@ async fn start_with(
                     f.await;
                 }
             },
-            crate::server::serve_tls(
+            keyd_mtls::server::serve_tls_router(
                 api_listener,
                 tls_rx,
                 router,
-                config.handshake_timeout,
-                metrics,
+                config.listener,
+                move |outcome| {
+                    metrics
+                        .tls_handshakes
+                        .get_or_create(&crate::telemetry::Outcome { outcome })
+                        .inc();
+                },
                 wait(shutdown.clone())
             ),
-            crate::server::serve_plain(ops_listener, ops, wait(shutdown.clone())),
+            keyd_mtls::server::serve_plain(
+                ops_listener,
+                ops,
+                config.listener,
+                wait(shutdown.clone())
+            ),
             scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
         );
         if let Err(e) = final_keyd.flush_liveness().await {
@@ -246,7 +257,7 @@ pub fn prepare_dev(data_dir: &Path, listen: &str, ops_listen: &str) -> anyhow::R
         }
         _ => format!("https://{connect_host}:{}", listen_addr.port()),
     };
-    let settings = crate::client::ClientSettings {
+    let settings = keyd_mtls::client::ClientSettings {
         server,
         ca: pki.ca.clone(),
         cert: pki.admin.cert.clone(),

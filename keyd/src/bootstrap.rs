@@ -24,18 +24,15 @@ use axum::{Json, Router};
 use http::{Method, header};
 use keyd_proto::identity::{Identity, validate_name};
 use keyd_proto::{BootstrapRequest, BootstrapResponse, ErrorBody, SecretString};
-use rustls::{ClientConfig, ServerConfig};
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::client::Connector;
 use crate::config::ConfigError;
 use crate::pki::CertificateAuthority;
 use crate::service::Keyd;
 use crate::store::AuditEvent;
+use keyd_mtls::client::Connector;
 
 /// The `[bootstrap]` section as written.
 #[derive(Debug, Default, Deserialize)]
@@ -75,10 +72,7 @@ pub struct BootstrapConfig {
 }
 
 fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: format!("bootstrap.{field}"),
-        message: message.into(),
-    }
+    ConfigError::new(&format!("bootstrap.{field}"), message)
 }
 
 impl RawBootstrap {
@@ -189,7 +183,7 @@ pub enum KubeError {
         source: std::io::Error,
     },
     #[error("the Kubernetes API server is unreachable")]
-    Unreachable(#[source] crate::client::ClientError),
+    Unreachable(#[source] keyd_mtls::client::ClientError),
     #[error("the Kubernetes API server answered {status} to {what}")]
     Status { what: &'static str, status: u16 },
     #[error("the Kubernetes API server's answer to {what} is not valid")]
@@ -217,17 +211,9 @@ pub struct KubeApi {
 
 impl KubeApi {
     pub fn new(server: &str, ca: &Path, token_file: &Path) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca)? {
-            roots.add(c?)?;
-        }
-        let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = keyd_mtls::tls::server_auth_client_config(ca)?;
         Ok(Self {
-            connector: Connector::new(server, Arc::new(config))?,
+            connector: Connector::new(server, config)?,
             token_file: token_file.to_owned(),
         })
     }
@@ -599,48 +585,47 @@ pub fn router(b: Bootstrap) -> Router {
         .with_state(b)
 }
 
-/// keyd's server certificate without client authentication: bootstrapping clients have none.
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
-    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
-    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Binds the bootstrap listener; the future serves until `shutdown`.
+/// Binds the bootstrap listener; the future serves until `shutdown`. It serves keyd's server
+/// certificate without asking for a client certificate (a bootstrapping node has none yet), and
+/// reloads it from disk like the API listener does.
 pub async fn start(
     cfg: BootstrapConfig,
-    tls: &crate::tls::TlsPaths,
+    tls: &keyd_mtls::tls::TlsPaths,
+    reload_interval: Duration,
     keyd: Arc<Keyd>,
     kube: Arc<dyn KubeAuth>,
-    handshake_timeout: Duration,
+    limits: keyd_mtls::server::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(
     SocketAddr,
     std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
 )> {
+    let paths = keyd_mtls::tls::ServerTlsPaths {
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+        client_ca: None,
+    };
+    let (rx, reloader) = keyd_mtls::tls::watch_server_config(paths, reload_interval)?;
     let listener = TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let server = server_config(&tls.cert, &tls.key)?;
-    let (_tx, rx) = tokio::sync::watch::channel(server);
     let metrics = keyd.metrics.clone();
     let b = Bootstrap::new(cfg, kube, keyd)?;
     let fut = async move {
-        // Keep the sender alive for as long as the listener serves.
-        let _tx = _tx;
-        crate::server::serve_tls(
+        keyd_mtls::server::serve_tls_router(
             listener,
             rx,
             router(b),
-            handshake_timeout,
-            metrics,
+            limits,
+            move |outcome| {
+                metrics
+                    .tls_handshakes
+                    .get_or_create(&crate::telemetry::Outcome { outcome })
+                    .inc();
+            },
             shutdown,
         )
         .await;
+        reloader.abort();
     };
     Ok((addr, Box::pin(fut)))
 }

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::telemetry::LogFormat;
-use crate::tls::TlsPaths;
+use keyd_mtls::ops::LogFormat;
+use keyd_mtls::tls::TlsPaths;
 
-/// Exit status for bad configuration (`EX_CONFIG`-like; sysexits' EX_USAGE).
-pub const EXIT_CONFIG: i32 = 64;
+pub use keyd_mtls::ops::{ConfigError, EXIT_CONFIG};
 
 /// Validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +25,8 @@ pub struct Config {
     pub kek: KekConfig,
     pub custody: crate::kms::CustodySettings,
     pub max_body_bytes: usize,
-    pub handshake_timeout: Duration,
+    /// Every listener's connection cap and timeouts (`[limits]`).
+    pub listener: keyd_mtls::server::Limits,
     pub log_format: LogFormat,
     pub log_level: String,
     pub service: crate::service::ServiceConfig,
@@ -94,6 +94,9 @@ pub use crate::kms::config::RawKek;
 pub struct RawLimits {
     pub max_body_bytes: Option<usize>,
     pub handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,18 +116,8 @@ pub struct Flags {
     pub log_format: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("config field `{field}`: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_owned(),
-        message: message.into(),
-    }
+    ConfigError::new(field, message)
 }
 
 /// The environment variables keyd reads, and the field each sets.
@@ -140,6 +133,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_KEK_LOCAL_PATH", "kek.local_path"),
     ("KEYD_MAX_BODY_BYTES", "limits.max_body_bytes"),
     ("KEYD_HANDSHAKE_TIMEOUT", "limits.handshake_timeout"),
+    ("KEYD_HEADER_READ_TIMEOUT", "limits.header_read_timeout"),
+    ("KEYD_IDLE_TIMEOUT", "limits.idle_timeout"),
+    ("KEYD_MAX_CONNECTIONS", "limits.max_connections"),
     ("KEYD_LOG_FORMAT", "log.format"),
     ("KEYD_LOG_LEVEL", "log.level"),
     (
@@ -174,7 +170,7 @@ impl RawConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
         Self::from_toml(&text)
-            .map_err(|e| err(&e.field, format!("in {}: {}", path.display(), e.message)))
+            .map_err(|e| err(e.field(), format!("in {}: {}", path.display(), e.message())))
     }
 
     /// Overlays `KEYD_*` variables from `env` (a map, so tests need not touch the process env).
@@ -211,8 +207,19 @@ impl RawConfig {
                 )
             })?);
         }
+        if let Some(v) = get("KEYD_MAX_CONNECTIONS") {
+            self.limits.max_connections = Some(v.parse().map_err(|_| {
+                err(
+                    "KEYD_MAX_CONNECTIONS",
+                    format!("{v:?} is not a whole number"),
+                )
+            })?);
+        }
         self.limits.handshake_timeout =
             get("KEYD_HANDSHAKE_TIMEOUT").or(self.limits.handshake_timeout.take());
+        self.limits.header_read_timeout =
+            get("KEYD_HEADER_READ_TIMEOUT").or(self.limits.header_read_timeout.take());
+        self.limits.idle_timeout = get("KEYD_IDLE_TIMEOUT").or(self.limits.idle_timeout.take());
         self.log.format = get("KEYD_LOG_FORMAT").or(self.log.format.take());
         self.log.level = get("KEYD_LOG_LEVEL").or(self.log.level.take());
         self.rotation.node_liveness_timeout =
@@ -277,20 +284,9 @@ impl RawConfig {
                 "must be between 1024 and 16777216",
             ));
         }
-        let handshake_timeout = parse_duration(
-            "limits.handshake_timeout",
-            self.limits.handshake_timeout.as_deref().unwrap_or("10s"),
-        )?;
-        let log_format = match self.log.format.as_deref().unwrap_or("json") {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(err(
-                    "log.format",
-                    format!("{other:?} is neither \"json\" nor \"text\""),
-                ));
-            }
-        };
+        let listener = self.limits.validate()?;
+        let log_format =
+            LogFormat::parse("log.format", self.log.format.as_deref().unwrap_or("json"))?;
         let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| err("log.level", e.to_string()))?;
@@ -343,10 +339,40 @@ impl RawConfig {
             kek,
             custody,
             max_body_bytes,
-            handshake_timeout,
+            listener,
             log_format,
             log_level,
             bootstrap,
+        })
+    }
+}
+
+impl RawLimits {
+    /// The listeners' limits; unset fields take [`keyd_mtls::server::Limits::default`].
+    fn validate(&self) -> Result<keyd_mtls::server::Limits, ConfigError> {
+        let d = keyd_mtls::server::Limits::default();
+        let dur = |field: &str, v: &Option<String>, default: Duration| match v {
+            Some(v) => parse_duration(field, v),
+            None => Ok(default),
+        };
+        let max_connections = self.max_connections.unwrap_or(d.max_connections);
+        if max_connections == 0 {
+            return Err(err("limits.max_connections", "must be greater than zero"));
+        }
+        Ok(keyd_mtls::server::Limits {
+            handshake_timeout: dur(
+                "limits.handshake_timeout",
+                &self.handshake_timeout,
+                d.handshake_timeout,
+            )?,
+            header_read_timeout: dur(
+                "limits.header_read_timeout",
+                &self.header_read_timeout,
+                d.header_read_timeout,
+            )?,
+            idle_timeout: dur("limits.idle_timeout", &self.idle_timeout, d.idle_timeout)?,
+            max_connections,
+            drain: d.drain,
         })
     }
 }
@@ -434,7 +460,8 @@ mod tests {
             RawConfig::from_toml(text)
                 .and_then(RawConfig::validate)
                 .unwrap_err()
-                .field
+                .field()
+                .to_owned()
         };
         assert_eq!(field(&tls), "data_dir");
         assert_eq!(
@@ -464,11 +491,11 @@ mod tests {
             "log.format"
         );
         let e = RawConfig::from_toml("lisen = \"x\"").unwrap_err();
-        assert!(e.message.contains("lisen"), "{e}");
+        assert!(e.message().contains("lisen"), "{e}");
         let mut raw = RawConfig::default();
         let e = raw
             .apply_env(&HashMap::from([("KEYD_LISTN".into(), "x".into())]))
             .unwrap_err();
-        assert_eq!(e.field, "KEYD_LISTN");
+        assert_eq!(e.field(), "KEYD_LISTN");
     }
 }

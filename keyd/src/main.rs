@@ -94,7 +94,7 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("keyd dev: {e:#}");
-                    return ExitCode::from(EXIT_CONFIG as u8);
+                    return ExitCode::from(EXIT_CONFIG);
                 }
             };
             match config::load(Some(&setup.keyd_toml), &env, &Flags::default()) {
@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    keyd::telemetry::init_logging(config.log_format, &config.log_level);
+    keyd_mtls::ops::init_logging(config.log_format, &config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
 
 fn config_error(e: &config::ConfigError) -> ExitCode {
     eprintln!("keyd: invalid configuration: {e}");
-    ExitCode::from(EXIT_CONFIG as u8)
+    ExitCode::from(EXIT_CONFIG)
 }
 
 async fn shutdown_signal() {

@@ -204,10 +204,11 @@ impl CertificateAuthority {
             });
         }
 
-        let key_pem = crate::tls::read_secret(key_pem_path).map_err(|source| PkiError::Read {
-            path: key_pem_path.to_owned(),
-            source,
-        })?;
+        let key_pem =
+            keyd_mtls::tls::read_secret(key_pem_path).map_err(|source| PkiError::Read {
+                path: key_pem_path.to_owned(),
+                source,
+            })?;
         let key = std::str::from_utf8(&key_pem)
             .map_err(|_| rcgen::Error::CouldNotParseKeyPair)
             .and_then(KeyPair::from_pem)
@@ -539,7 +540,7 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<()
 /// 128 random bits, positive and without a leading zero byte (RFC 5280: at most 20 octets).
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 16];
-    crate::tls::provider()
+    keyd_mtls::tls::provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| PkiError::Random)?;
@@ -609,7 +610,8 @@ mod tests {
     use x509_parser::extensions::GeneralName;
 
     use super::*;
-    use crate::tls::{peer_identity, provider};
+    use keyd_mtls::identity::peer_identity;
+    use keyd_mtls::tls::provider;
 
     fn der(pem: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()

@@ -233,37 +233,3 @@ impl Metrics {
         out
     }
 }
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
-/// Installs the global subscriber (stderr). `level` is an `EnvFilter` directive; `RUST_LOG`
-/// overrides it.
-pub fn init_logging(format: LogFormat, level: &str) {
-    // vaultrs logs every Vault error response at ERROR, including the refusals keyd provokes on
-    // purpose (its start-up check unwraps under a wrong context); keyd reports each custodian
-    // failure itself, with the backend, key and call. Silenced unless asked for by name.
-    let level = if level.contains("vaultrs") || level.contains("rustify") {
-        level.to_owned()
-    } else {
-        format!("{level},vaultrs=off,rustify=off")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}

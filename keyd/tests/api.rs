@@ -9,8 +9,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use common::{Harness, drive_rollout};
 use http::{Method, StatusCode, header};
-use keyd::client::{Connector, Response};
 use keyd::pki::CertificateAuthority;
+use keyd_mtls::client::{Connector, Response};
 use keyd_proto::identity::Identity;
 use keyd_proto::{ErrorBody, IpsecStatus, KeyRole, NodeBundle, NodeInfo, NodeRegistration, Status};
 use serde_json::json;
@@ -129,7 +129,7 @@ async fn admin_endpoints_refuse_node_certificates() {
 async fn assert_refused_in_tls(connector: Connector) {
     match connector.connect().await {
         Err(e) => assert!(
-            matches!(e, keyd::client::ClientError::Handshake { .. }),
+            matches!(e, keyd_mtls::client::ClientError::Handshake { .. }),
             "{e}"
         ),
         Ok(mut conn) => {
@@ -157,7 +157,7 @@ async fn wrong_ca_and_no_certificate_fail_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
     cert.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
         .unwrap();
-    let tls = keyd::tls::client_config(&keyd::tls::TlsPaths {
+    let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
         ca: h.setup.pki.ca.clone(),
         cert: dir.path().join("c.pem"),
         key: dir.path().join("k.pem"),
@@ -170,7 +170,7 @@ async fn wrong_ca_and_no_certificate_fail_the_handshake() {
     for c in rustls_pki_types::CertificateDer::pem_file_iter(&h.setup.pki.ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let no_cert = rustls::ClientConfig::builder_with_provider(keyd::tls::provider())
+    let no_cert = rustls::ClientConfig::builder_with_provider(keyd_mtls::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use keyd::client::Connector;
-use keyd::tls::TlsPaths;
+use keyd_mtls::client::Connector;
+use keyd_mtls::tls::TlsPaths;
 use keyd_proto::{IpsecAlgorithm, NodeBundle};
 use serde_json::json;
 
@@ -63,7 +63,7 @@ fn spellings(bytes: &[u8]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_run_logs_no_key_material() {
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
     let (api, ops) = (free_port(), free_port());
@@ -128,7 +128,7 @@ async fn a_full_run_logs_no_key_material() {
         };
         let mut conn = Connector::new(
             &format!("https://127.0.0.1:{api}"),
-            keyd::tls::client_config(&paths).unwrap(),
+            keyd_mtls::tls::client_config(&paths).unwrap(),
         )
         .unwrap()
         .connect()

@@ -283,7 +283,7 @@ impl<K: Kernel> Agent<K> {
         let reachable = matches!(e, KeydError::Status { .. } | KeydError::Decode(_));
         m.keyd_reachable.set(i64::from(reachable));
         m.keyd_consecutive_failures.set(i64::from(self.failures));
-        let text = error_chain(e);
+        let text = keyd_mtls::error_chain(e);
         tracing::warn!(op, error = %text, failures = self.failures, "keyd request failed; the kernel keeps its state");
         let failures = self.failures;
         self.shared.update(|s| {
@@ -325,7 +325,7 @@ impl<K: Kernel> Agent<K> {
                 self.dirty = true;
             }
             Err(e) if wait.is_some() && e.is_bad_request() => {
-                tracing::warn!(error = %error_chain(&e), "keyd refuses long polls; polling every poll_interval instead");
+                tracing::warn!(error = %keyd_mtls::error_chain(&e), "keyd refuses long polls; polling every poll_interval instead");
                 self.long_poll = None;
                 return Duration::ZERO;
             }
@@ -366,7 +366,7 @@ impl<K: Kernel> Agent<K> {
         if (self.dirty || due)
             && let Err(e) = self.reconcile(true)
         {
-            tracing::warn!(error = %error_chain(&e), "reconcile failed; retrying");
+            tracing::warn!(error = %keyd_mtls::error_chain(&e), "reconcile failed; retrying");
             return self.cfg.backoff_initial.min(self.cfg.poll_interval);
         }
         // Every step, not only after a reconcile: an acknowledgement that failed (keyd away)
@@ -427,7 +427,7 @@ impl<K: Kernel> Agent<K> {
         );
         let ops = [Op::WgRemovePeers(readd), Op::WgUpsertPeers(specs)];
         if let Err(e) = self.kernel.apply(&ops) {
-            tracing::warn!(error = %error_chain(&e), "re-adding peers failed");
+            tracing::warn!(error = %keyd_mtls::error_chain(&e), "re-adding peers failed");
         } else {
             for op in &ops {
                 self.shared
@@ -515,7 +515,7 @@ impl<K: Kernel> Agent<K> {
         if self.bundle.is_some()
             && let Err(e) = self.reconcile(false)
         {
-            tracing::warn!(error = %error_chain(&e), "re-asserting the last bundle failed");
+            tracing::warn!(error = %keyd_mtls::error_chain(&e), "re-asserting the last bundle failed");
         }
     }
 
@@ -546,7 +546,7 @@ impl<K: Kernel> Agent<K> {
                     .get_or_create(&Outcome { outcome: "error" })
                     .inc();
                 self.dirty = true;
-                let text = error_chain(e);
+                let text = keyd_mtls::error_chain(e);
                 self.shared.update(|s| s.last_sync_error = Some(text));
             }
         }
@@ -728,7 +728,7 @@ impl<K: Kernel> Agent<K> {
         if let Some(path) = &self.cfg.wireguard.private_key_file
             && let Err(e) = write_key_file(path, &new)
         {
-            tracing::error!(error = %error_chain(&e), "cannot persist the new private key; keeping it in memory only");
+            tracing::error!(error = %keyd_mtls::error_chain(&e), "cannot persist the new private key; keeping it in memory only");
         }
         let public = new.public_key();
         self.wg_key = Some(new);
@@ -741,7 +741,7 @@ impl<K: Kernel> Agent<K> {
             .update(|s| s.wireguard_public_key = Some(public.to_base64()));
         tracing::info!(public_key = %public, "WireGuard keypair rotated");
         if let Err(e) = self.reconcile(true) {
-            tracing::warn!(error = %error_chain(&e), "programming the new private key failed; retrying");
+            tracing::warn!(error = %keyd_mtls::error_chain(&e), "programming the new private key failed; retrying");
         }
         Ok(())
     }
@@ -782,18 +782,6 @@ pub enum ReconcileError {
     Observe(#[source] KernelError),
     #[error("cannot apply")]
     Apply(#[source] ApplyError),
-}
-
-/// An error and its sources, joined: for logs and status (none of them holds key material).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn read_key_file(path: &Path) -> Result<Key32, AgentError> {

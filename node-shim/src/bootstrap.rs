@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use keyd::client::Connector;
-use keyd::tls::TlsPaths;
+use keyd_mtls::client::Connector;
+use keyd_mtls::tls::TlsPaths;
 use keyd_proto::identity::Identity;
 use keyd_proto::{BootstrapRequest, BootstrapResponse, SecretString, Timestamp};
 use rcgen::PublicKeyData as _;
@@ -31,20 +31,14 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read keyd's CA {path}")]
-    Ca {
-        path: PathBuf,
-        #[source]
-        source: rustls_pki_types::pem::Error,
-    },
-    #[error("keyd's CA file holds no usable certificate")]
-    CaEmpty,
+    #[error("keyd's CA")]
+    Ca(#[source] keyd_mtls::tls::TlsError),
     #[error("cannot build the TLS client")]
     Tls(#[source] rustls::Error),
     #[error("cannot make the key or CSR")]
     Csr(#[source] rcgen::Error),
     #[error("keyd's bootstrap listener is unreachable")]
-    Unreachable(#[source] keyd::client::ClientError),
+    Unreachable(#[source] keyd_mtls::client::ClientError),
     #[error("keyd refused the bootstrap ({status}): {message}")]
     Refused { status: u16, message: String },
     #[error("keyd's answer is not valid: {0}")]
@@ -91,27 +85,7 @@ impl Issued {
 }
 
 fn server_only_tls(ca: &Path) -> Result<Arc<ClientConfig>, BootstrapError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|source| BootstrapError::Ca {
-        path: ca.to_owned(),
-        source,
-    })? {
-        let cert = cert.map_err(|source| BootstrapError::Ca {
-            path: ca.to_owned(),
-            source,
-        })?;
-        roots.add(cert).map_err(BootstrapError::Tls)?;
-    }
-    if roots.is_empty() {
-        return Err(BootstrapError::CaEmpty);
-    }
-    let mut config = ClientConfig::builder_with_provider(keyd::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(BootstrapError::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    keyd_mtls::tls::server_auth_client_config(ca).map_err(BootstrapError::Ca)
 }
 
 impl Bootstrapper {
@@ -237,7 +211,7 @@ impl Bootstrapper {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %crate::agent::error_chain(&e), expires = %issued.not_after, "certificate renewal failed; retrying");
+                        tracing::warn!(error = %keyd_mtls::error_chain(&e), expires = %issued.not_after, "certificate renewal failed; retrying");
                         tokio::select! {
                             () = tokio::time::sleep(retry) => {}
                             _ = shutdown.changed() => return,

@@ -205,19 +205,10 @@ pub struct RawLog {
     pub format: Option<String>,
 }
 
-/// A configuration error: which field, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
+pub use keyd_mtls::ConfigError;
 
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_owned(),
-        message: message.into(),
-    }
+    ConfigError::new(field, message)
 }
 
 /// The environment variables read, and the field each one sets.
@@ -660,7 +651,7 @@ key = "/pki/node-a-key.pem"
         ];
         for (text, field) in cases {
             let e = parse(&text).expect_err(field);
-            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.field(), field, "{e}");
         }
     }
 

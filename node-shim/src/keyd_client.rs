@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode, header};
-use keyd::client::{ClientError, Connection, Connector, Response};
-use keyd::tls::TlsPaths;
+use keyd_mtls::client::{ClientError, Connection, Connector, Response};
+use keyd_mtls::tls::TlsPaths;
 use keyd_proto::{Ack, NodeBundle, NodeInfo, NodeRegistration};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +18,7 @@ pub enum KeydError {
     #[error("keyd is unreachable")]
     Unreachable(#[source] ClientError),
     #[error("cannot load the client certificate")]
-    Tls(#[source] keyd::tls::TlsError),
+    Tls(#[source] keyd_mtls::tls::TlsError),
     /// keyd answered with an error status.
     #[error("keyd answered {status}: {message}")]
     Status { status: StatusCode, message: String },
@@ -94,7 +94,7 @@ impl KeydClient {
             mtime(&self.paths.key),
         );
         if self.connector.is_none() || self.loaded != Some(now) {
-            let tls = keyd::tls::client_config(&self.paths).map_err(KeydError::Tls)?;
+            let tls = keyd_mtls::tls::client_config(&self.paths).map_err(KeydError::Tls)?;
             self.connector =
                 Some(Connector::new(&self.server, tls).map_err(KeydError::Unreachable)?);
             self.loaded = Some(now);

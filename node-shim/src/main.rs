@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use keyd::tls::TlsPaths;
+use keyd_mtls::tls::TlsPaths;
 use keyd_node_shim::agent::{self, Agent};
 use keyd_node_shim::bootstrap::{self, Bootstrapper};
 use keyd_node_shim::config::{self, IdentitySource};
@@ -41,22 +41,22 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("node-shim: invalid configuration: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(keyd_mtls::EXIT_CONFIG);
         }
     };
     if args.check {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    keyd::telemetry::init_logging(
+    keyd_mtls::ops::init_logging(
         if cfg.log_json {
-            keyd::telemetry::LogFormat::Json
+            keyd_mtls::ops::LogFormat::Json
         } else {
-            keyd::telemetry::LogFormat::Text
+            keyd_mtls::ops::LogFormat::Text
         },
         &cfg.log_level,
     );
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -119,7 +119,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
                             agent::random_unit(),
                         );
                         attempt += 1;
-                        tracing::warn!(error = %agent::error_chain(&e), retry_in = ?wait, "bootstrap failed");
+                        tracing::warn!(error = %keyd_mtls::error_chain(&e), retry_in = ?wait, "bootstrap failed");
                         tokio::time::sleep(wait).await;
                     }
                 }
@@ -143,9 +143,10 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding ops_listen {addr}"))?;
         let mut rx = stop_rx.clone();
-        tokio::spawn(keyd::server::serve_plain(
+        tokio::spawn(keyd_mtls::server::serve_plain(
             listener,
             status::ops_router(shared.clone()),
+            keyd_mtls::server::Limits::default(),
             async move {
                 let _ = rx.changed().await;
             },

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::KeydHarness;
 use http::Method;
-use keyd::client::{Connection, Connector};
+use keyd_mtls::client::{Connection, Connector};
 use keyd_node_shim::bootstrap::{BootstrapError, Bootstrapper};
 use keyd_node_shim::keyd_client::KeydClient;
 use keyd_proto::NodeRegistration;
@@ -168,12 +168,12 @@ impl Apiserver {
         }
     }
 
-    async fn conn(&self) -> Result<Connection, keyd::client::ClientError> {
+    async fn conn(&self) -> Result<Connection, keyd_mtls::client::ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(keyd::tls::provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(keyd_mtls::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -249,7 +249,7 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         eprintln!("SKIPPED: {why}");
         return;
     };
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let api = Apiserver::start(dir.path(), &apiserver, &etcd).await;
     api.call(

@@ -12,7 +12,7 @@ use keyd_tests::loadgen::{self, KeydTarget, Options, Scenario, ServerKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_cleanly_against_keyd_and_the_ceiling() {
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let setup =
         keyd::app::prepare_dev(&dir.path().join("keyd"), "127.0.0.1:0", "127.0.0.1:0").unwrap();

@@ -54,8 +54,8 @@ use crate::decision::{DecisionConfig, Enforcement, LabelRule, WhenKeydUnavailabl
 use crate::selector::{is_label_key, is_label_value};
 use crate::tls::{ClientTlsPaths, ServerTlsPaths};
 
-/// Exit status for bad configuration.
-pub const EXIT_CONFIG: i32 = 64;
+pub use keyd_mtls::ops::{ConfigError, EXIT_CONFIG, LogFormat};
+use keyd_mtls::ops::{optional_path as path, required_path};
 
 /// Validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,12 +93,6 @@ pub struct KeydConfig {
     pub timeout: Duration,
     /// Decisions held for keyd's audit log while it is unreachable.
     pub audit_queue: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 /// The file form; every field optional so flags can fill in.
@@ -185,32 +179,8 @@ pub struct Flags {
     pub log_format: Option<String>,
 }
 
-/// What is wrong with the configuration; each names the field as the file spells it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    #[error("config field `{field}`: {message}")]
-    Invalid { field: String, message: String },
-    /// A path set to "": refused here, or it would surface later as an unreadable file with no
-    /// name and no field.
-    #[error("config field `{field}`: the path is empty")]
-    EmptyPath { field: &'static str },
-}
-
-impl ConfigError {
-    /// The field, as the file spells it (`tls.cert`), or `<file>` when the file does not parse.
-    pub fn field(&self) -> &str {
-        match self {
-            ConfigError::Invalid { field, .. } => field,
-            ConfigError::EmptyPath { field } => field,
-        }
-    }
-}
-
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.to_owned(),
-        message: message.into(),
-    }
+    ConfigError::new(field, message)
 }
 
 /// Upper bounds that keep a typo from disabling a safeguard.
@@ -387,18 +357,14 @@ impl Config {
                 (!d.is_zero()).then_some(d)
             }
         };
-        let log_format = match flags
-            .log_format
-            .as_deref()
-            .or(raw.log.format.as_deref())
-            .unwrap_or("json")
-        {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(err("log.format", format!("{other:?} is not json or text")));
-            }
-        };
+        let log_format = LogFormat::parse(
+            "log.format",
+            flags
+                .log_format
+                .as_deref()
+                .or(raw.log.format.as_deref())
+                .unwrap_or("json"),
+        )?;
         let log_level = flags
             .log_level
             .clone()
@@ -433,24 +399,8 @@ fn addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| err(field, format!("{s:?} is not an address like 0.0.0.0:8443")))
 }
 
-/// An optional path; set, it must not be empty.
-fn path(field: &'static str, v: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
-    match v {
-        Some(p) if p.as_os_str().is_empty() => Err(ConfigError::EmptyPath { field }),
-        v => Ok(v),
-    }
-}
-
-fn required_path(field: &'static str, v: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
-    path(field, v)?.ok_or_else(|| err(field, "required"))
-}
-
 fn duration(field: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(s) => humantime::parse_duration(s)
-            .map_err(|e| err(field, format!("{s:?} is not a duration like 5s: {e}"))),
-    }
+    v.map_or(Ok(default), |s| keyd_mtls::ops::parse_duration(field, s))
 }
 
 fn nonzero(field: &str, d: Duration) -> Result<(), ConfigError> {
@@ -627,7 +577,13 @@ key = "/k/webhook-key.pem"
             let toml = MINIMAL.replacen(line, empty, 1);
             assert_ne!(toml, MINIMAL, "case {field}: {line:?} is not in MINIMAL");
             let e = Config::parse(&toml, &Flags::default()).unwrap_err();
-            assert_eq!(e, ConfigError::EmptyPath { field }, "case {field}");
+            assert_eq!(
+                e,
+                ConfigError::EmptyPath {
+                    field: field.to_owned()
+                },
+                "case {field}"
+            );
             assert!(
                 e.to_string().contains(&format!("`{field}`")),
                 "case {field}: {e}"

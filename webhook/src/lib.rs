@@ -11,8 +11,6 @@
 //! types in [`keyd_proto`].
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 pub mod app;
 pub mod config;
 pub mod crd;
@@ -32,36 +30,5 @@ pub mod workload;
 
 pub use keyd_proto as proto;
 
-/// Displays an error with its sources, `a: b: c`, for log lines.
-#[derive(Debug)]
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
-
-/// Installs the global log subscriber (stderr). `level` is an `EnvFilter` directive; `RUST_LOG`
-/// overrides it.
-pub fn init_logging(format: config::LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        config::LogFormat::Text => builder.try_init(),
-    };
-}
+pub use keyd_mtls::ErrorChain;
+pub use keyd_mtls::ops::init_logging;

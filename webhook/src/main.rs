@@ -167,7 +167,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("keyd-webhook webhook-config: {e:#}");
-                    ExitCode::from(EXIT_CONFIG as u8)
+                    ExitCode::from(EXIT_CONFIG)
                 }
             }
         }
@@ -179,12 +179,12 @@ fn read_config(path: &std::path::Path, flags: &Flags) -> Result<Config, ExitCode
         Ok(t) => t,
         Err(e) => {
             eprintln!("keyd-webhook: cannot read {}: {e}", path.display());
-            return Err(ExitCode::from(EXIT_CONFIG as u8));
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
     Config::parse(&text, flags).map_err(|e| {
         eprintln!("keyd-webhook: {}: {e}", path.display());
-        ExitCode::from(EXIT_CONFIG as u8)
+        ExitCode::from(EXIT_CONFIG)
     })
 }
 

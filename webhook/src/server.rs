@@ -16,9 +16,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
-use keyd::server::Handshake;
+use keyd_mtls::server::{Handshake, Limits as ListenerLimits};
 use keyd_proto::{AdmissionDecision, Timestamp};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
@@ -236,7 +234,9 @@ pub async fn handle(s: &AppState, body: &[u8]) -> Result<Vec<u8>, BadReview> {
 }
 
 /// Serves `router` over TLS until `shutdown` resolves, then drains connections (at most
-/// `drain`). Each handshake uses the latest config from `tls`.
+/// `drain`). Each handshake uses the latest config from `tls`; a client has `handshake_timeout`
+/// for the handshake and again for each request's headers, and keyd_mtls's default connection
+/// cap and idle timeout apply.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: watch::Receiver<Arc<ServerConfig>>,
@@ -257,41 +257,24 @@ pub async fn serve_tls(
             None
         }
     };
-    keyd::server::serve_tls_with(
-        listener,
-        tls,
-        http_builder(handshake_timeout),
+    let limits = ListenerLimits {
         handshake_timeout,
+        header_read_timeout: handshake_timeout,
         drain,
-        shutdown,
-        connection,
-    )
-    .await;
+        ..ListenerLimits::default()
+    };
+    keyd_mtls::server::serve_tls(listener, tls, limits, shutdown, connection).await;
 }
 
-/// Serves `router` over plain HTTP until `shutdown` resolves.
+/// Serves `router` over plain HTTP until `shutdown` resolves; request headers within 5 s.
 pub async fn serve_plain(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()>,
 ) {
-    keyd::server::serve_plain_with(
-        listener,
-        router,
-        http_builder(Duration::from_secs(5)),
-        shutdown,
-    )
-    .await;
-}
-
-/// HTTP/1.1 and HTTP/2; a client must send its request headers within `header_timeout`.
-fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    b
+    let limits = ListenerLimits {
+        header_read_timeout: Duration::from_secs(5),
+        ..ListenerLimits::default()
+    };
+    keyd_mtls::server::serve_plain(listener, router, limits, shutdown).await;
 }

@@ -1,7 +1,7 @@
 //! TLS for the webhook: the serving certificate the API server connects to (reloaded from disk
 //! without a restart), and the mTLS client identity it presents to keyd.
 //!
-//! Built by `keyd::tls`, so there is one crypto provider (aws-lc-rs, passed explicitly to every
+//! Built by `keyd_mtls::tls`, so there is one crypto provider (aws-lc-rs, passed explicitly to every
 //! builder) and one way of reading PEM files. The server side differs from keyd's in one way:
 //! the API server usually presents no client certificate; one can be required with
 //! `tls.client_ca`.
@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use keyd::tls::{
+pub use keyd_mtls::tls::{
     ServerTlsPaths, TlsError, TlsPaths as ClientTlsPaths, client_config, install_default_provider,
     provider, serving_config,
 };
@@ -25,7 +25,7 @@ pub fn watch_server_config(
     paths: ServerTlsPaths,
     interval: Duration,
 ) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
-    keyd::tls::watch_server_config(paths, interval.max(Duration::from_millis(10)))
+    keyd_mtls::tls::watch_server_config(paths, interval.max(Duration::from_millis(10)))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use http::StatusCode;
-use keyd::client::{ClientSettings, Connection, Connector, Response};
+use keyd_mtls::client::{ClientSettings, Connection, Connector, Response};
 use keyd_proto::{
     Bounds, ClassSchedule, ImportRequest, IpsecStatus, KeySpec, MaintenanceWindow, NodeInfo,
     Report, RotateRequest, ScheduleUpdate, SecretString, Status,
@@ -300,7 +300,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     {
         return verify(file, public_key.as_deref(), *out);
     }
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let settings = settings(&cli)?;
     let connector =
         Connector::from_settings(&settings).map_err(|e| fail(EXIT_CONFIG, error_chain(&e)))?;

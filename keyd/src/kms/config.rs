@@ -93,10 +93,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 pub const DEFAULT_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_owned(),
-        message: message.into(),
-    }
+    ConfigError::new(field, message)
 }
 
 /// The cargo feature a backend needs.
@@ -599,7 +596,7 @@ mod tests {
     }
 
     fn field(toml_text: &str) -> String {
-        parse(toml_text).unwrap_err().field
+        parse(toml_text).unwrap_err().field().to_owned()
     }
 
     #[test]
@@ -722,6 +719,6 @@ mod tests {
                 "yes".to_owned(),
             )]))
             .unwrap_err();
-        assert_eq!(e.field, "KEYD_KEK_VERIFY_ON_START");
+        assert_eq!(e.field(), "KEYD_KEK_VERIFY_ON_START");
     }
 }

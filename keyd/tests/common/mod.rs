@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keyd::app::DevSetup;
-use keyd::client::{Connection, Connector};
 use keyd::config::Flags;
 use keyd::service::Keyd;
-use keyd::tls::TlsPaths;
+use keyd_mtls::client::{Connection, Connector};
+use keyd_mtls::tls::TlsPaths;
 use keyd_proto::identity::Identity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -56,7 +56,7 @@ impl Harness {
         env: HashMap<String, String>,
         clock: keyd::service::Clock,
     ) -> Self {
-        keyd::tls::install_default_provider();
+        keyd_mtls::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
@@ -143,7 +143,7 @@ impl Harness {
     }
 
     pub async fn connect_as(&self, id: &Identity) -> Connection {
-        let tls = keyd::tls::client_config(&self.paths_for(id)).unwrap();
+        let tls = keyd_mtls::tls::client_config(&self.paths_for(id)).unwrap();
         Connector::new(&self.server_url(), tls)
             .unwrap()
             .connect()

@@ -293,7 +293,7 @@ impl RunningKeyd {
         spec: KekSpec,
         custody: CustodySettings,
     ) -> anyhow::Result<Self> {
-        keyd::tls::install_default_provider();
+        keyd_mtls::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0")?;
         let flags = keyd::config::Flags {
             listen: Some("127.0.0.1:0".into()),
@@ -342,7 +342,10 @@ impl RunningKeyd {
         dir
     }
 
-    pub async fn connect(&self, id: &keyd_proto::identity::Identity) -> keyd::client::Connection {
+    pub async fn connect(
+        &self,
+        id: &keyd_proto::identity::Identity,
+    ) -> keyd_mtls::client::Connection {
         let pair = match id {
             keyd_proto::identity::Identity::Admin(_) => &self.setup.pki.admin,
             keyd_proto::identity::Identity::Webhook(_) => &self.setup.pki.webhook,
@@ -357,25 +360,25 @@ impl RunningKeyd {
                     .1
             }
         };
-        let tls = keyd::tls::client_config(&keyd::tls::TlsPaths {
+        let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
             ca: self.setup.pki.ca.clone(),
             cert: pair.cert.clone(),
             key: pair.key.clone(),
         })
         .unwrap();
-        keyd::client::Connector::new(&format!("https://127.0.0.1:{}", self.api.port()), tls)
+        keyd_mtls::client::Connector::new(&format!("https://127.0.0.1:{}", self.api.port()), tls)
             .unwrap()
             .connect()
             .await
             .unwrap()
     }
 
-    pub async fn admin(&self) -> keyd::client::Connection {
+    pub async fn admin(&self) -> keyd_mtls::client::Connection {
         self.connect(&keyd_proto::identity::Identity::Admin("admin".into()))
             .await
     }
 
-    pub async fn node(&self, name: &str) -> keyd::client::Connection {
+    pub async fn node(&self, name: &str) -> keyd_mtls::client::Connection {
         self.connect(&keyd_proto::identity::Identity::Node(name.into()))
             .await
     }

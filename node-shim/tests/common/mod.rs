@@ -222,7 +222,7 @@ impl KeydHarness {
     }
 
     async fn start_inner(kube: Option<Kube>) -> Self {
-        keyd::tls::install_default_provider();
+        keyd_mtls::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
         if let Some(k) = &kube {
@@ -312,7 +312,7 @@ pub async fn start_agent(ns: &NetNs, cfg: Config) -> (Agent<NetlinkKernel>, Shar
     let kernel = ns.run(move || NetlinkKernel::open(&c2).unwrap());
     let facts = agent::facts(&cfg).unwrap();
     let paths = match &cfg.keyd.identity {
-        keyd_node_shim::config::IdentitySource::Static { cert, key } => keyd::tls::TlsPaths {
+        keyd_node_shim::config::IdentitySource::Static { cert, key } => keyd_mtls::tls::TlsPaths {
             ca: cfg.keyd.ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
@@ -400,7 +400,7 @@ pub fn start_fake_agent(
 ) -> (Agent<keyd_node_shim::kernel::fake::FakeKernel>, Shared) {
     let facts = agent::facts(&cfg).unwrap();
     let paths = match &cfg.keyd.identity {
-        keyd_node_shim::config::IdentitySource::Static { cert, key } => keyd::tls::TlsPaths {
+        keyd_node_shim::config::IdentitySource::Static { cert, key } => keyd_mtls::tls::TlsPaths {
             ca: cfg.keyd.ca.clone(),
             cert: cert.clone(),
             key: key.clone(),

@@ -1,6 +1,6 @@
 //! The ceiling: what serving a bundle costs with nothing of keyd's own in the way.
 //!
-//! It uses keyd's TLS configuration ([`keyd::tls::server_config`]: the same server
+//! It uses keyd's TLS configuration ([`keyd_mtls::tls::server_config`]: the same server
 //! certificate, the same client-certificate verification, the same ALPN) and the same
 //! hyper-util `auto` connection builder over tokio-rustls as `keyd::server`, and answers every
 //! request with one fixed body: the exact bytes of a real keyd bundle. It has no store, no
@@ -53,8 +53,8 @@ struct Payload {
 /// Runs the ceiling until its stdin closes (the load generator exited or dropped its guard).
 /// Builds its own runtime: the same multi-threaded runtime with default settings as keyd's.
 pub fn run_ceiling(args: &CeilingArgs) -> Result<(), Error> {
-    keyd::tls::install_default_provider();
-    let tls = keyd::tls::server_config(&keyd::tls::TlsPaths {
+    keyd_mtls::tls::install_default_provider();
+    let tls = keyd_mtls::tls::server_config(&keyd_mtls::tls::TlsPaths {
         ca: args.ca.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),

@@ -10,8 +10,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{StatusCode, header};
-use keyd::client::{Connection, Connector};
 use keyd::pki::CertificateAuthority;
+use keyd_mtls::client::{Connection, Connector};
 use keyd_proto::identity::Identity;
 use rustls::client::Resumption;
 use rustls::{ClientConfig, RootCertStore};
@@ -128,7 +128,7 @@ impl Fleet {
                 tls,
             });
         }
-        let admin = keyd::tls::client_config(&keyd::tls::TlsPaths {
+        let admin = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
             ca: ca_path,
             cert: pki_dir.join("admin.pem"),
             key: pki_dir.join("admin-key.pem"),
@@ -216,7 +216,7 @@ impl Fleet {
     }
 }
 
-/// A client configuration like `keyd::tls::client_config` (keyd's provider, roots, ALPN
+/// A client configuration like `keyd_mtls::tls::client_config` (keyd's provider, roots, ALPN
 /// `http/1.1`), from in-memory PEM, with session resumption disabled.
 fn client_config(
     roots: &Arc<RootCertStore>,
@@ -233,7 +233,7 @@ fn client_config(
         what: format!("{name}'s private key"),
         source,
     })?;
-    let mut config = ClientConfig::builder_with_provider(keyd::tls::provider())
+    let mut config = ClientConfig::builder_with_provider(keyd_mtls::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| Error::Rustls {
             what: "choosing TLS versions".into(),
@@ -259,7 +259,7 @@ pub(crate) async fn connect(connector: &Connector, what: &str) -> Result<Connect
 
 pub(crate) fn expect_status(
     what: &str,
-    resp: &keyd::client::Response,
+    resp: &keyd_mtls::client::Response,
     want: StatusCode,
 ) -> Result<(), Error> {
     if resp.status == want {
@@ -272,7 +272,7 @@ pub(crate) fn expect_status(
     })
 }
 
-pub(crate) fn etag_of(what: &str, resp: &keyd::client::Response) -> Result<String, Error> {
+pub(crate) fn etag_of(what: &str, resp: &keyd_mtls::client::Response) -> Result<String, Error> {
     resp.headers
         .get(header::ETAG)
         .and_then(|v| v.to_str().ok())
@@ -303,7 +303,7 @@ mod tests {
             name: node_name(index),
             bundle_path: String::new(),
             tls: Arc::new(
-                ClientConfig::builder_with_provider(keyd::tls::provider())
+                ClientConfig::builder_with_provider(keyd_mtls::tls::provider())
                     .with_safe_default_protocol_versions()
                     .expect("versions")
                     .with_root_certificates(RootCertStore::empty())

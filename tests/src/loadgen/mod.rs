@@ -184,7 +184,7 @@ pub enum Error {
     Tls {
         what: String,
         #[source]
-        source: Box<keyd::tls::TlsError>,
+        source: Box<keyd_mtls::tls::TlsError>,
     },
     #[error("{what}")]
     Rustls {
@@ -202,7 +202,7 @@ pub enum Error {
     Client {
         what: String,
         #[source]
-        source: Box<keyd::client::ClientError>,
+        source: Box<keyd_mtls::client::ClientError>,
     },
     #[error("{what}: HTTP {status}: {message}")]
     Status {
@@ -263,7 +263,7 @@ pub async fn run(
     work_dir: &Path,
 ) -> Result<Report, Error> {
     opts.validate()?;
-    keyd::tls::install_default_provider();
+    keyd_mtls::tls::install_default_provider();
     let began = Instant::now();
     let mut setup = Setup::new(opts);
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use http::{HeaderName, Method, StatusCode, header};
-use keyd::client::{Connection, Connector};
+use keyd_mtls::client::{Connection, Connector};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -593,7 +593,7 @@ async fn handshakes(
 }
 
 /// 200 with a body, or 304 when that is what was asked for.
-fn check(resp: &keyd::client::Response, want: StatusCode) -> Result<(), String> {
+fn check(resp: &keyd_mtls::client::Response, want: StatusCode) -> Result<(), String> {
     if resp.status != want {
         return Err(format!(
             "expected {want}, got {}: {}",

@@ -53,7 +53,7 @@ impl Keyd {
 
     /// Starts keyd listening on `listen`.
     pub async fn start_on(dir: &Path, listen: &str) -> Self {
-        keyd::tls::install_default_provider();
+        keyd_mtls::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir, listen, "127.0.0.1:0").unwrap();
         let flags = keyd::config::Flags {
             listen: Some(listen.into()),

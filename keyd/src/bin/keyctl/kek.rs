@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
-use keyd::client::Connection;
+use keyd_mtls::client::Connection;
 use keyd_proto::kek::{
     AwsKmsSpec, KekMigrateRequest, KekRotateRequest, KekSpec, KekStatus, MigrationStatus,
     VaultAuth, VaultTransitSpec,

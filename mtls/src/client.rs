@@ -17,7 +17,7 @@ use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use crate::tls::TlsPaths;
+use crate::tls::{TlsError, TlsPaths};
 
 /// Where keyd is and which certificate to present: the `keyctl.toml` file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -35,7 +35,7 @@ pub enum ClientError {
     #[error("server {0:?} is not a URL like https://127.0.0.1:8443")]
     BadServer(String),
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] TlsError),
     #[error("cannot connect to {addr}")]
     Connect {
         addr: String,
