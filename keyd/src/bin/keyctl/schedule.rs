@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use keyd::client::Connection;
+use keyd_proto::time::format_duration;
 use keyd_proto::{Bounds, ClassSchedule, MaintenanceWindow, ScheduleUpdate};
 
 use crate::http::{call, to_body};
@@ -218,13 +219,11 @@ fn schedules_table(all: &[ClassSchedule]) -> String {
     let rows = all
         .iter()
         .map(|c| {
-            let d = |d: Option<Duration>| {
-                d.map_or("-".into(), |d| humantime::format_duration(d).to_string())
-            };
+            let d = |d: Option<Duration>| d.map_or("-".into(), |d| format_duration(d).to_string());
             vec![
                 c.class.as_str().to_owned(),
-                humantime::format_duration(c.schedule.period).to_string(),
-                humantime::format_duration(c.schedule.overlap).to_string(),
+                format_duration(c.schedule.period).to_string(),
+                format_duration(c.schedule.overlap).to_string(),
                 c.schedule.window.as_ref().map_or("-".into(), |w| {
                     let days = if w.days.is_empty() {
                         "daily".to_owned()

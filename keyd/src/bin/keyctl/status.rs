@@ -1,6 +1,9 @@
 //! `keyctl status`, `nodes` and `report`: read-only overviews.
 
+use std::time::Duration;
+
 use keyd::client::Connection;
+use keyd_proto::time::format_duration;
 use keyd_proto::{NodeInfo, Report, Status};
 
 use crate::http::call;
@@ -121,7 +124,7 @@ fn nodes_table(nodes: &[NodeInfo]) -> String {
 fn secs(s: Option<u64>) -> String {
     s.map_or_else(
         || "-".to_owned(),
-        |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+        |s| format_duration(Duration::from_secs(s)).to_string(),
     )
 }
 fn report_table(r: &Report) -> String {
