@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use keyd_proto::time::format_duration;
 use keyd_proto::{Bounds, KeyClass, MaintenanceWindow, Schedule, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -253,8 +254,8 @@ pub fn validate_schedule(class: KeyClass, s: &Schedule, b: &Bounds) -> Result<()
         return Err(format!(
             "{}: period {} is below the compliance bound min_period = {}",
             class.as_str(),
-            humantime::format_duration(s.period),
-            humantime::format_duration(min)
+            format_duration(s.period),
+            format_duration(min)
         ));
     }
     if let Some(max) = b.max_period
@@ -263,8 +264,8 @@ pub fn validate_schedule(class: KeyClass, s: &Schedule, b: &Bounds) -> Result<()
         return Err(format!(
             "{}: period {} exceeds the compliance bound max_period = {}",
             class.as_str(),
-            humantime::format_duration(s.period),
-            humantime::format_duration(max)
+            format_duration(s.period),
+            format_duration(max)
         ));
     }
     if let Some(w) = &s.window {
@@ -697,13 +698,13 @@ mod tests {
         assert!(
             validate_schedule(KeyClass::Ipsec, &s, &b)
                 .unwrap_err()
-                .contains("max_period = 30days")
+                .contains("max_period = 30d")
         );
         s.period = Duration::from_secs(3600);
         assert!(
             validate_schedule(KeyClass::Ipsec, &s, &b)
                 .unwrap_err()
-                .contains("min_period = 1day")
+                .contains("min_period = 1d")
         );
         s.period = Duration::from_secs(86_400);
         s.overlap = s.period;

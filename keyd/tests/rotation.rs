@@ -320,12 +320,12 @@ async fn bounds_refuse_schedules_and_name_the_bound() {
         .unwrap();
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let msg = r.error_message();
-    assert!(msg.contains("max_period = 30days"), "{msg}");
+    assert!(msg.contains("max_period = 30d"), "{msg}");
     let r = admin
         .put_json("/v1/schedules/ipsec", &json!({ "period": "1h" }))
         .await
         .unwrap();
-    assert!(r.error_message().contains("min_period = 1day"));
+    assert!(r.error_message().contains("min_period = 1d"));
     // A bound the current schedule breaks is refused too.
     let r = admin
         .put_json("/v1/schedules/ipsec/bounds", &json!({ "max_period": "1d" }))
@@ -357,6 +357,47 @@ async fn bounds_refuse_schedules_and_name_the_bound() {
 }
 
 // keyctl runs as a blocking child process while keyd serves on the other worker thread.
+/// Runs keyctl as the admin against the harness's keyd.
+fn keyctl(h: &Harness, args: &[&str]) -> std::process::Output {
+    let p = h.paths_for(&keyd_proto::identity::Identity::Admin("admin".into()));
+    std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
+        .args(["--server", &h.server_url(), "--ca"])
+        .arg(&p.ca)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .args(args)
+        .env_remove("KEYCTL_CONFIG")
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyctl_schedule_get_prints_durations_as_they_are_set() {
+    let h = Harness::start().await;
+    let mut admin = h.admin().await;
+    admin
+        .put_json(
+            "/v1/schedules/kek",
+            &json!({ "period": "90d", "overlap": "36h" }),
+        )
+        .await
+        .unwrap();
+    let out = keyctl(&h, &["schedule", "get", "kek"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = table.lines().nth(1).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..3], ["kek", "90d", "36h"], "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_flags_overdue_classes_and_keyctl_report_exits_non_zero() {
     let h = Harness::start().await;
@@ -365,21 +406,7 @@ async fn the_report_flags_overdue_classes_and_keyctl_report_exits_non_zero() {
         .post_json("/v1/ipsec/rotate", &json!({}))
         .await
         .unwrap();
-    let keyctl = |args: &[&str]| {
-        let p = h.paths_for(&keyd_proto::identity::Identity::Admin("admin".into()));
-        std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
-            .args(["--server", &h.server_url(), "--ca"])
-            .arg(&p.ca)
-            .arg("--cert")
-            .arg(&p.cert)
-            .arg("--key")
-            .arg(&p.key)
-            .args(args)
-            .env_remove("KEYCTL_CONFIG")
-            .current_dir(h.dir.path())
-            .output()
-            .unwrap()
-    };
+    let keyctl = |args: &[&str]| keyctl(&h, args);
     let out = keyctl(&["report"]);
     assert_eq!(
         out.status.code(),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keyd_proto::Timestamp;
 use keyd_proto::kek::{CustodianHealth, KekSpec, KekStatus, MigrationStatus};
+use keyd_proto::time::format_duration;
 use tokio::time::Instant;
 
 use crate::seal::{
@@ -404,7 +405,7 @@ impl Custody {
             detail: format!(
                 "longer than kek.max_unavailable ({}): keyd no longer hands out keys until the \
                  custodian answers again; last failure: {reason}",
-                humantime::format_duration(self.settings.max_unavailable)
+                format_duration(self.settings.max_unavailable)
             ),
         })
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use keyd_proto::time::format_duration;
 use keyd_proto::{
     Bounds, ClassReport, ClassSchedule, KeyClass, Report, Schedule, ScheduleUpdate, Timestamp,
 };
@@ -300,7 +301,7 @@ impl Keyd {
                     problems.push(format!(
                         "a key in use is {} old, beyond max_period = {}",
                         fmt_secs(age),
-                        humantime::format_duration(max)
+                        format_duration(max)
                     ));
                 }
                 if last.is_none() {
@@ -398,5 +399,5 @@ impl Keyd {
 }
 
 fn fmt_secs(s: u64) -> String {
-    humantime::format_duration(Duration::from_secs(s)).to_string()
+    format_duration(Duration::from_secs(s)).to_string()
 }

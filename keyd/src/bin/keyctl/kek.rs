@@ -4,13 +4,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
+use keyd::kms::config::DEFAULT_JWT_FILE;
 use keyd_mtls::client::Connection;
 use keyd_proto::kek::{
     AwsKmsSpec, KekMigrateRequest, KekRotateRequest, KekSpec, KekStatus, MigrationStatus,
     VaultAuth, VaultTransitSpec,
 };
 
-use super::{EXIT_INVALID, Failure, call, fail, print, table, to_body};
+use crate::http::{call, to_body};
+use crate::table::{print, table};
+use crate::{EXIT_INVALID, EXIT_SERVER, Failure, fail};
 
 #[derive(Debug, Subcommand)]
 pub enum KekCommand {
@@ -101,7 +104,7 @@ pub struct TargetArgs {
     vault_secret_id_file: Option<PathBuf>,
     #[arg(long)]
     vault_role: Option<String>,
-    #[arg(long, default_value = keyd::kms::config::DEFAULT_JWT_FILE)]
+    #[arg(long, default_value = DEFAULT_JWT_FILE)]
     vault_jwt_file: PathBuf,
 }
 
@@ -217,7 +220,7 @@ async fn follow(
             print(json, &m, || migration_line(&m) + "\n");
             if m.failed > 0 {
                 return Err(fail(
-                    super::EXIT_SERVER,
+                    EXIT_SERVER,
                     format!(
                         "{} records could not be rewrapped (they stay under the old KEK): {}",
                         m.failed,

@@ -1,0 +1,168 @@
+//! `keyctl status`, `nodes` and `report`: read-only overviews.
+
+use std::time::Duration;
+
+use keyd_mtls::client::Connection;
+use keyd_proto::time::format_duration;
+use keyd_proto::{NodeInfo, Report, Status};
+
+use crate::http::call;
+use crate::table::{print, table, ts};
+use crate::{EXIT_FINDING, Failure, Out, fail};
+
+pub async fn status(conn: &mut Connection, out: Out) -> Result<(), Failure> {
+    let s: Status = call(conn, "GET", "/v1/status", None).await?;
+    print(out.json(), &s, || status_table(&s));
+    Ok(())
+}
+
+pub async fn nodes(conn: &mut Connection, out: Out) -> Result<(), Failure> {
+    let nodes: Vec<NodeInfo> = call(conn, "GET", "/v1/nodes", None).await?;
+    print(out.json(), &nodes, || nodes_table(&nodes));
+    Ok(())
+}
+
+/// Exits 7 (after printing) when a class is overdue, so that it can gate a cron job.
+pub async fn report(conn: &mut Connection, out: Out) -> Result<(), Failure> {
+    let r: Report = call(conn, "GET", "/v1/report", None).await?;
+    print(out.json(), &r, || report_table(&r));
+    if r.overdue {
+        return Err(fail(EXIT_FINDING, "a key class is overdue for rotation"));
+    }
+    Ok(())
+}
+
+fn spi(s: Option<u8>) -> String {
+    s.map_or_else(|| "-".to_owned(), |s| s.to_string())
+}
+fn status_table(s: &Status) -> String {
+    let current = s.ipsec.keys.first();
+    let rows = vec![
+        vec!["version".into(), s.version.clone()],
+        vec!["store".into(), s.store.clone()],
+        vec!["kek".into(), format!("{} ({})", s.kek_backend, s.kek_id)],
+        vec![
+            "kek health".into(),
+            s.custody
+                .as_ref()
+                .map_or("-".into(), |c| c.health.state.clone()),
+        ],
+        vec!["nodes".into(), s.nodes.to_string()],
+        vec!["ipsec outbound spi".into(), spi(s.ipsec.outbound_spi)],
+        vec![
+            "ipsec algorithm".into(),
+            current.map_or("-".into(), |k| {
+                format!(
+                    "{} {}-bit{}",
+                    k.algorithm,
+                    k.key_bits,
+                    if k.per_tunnel { " per-tunnel" } else { "" }
+                )
+            }),
+        ],
+        vec![
+            "ipsec key created".into(),
+            current.map_or("-".into(), |k| k.created_at.to_string()),
+        ],
+        vec![
+            "wireguard psk epoch".into(),
+            s.wireguard.psk_epoch.to_string(),
+        ],
+        vec![
+            "wireguard node keys".into(),
+            s.wireguard.nodes_with_public_key.to_string(),
+        ],
+    ];
+    table(&["FIELD", "VALUE"], &rows)
+}
+
+fn nodes_table(nodes: &[NodeInfo]) -> String {
+    if nodes.is_empty() {
+        return "no nodes registered\n".into();
+    }
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.endpoint.to_string(),
+                n.pod_cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if n.wireguard_public_key.is_some() {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                n.acked
+                    .ack
+                    .ipsec_outbound_spi
+                    .map_or("-".into(), |s| s.to_string()),
+                n.acked
+                    .ack
+                    .wireguard_epoch
+                    .map_or("-".into(), |e| e.to_string()),
+                n.last_seen.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "NODE",
+            "ENDPOINT",
+            "POD CIDRS",
+            "WG KEY",
+            "ACKED SPI",
+            "ACKED EPOCH",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+fn secs(s: Option<u64>) -> String {
+    s.map_or_else(
+        || "-".to_owned(),
+        |s| format_duration(Duration::from_secs(s)).to_string(),
+    )
+}
+fn report_table(r: &Report) -> String {
+    let rows = r
+        .classes
+        .iter()
+        .map(|c| {
+            vec![
+                c.class.as_str().to_owned(),
+                ts(c.last_rotation),
+                ts(c.next_due),
+                secs(c.oldest_key_age_secs),
+                if c.overdue {
+                    "OVERDUE".into()
+                } else if c.within_schedule {
+                    "ok".into()
+                } else {
+                    "late".into()
+                },
+                if c.within_bounds {
+                    "ok".into()
+                } else {
+                    "VIOLATED".into()
+                },
+                c.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "CLASS",
+            "LAST ROTATION",
+            "NEXT DUE",
+            "OLDEST KEY",
+            "SCHEDULE",
+            "BOUNDS",
+            "DETAIL",
+        ],
+        &rows,
+    )
+}
