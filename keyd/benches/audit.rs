@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keyd::audit::AuditWriter;
+use keyd::clock::Clock;
 use keyd::seal::{Key256, KeyWrapper, LocalKek};
-use keyd::service::{Clock, Keyd, ServiceConfig};
+use keyd::service::{Keyd, ServiceConfig};
 use keyd::store::{AuditEvent, RedbStore, Store, Txn};
 use keyd_proto::identity::Identity;
 use keyd_proto::{Ack, KeyClass, NodeBundle, NodeRegistration, ScheduleUpdate};

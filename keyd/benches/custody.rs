@@ -18,7 +18,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyd::kms::Custody;
+use keyd::custody::Custody;
 use keyd::rewrap;
 use keyd::seal::SealedRecord;
 use keyd::service::Keyd;
@@ -59,25 +59,29 @@ async fn run(kind: Kind, n: usize) {
     };
     let dir = tempfile::tempdir().unwrap();
     // keyd's defaults (16 custodian calls in flight).
-    let s = keyd::kms::CustodySettings::default();
+    let s = keyd::custody::CustodySettings::default();
     // Seed: N records sealed through the custodian, written in batches.
     let t = Instant::now();
     {
         let store = open_store(dir.path());
-        let custody = keyd::kms::bootstrap(&b.spec(), &s, &store).await.unwrap();
+        let custody = keyd::custody::bootstrap(&b.spec(), &s, &store)
+            .await
+            .unwrap();
         seed_concurrently(&store, &custody, n, s.concurrency).await;
     }
     let seed = t.elapsed();
     // Cold start, as `keyd serve` does it.
     let t = Instant::now();
     let store = open_store(dir.path());
-    let custody = keyd::kms::bootstrap(&b.spec(), &s, &store).await.unwrap();
+    let custody = keyd::custody::bootstrap(&b.spec(), &s, &store)
+        .await
+        .unwrap();
     let opened = rewrap::verify_all(&store, &custody).await.unwrap();
     let keyd = Keyd::open_with_custody(
         Arc::clone(&store),
         Arc::clone(&custody),
         keyd::service::ServiceConfig::default(),
-        keyd::service::Clock::default(),
+        keyd::clock::Clock::default(),
     )
     .await
     .unwrap();
@@ -91,7 +95,7 @@ async fn run(kind: Kind, n: usize) {
         _ => KekRotateRequest::default(),
     };
     let t = Instant::now();
-    let started = keyd::kms::http::rotate_kek(&keyd, "bench", req)
+    let started = keyd::service::rotate_kek(&keyd, "bench", req)
         .await
         .unwrap();
     let m = wait(&custody).await;

@@ -43,14 +43,14 @@ pub async fn start(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
-    start_with_clock(config, shutdown, crate::service::Clock::default()).await
+    start_with_clock(config, shutdown, crate::clock::Clock::default()).await
 }
 
 /// [`start`] with a clock that tests can move forward.
 pub async fn start_with_clock(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    clock: crate::service::Clock,
+    clock: crate::clock::Clock,
 ) -> anyhow::Result<Running> {
     start_with(config, shutdown, clock, None).await
 }
@@ -62,26 +62,20 @@ pub async fn start_with_kube(
     shutdown: tokio::sync::watch::Receiver<bool>,
     kube: Arc<dyn crate::bootstrap::KubeAuth>,
 ) -> anyhow::Result<Running> {
-    start_with(
-        config,
-        shutdown,
-        crate::service::Clock::default(),
-        Some(kube),
-    )
-    .await
+    start_with(config, shutdown, crate::clock::Clock::default(), Some(kube)).await
 }
 
 async fn start_with(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    clock: crate::service::Clock,
+    clock: crate::clock::Clock,
     kube: Option<Arc<dyn crate::bootstrap::KubeAuth>>,
 ) -> anyhow::Result<Running> {
     keyd_mtls::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
     // The custodian answers a wrap and unwrap round trip before anything else happens.
-    let custody = crate::kms::bootstrap(&config.kek, &config.custody, &store).await?;
+    let custody = crate::custody::bootstrap(&config.kek, &config.custody, &store).await?;
     if config.custody.verify_on_start {
         let n = crate::rewrap::verify_all(&store, &custody)
             .await

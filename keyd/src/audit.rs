@@ -155,7 +155,7 @@ const MAX_BATCH: usize = 8192;
 
 impl AuditWriter {
     /// Starts the writer thread; it ends when every `AuditWriter` clone is dropped.
-    pub fn spawn(store: Arc<dyn Store>, clock: crate::service::Clock) -> Self {
+    pub fn spawn(store: Arc<dyn Store>, clock: crate::clock::Clock) -> Self {
         let (tx, mut rx) = mpsc::channel::<Pending>(MAX_BATCH * 4);
         let spawned = std::thread::Builder::new()
             .name("keyd-audit".into())
@@ -773,7 +773,7 @@ mod tests {
     async fn the_writer_commits_concurrent_appends_in_order_and_durably() {
         let (_d, store, _) = log(0);
         let store: Arc<dyn Store> = Arc::new(store);
-        let w = AuditWriter::spawn(Arc::clone(&store), crate::service::Clock::default());
+        let w = AuditWriter::spawn(Arc::clone(&store), crate::clock::Clock::default());
         let mut tasks = Vec::new();
         for i in 0..200 {
             let w = w.clone();

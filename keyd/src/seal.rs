@@ -236,7 +236,7 @@ async fn round_trip_keeping<W: KeyWrapper + ?Sized>(w: &W) -> Result<WrappedKey,
     let ctx = probe_context();
     let (dek, wrapped) = w.generate_data_key(&ctx).await?;
     let back = w.unwrap_data_key(&wrapped, &ctx).await?;
-    if !crate::kms::ct_eq(dek.expose(), back.expose()) {
+    if !keyd_proto::constant_time_eq(dek.expose(), back.expose()) {
         return Err(SealError::Custodian {
             backend: w.backend(),
             key_id: w.key_id(),

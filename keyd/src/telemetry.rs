@@ -42,7 +42,7 @@ pub struct RecordState {
     pub state: &'static str,
 }
 
-/// The KEK custodian's metrics; owned by [`crate::kms::Custody`], registered with [`Metrics`].
+/// The KEK custodian's metrics; owned by [`crate::custody::Custody`], registered with [`Metrics`].
 #[derive(Clone, Default)]
 pub struct CustodyMetrics {
     pub custodian_up: Gauge,
@@ -138,7 +138,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Metrics registering the custodian's own (see [`crate::kms::Custody::metrics`]).
+    /// Metrics registering the custodian's own (see [`crate::custody::Custody::metrics`]).
     pub fn new(custody: CustodyMetrics) -> Self {
         let mut r = Registry::with_prefix("keyd");
         let http_requests = Family::<RouteLabels, Counter>::default();

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use keyd::kms::{Custody, Member};
+use keyd::custody::{Custody, Member};
 use keyd::rewrap::{self, Kind as MigrationKind, RunOptions};
 use keyd::seal::{self, FailureKind, SealContext, SealedRecord};
 use keyd::service::Keyd;
@@ -186,7 +186,7 @@ async fn a_wrong_key_id_is_named_and_stops_start_up(b: Backend) {
     );
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let err = keyd::kms::bootstrap(&spec, &settings(), &store)
+    let err = keyd::custody::bootstrap(&spec, &settings(), &store)
         .await
         .unwrap_err();
     let msg = chain(&err);
@@ -438,7 +438,7 @@ async fn a_kek_rotation_rewraps_every_record_with_nothing_unreadable(b: Backend)
         Arc::clone(&store),
         Arc::clone(&custody),
         keyd::service::ServiceConfig::default(),
-        keyd::service::Clock::default(),
+        keyd::clock::Clock::default(),
     )
     .await
     .unwrap();
@@ -468,7 +468,7 @@ async fn a_kek_rotation_rewraps_every_record_with_nothing_unreadable(b: Backend)
         },
         _ => KekRotateRequest::default(),
     };
-    let started = keyd::kms::http::rotate_kek(&keyd, "admin/test", req)
+    let started = keyd::service::rotate_kek(&keyd, "admin/test", req)
         .await
         .unwrap();
     assert_eq!(started.kind, "rotate");
@@ -502,7 +502,9 @@ async fn a_kek_rotation_rewraps_every_record_with_nothing_unreadable(b: Backend)
         custody.status().retired.is_empty(),
         "the old KEK holds no record any more"
     );
-    let (doc, _) = rewrap::read_doc(store.as_ref()).unwrap().unwrap();
+    let (doc, _) = keyd::custody::doc::read_doc(store.as_ref())
+        .unwrap()
+        .unwrap();
     assert!(
         doc.retired.is_empty(),
         "the next start does not connect to it"
@@ -535,7 +537,7 @@ async fn a_migration_resumes_after_a_crash(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = open_store(dir.path());
-        let custody = keyd::kms::bootstrap(&b.spec(), &settings(), &store)
+        let custody = keyd::custody::bootstrap(&b.spec(), &settings(), &store)
             .await
             .unwrap();
         seed(store.as_ref(), &custody, 40).await;
@@ -543,7 +545,7 @@ async fn a_migration_resumes_after_a_crash(b: Backend) {
             Arc::clone(&store),
             Arc::clone(&custody),
             keyd::service::ServiceConfig::default(),
-            keyd::service::Clock::default(),
+            keyd::clock::Clock::default(),
         )
         .await
         .unwrap();
@@ -568,14 +570,16 @@ async fn a_migration_resumes_after_a_crash(b: Backend) {
                 && custody.metrics().migration_running.get() == 0
         })
         .await;
-        let (doc, _) = rewrap::read_doc(store.as_ref()).unwrap().unwrap();
+        let (doc, _) = keyd::custody::doc::read_doc(store.as_ref())
+            .unwrap()
+            .unwrap();
         assert!(!doc.migration.unwrap().completed);
         // Mid-migration, every record opens (10 under the new KEK, 31 under the old one).
         assert_eq!(check_all(store.as_ref(), &custody).await, 40);
     }
     // "Restart": the configuration still names the old custodian.
     let store = open_store(dir.path());
-    let custody = keyd::kms::bootstrap(&b.spec(), &settings(), &store)
+    let custody = keyd::custody::bootstrap(&b.spec(), &settings(), &store)
         .await
         .unwrap();
     assert!(custody.status().config_note.is_some());

@@ -25,7 +25,7 @@ async fn records_move_local_to_kms_to_vault_and_back() {
     let local = Backend::new(Kind::Local).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let custody = keyd::kms::bootstrap(&local.spec(), &settings(), &store)
+    let custody = keyd::custody::bootstrap(&local.spec(), &settings(), &store)
         .await
         .unwrap();
     seed(store.as_ref(), &custody, 30).await;
@@ -33,7 +33,7 @@ async fn records_move_local_to_kms_to_vault_and_back() {
         Arc::clone(&store),
         Arc::clone(&custody),
         keyd::service::ServiceConfig::default(),
-        keyd::service::Clock::default(),
+        keyd::clock::Clock::default(),
     )
     .await
     .unwrap();
@@ -45,7 +45,7 @@ async fn records_move_local_to_kms_to_vault_and_back() {
         (vault.spec(), "vault-transit"),
         (back_to_local, "local"),
     ] {
-        let started = keyd::kms::http::migrate_kek(&keyd, "admin/test", to)
+        let started = keyd::service::migrate_kek(&keyd, "admin/test", to)
             .await
             .unwrap();
         assert_eq!(started.kind, "migrate");
@@ -82,7 +82,7 @@ async fn a_target_that_fails_its_check_changes_nothing() {
     let (_, token_file) = v.token_file(&[&policy], "1h").await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let custody = keyd::kms::bootstrap(&local.spec(), &settings(), &store)
+    let custody = keyd::custody::bootstrap(&local.spec(), &settings(), &store)
         .await
         .unwrap();
     seed(store.as_ref(), &custody, 5).await;
@@ -90,13 +90,13 @@ async fn a_target_that_fails_its_check_changes_nothing() {
         Arc::clone(&store),
         Arc::clone(&custody),
         keyd::service::ServiceConfig::default(),
-        keyd::service::Clock::default(),
+        keyd::clock::Clock::default(),
     )
     .await
     .unwrap();
     let before = store.scan(Table::Sealed).unwrap();
     let target = vault.vault_spec("not-derived", VaultAuth::Token { token_file });
-    let e = keyd::kms::http::migrate_kek(&keyd, "admin/test", target)
+    let e = keyd::service::migrate_kek(&keyd, "admin/test", target)
         .await
         .unwrap_err();
     assert!(

@@ -43,7 +43,7 @@ async fn approle_login_works_and_a_wrong_secret_id_is_refused() {
         role_id: role_id.clone(),
         secret_id_file,
     };
-    let w = keyd::kms::connect(&spec(&v, "keyd", auth), &settings())
+    let w = keyd::custody::connect(&spec(&v, "keyd", auth), &settings())
         .await
         .unwrap();
     w.check().await.unwrap();
@@ -52,7 +52,7 @@ async fn approle_login_works_and_a_wrong_secret_id_is_refused() {
         role_id,
         secret_id_file: v.write_secret("wrong", "not-the-secret-id"),
     };
-    let e = keyd::kms::connect(&spec(&v, "keyd", wrong), &settings())
+    let e = keyd::custody::connect(&spec(&v, "keyd", wrong), &settings())
         .await
         .unwrap_err();
     assert_eq!(e.kind(), Some(FailureKind::PermissionDenied), "{e}");
@@ -82,7 +82,7 @@ async fn kubernetes_login_works_and_a_revoked_service_account_is_refused() {
         role: "keyd".into(),
         jwt_file: jwt_file.clone(),
     };
-    let w = keyd::kms::connect(&spec(&v, "keyd", auth.clone()), &settings())
+    let w = keyd::custody::connect(&spec(&v, "keyd", auth.clone()), &settings())
         .await
         .unwrap();
     w.check().await.unwrap();
@@ -90,7 +90,7 @@ async fn kubernetes_login_works_and_a_revoked_service_account_is_refused() {
     v.double_server()
         .unwrap()
         .revoke_service_account_token(&jwt);
-    let e = keyd::kms::connect(&spec(&v, "keyd", auth), &settings())
+    let e = keyd::custody::connect(&spec(&v, "keyd", auth), &settings())
         .await
         .unwrap_err();
     assert_eq!(e.kind(), Some(FailureKind::PermissionDenied), "{e}");
@@ -104,7 +104,7 @@ async fn kubernetes_login_works_and_a_revoked_service_account_is_refused() {
 async fn keyd_logs_in_again_when_vault_refuses_its_token() {
     let (v, policy) = fixture().await;
     let (token, token_file) = v.token_file(&[&policy], "1h").await;
-    let w = keyd::kms::connect(
+    let w = keyd::custody::connect(
         &spec(
             &v,
             "keyd",
@@ -141,7 +141,7 @@ async fn keyd_logs_in_again_when_vault_refuses_its_token() {
     )
     .await
     .unwrap();
-    let w = keyd::kms::connect(
+    let w = keyd::custody::connect(
         &spec(
             &v,
             "keyd",
@@ -176,7 +176,7 @@ async fn a_key_without_derivation_is_refused_by_the_check() {
     let (_, token_file) = v.token_file(&[&policy], "1h").await;
     let dir = tempfile::tempdir().unwrap();
     let store = support::open_store(dir.path());
-    let e = keyd::kms::bootstrap(
+    let e = keyd::custody::bootstrap(
         &spec(&v, "not-derived", VaultAuth::Token { token_file }),
         &settings(),
         &store,
@@ -202,13 +202,13 @@ async fn tls_to_vault_needs_its_ca() {
     let auth = VaultAuth::Token { token_file };
     let good = spec(&v, "keyd", auth.clone());
     assert!(v.address.starts_with("https://"));
-    let w = keyd::kms::connect(&good, &settings()).await.unwrap();
+    let w = keyd::custody::connect(&good, &settings()).await.unwrap();
     w.check().await.unwrap();
     let KekSpec::VaultTransit(mut no_ca) = good else {
         unreachable!()
     };
     no_ca.ca_file = None;
-    let w = keyd::kms::connect(&KekSpec::VaultTransit(no_ca), &settings())
+    let w = keyd::custody::connect(&KekSpec::VaultTransit(no_ca), &settings())
         .await
         .unwrap();
     let e = w.check().await.unwrap_err();
@@ -261,7 +261,7 @@ async fn namespaces_isolate_keys() {
             token_file: token_file.clone(),
         },
     });
-    let w = keyd::kms::connect(&in_ns, &settings()).await.unwrap();
+    let w = keyd::custody::connect(&in_ns, &settings()).await.unwrap();
     w.check().await.unwrap();
     assert!(
         w.key_id().starts_with("team/transit/keyd"),
@@ -272,7 +272,7 @@ async fn namespaces_isolate_keys() {
         unreachable!()
     };
     root.namespace = None;
-    let w = keyd::kms::connect(&KekSpec::VaultTransit(root), &settings())
+    let w = keyd::custody::connect(&KekSpec::VaultTransit(root), &settings())
         .await
         .unwrap();
     let e = w.check().await.unwrap_err();

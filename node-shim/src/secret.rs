@@ -76,19 +76,11 @@ impl fmt::Debug for Key32 {
 
 impl PartialEq for Key32 {
     fn eq(&self, other: &Self) -> bool {
-        ct_eq(&self.0, &other.0)
+        keyd_proto::constant_time_eq(&self.0, &other.0)
     }
 }
 
 impl Eq for Key32 {}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
 
 /// A WireGuard (x25519) public key: not secret, printed as standard base64 like `wg` does.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

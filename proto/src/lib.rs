@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use secret::{SecretBytes, SecretString};
+pub use secret::{SecretBytes, SecretString, constant_time_eq};
 pub use time::Timestamp;
 
 /// Body of every non-2xx response from keyd.

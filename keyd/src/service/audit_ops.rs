@@ -10,7 +10,7 @@ use keyd_proto::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Keyd, Result, ServiceError, from_json, to_json};
+use super::state::{Keyd, Result, ServiceError, from_json, to_json};
 use crate::audit::{self, Checkpoint, ExportHeader, ExportLine, Format};
 use crate::store::{AuditEvent, Store, StoreError, Table, Txn};
 

@@ -1,62 +1,19 @@
 //! Rotation schedules and bounds, rotation by key class, the compliance report, and the
 //! scheduler's tick.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use keyd_proto::time::format_duration;
-use keyd_proto::{
-    Bounds, ClassReport, ClassSchedule, KeyClass, Report, Schedule, ScheduleUpdate, Timestamp,
-};
-use serde::{Deserialize, Serialize};
+use keyd_proto::{Bounds, ClassReport, ClassSchedule, KeyClass, Report, ScheduleUpdate, Timestamp};
 use serde_json::json;
 
-use super::{Keyd, Result, ServiceError, WIREGUARD_DOC, to_json};
+use super::state::{Keyd, Result, SCHEDULES_DOC, ServiceError, WIREGUARD_DOC, to_json};
 use crate::rotation;
 use crate::store::{AuditEvent, Table, Txn};
 
-pub(super) const SCHEDULES_DOC: &str = "schedules";
 /// How long the scheduler waits before retrying a scheduled rotation that failed.
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(3600);
-
-/// Schedules and bounds as stored; a class absent here has its default schedule and no bounds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredSchedules(BTreeMap<KeyClass, StoredClass>);
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct StoredClass {
-    schedule: Schedule,
-    #[serde(default)]
-    bounds: Bounds,
-}
-
-impl StoredSchedules {
-    pub fn get(&self, class: KeyClass) -> ClassSchedule {
-        match self.0.get(&class) {
-            Some(c) => ClassSchedule {
-                class,
-                schedule: c.schedule.clone(),
-                bounds: c.bounds.clone(),
-            },
-            None => ClassSchedule {
-                class,
-                schedule: rotation::default_schedule(class),
-                bounds: Bounds::default(),
-            },
-        }
-    }
-
-    fn set(&mut self, c: ClassSchedule) {
-        self.0.insert(
-            c.class,
-            StoredClass {
-                schedule: c.schedule,
-                bounds: c.bounds,
-            },
-        );
-    }
-}
 
 impl Keyd {
     pub fn schedules(&self) -> Vec<ClassSchedule> {
@@ -244,7 +201,7 @@ impl Keyd {
             }
             KeyClass::Kek => {
                 // The last KEK rotation or migration, if any, else the KEK's first use.
-                let migrated = crate::rewrap::read_doc(self.store.as_ref())
+                let migrated = crate::custody::doc::read_doc(self.store.as_ref())
                     .ok()
                     .flatten()
                     .and_then(|(doc, _)| doc.migration)

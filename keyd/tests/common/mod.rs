@@ -22,7 +22,7 @@ pub struct Harness {
     pub ops: SocketAddr,
     pub keyd: Arc<Keyd>,
     /// keyd's clock; tests move it forward instead of sleeping.
-    pub clock: keyd::service::Clock,
+    pub clock: keyd::clock::Clock,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -32,7 +32,7 @@ impl Harness {
         Self::start_with(
             tempfile::tempdir().unwrap(),
             HashMap::new(),
-            keyd::service::Clock::default(),
+            keyd::clock::Clock::default(),
         )
         .await
     }
@@ -46,7 +46,7 @@ impl Harness {
         Self::start_with(
             tempfile::tempdir().unwrap(),
             env,
-            keyd::service::Clock::default(),
+            keyd::clock::Clock::default(),
         )
         .await
     }
@@ -54,7 +54,7 @@ impl Harness {
     async fn start_with(
         dir: tempfile::TempDir,
         env: HashMap<String, String>,
-        clock: keyd::service::Clock,
+        clock: keyd::clock::Clock,
     ) -> Self {
         keyd_mtls::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();

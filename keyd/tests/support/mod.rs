@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyd::kms::{Custody, CustodySettings, Member};
+use keyd::custody::{Custody, CustodySettings, Member};
 use keyd::seal::{KeyWrapper, SealContext, SealedRecord};
 use keyd::store::{RedbStore, Store, Table, Txn};
 use keyd_proto::kek::{AwsKmsSpec, KekSpec, VaultAuth, VaultTransitSpec};
@@ -198,7 +198,7 @@ impl Backend {
     }
 
     pub async fn connect(&self, spec: &KekSpec) -> Arc<dyn KeyWrapper> {
-        keyd::kms::connect(spec, &settings()).await.unwrap()
+        keyd::custody::connect(spec, &settings()).await.unwrap()
     }
 
     pub async fn custody(&self) -> Arc<Custody> {

@@ -1,7 +1,8 @@
 //! Rule 4: a sensitive pod carrying the break-glass annotation (non-empty) is admitted and
 //! recorded with the requesting user, whether or not it needed it.
 
-use super::{Context, Decision, Outcome, Reason};
+use super::context::Context;
+use super::outcome::{Decision, Outcome, Reason};
 use crate::workload::Workload;
 
 /// Longest break-glass justification copied into a record.

@@ -3,26 +3,11 @@
 
 use std::sync::Arc;
 
-use keyd_proto::{EncryptionMode, EnforcementStatus};
-
-use super::KeydView;
+use super::input::{KeydView, mode_ready};
 use super::sensitivity::Sensitivity;
 use super::violation::Violation;
-use crate::crd::{Labels, Mode};
+use crate::crd::Labels;
 use crate::policy::{CompiledPolicy, PolicySet};
-
-/// Whether keyd reports `mode` usable: active, and every key within its schedule.
-pub fn mode_ready(status: &EnforcementStatus, mode: Mode) -> bool {
-    let m = status.mode(EncryptionMode::from(mode));
-    m.active && m.within_schedule
-}
-
-/// The mode to suggest when one is ready, WireGuard first.
-pub(super) fn first_ready_mode(status: &EnforcementStatus) -> Option<Mode> {
-    [Mode::Wireguard, Mode::Ipsec]
-        .into_iter()
-        .find(|&m| mode_ready(status, m))
-}
 
 /// The policies that select the pod. None when only an unknown namespace could make it
 /// sensitive: then there is nothing to select against.

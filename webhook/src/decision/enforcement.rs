@@ -3,8 +3,10 @@
 //! with a warning, `audit` admits; each is recorded. When keyd's status is unknown and the
 //! webhook is configured to fail open, the pod is admitted with a warning instead.
 
+use super::context::Context;
+use super::input::{DecisionConfig, Enforcement, KeydView};
+use super::outcome::{Decision, Outcome, Reason};
 use super::violation::Violation;
-use super::{Context, Decision, DecisionConfig, Enforcement, KeydView, Outcome, Reason};
 use crate::crd::Labels;
 
 /// The namespace's enforcement mode, and a note when its label is not a valid mode (then the

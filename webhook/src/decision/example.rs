@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use super::coverage::first_ready_mode;
-use super::{Context, KeydView};
+use super::context::Context;
+use super::input::{KeydView, first_ready_mode};
 use crate::crd::Mode;
 
 /// Labels that identify a workload's pods better than the whole set, in order of preference.

@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use keyd_proto::EnforcementStatus;
+use keyd_proto::{EncryptionMode, EnforcementStatus};
 
-use crate::crd::Labels;
+use crate::crd::{Labels, Mode};
 use crate::workload::Workload;
 
 /// What a violation leads to.
@@ -129,4 +129,17 @@ pub struct Input<'a> {
     /// The object before an UPDATE.
     pub old_object: Option<&'a Workload>,
     pub user: &'a str,
+}
+
+/// Whether keyd reports `mode` usable: active, and every key within its schedule.
+pub fn mode_ready(status: &EnforcementStatus, mode: Mode) -> bool {
+    let m = status.mode(EncryptionMode::from(mode));
+    m.active && m.within_schedule
+}
+
+/// The mode to suggest when one is ready, WireGuard first.
+pub(super) fn first_ready_mode(status: &EnforcementStatus) -> Option<Mode> {
+    [Mode::Wireguard, Mode::Ipsec]
+        .into_iter()
+        .find(|&m| mode_ready(status, m))
 }

@@ -25,6 +25,7 @@
 //! `violation` and `example` write what is missing and the fix.
 
 mod break_glass;
+mod context;
 mod coverage;
 mod enforcement;
 mod example;
@@ -35,7 +36,7 @@ mod sensitivity;
 mod tests;
 mod violation;
 
-pub use coverage::mode_ready;
+pub use input::mode_ready;
 pub use input::{
     DecisionConfig, Enforcement, Input, KeydView, LabelRule, Operation, WhenKeydUnavailable,
 };
@@ -43,6 +44,7 @@ pub use outcome::{Decision, Outcome, Reason};
 
 use crate::crd::Labels;
 use crate::policy::PolicySet;
+use context::Context;
 use sensitivity::Sensitivity;
 use violation::Violation;
 
@@ -111,42 +113,4 @@ fn is_unchanged(input: &Input<'_>, break_glass: Option<&str>, config: &DecisionC
     };
     old.pod_labels() == input.object.pod_labels()
         && break_glass::justification(old, &config.break_glass_annotation) == break_glass
-}
-
-/// The request being judged, and what the messages about it need.
-struct Context<'a> {
-    input: &'a Input<'a>,
-    enforcement: Enforcement,
-    enforcement_note: Option<String>,
-    why_sensitive: String,
-    config: &'a DecisionConfig,
-}
-
-impl Context<'_> {
-    /// `Pod team-a/web`.
-    fn object_ref(&self) -> String {
-        format!(
-            "{} {}/{}",
-            self.input.object.kind,
-            self.input.namespace,
-            self.input.object.display_name()
-        )
-    }
-
-    /// "it" for a pod, "its pods" for a workload.
-    fn subject(&self) -> &'static str {
-        if self.input.object.is_pod() {
-            "it"
-        } else {
-            "its pods"
-        }
-    }
-
-    fn where_annotation(&self) -> &'static str {
-        if self.input.object.is_pod() {
-            "on the pod"
-        } else {
-            "on the pod template (spec.template.metadata.annotations)"
-        }
-    }
 }

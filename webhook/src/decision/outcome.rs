@@ -1,7 +1,7 @@
 //! What the decision answers: the outcome the audit log names, the reason metrics count, and the
 //! texts shown to the user.
 
-use super::Enforcement;
+use super::input::Enforcement;
 
 /// The result, as the audit log names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,7 +1,7 @@
 //! Rule 3: what makes a pod sensitive. The pod label rule, or the namespace label rule, or both
 //! (each optional); a namespace the caller does not know may be sensitive.
 
-use super::{DecisionConfig, LabelRule};
+use super::input::{DecisionConfig, LabelRule};
 use crate::crd::Labels;
 
 /// Which rules make the pod sensitive.

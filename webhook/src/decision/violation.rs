@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use keyd_proto::{EncryptionMode, EnforcementStatus};
 
-use super::coverage::first_ready_mode;
+use super::context::Context;
 use super::example::example_policy;
-use super::{Context, KeydView, Reason};
+use super::input::{KeydView, first_ready_mode};
+use super::outcome::Reason;
 use crate::crd::Mode;
 use crate::policy::{CompiledPolicy, PolicyKind};
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
-use keyd::kms::config::DEFAULT_JWT_FILE;
+use keyd::custody::spec::DEFAULT_JWT_FILE;
 use keyd_mtls::client::Connection;
 use keyd_proto::kek::{
     AwsKmsSpec, KekMigrateRequest, KekRotateRequest, KekSpec, KekStatus, MigrationStatus,

@@ -20,7 +20,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use keyd_proto::kek::AwsKmsSpec;
 use zeroize::Zeroizing;
 
-use super::CustodySettings;
+use super::spec::CustodySettings;
 use crate::seal::{
     FailureKind, Key256, KeyWrapper, SealContext, SealError, SealedRecord, WrappedKey,
 };

@@ -28,7 +28,7 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
-use super::CustodySettings;
+use super::spec::CustodySettings;
 use crate::seal::{
     FailureKind, Key256, KeyWrapper, SealContext, SealError, SealedRecord, WrappedKey,
 };

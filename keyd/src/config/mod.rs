@@ -23,7 +23,7 @@ pub struct Config {
     pub tls: TlsPaths,
     pub tls_reload_interval: Duration,
     pub kek: KekConfig,
-    pub custody: crate::kms::CustodySettings,
+    pub custody: crate::custody::CustodySettings,
     pub max_body_bytes: usize,
     /// Every listener's connection cap and timeouts (`[limits]`).
     pub listener: keyd_mtls::server::Limits,
@@ -36,7 +36,7 @@ pub struct Config {
     pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
 }
 
-/// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::kms::config`]).
+/// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::custody::config`]).
 pub use keyd_proto::kek::KekSpec as KekConfig;
 
 /// The file form; every field optional so that env and flags can fill it in.
@@ -59,7 +59,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
-    pub bootstrap: Option<crate::bootstrap::RawBootstrap>,
+    pub bootstrap: Option<bootstrap::RawBootstrap>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,7 +87,10 @@ pub struct RawTls {
     pub reload_interval: Option<String>,
 }
 
-pub use crate::kms::config::RawKek;
+pub mod bootstrap;
+pub mod kek;
+
+pub use kek::RawKek;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,7 +180,7 @@ impl RawConfig {
     pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
         let known: std::collections::HashSet<&str> = ENV_VARS
             .iter()
-            .chain(crate::kms::config::ENV_VARS)
+            .chain(kek::ENV_VARS)
             .map(|(k, _)| *k)
             .collect();
         for k in env.keys() {

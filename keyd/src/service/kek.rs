@@ -1,99 +1,18 @@
-//! `/v1/kek`: the custodian's status, and KEK rotation and migration (admin only).
+//! KEK rotation and migration as the admin asks for them: the checks before a rewrap starts
+//! (nothing else running, the target custodian valid and answering), then [`crate::rewrap`].
 
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use keyd_proto::Timestamp;
-use keyd_proto::kek::{KekMigrateRequest, KekRotateRequest, KekSpec, MigrationStatus};
+use keyd_proto::kek::{KekRotateRequest, KekSpec, MigrationStatus};
 
-use super::{Custody, Member, config::validate_spec};
-use crate::api::{Admin, ApiError, ApiJson, AppState};
+use super::state::{Keyd, Result, ServiceError};
+use crate::custody::spec::validate_spec;
+use crate::custody::{Custody, Member};
 use crate::rewrap::{self, Kind, RewrapError, RunOptions};
 use crate::seal::SealError;
-use crate::service::Keyd;
-
-/// `GET /v1/kek`.
-pub async fn status(State(s): State<AppState>, Admin(_): Admin) -> Response {
-    Json(s.keyd.custody().status()).into_response()
-}
-
-/// `POST /v1/kek/rotate`: 202 with the migration's status; the rewrap runs in the background.
-pub async fn rotate(
-    State(s): State<AppState>,
-    Admin(caller): Admin,
-    ApiJson(req): ApiJson<KekRotateRequest>,
-) -> Result<Response, ApiError> {
-    let status = rotate_kek(&s.keyd, &caller.to_string(), req).await?;
-    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
-}
-
-/// `POST /v1/kek/migrate`.
-pub async fn migrate(
-    State(s): State<AppState>,
-    Admin(caller): Admin,
-    ApiJson(req): ApiJson<KekMigrateRequest>,
-) -> Result<Response, ApiError> {
-    let status = migrate_kek(&s.keyd, &caller.to_string(), req.to).await?;
-    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
-}
-
-impl From<RewrapError> for ApiError {
-    fn from(e: RewrapError) -> Self {
-        match &e {
-            RewrapError::Busy(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
-            RewrapError::Invalid(m) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone())
-            }
-            RewrapError::Config(c) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
-            }
-            RewrapError::TargetCheck(s) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "custodian_check_failed",
-                format!(
-                    "the new custodian failed its wrap and unwrap check: {s}; nothing was changed"
-                ),
-            ),
-            RewrapError::Seal(s) => custodian_error(s),
-            RewrapError::Store(_) => {
-                tracing::error!(error = %e, "internal error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("{e}; nothing was changed"),
-                )
-            }
-        }
-    }
-}
-
-/// A custodian failure as an API error: 503 while the custodian cannot be used (keyd serves
-/// the keys it holds and refuses what needs a new wrap), 500 for anything else.
-pub fn custodian_error(e: &SealError) -> ApiError {
-    match e.kind() {
-        Some(kind) if kind.is_custodian_down() => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "custodian_unavailable",
-            format!(
-                "{e}; nothing was changed. keyd keeps serving the keys it holds; key rotations, \
-                 imports and KEK changes are refused until the custodian answers again \
-                 (keyctl status shows its health)"
-            ),
-        ),
-        _ => {
-            tracing::error!(error = %e, "internal error");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("{e}; nothing was changed"),
-            )
-        }
-    }
-}
 
 fn busy(custody: &Custody) -> Result<(), RewrapError> {
     match custody.migration() {
@@ -221,7 +140,7 @@ pub async fn migrate_kek(
 }
 
 async fn connect(custody: &Custody, spec: KekSpec) -> Result<Member, RewrapError> {
-    let wrapper = super::connect(&spec, custody.settings())
+    let wrapper = crate::custody::connect(&spec, custody.settings())
         .await
         .map_err(RewrapError::TargetCheck)?;
     Ok(Member::new(Some(spec), wrapper))
@@ -240,4 +159,20 @@ fn next_local_path(current: &Path) -> Result<std::path::PathBuf, RewrapError> {
         Timestamp::now().0,
         hex::encode(suffix)
     )))
+}
+
+impl Keyd {
+    /// A new KEK on the active custodian (a new local key file, a new Vault key version), with
+    /// every record rewrapped in the background; see [`crate::rewrap`]. AWS KMS keys rotate by
+    /// moving to a new key (`keyctl kek rotate --key-id`), so a scheduled rotation there is
+    /// refused with that instruction and the report shows the class as due.
+    pub(super) async fn rotate_kek(&self, actor: &(dyn fmt::Display + Sync)) -> Result<String> {
+        let status = rotate_kek(self, &actor.to_string(), Default::default())
+            .await
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        Ok(format!(
+            "KEK rotation {} started: {} records to rewrap to {}",
+            status.id, status.total, status.to
+        ))
+    }
 }

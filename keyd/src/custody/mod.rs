@@ -27,40 +27,12 @@ use crate::telemetry::CustodyMetrics;
 
 #[cfg(feature = "aws-kms")]
 pub mod aws;
-pub mod config;
-pub mod http;
+pub mod doc;
+pub mod spec;
 #[cfg(feature = "vault")]
 pub mod vault;
 
-/// How keyd treats its custodian; `[kek]` in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CustodySettings {
-    /// How long keyd keeps handing out the keys it holds in memory while the custodian cannot
-    /// be used. After that it refuses, until the custodian answers again.
-    pub max_unavailable: Duration,
-    /// How often the custodian is checked (a wrap and unwrap round trip) while it is healthy;
-    /// while it is not, every `min(probe_interval, 5s)`.
-    pub probe_interval: Duration,
-    /// Timeout of one custodian call (connect, request and response).
-    pub call_timeout: Duration,
-    /// Open every sealed record at start-up (not only those keyd needs), so that a record that
-    /// no longer opens stops keyd at start rather than surprising it later.
-    pub verify_on_start: bool,
-    /// How many custodian calls a rewrap or a verification pass keeps in flight.
-    pub concurrency: usize,
-}
-
-impl Default for CustodySettings {
-    fn default() -> Self {
-        Self {
-            max_unavailable: Duration::from_secs(3600),
-            probe_interval: Duration::from_secs(30),
-            call_timeout: Duration::from_secs(5),
-            verify_on_start: true,
-            concurrency: 16,
-        }
-    }
-}
+pub use spec::CustodySettings;
 
 /// The most often keyd retries a custodian that is down.
 const DOWN_RETRY: Duration = Duration::from_secs(5);
@@ -96,16 +68,11 @@ pub async fn connect(
                 kind: FailureKind::Misconfigured,
                 detail: format!(
                     "this keyd was built without the `{}` feature",
-                    config::feature_of(other.backend())
+                    spec::feature_of(other.backend())
                 ),
             })
         }
     }
-}
-
-/// Constant-time equality for key bytes.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A custodian in the keyring, with the spec it was built from (absent for a wrapper handed in
@@ -675,7 +642,7 @@ pub async fn bootstrap(
     settings: &CustodySettings,
     store: &Arc<dyn crate::store::Store>,
 ) -> Result<Arc<Custody>, BootstrapError> {
-    let doc = crate::rewrap::read_doc(store.as_ref())?.map(|(d, _)| d);
+    let doc = doc::read_doc(store.as_ref())?.map(|(d, _)| d);
     let (active_spec, note) = match &doc {
         None => (configured.clone(), None),
         Some(d) if d.active.same_key(configured) => (configured.clone(), None),
@@ -719,7 +686,7 @@ pub async fn bootstrap(
         }
     }
     if doc.is_none() {
-        crate::rewrap::initialise(store, &active_spec).await?;
+        doc::initialise(store, &active_spec).await?;
     }
     let custody = Custody::new(
         Member::new(Some(active_spec), active),

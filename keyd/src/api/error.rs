@@ -1,0 +1,132 @@
+//! The API's error answer
+
+use crate::seal::SealError;
+use crate::service::ServiceError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keyd_proto::ErrorBody;
+
+/// Replaces every `"..."` string literal in a serde message by `"<redacted>"`.
+pub(super) fn redact(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut in_quote = false;
+    for c in msg.chars() {
+        match (c, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"<redacted>");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+// ---- handlers --------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use crate::store::StoreError;
+        match &e {
+            ServiceError::NotFound(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", m.clone())
+            }
+            ServiceError::Invalid(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone())
+            }
+            ServiceError::Ipsec(e) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_key",
+                e.to_string(),
+            ),
+            ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::Rollout(r) => {
+                ApiError::new(StatusCode::CONFLICT, "rollout_in_progress", r.to_string())
+            }
+            ServiceError::Store(StoreError::Conflict { .. }) => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{e}; nothing was changed"),
+            ),
+            ServiceError::Seal(s) => custodian_error(s),
+            ServiceError::Store(_) => {
+                tracing::error!(error = %e, "internal error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("{e}; nothing was changed"),
+                )
+            }
+        }
+    }
+}
+
+// ---- extractors ------------------------------------------------------------------------------
+
+/// A custodian failure as an API error: 503 while the custodian cannot be used (keyd serves
+/// the keys it holds and refuses what needs a new wrap), 500 for anything else.
+pub fn custodian_error(e: &SealError) -> ApiError {
+    match e.kind() {
+        Some(kind) if kind.is_custodian_down() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "custodian_unavailable",
+            format!(
+                "{e}; nothing was changed. keyd keeps serving the keys it holds; key rotations, \
+                 imports and KEK changes are refused until the custodian answers again \
+                 (keyctl status shows its health)"
+            ),
+        ),
+        _ => {
+            tracing::error!(error = %e, "internal error");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{e}; nothing was changed"),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_string_literals() {
+        assert_eq!(
+            redact(r#"invalid value: string "3+ rfc4106 abcd 128", expected x at line 1"#),
+            r#"invalid value: string "<redacted>", expected x at line 1"#
+        );
+        assert_eq!(redact("unknown field `foo`"), "unknown field `foo`");
+    }
+}

@@ -1,0 +1,402 @@
+//! The HTTP API served over mTLS, and the plain-HTTP ops endpoints.
+//!
+//! The caller's identity comes from its client certificate (see [`keyd_mtls::identity::peer_identity`])
+//! and reaches handlers as a request extension set per connection by [`keyd_mtls::server`]. A node
+//! certificate may touch only its own node's resources; the rest of `/v1` needs an admin
+//! certificate. Every refusal is a JSON [`ErrorBody`], and every authorization refusal is
+//! audited.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use keyd_proto::{Ack, ImportRequest, NodeRegistration, RotateRequest};
+use serde::Deserialize;
+use serde_json::json;
+
+mod audit;
+mod error;
+mod extract;
+mod kek;
+
+pub use audit::RECORDS_HEADER;
+pub use error::ApiError;
+pub use extract::{Admin, ApiJson, AppState, Caller, OwnNode, Webhook, WebhookOrAdmin};
+
+/// The `/v1` API. Bodies larger than `max_body` bytes are refused with 413.
+pub fn router(state: AppState, max_body: usize) -> Router {
+    let metrics_state = state.clone();
+    Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", put(register_node))
+        .route("/v1/nodes/{name}/bundle", get(bundle))
+        .route("/v1/nodes/{name}/ack", post(ack))
+        .route("/v1/status", get(status))
+        .route("/v1/ipsec", get(ipsec_show))
+        .route("/v1/ipsec/rotate", post(ipsec_rotate))
+        .route("/v1/ipsec/import", post(ipsec_import))
+        .route("/v1/ipsec/cilium", get(ipsec_cilium))
+        .route("/v1/enforcement", get(enforcement))
+        .route("/v1/schedules", get(schedules_list))
+        .route("/v1/schedules/{class}", put(schedule_update))
+        .route("/v1/schedules/{class}/bounds", put(schedule_bounds))
+        .route("/v1/rotate/{class}", post(rotate_class))
+        .route("/v1/report", get(report))
+        .route("/v1/audit/export", get(audit::audit_export))
+        .route("/v1/audit/public-key", get(audit::audit_public_key))
+        .route("/v1/audit/segments", get(audit::audit_segments))
+        .route("/v1/audit/prune", post(audit::audit_prune))
+        .route("/v1/audit/admission", post(admission_decisions))
+        .route("/v1/kek", get(kek::status))
+        .route("/v1/kek/rotate", post(kek::rotate))
+        .route("/v1/kek/migrate", post(kek::migrate))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(metrics_state, observe))
+        .with_state(state)
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, for probes and scrapers that hold no client certificate.
+/// They reveal no key material and no node names.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    // Ready once the store answers; the cache was filled before the listener opened. While the
+    // KEK custodian cannot be used keyd stays ready (it serves the keys it holds) and says so,
+    // until kek.max_unavailable has passed.
+    if let Err(e) = s.keyd.custody().serving_check() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response();
+    }
+    let health = s.keyd.custody().health();
+    match s.keyd.store().get(crate::store::Table::Meta, "wireguard") {
+        Ok(Some(_)) if health.is_down() => {
+            let status = s.keyd.custody().status().health;
+            (
+                StatusCode::OK,
+                format!(
+                    "ready (degraded: the KEK custodian cannot be used: {}; serving held keys until {}; rotations and imports are refused)\n",
+                    status.reason.unwrap_or_default(),
+                    status.serving_until.map(|t| t.to_string()).unwrap_or_default()
+                ),
+            )
+                .into_response()
+        }
+        Ok(Some(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store not initialised\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.keyd.metrics.nodes.set(s.keyd.list_nodes().len() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.keyd.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let elapsed = start.elapsed();
+    let status = resp.status();
+    let m = &s.keyd.metrics;
+    m.http_requests
+        .get_or_create(&crate::telemetry::RouteLabels {
+            route: route.clone(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&crate::telemetry::RouteOnly {
+            route: route.clone(),
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::debug!(%method, route, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
+    resp
+}
+
+// ---- errors --------------------------------------------------------------------------------------
+
+async fn register_node(
+    State(s): State<AppState>,
+    OwnNode { caller, name }: OwnNode,
+    ApiJson(reg): ApiJson<NodeRegistration>,
+) -> Result<Response, ApiError> {
+    let info = s.keyd.register_node(&caller, &name, reg).await?;
+    Ok(Json(info).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleQuery {
+    /// Long poll: with `If-None-Match`, wait up to this long (e.g. `30s`, at most 5m) for the
+    /// bundle to change before answering 304.
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+/// The longest a long poll may wait.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn bundle(
+    State(s): State<AppState>,
+    OwnNode { name, .. }: OwnNode,
+    headers: HeaderMap,
+    query: Result<Query<BundleQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let wait = match q.wait.as_deref() {
+        None => None,
+        Some(w) => Some(
+            humantime::parse_duration(w)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("wait={w:?}: {e}"),
+                    )
+                })?
+                .min(MAX_WAIT),
+        ),
+    };
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let b = match (&if_none_match, wait) {
+        (Some(etag), Some(wait)) => match s.keyd.bundle_wait(&name, etag, wait).await? {
+            Some(b) => b,
+            None => s.keyd.bundle(&name).await?,
+        },
+        _ => s.keyd.bundle(&name).await?,
+    };
+    let etag = HeaderValue::from_str(&b.etag)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "etag"))?;
+    if if_none_match.as_deref() == Some(b.etag.as_str()) {
+        s.keyd
+            .metrics
+            .bundle_fetches
+            .get_or_create(&crate::telemetry::Outcome {
+                outcome: "not_modified",
+            })
+            .inc();
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    s.keyd.audit_bundle_fetch(&name, &b).await?;
+    s.keyd
+        .metrics
+        .bundle_fetches
+        .get_or_create(&crate::telemetry::Outcome { outcome: "full" })
+        .inc();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        b.body(),
+    )
+        .into_response())
+}
+
+async fn ack(
+    State(s): State<AppState>,
+    OwnNode { caller, name }: OwnNode,
+    ApiJson(ack): ApiJson<Ack>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.ack(&caller, &name, ack).await?).into_response())
+}
+
+async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.list_nodes()).into_response()
+}
+
+async fn status(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.status()).into_response()
+}
+
+async fn ipsec_show(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.ipsec_status()).into_response()
+}
+
+async fn ipsec_rotate(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<RotateRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.rotate_ipsec(&caller, req).await?).into_response())
+}
+
+async fn ipsec_import(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<ImportRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.import_ipsec(&caller, req.keys.expose()).await?).into_response())
+}
+
+async fn enforcement(State(s): State<AppState>, WebhookOrAdmin(_): WebhookOrAdmin) -> Response {
+    Json(s.keyd.enforcement_status()).into_response()
+}
+
+/// Most decisions one report may carry; the webhook sends smaller batches.
+const MAX_DECISIONS_PER_REPORT: usize = 1000;
+
+async fn admission_decisions(
+    State(s): State<AppState>,
+    Webhook(caller): Webhook,
+    ApiJson(batch): ApiJson<keyd_proto::AdmissionDecisions>,
+) -> Result<Response, ApiError> {
+    if batch.decisions.len() > MAX_DECISIONS_PER_REPORT {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("at most {MAX_DECISIONS_PER_REPORT} decisions per report"),
+        ));
+    }
+    let n = batch.decisions.len();
+    s.keyd
+        .record_admission_decisions(&caller, batch.decisions)
+        .await?;
+    Ok(Json(json!({ "recorded": n })).into_response())
+}
+
+fn parse_class(class: &str) -> Result<keyd_proto::KeyClass, ApiError> {
+    keyd_proto::KeyClass::parse(class).ok_or_else(|| {
+        let all: Vec<&str> = keyd_proto::KeyClass::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("key class {class:?} is not one of {}", all.join(", ")),
+        )
+    })
+}
+
+async fn schedules_list(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.schedules()).into_response()
+}
+
+async fn schedule_update(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+    ApiJson(update): ApiJson<keyd_proto::ScheduleUpdate>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    Ok(Json(s.keyd.update_schedule(&caller, class, update).await?).into_response())
+}
+
+async fn schedule_bounds(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+    ApiJson(bounds): ApiJson<keyd_proto::Bounds>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    Ok(Json(s.keyd.set_bounds(&caller, class, bounds).await?).into_response())
+}
+
+async fn rotate_class(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(class): Path<String>,
+) -> Result<Response, ApiError> {
+    let class = parse_class(&class)?;
+    let what = s.keyd.rotate_class(&caller, class).await?;
+    Ok(Json(json!({ "class": class, "result": what })).into_response())
+}
+
+async fn report(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.report()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CiliumQuery {
+    /// `line` (default) or `secret`.
+    #[serde(default)]
+    format: Option<String>,
+    /// Namespace of the Secret; `kube-system` by default.
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+async fn ipsec_cilium(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    query: Result<Query<CiliumQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let (namespace, content_type) = match q.format.as_deref().unwrap_or("line") {
+        "line" => (None, "text/plain; charset=utf-8"),
+        "secret" => (
+            Some(q.namespace.as_deref().unwrap_or("kube-system")),
+            "application/yaml",
+        ),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("format {other:?} is neither \"line\" nor \"secret\""),
+            ));
+        }
+    };
+    let text = s.keyd.cilium_export(&caller, namespace).await?;
+    let body = bytes::Bytes::from_owner(ZeroizingText(text));
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Lets a response body own a zeroizing string, so the key text is wiped after sending.
+struct ZeroizingText(zeroize::Zeroizing<String>);
+
+impl AsRef<[u8]> for ZeroizingText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}

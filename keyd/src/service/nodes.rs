@@ -1,0 +1,432 @@
+//! Nodes: registration, acknowledgements, their key bundles (and long polls for a change), and
+//! liveness, written in batches off the request path.
+
+use super::state::{
+    Cache, Keyd, LAST_SEEN_WRITE_INTERVAL, RenderedBundle, Result, ServiceError, from_json,
+    not_registered, to_json,
+};
+use crate::rotation::NodeAcks;
+use crate::store::{AuditEvent, Table, Txn};
+use crate::wireguard;
+use keyd_proto::identity::Identity;
+use keyd_proto::{
+    Ack, Acked, IpsecBundle, IpsecPeer, NodeBundle, NodeInfo, NodeRegistration, Timestamp,
+    WireguardBundle,
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// Every node's acknowledgements and liveness; `seen` is liveness not yet written to the store
+/// ([`Keyd::flush_liveness`]), so that a rollout never counts a polling node as dead.
+pub(super) fn node_acks(cache: &Cache, seen: &HashMap<String, Timestamp>) -> Vec<NodeAcks> {
+    cache
+        .nodes
+        .values()
+        .map(|n| NodeAcks {
+            name: n.name.clone(),
+            last_seen: last_seen(n, seen),
+            installed: n.acked.ack.ipsec_spis.clone(),
+            outbound: n.acked.ack.ipsec_outbound_spi,
+        })
+        .collect()
+}
+
+/// When the node was last seen: its stored time, or a later one not yet written (`seen`).
+pub(super) fn last_seen(node: &NodeInfo, seen: &HashMap<String, Timestamp>) -> Timestamp {
+    seen.get(&node.name)
+        .map_or(node.last_seen, |t| node.last_seen.max(*t))
+}
+
+pub(super) fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
+    let roles = cache.ipsec_state.roles();
+    let ipsec = cache
+        .ipsec_state
+        .outbound_spi()
+        .map(|outbound_spi| IpsecBundle {
+            outbound_spi,
+            keys: cache
+                .ipsec
+                .iter()
+                .zip(&roles)
+                .map(|((_, k), role)| k.to_proto(*role))
+                .collect(),
+            peers: cache
+                .nodes
+                .values()
+                .filter(|n| n.name != name)
+                .map(|n| IpsecPeer {
+                    node: n.name.clone(),
+                    endpoint: n.endpoint,
+                    pod_cidrs: n.pod_cidrs.clone(),
+                    boot_id: n.boot_id.clone(),
+                })
+                .collect(),
+        });
+    let wireguard = WireguardBundle {
+        epoch: cache.wg.psk_epoch,
+        node_key_epoch: cache.wg.node_key_epoch,
+        peers: wireguard::peers_for(
+            name,
+            cache.nodes.values().map(|n| n.as_ref()),
+            &cache.wg_master,
+            cache.wg.psk_epoch,
+        ),
+    };
+    let mut bundle = NodeBundle {
+        node: name.to_owned(),
+        revision: String::new(),
+        ipsec,
+        wireguard,
+    };
+    // The revision is a digest of the content, so equal bundles have equal revisions across
+    // restarts and replicas.
+    let unrevised = Zeroizing::new(serde_json::to_vec(&bundle).unwrap_or_default());
+    bundle.revision = hex::encode(&Sha256::digest(&unrevised)[..12]);
+    let body = Zeroizing::new(serde_json::to_vec(&bundle).unwrap_or_default());
+    RenderedBundle {
+        etag: format!("\"{}\"", bundle.revision),
+        body,
+        generation: cache.generation,
+    }
+}
+
+impl Keyd {
+    pub async fn register_node(
+        &self,
+        actor: &Identity,
+        name: &str,
+        reg: NodeRegistration,
+    ) -> Result<NodeInfo> {
+        if let Some(key) = &reg.wireguard_public_key {
+            wireguard::validate_public_key(key).map_err(ServiceError::Invalid)?;
+        }
+        if reg.wireguard_key_epoch.is_some() && reg.wireguard_public_key.is_none() {
+            return Err(ServiceError::Invalid(
+                "wireguard_key_epoch needs wireguard_public_key".into(),
+            ));
+        }
+        if let Some(boot_id) = &reg.boot_id
+            && (boot_id.is_empty() || boot_id.len() > 64)
+        {
+            return Err(ServiceError::Invalid(
+                "boot_id must be 1 to 64 characters".into(),
+            ));
+        }
+        let _w = self.write_lock.lock().await;
+        let cache = self.cache();
+        if let Some(key) = &reg.wireguard_public_key
+            && let Some(other) = cache
+                .nodes
+                .values()
+                .find(|n| n.name != name && n.wireguard_public_key.as_ref() == Some(key))
+        {
+            return Err(ServiceError::Conflict(format!(
+                "this WireGuard public key is already registered by node {:?}; every node needs its own keypair",
+                other.name
+            )));
+        }
+        if let Some(epoch) = reg.wireguard_key_epoch
+            && epoch > cache.wg.node_key_epoch
+        {
+            return Err(ServiceError::Invalid(format!(
+                "wireguard_key_epoch {epoch} is ahead of the node-key epoch {}",
+                cache.wg.node_key_epoch
+            )));
+        }
+        let previous = self.store.get(Table::Nodes, name)?;
+        let old: Option<NodeInfo> = previous
+            .as_deref()
+            .map(|b| from_json(b, "node record"))
+            .transpose()?;
+        let now = self.clock.now();
+        let key_changed = old.as_ref().and_then(|o| o.wireguard_public_key.as_ref())
+            != reg.wireguard_public_key.as_ref();
+        let wireguard_key_since = match (&reg.wireguard_public_key, &old) {
+            (None, _) => None,
+            (Some(_), Some(o)) if !key_changed => o.wireguard_key_since.or(Some(now)),
+            (Some(_), _) => Some(now),
+        };
+        let info = NodeInfo {
+            name: name.to_owned(),
+            endpoint: reg.endpoint,
+            pod_cidrs: reg.pod_cidrs,
+            wireguard_key_epoch: reg
+                .wireguard_public_key
+                .as_ref()
+                .map(|_| reg.wireguard_key_epoch.unwrap_or(0)),
+            wireguard_key_since,
+            wireguard_public_key: reg.wireguard_public_key,
+            boot_id: reg.boot_id,
+            registered_at: old.as_ref().map_or(now, |o| o.registered_at),
+            last_seen: now,
+            acked: old.as_ref().map(|o| o.acked.clone()).unwrap_or_default(),
+        };
+        let mut txn = Txn::default().guard(Table::Nodes, name, previous).put(
+            Table::Nodes,
+            name,
+            to_json(&info),
+        );
+        let details =
+            json!({ "node": name, "endpoint": info.endpoint, "pod_cidrs": info.pod_cidrs });
+        match &old {
+            None => txn = txn.audit(AuditEvent::new("node.registered", actor, details)),
+            Some(o)
+                if (&o.endpoint, &o.pod_cidrs, &o.boot_id)
+                    != (&info.endpoint, &info.pod_cidrs, &info.boot_id) =>
+            {
+                txn = txn.audit(AuditEvent::new("node.updated", actor, details));
+            }
+            Some(_) => {}
+        }
+        if key_changed {
+            txn = txn.audit(AuditEvent::new(
+                "wireguard.node_key.registered",
+                actor,
+                json!({ "node": name, "public_key": info.wireguard_public_key,
+                        "epoch": info.wireguard_key_epoch }),
+            ));
+        }
+        self.commit_node(txn, info.clone()).await?;
+        Ok(info)
+    }
+
+    /// Every registered node, with liveness not yet flushed to the store applied.
+    pub fn list_nodes(&self) -> Vec<NodeInfo> {
+        let pending = self.pending_seen();
+        self.cache()
+            .nodes
+            .values()
+            .map(|n| NodeInfo {
+                last_seen: last_seen(n, &pending),
+                ..NodeInfo::clone(n)
+            })
+            .collect()
+    }
+
+    pub async fn ack(&self, actor: &Identity, name: &str, mut ack: Ack) -> Result<NodeInfo> {
+        if !self.cache().nodes.contains_key(name) {
+            return Err(not_registered(name));
+        }
+        let cache = self.cache();
+        for spi in &ack.ipsec_spis {
+            if !cache.ipsec.iter().any(|(e, _)| e.spi == *spi) {
+                return Err(ServiceError::Invalid(format!(
+                    "SPI {spi} is not a key keyd holds"
+                )));
+            }
+        }
+        if let Some(out) = ack.ipsec_outbound_spi
+            && !ack.ipsec_spis.contains(&out)
+        {
+            return Err(ServiceError::Invalid(format!(
+                "ipsec_outbound_spi {out} is not among ipsec_spis"
+            )));
+        }
+        if let Some(epoch) = ack.wireguard_epoch
+            && epoch != cache.wg.psk_epoch
+        {
+            return Err(ServiceError::Invalid(format!(
+                "wireguard_epoch {epoch} is not the current epoch {}",
+                cache.wg.psk_epoch
+            )));
+        }
+        ack.ipsec_spis.sort_unstable();
+        ack.ipsec_spis.dedup();
+        let _w = self.write_lock.lock().await;
+        let previous = self
+            .store
+            .get(Table::Nodes, name)?
+            .ok_or_else(|| not_registered(name))?;
+        let mut info: NodeInfo = from_json(&previous, "node record")?;
+        let changed = info.acked.ack != ack;
+        let now = self.clock.now();
+        info.acked = Acked { ack, at: Some(now) };
+        info.last_seen = now;
+        let mut txn = Txn::default()
+            .guard(Table::Nodes, name, Some(previous))
+            .put(Table::Nodes, name, to_json(&info));
+        if changed {
+            txn = txn.audit(AuditEvent::new(
+                "node.keys.acknowledged",
+                actor,
+                json!({ "node": name, "ipsec_spis": info.acked.ack.ipsec_spis,
+                        "ipsec_outbound_spi": info.acked.ack.ipsec_outbound_spi,
+                        "wireguard_epoch": info.acked.ack.wireguard_epoch }),
+            ));
+        }
+        self.commit_node(txn, info.clone()).await?;
+        drop(_w);
+        // An acknowledgement may be the last one a rollout phase was waiting for.
+        if changed {
+            self.advance_rollout().await?;
+        }
+        Ok(info)
+    }
+
+    /// The node's bundle, rendered once per state generation and shared between fetches.
+    pub async fn bundle(&self, name: &str) -> Result<Arc<RenderedBundle>> {
+        // Held keys are served only for a bounded time while the custodian cannot be used.
+        self.wrapper.serving_check()?;
+        let cache = self.cache();
+        let node = cache.nodes.get(name).ok_or_else(|| not_registered(name))?;
+        let now = self.clock.now();
+        if now.0.saturating_sub(node.last_seen.0) >= LAST_SEEN_WRITE_INTERVAL.as_secs() {
+            self.pending_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), now);
+        }
+        if let Some(b) = self
+            .bundles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            && b.generation == cache.generation
+        {
+            return Ok(Arc::clone(b));
+        }
+        let rendered = Arc::new(render_bundle(&cache, name));
+        drop(cache);
+        self.bundles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Arc::clone(&rendered));
+        Ok(rendered)
+    }
+
+    /// Long poll: returns the node's bundle once its revision differs from `etag`, or `None`
+    /// when `wait` passes without a change. A node learns of a rotation within a second.
+    pub async fn bundle_wait(
+        &self,
+        name: &str,
+        etag: &str,
+        wait: Duration,
+    ) -> Result<Option<Arc<RenderedBundle>>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.changed.subscribe();
+        loop {
+            let b = self.bundle(name).await?;
+            if b.etag != etag {
+                return Ok(Some(b));
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                // The sender lives as long as `self`; a closed channel cannot happen here.
+                Ok(Err(_)) | Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Audits a full bundle fetch (node, revision, key IDs; never key bytes), once per node and
+    /// revision. Awaited: keys are handed out only after the record is durable.
+    pub async fn audit_bundle_fetch(&self, name: &str, bundle: &RenderedBundle) -> Result<()> {
+        let fresh = {
+            let mut seen = self
+                .audited_fetches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            seen.insert(name.to_owned(), bundle.etag.clone()).as_deref()
+                != Some(bundle.etag.as_str())
+        };
+        if !fresh {
+            return Ok(());
+        }
+        let cache = self.cache();
+        let details = json!({
+            "node": name,
+            "revision": bundle.etag.trim_matches('"'),
+            "ipsec_spis": cache.ipsec.iter().map(|(e, _)| e.spi).collect::<Vec<_>>(),
+            "wireguard_psk_epoch": cache.wg.psk_epoch,
+            "wireguard_peers": cache.nodes.values().filter(|n| n.name != name && n.wireguard_public_key.is_some()).count(),
+        });
+        let result = self
+            .audit(AuditEvent::new(
+                "bundle.fetched",
+                format!("node/{name}"),
+                details,
+            ))
+            .await;
+        if result.is_err() {
+            // Not recorded, so not "seen": the next fetch tries again.
+            self.audited_fetches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
+        result
+    }
+
+    /// Liveness seen by bundle fetches and not yet written to the store, by node.
+    pub(super) fn pending_seen(&self) -> HashMap<String, Timestamp> {
+        self.pending_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Writes the liveness that bundle fetches recorded since the last pass, in one transaction
+    /// (one fsync however many nodes polled). Run by every scheduler pass, before the rollout
+    /// looks at liveness, and at shutdown. Entries leave the pending map only once the store and
+    /// the cache hold them, so readers never see a node's liveness go back; on failure they stay
+    /// for the next pass. A node record that does not parse is skipped (and logged), not allowed
+    /// to block everyone else's liveness.
+    pub async fn flush_liveness(&self) -> Result<usize> {
+        let _w = self.write_lock.lock().await;
+        let pending = self.pending_seen();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut txn = Txn::default();
+        let mut written = Vec::with_capacity(pending.len());
+        for (name, seen) in &pending {
+            // Read from the store, not the cache: the CAS guard must hold the stored bytes.
+            let Some(previous) = self.store.get(Table::Nodes, name)? else {
+                continue; // deleted since it fetched
+            };
+            let mut info: NodeInfo = match from_json(&previous, "node record") {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::error!(node = %name, error = %e, "cannot record liveness: unreadable node record");
+                    continue;
+                }
+            };
+            if info.last_seen >= *seen {
+                continue; // an acknowledgement or registration wrote a newer one
+            }
+            info.last_seen = *seen;
+            txn = txn.guard(Table::Nodes, name, Some(previous)).put(
+                Table::Nodes,
+                name,
+                to_json(&info),
+            );
+            written.push((name.clone(), *seen));
+        }
+        if !written.is_empty() {
+            self.commit_only(txn).await?;
+            // Only `last_seen` is copied into the cached node: nothing a bundle carries changes
+            // here, so rendered bundles stay valid and long polls stay asleep.
+            let prev = self.cache();
+            let mut next = (*prev).clone();
+            for (name, seen) in &written {
+                if let Some(node) = next.nodes.get_mut(name) {
+                    Arc::make_mut(node).last_seen = *seen;
+                }
+            }
+            *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        }
+        let mut now_pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, seen) in &pending {
+            // A fetch since the snapshot may have marked the node again, later.
+            if now_pending.get(name).is_some_and(|t| t <= seen) {
+                now_pending.remove(name);
+            }
+        }
+        Ok(written.len())
+    }
+
+    // ---- IPsec -------------------------------------------------------------------------------
+}

@@ -1,0 +1,606 @@
+//! The service's state: the cache of what the store holds, the [`Keyd`] handle, its errors, and
+//! the few operations every other part of the service builds on (opening, committing a
+//! transaction with its audit records, reloading the cache).
+
+use crate::audit::{AuditSigner, AuditWriter};
+use crate::clock::Clock;
+use crate::custody::Custody;
+use crate::ipsec::{CiliumKey, IpsecError};
+use crate::rotation::{self, Phase, Rollout};
+use crate::seal::{self, Key256, KeyWrapper, SealContext, SealError, SealedRecord};
+use crate::store::{AuditEvent, Store, StoreError, Table, Txn};
+use bytes::Bytes;
+use keyd_proto::{Bounds, ClassSchedule, Schedule};
+use keyd_proto::{KeyClass, KeyRole, NodeInfo, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+pub(super) const IPSEC_DOC: &str = "ipsec";
+
+pub(super) const WIREGUARD_DOC: &str = "wireguard";
+
+pub(super) const PURPOSE_IPSEC: &str = "ipsec-psk";
+
+pub(super) const PURPOSE_WG_MASTER: &str = "wireguard-psk-master";
+
+pub(super) const PURPOSE_AUDIT_SIGNING: &str = "audit-signing-key";
+
+pub(super) const AUDIT_SIGNING_RECORD: &str = "audit/signing/1";
+
+pub(super) const KEK_DOC: &str = "kek";
+
+/// Timing of rollouts, liveness and the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// A node not seen for this long stops blocking rollouts.
+    pub node_liveness_timeout: Duration,
+    /// A rollout phase waiting longer raises the stuck alarm.
+    pub rollout_stuck_after: Duration,
+    /// Sign an audit checkpoint this often (when there are new records).
+    pub checkpoint_interval: Duration,
+    /// Close an audit segment after this many records...
+    pub segment_records: u64,
+    /// ...or when its first record is this old.
+    pub segment_age: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            node_liveness_timeout: Duration::from_secs(300),
+            rollout_stuck_after: Duration::from_secs(1800),
+            checkpoint_interval: Duration::from_secs(60),
+            segment_records: 100_000,
+            segment_age: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// How stale a node's stored `last_seen` may get before a bundle fetch marks it for rewriting.
+/// Marked nodes are written together by the scheduler's next pass ([`Keyd::flush_liveness`]),
+/// so polls never turn into disk writes on the request path.
+pub(super) const LAST_SEEN_WRITE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The IPsec key set as stored (non-secret; the keys are sealed records).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct IpsecState {
+    /// Record ids are `ipsec/<serial>`; serials never repeat, unlike key IDs, which wrap.
+    pub(super) next_serial: u64,
+    /// Newest first. Without a rollout: the current key. Staged: the new (next) key, then the
+    /// current one. Active: the new current key, then the previous one.
+    pub(super) keys: Vec<IpsecKeyEntry>,
+    #[serde(default)]
+    pub(super) rollout: Option<Rollout>,
+    /// When the last rotation (or the first key) started.
+    #[serde(default)]
+    pub(super) last_rotation: Option<Timestamp>,
+}
+
+impl IpsecState {
+    pub(super) fn roles(&self) -> Vec<KeyRole> {
+        (0..self.keys.len())
+            .map(|i| match (&self.rollout, i) {
+                (Some(r), 0) if r.phase == Phase::Staged => KeyRole::Next,
+                (Some(r), 1) if r.phase == Phase::Staged => KeyRole::Current,
+                (_, 0) => KeyRole::Current,
+                _ => KeyRole::Previous,
+            })
+            .collect()
+    }
+
+    pub(super) fn outbound_spi(&self) -> Option<u8> {
+        match &self.rollout {
+            Some(r) if r.phase == Phase::Staged => Some(r.from_spi),
+            _ => self.keys.first().map(|k| k.spi),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct IpsecKeyEntry {
+    pub(super) serial: u64,
+    pub(super) spi: u8,
+    pub(super) created_at: Timestamp,
+    pub(super) origin: String,
+}
+
+impl IpsecKeyEntry {
+    pub(super) fn ctx(&self) -> SealContext {
+        SealContext::new(format!("ipsec/{}", self.serial), PURPOSE_IPSEC)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct WireguardState {
+    pub(super) psk_epoch: u64,
+    pub(super) master_serial: u64,
+    #[serde(default)]
+    pub(super) psk_epoch_since: Timestamp,
+    /// Nodes are asked for a keypair of this epoch.
+    #[serde(default)]
+    pub(super) node_key_epoch: u64,
+    #[serde(default)]
+    pub(super) node_key_epoch_since: Timestamp,
+}
+
+/// When the key-encryption key was created or last rotated (maintained by KEK rotation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct KekState {
+    pub(super) since: Timestamp,
+}
+
+impl WireguardState {
+    pub(super) fn master_ctx(&self) -> SealContext {
+        SealContext::new(
+            format!("wireguard/master/{}", self.master_serial),
+            PURPOSE_WG_MASTER,
+        )
+    }
+}
+
+/// What is rebuilt from the store: never the only copy of anything.
+#[derive(Clone)]
+pub(super) struct Cache {
+    pub(super) ipsec_doc: Option<Vec<u8>>,
+    pub(super) ipsec_state: IpsecState,
+    pub(super) ipsec: Vec<(IpsecKeyEntry, CiliumKey)>,
+    pub(super) schedules_doc: Option<Vec<u8>>,
+    pub(super) schedules: StoredSchedules,
+    pub(super) kek: KekState,
+    pub(super) wg_doc: Vec<u8>,
+    pub(super) wg: WireguardState,
+    pub(super) wg_master: Key256,
+    /// Shared entries, so that patching one node copies pointers, not records.
+    pub(super) nodes: BTreeMap<String, Arc<NodeInfo>>,
+    /// Bumped whenever something that bundles carry changes; rendered bundles of an older
+    /// generation are stale.
+    pub(super) generation: u64,
+}
+
+/// A serialized bundle, kept until the state changes. The body holds key bytes: it is zeroized
+/// when the last response referring to it is dropped.
+pub struct RenderedBundle {
+    pub etag: String,
+    pub(super) body: Zeroizing<Vec<u8>>,
+    pub(super) generation: u64,
+}
+
+impl RenderedBundle {
+    /// The body as `Bytes` sharing this allocation (no copy to forget to zeroize).
+    pub fn body(self: &Arc<Self>) -> Bytes {
+        Bytes::from_owner(BundleBody(Arc::clone(self)))
+    }
+}
+
+impl fmt::Debug for RenderedBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RenderedBundle")
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) struct BundleBody(Arc<RenderedBundle>);
+
+impl AsRef<[u8]> for BundleBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.body
+    }
+}
+
+pub struct Keyd {
+    pub(super) store: Arc<dyn Store>,
+    /// The KEK custodian keyring (see [`crate::custody`]).
+    pub(super) wrapper: Arc<Custody>,
+    pub(super) cache: RwLock<Arc<Cache>>,
+    pub(super) bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
+    /// Serializes this replica's writers so they do not race each other's CAS guards.
+    pub(super) write_lock: tokio::sync::Mutex<()>,
+    pub metrics: crate::telemetry::Metrics,
+    pub(super) config: ServiceConfig,
+    pub(super) clock: Clock,
+    pub(super) audit: AuditWriter,
+    pub(super) signer: AuditSigner,
+    /// Bumped after every refresh, for long-polling nodes.
+    pub(super) changed: tokio::sync::watch::Sender<u64>,
+    /// The bundle revision last audited as fetched, per node: a fetch of the same revision by
+    /// the same node is recorded once.
+    pub(super) audited_fetches: Mutex<HashMap<String, String>>,
+    /// When a scheduled rotation of a class last failed: retried at most hourly, so a rotation
+    /// that needs an operator (a new KMS key) does not fail on every tick.
+    pub(super) failed_rotations: Mutex<HashMap<KeyClass, Timestamp>>,
+    /// Nodes seen fetching since their stored `last_seen` went stale, and when: written in one
+    /// transaction by the next scheduler pass. Losing it in a crash costs only liveness
+    /// precision (the node's next fetch marks it again), never a key or an audit record.
+    pub(super) pending_seen: Mutex<HashMap<String, Timestamp>>,
+}
+
+impl fmt::Debug for Keyd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyd")
+            .field("store", &self.store)
+            .field("wrapper", &self.wrapper)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ipsec(#[from] IpsecError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Rollout(#[from] rotation::RolloutError),
+}
+
+pub(super) type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// Reads the state from the store. Sealed records are immutable (a record id is never reused),
+/// so those already open in `prev` are reused rather than unwrapped again: with a remote KEK
+/// custodian a refresh costs no custodian call unless a new record appeared.
+pub(super) async fn load_cache(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+    prev: Option<&Cache>,
+) -> Result<Cache> {
+    let generation = prev.map_or(0, |p| p.generation + 1);
+    let ipsec_doc = store.get(Table::Meta, IPSEC_DOC)?;
+    let ipsec_state: IpsecState = match &ipsec_doc {
+        Some(doc) => from_json(doc, "IPsec state")?,
+        None => IpsecState::default(),
+    };
+    let mut ipsec = Vec::new();
+    {
+        for entry in ipsec_state.keys.clone() {
+            if let Some((_, key)) =
+                prev.and_then(|p| p.ipsec.iter().find(|(e, _)| e.serial == entry.serial))
+            {
+                ipsec.push((entry, key.clone()));
+                continue;
+            }
+            let line = open_record(store, wrapper, &entry.ctx()).await?;
+            let text = std::str::from_utf8(&line)
+                .map_err(|_| corrupt(&entry.ctx().record_id, "sealed IPsec key is not text"))?;
+            let key = CiliumKey::parse_line(text)
+                .map_err(|e| corrupt(&entry.ctx().record_id, &e.to_string()))?;
+            ipsec.push((entry, key));
+        }
+    }
+    let wg_doc = store
+        .get(Table::Meta, WIREGUARD_DOC)?
+        .ok_or_else(|| corrupt(WIREGUARD_DOC, "missing"))?;
+    let wg: WireguardState = from_json(&wg_doc, "WireGuard state")?;
+    let schedules_doc = store.get(Table::Meta, SCHEDULES_DOC)?;
+    let schedules = match &schedules_doc {
+        Some(doc) => from_json(doc, "schedules")?,
+        None => StoredSchedules::default(),
+    };
+    let kek: KekState = match store.get(Table::Meta, KEK_DOC)? {
+        Some(doc) => from_json(&doc, "KEK state")?,
+        None => KekState {
+            since: Timestamp::now(),
+        },
+    };
+    let wg_master = match prev.filter(|p| p.wg.master_serial == wg.master_serial) {
+        Some(p) => p.wg_master.clone(),
+        None => {
+            let master = open_record(store, wrapper, &wg.master_ctx()).await?;
+            Key256::from_slice(&master)
+                .ok_or_else(|| corrupt(&wg.master_ctx().record_id, "master secret length"))?
+        }
+    };
+    let mut nodes = BTreeMap::new();
+    for (name, bytes) in store.scan(Table::Nodes)? {
+        nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
+    }
+    Ok(Cache {
+        ipsec_doc,
+        ipsec_state,
+        ipsec,
+        schedules_doc,
+        schedules,
+        kek,
+        wg_doc,
+        wg,
+        wg_master,
+        nodes,
+        generation,
+    })
+}
+
+pub(super) async fn open_record(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+    ctx: &SealContext,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let bytes = store
+        .get(Table::Sealed, &ctx.record_id)?
+        .ok_or_else(|| corrupt(&ctx.record_id, "sealed record missing"))?;
+    Ok(seal::open(wrapper, ctx, &SealedRecord::from_bytes(&bytes)?).await?)
+}
+
+/// A guarded first-time write that another replica already made is fine.
+pub(super) fn ignore_lost_race(r: Result<(), StoreError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(StoreError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) fn not_registered(name: &str) -> ServiceError {
+    ServiceError::NotFound(format!(
+        "node {name:?} is not registered: PUT /v1/nodes/{name} first"
+    ))
+}
+
+pub(super) fn corrupt(what: &str, why: &str) -> ServiceError {
+    ServiceError::Store(StoreError::Corrupt {
+        what: what.to_owned(),
+        why: why.to_owned(),
+    })
+}
+
+pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Only plain state documents (strings, numbers, vectors) pass through here.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+pub(super) fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(what, &e.to_string()))
+}
+
+impl Keyd {
+    /// Opens keyd over a store with a single custodian: creates the WireGuard master secret and
+    /// the audit signing key on first start, unseals what the store holds and fails if any
+    /// record does not open (wrong KEK, tampering).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        wrapper: Arc<dyn KeyWrapper>,
+        config: ServiceConfig,
+        clock: Clock,
+    ) -> Result<Self> {
+        Self::open_with_custody(store, Arc::new(Custody::single(wrapper)), config, clock).await
+    }
+
+    /// [`Keyd::open`] with a configured custodian keyring (what `keyd serve` runs).
+    pub async fn open_with_custody(
+        store: Arc<dyn Store>,
+        wrapper: Arc<Custody>,
+        config: ServiceConfig,
+        clock: Clock,
+    ) -> Result<Self> {
+        let now = clock.now();
+        if store.get(Table::Meta, WIREGUARD_DOC)?.is_none() {
+            let state = WireguardState {
+                psk_epoch: 1,
+                master_serial: 1,
+                psk_epoch_since: now,
+                node_key_epoch: 1,
+                node_key_epoch_since: now,
+            };
+            let master = Key256::random()?;
+            let sealed = seal::seal(&*wrapper, &state.master_ctx(), master.expose()).await?;
+            let txn = Txn::default()
+                .guard(Table::Meta, WIREGUARD_DOC, None)
+                .put(
+                    Table::Sealed,
+                    state.master_ctx().record_id,
+                    sealed.to_bytes(),
+                )
+                .put(Table::Meta, WIREGUARD_DOC, to_json(&state))
+                .audit(AuditEvent::new(
+                    "wireguard.psk_master.generated",
+                    "keyd",
+                    json!({ "epoch": state.psk_epoch, "kek": wrapper.key_id() }),
+                ));
+            ignore_lost_race(store.commit(txn))?;
+        }
+        if store.get(Table::Meta, KEK_DOC)?.is_none() {
+            // Only a timestamp for the report; the custodian's first use is audited by
+            // `kms::bootstrap` as `kek.custodian.initialised`.
+            let txn = Txn::default().guard(Table::Meta, KEK_DOC, None).put(
+                Table::Meta,
+                KEK_DOC,
+                to_json(&KekState { since: now }),
+            );
+            ignore_lost_race(store.commit(txn))?;
+        }
+        let signing_ctx = SealContext::new(AUDIT_SIGNING_RECORD.into(), PURPOSE_AUDIT_SIGNING);
+        if store.get(Table::Sealed, AUDIT_SIGNING_RECORD)?.is_none() {
+            let seed = crate::audit::new_seed().map_err(ServiceError::Invalid)?;
+            let signer = AuditSigner::from_seed(&seed).map_err(ServiceError::Invalid)?;
+            let sealed = seal::seal(&*wrapper, &signing_ctx, &seed).await?;
+            let txn = Txn::default()
+                .guard(Table::Sealed, AUDIT_SIGNING_RECORD, None)
+                .put(Table::Sealed, AUDIT_SIGNING_RECORD, sealed.to_bytes())
+                .audit(AuditEvent::new(
+                    "audit.signing_key.generated",
+                    "keyd",
+                    json!({ "key_id": signer.key_id(), "public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, signer.public_key()) }),
+                ));
+            ignore_lost_race(store.commit(txn))?;
+        }
+        let seed = open_record(store.as_ref(), &*wrapper, &signing_ctx).await?;
+        let signer =
+            AuditSigner::from_seed(&seed).map_err(|e| corrupt(AUDIT_SIGNING_RECORD, &e))?;
+        let cache = load_cache(store.as_ref(), &*wrapper, None).await?;
+        let audit = AuditWriter::spawn(Arc::clone(&store), clock.clone());
+        let metrics = crate::telemetry::Metrics::new(wrapper.metrics().clone());
+        Ok(Self {
+            store,
+            wrapper,
+            cache: RwLock::new(Arc::new(cache)),
+            bundles: RwLock::new(HashMap::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+            metrics,
+            config,
+            clock,
+            audit,
+            signer,
+            changed: tokio::sync::watch::channel(0).0,
+            audited_fetches: Mutex::new(HashMap::new()),
+            failed_rotations: Mutex::new(HashMap::new()),
+            pending_seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    pub(super) fn cache(&self) -> Arc<Cache> {
+        // A poisoned lock means a panic while swapping an Arc, which leaves it intact.
+        Arc::clone(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// After a write to one node's record only: patches that node into the cache. Bundles are
+    /// invalidated (and long polls woken) only when a fact that bundles carry changed; an
+    /// acknowledgement or a liveness update changes none, so a fleet acknowledging a rollout
+    /// costs no re-rendering.
+    pub(super) async fn commit_node(&self, txn: Txn, info: NodeInfo) -> Result<()> {
+        self.commit_only(txn).await?;
+        let prev = self.cache();
+        let relevant = |n: &NodeInfo| {
+            (
+                n.endpoint,
+                n.pod_cidrs.clone(),
+                n.wireguard_public_key.clone(),
+                n.boot_id.clone(),
+            )
+        };
+        let changes_bundles = prev
+            .nodes
+            .get(&info.name)
+            .is_none_or(|old| relevant(old) != relevant(&info));
+        let mut next = (*prev).clone();
+        next.nodes.insert(info.name.clone(), Arc::new(info));
+        if changes_bundles {
+            next.generation += 1;
+        }
+        let generation = next.generation;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        if changes_bundles {
+            self.bundles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.changed.send_replace(generation);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn refresh(&self) -> Result<()> {
+        let prev = self.cache();
+        let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev)).await?;
+        let generation = fresh.generation;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        self.bundles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.changed.send_replace(generation);
+        Ok(())
+    }
+
+    /// Commits on a blocking thread (redb fsyncs) and refreshes the cache.
+    pub(super) async fn commit(&self, txn: Txn) -> Result<()> {
+        self.commit_only(txn).await?;
+        self.refresh().await
+    }
+
+    /// Commits on a blocking thread (redb fsyncs), without touching the cache.
+    pub(super) async fn commit_only(&self, mut txn: Txn) -> Result<()> {
+        txn.at.get_or_insert_with(|| self.clock.now());
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.commit(txn))
+            .await
+            .map_err(|e| {
+                ServiceError::Store(StoreError::Backend {
+                    op: "commit task",
+                    source: Box::new(e),
+                })
+            })??;
+        Ok(())
+    }
+
+    pub fn describe_store(&self) -> String {
+        self.store.describe()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn custody(&self) -> &Arc<Custody> {
+        &self.wrapper
+    }
+
+    // ---- nodes -------------------------------------------------------------------------------
+
+    pub(super) async fn commit_audit(&self, txn: Txn) -> Result<()> {
+        self.commit_only(txn).await
+    }
+
+    /// Appends an audit record for something refused or otherwise notable outside a state
+    /// change; group-committed with concurrent appends, and durable when this returns.
+    pub async fn audit(&self, event: AuditEvent) -> Result<()> {
+        Ok(self.audit.append(event).await?)
+    }
+}
+
+pub(super) const SCHEDULES_DOC: &str = "schedules";
+/// Schedules and bounds as stored; a class absent here has its default schedule and no bounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSchedules(BTreeMap<KeyClass, StoredClass>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct StoredClass {
+    schedule: Schedule,
+    #[serde(default)]
+    bounds: Bounds,
+}
+
+impl StoredSchedules {
+    pub fn get(&self, class: KeyClass) -> ClassSchedule {
+        match self.0.get(&class) {
+            Some(c) => ClassSchedule {
+                class,
+                schedule: c.schedule.clone(),
+                bounds: c.bounds.clone(),
+            },
+            None => ClassSchedule {
+                class,
+                schedule: rotation::default_schedule(class),
+                bounds: Bounds::default(),
+            },
+        }
+    }
+
+    pub(super) fn set(&mut self, c: ClassSchedule) {
+        self.0.insert(
+            c.class,
+            StoredClass {
+                schedule: c.schedule,
+                bounds: c.bounds,
+            },
+        );
+    }
+}
