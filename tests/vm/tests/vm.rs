@@ -44,8 +44,10 @@ fn ci() -> bool {
 }
 
 fn workspace() -> PathBuf {
+    // tests/vm -> the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .unwrap()
         .to_owned()
 }
@@ -99,7 +101,7 @@ fn privileged_vm_end_to_end() {
             "-p",
             "keyd-node-shim",
             "-p",
-            "keyd-tests",
+            "keyd-vm-tests",
             "--bins",
         ])
         .status()
