@@ -4,7 +4,7 @@
 #   1. debootstrap a minimal bookworm (variant minbase) from the mirror in the machine's apt sources;
 #   2. put a fresh `git clone` of the current HEAD in it (uncommitted files cannot leak in);
 #   3. bind-mount /proc, /sys, /dev (with /dev/pts and /sys/fs/cgroup), a tmpfs on /run, copy
-#      /etc/resolv.conf, and bind the host's rustup toolchain read-only with a fresh CARGO_HOME
+#      /etc/resolv.conf (and the host's locally added CA certificates and /etc/pip.conf), and bind the host's rustup toolchain read-only with a fresh CARGO_HOME
 #      (Rust, with a C toolchain, is the README's prerequisite; the C toolchain comes from Debian,
 #      Rust cannot: bookworm's rustc is too old);
 #   4. in a chroot: `cargo run -p keyd -- dev` until its ops port answers /readyz, stop it, then
@@ -203,6 +203,15 @@ in_chroot() {
         RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo \
         /bin/bash -c "cd /src/keyd && $1"
 }
+# The machine's own network settings, like resolv.conf: CA certificates added locally (a TLS
+# proxy's, a company CA; without them cargo cannot reach crates.io through such a proxy) and
+# pip's global configuration (which may point pip at that store).
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    mkdir -p "${root}/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "${root}/usr/local/share/ca-certificates/"
+    in_chroot 'update-ca-certificates >/dev/null'
+fi
+[ ! -f /etc/pip.conf ] || cp /etc/pip.conf "${root}/etc/pip.conf"
 in_chroot 'cargo --version && rustc --version'
 
 # --- 1. cargo run -p keyd -- dev ---------------------------------------------------------------
