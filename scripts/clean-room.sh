@@ -178,7 +178,12 @@ mkdir -p "${root}/src"
 git clone -q --no-hardlinks "$repo" "${root}/src/keyd"
 git -C "${root}/src/keyd" checkout -q --detach "$rev"
 
-log "mounting /proc, /sys, /dev, /run and the host's Rust toolchain (read-only)"
+log "mounting the root onto itself, /proc, /sys, /dev, /run and the host's Rust toolchain (read-only)"
+# The root itself becomes a mount point (as arch-chroot and nspawn do): `ip netns exec` runs
+# `mount --make-rslave /`, which fails with EINVAL when / is a plain directory.
+mount --bind "$root" "$root"
+mounts+=("$root")
+mount --make-private "$root"
 mkdir -p "${root}/proc" "${root}/sys" "${root}/dev" "${root}/run"
 mount -t proc proc "${root}/proc"
 mounts+=("${root}/proc")
