@@ -15,6 +15,8 @@
 # and on PATH.
 # Needs root for apt-get; prints the cache directory on success.
 set -euo pipefail
+# shellcheck source=lib/apt-mirror.sh
+. "$(dirname "$0")/lib/apt-mirror.sh"
 
 cache="${KUBE_TEST_CACHE:-/var/cache/keyd-test/kube-1.20}"
 build_id="kubernetes-1.20 reflect2-1.0.2"
@@ -62,9 +64,9 @@ work="$(mktemp -d /var/tmp/keyd-kube-build.XXXXXX)"
 trap 'rm -rf "${work}"' EXIT
 
 # A private deb-src list so the machine's own apt configuration is left untouched. The mirror is
-# the one the system already uses for bookworm main.
-mirror="$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1 | tr -d ' ' || true)"
-mirror="${mirror:-http://deb.debian.org/debian}"
+# the one the system already uses for bookworm main (one-line or deb822 sources), never a
+# built-in address: with none, stop and say which files were read.
+mirror="$(debian_mirror)"
 mkdir -p "${work}/apt/lists/partial"
 echo "deb-src ${mirror} bookworm main" >"${work}/apt/sources.list"
 apt_opts=(-o "Dir::Etc::SourceList=${work}/apt/sources.list" -o "Dir::Etc::SourceParts=/dev/null"

@@ -39,6 +39,10 @@ command -v ip >/dev/null 2>&1 || apt_needed+=(iproute2)
 command -v ping >/dev/null 2>&1 || apt_needed+=(iputils-ping)
 command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
+# procps: the tests run the `kill` program (keyd/tests/no_secrets_in_logs.rs, node-shim's
+# capture helper) and the VM guest runs `sysctl`; a minimal Debian (debootstrap minbase, the
+# debian:12 image) has neither. `type -P`: the file on PATH, not bash's kill builtin.
+{ command -v sysctl && type -P kill; } >/dev/null 2>&1 || apt_needed+=(procps)
 # virtme-ng builds the guest's initramfs with busybox and stops without it ("initramfs is
 # needed, and no busybox was found").
 command -v busybox >/dev/null 2>&1 || apt_needed+=(busybox)
