@@ -27,7 +27,7 @@ enum Command {
     /// KEYD_TLS_CERT, KEYD_TLS_KEY, KEYD_TLS_RELOAD_INTERVAL, KEYD_KEK_BACKEND,
     /// KEYD_KEK_LOCAL_PATH, KEYD_MAX_BODY_BYTES, KEYD_HANDSHAKE_TIMEOUT, KEYD_LOG_FORMAT,
     /// KEYD_LOG_LEVEL, and the KEYD_KEK_* variables of the custodian (KEYD_KEK_AWS_*,
-    /// KEYD_KEK_VAULT_*, KEYD_KEK_MAX_UNAVAILABLE, ...; see the README, "Key custody").
+    /// KEYD_KEK_VAULT_*, KEYD_KEK_MAX_UNAVAILABLE, ...; see docs/custody.md).
     /// Invalid configuration exits with status 64 naming the field. Before it listens, keyd
     /// checks its KEK custodian with a wrap and unwrap round trip and opens every sealed record.
     Serve {

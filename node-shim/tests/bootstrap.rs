@@ -1,7 +1,7 @@
 //! Node bootstrap end to end (no privileges): node-shim's client against keyd's bootstrap
 //! listener, with a stand-in for the Kubernetes API server's TokenReview and pod endpoints.
 //! The stand-in answers in the API's own shapes; the test against a real kube-apiserver is in
-//! the Kubernetes harness (see README).
+//! the Kubernetes harness (see docs/testing.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -18,7 +18,7 @@
 //! key = "/etc/keyd-webhook/keyd/webhook-key.pem"
 //! refresh_interval = "5s"            # how often keyd's status is fetched
 //! max_staleness = "30s"              # older than this, keyd's status counts as unknown
-//! when_unavailable = "deny"          # or "allow": see the README
+//! when_unavailable = "deny"          # or "allow": see docs/webhook.md
 //!
 //! [policy]
 //! sensitive_pod_label = "keyd.io/sensitive=true"        # "" turns it off

@@ -2,7 +2,7 @@
 //! WireGuard module. It is driven by the cross-platform UAPI (`set=1` / `get=1` text) over a
 //! private socket pair, so the same desired state configures it as configures the kernel.
 //!
-//! What it costs (also in README): every packet crosses into userspace and back (a TUN read or
+//! What it costs (also in docs/node-shim.md): every packet crosses into userspace and back (a TUN read or
 //! write plus a UDP syscall each way), so throughput is a fraction of the kernel's and CPU per
 //! packet is higher; the device lives and dies with node-shim, so a restart drops every session
 //! (peers handshake again, about one round trip plus up to 5 s of WireGuard's retry timer);

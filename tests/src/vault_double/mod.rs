@@ -25,7 +25,7 @@
 //!
 //! Not modelled: batch input, convergent encryption, key export, non-AES key types, leases on
 //! secrets, response wrapping, path-prefixed namespaces. keyd's suite runs unchanged against a
-//! real Vault when `VAULT_ADDR` and `VAULT_TOKEN` are set (see the README).
+//! real Vault when `VAULT_ADDR` and `VAULT_TOKEN` are set (see docs/testing.md).
 
 mod auth;
 mod http;
