@@ -43,9 +43,12 @@ command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
 # capture helper) and the VM guest runs `sysctl`; a minimal Debian (debootstrap minbase, the
 # debian:12 image) has neither. `type -P`: the file on PATH, not bash's kill builtin.
 { command -v sysctl && type -P kill; } >/dev/null 2>&1 || apt_needed+=(procps)
-# virtme-ng builds the guest's initramfs with busybox and stops without it ("initramfs is
-# needed, and no busybox was found").
-command -v busybox >/dev/null 2>&1 || apt_needed+=(busybox)
+# virtme-ng builds the guest's initramfs with a *statically linked* busybox: without one it stops
+# with "initramfs is needed, and no busybox was found" or, with Debian's dynamically linked
+# `busybox` package, "a statically linked busybox could not be found". busybox-static replaces
+# that package.
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' \
+    || apt_needed+=(busybox-static)
 if ! command -v vng >/dev/null 2>&1 && ! command -v pip3 >/dev/null 2>&1; then
     apt_needed+=(python3-pip)
 fi

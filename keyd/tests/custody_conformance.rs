@@ -376,6 +376,32 @@ async fn keyd_keeps_serving_through_an_outage_and_refuses_rotations(b: Backend) 
         records_before,
         "a refused rotation writes nothing"
     );
+    // A KEK rotation asked for through the schedules' endpoint gets the same answer as one
+    // asked for through /v1/kek (once a 422 there against a 503 here for the same outage).
+    let direct = admin
+        .post_json("/v1/kek/rotate", &serde_json::json!({}))
+        .await
+        .unwrap();
+    let scheduled = admin
+        .post_json("/v1/rotate/kek", &serde_json::json!({}))
+        .await
+        .unwrap();
+    let code = |r: &keyd_mtls::client::Response| {
+        serde_json::from_slice::<keyd_proto::ErrorBody>(&r.body)
+            .map(|e| e.error)
+            .unwrap_or_default()
+    };
+    assert!(
+        !direct.status.is_success(),
+        "a KEK rotation ran during the outage"
+    );
+    assert_eq!(
+        (scheduled.status, code(&scheduled)),
+        (direct.status, code(&direct)),
+        "{} / {}",
+        scheduled.error_message(),
+        direct.error_message()
+    );
     let r = node.get("/v1/nodes/node-a/bundle").await.unwrap();
     assert_eq!(r.status, StatusCode::OK, "held keys are still served");
     let (code, text) = k.ops_get("/readyz").await;

@@ -1,5 +1,6 @@
 //! The API's error answer
 
+use crate::rewrap::RewrapError;
 use crate::seal::SealError;
 use crate::service::ServiceError;
 use axum::Json;
@@ -79,6 +80,7 @@ impl From<ServiceError> for ApiError {
                 format!("{e}; nothing was changed"),
             ),
             ServiceError::Seal(s) => custodian_error(s),
+            ServiceError::Kek(k) => rewrap_error(k),
             ServiceError::Store(_) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(
@@ -87,6 +89,40 @@ impl From<ServiceError> for ApiError {
                     format!("{e}; nothing was changed"),
                 )
             }
+        }
+    }
+}
+
+impl From<RewrapError> for ApiError {
+    fn from(e: RewrapError) -> Self {
+        rewrap_error(&e)
+    }
+}
+
+/// A KEK rotation or migration that could not start or failed: the same answer whichever
+/// endpoint asked for it (`/v1/kek/rotate`, or `/v1/rotate/kek` through the schedules).
+fn rewrap_error(e: &RewrapError) -> ApiError {
+    match e {
+        RewrapError::Busy(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+        RewrapError::Invalid(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone())
+        }
+        RewrapError::Spec(c) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
+        }
+        RewrapError::TargetCheck(s) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "custodian_check_failed",
+            format!("the new custodian failed its wrap and unwrap check: {s}; nothing was changed"),
+        ),
+        RewrapError::Seal(s) => custodian_error(s),
+        RewrapError::Store(_) => {
+            tracing::error!(error = %e, "internal error");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{e}; nothing was changed"),
+            )
         }
     }
 }

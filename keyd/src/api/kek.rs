@@ -9,7 +9,6 @@ use keyd_proto::kek::{KekMigrateRequest, KekRotateRequest};
 use super::error::ApiError;
 use super::error::custodian_error;
 use super::extract::{Admin, ApiJson, AppState};
-use crate::rewrap::RewrapError;
 use crate::service::{migrate_kek, rotate_kek};
 
 /// `GET /v1/kek`.
@@ -35,34 +34,4 @@ pub async fn migrate(
 ) -> Result<Response, ApiError> {
     let status = migrate_kek(&s.keyd, &caller.to_string(), req.to).await?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
-}
-
-impl From<RewrapError> for ApiError {
-    fn from(e: RewrapError) -> Self {
-        match &e {
-            RewrapError::Busy(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
-            RewrapError::Invalid(m) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone())
-            }
-            RewrapError::Spec(c) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
-            }
-            RewrapError::TargetCheck(s) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "custodian_check_failed",
-                format!(
-                    "the new custodian failed its wrap and unwrap check: {s}; nothing was changed"
-                ),
-            ),
-            RewrapError::Seal(s) => custodian_error(s),
-            RewrapError::Store(_) => {
-                tracing::error!(error = %e, "internal error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("{e}; nothing was changed"),
-                )
-            }
-        }
-    }
 }

@@ -300,18 +300,7 @@ fn build_client(
         .timeout(Some(timeout))
         .namespace(spec.namespace.clone());
     let settings = b.build().map_err(|e| e.to_string())?;
-    VaultClient::new(settings).map_err(|e| error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    VaultClient::new(settings).map_err(|e| keyd_mtls::error_chain(&e))
 }
 
 /// Maps a Vault failure to its kind, by HTTP status and Vault's documented error messages.
@@ -368,7 +357,7 @@ fn classify(e: &ClientError) -> (FailureKind, String) {
                 "Vault's answer could not be parsed".into(),
             ),
             other => {
-                let chain = error_chain(other);
+                let chain = keyd_mtls::error_chain(other);
                 // A certificate Vault's server does not match, or one keyd does not trust, is
                 // configuration, not an outage.
                 if chain.contains("certificate") || chain.contains("UnknownIssuer") {
@@ -384,7 +373,7 @@ fn classify(e: &ClientError) -> (FailureKind, String) {
         ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
             (FailureKind::Rejected, "Vault's answer had no data".into())
         }
-        other => (FailureKind::Rejected, error_chain(other)),
+        other => (FailureKind::Rejected, keyd_mtls::error_chain(other)),
     }
 }
 

@@ -169,7 +169,7 @@ impl Keyd {
     pub(super) async fn rotate_kek(&self, actor: &(dyn fmt::Display + Sync)) -> Result<String> {
         let status = rotate_kek(self, &actor.to_string(), Default::default())
             .await
-            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+            .map_err(ServiceError::Kek)?;
         Ok(format!(
             "KEK rotation {} started: {} records to rewrap to {}",
             status.id, status.total, status.to

@@ -245,6 +245,9 @@ pub enum ServiceError {
     Seal(#[from] SealError),
     #[error(transparent)]
     Rollout(#[from] rotation::RolloutError),
+    /// A KEK rotation that could not start or failed (custodian down, one already running).
+    #[error(transparent)]
+    Kek(#[from] crate::rewrap::RewrapError),
 }
 
 pub(super) type Result<T, E = ServiceError> = std::result::Result<T, E>;

@@ -393,13 +393,4 @@ impl RunningKeyd {
 }
 
 /// An error and its sources, one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use keyd_mtls::error_chain as chain;

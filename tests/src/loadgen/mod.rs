@@ -383,14 +383,4 @@ fn progress(msg: &str) {
     eprintln!("[loadgen] {msg}");
 }
 
-/// `a: b: c` for an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use keyd_mtls::error_chain;
