@@ -7,7 +7,6 @@ use axum::response::{IntoResponse, Response};
 use keyd_proto::kek::{KekMigrateRequest, KekRotateRequest};
 
 use super::error::ApiError;
-use super::error::custodian_error;
 use super::extract::{Admin, ApiJson, AppState};
 use crate::service::{migrate_kek, rotate_kek};
 
