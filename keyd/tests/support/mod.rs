@@ -393,4 +393,6 @@ impl RunningKeyd {
 }
 
 /// An error and its sources, one line.
-pub use keyd_mtls::error_chain as chain;
+pub fn chain(e: &dyn std::error::Error) -> String {
+    keyd_mtls::error_chain(e)
+}
