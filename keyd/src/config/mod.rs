@@ -12,6 +12,7 @@ use serde::Deserialize;
 use keyd_mtls::ops::LogFormat;
 use keyd_mtls::tls::TlsPaths;
 
+use keyd_mtls::ops::parse_addr;
 pub use keyd_mtls::ops::{ConfigError, EXIT_CONFIG};
 
 /// Validated configuration.
@@ -378,15 +379,6 @@ impl RawLimits {
             drain: d.drain,
         })
     }
-}
-
-fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| {
-        err(
-            field,
-            format!("{v:?} is not an address like 127.0.0.1:8443 or [::]:8443"),
-        )
-    })
 }
 
 fn parse_duration(field: &str, v: &str) -> Result<Duration, ConfigError> {
