@@ -8,6 +8,7 @@
 
 pub mod identity;
 pub mod kek;
+pub mod rules;
 mod secret;
 pub mod time;
 
