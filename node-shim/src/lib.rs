@@ -7,6 +7,8 @@
 //!   (the only netlink code in the workspace).
 //! - [`agent`]: the loop around them: fetch, reconcile, acknowledge, back off when keyd is away.
 //! - [`keyd_client`], [`bootstrap`]: talking to keyd; static or bootstrapped identity.
+//! - [`steering`]: the pure core of eBPF steering: map contents for a node's rules, and the
+//!   in-place changes between two of them (the maps themselves: `kernel::ebpf`).
 //! - [`config`], [`secret`], [`derive`], [`model`], [`status`].
 #![forbid(unsafe_code)]
 
@@ -20,5 +22,6 @@ pub mod model;
 pub mod reconcile;
 pub mod secret;
 pub mod status;
+pub mod steering;
 
 pub use keyd_proto as proto;
