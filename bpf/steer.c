@@ -9,7 +9,8 @@
 //
 // node-shim fills the maps from the rules keyd compiled (proto/src/rules.rs) and updates them in
 // place; the program is never reloaded for a rule change. The layout of every map value is
-// mirrored in node-shim/src/kernel/steering/maps.rs: change both together.
+// mirrored in node-shim/src/kernel/ebpf.rs: change both together. Pinning (a restart keeps the
+// maps) is node-shim's choice, made when it loads the object.
 //
 // What counts as covered (see rules.rs): one address is selected by a policy and the other is a
 // peer of it, in either direction, and the packet's protocol and source or destination port is
@@ -107,7 +108,6 @@ struct {
 	__type(value, struct endpoint);
 	__uint(max_entries, MAX_ENDPOINTS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_endpoints SEC(".maps");
 
 struct {
@@ -115,16 +115,19 @@ struct {
 	__type(key, struct port_key);
 	__type(value, struct bits);
 	__uint(max_entries, MAX_PORTS);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_ports SEC(".maps");
 
-// [0]: the policies without ports; [1]: the strict policies.
+// Policy sets: the policies without ports, the strict ones, and two constants node-shim writes
+// at load (no policy, every policy).
+#define SET_ANY_PORT 0
+#define SET_STRICT 1
+#define SET_NONE 2
+#define SET_ALL 3
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct bits);
-	__uint(max_entries, 2);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, 4);
 } keyd_policy_sets SEC(".maps");
 
 struct {
@@ -132,7 +135,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct policy);
 	__uint(max_entries, MAX_POLICIES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_policies SEC(".maps");
 
 struct {
@@ -140,7 +142,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 	__uint(max_entries, MAX_NODES);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_nodes SEC(".maps");
 
 struct {
@@ -148,7 +149,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct settings);
 	__uint(max_entries, 1);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_settings SEC(".maps");
 
 struct {
@@ -156,7 +156,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct counters);
 	__uint(max_entries, MAX_POLICIES + 1);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } keyd_counters SEC(".maps");
 
 struct flow {
@@ -295,16 +294,19 @@ static __always_inline int steer_policy(struct __sk_buff *skb, const struct sett
 					const struct flow *f, const struct endpoint *src,
 					const struct endpoint *dst)
 {
-	__u32 zero = 0, one = 1;
-	struct bits *any_port = bpf_map_lookup_elem(&keyd_policy_sets, &zero);
-	struct bits *strict = bpf_map_lookup_elem(&keyd_policy_sets, &one);
-	struct bits *by_sport = 0, *by_dport = 0;
+	__u32 any_idx = SET_ANY_PORT, strict_idx = SET_STRICT, none_idx = SET_NONE,
+	      all_idx = SET_ALL;
+	struct bits *any_port, *strict, *none, *by_sport = 0, *by_dport = 0;
 	struct port_key pk = {};
-	__u64 covered, strict_hit = 0;
+	__u64 cov[WORDS], strict_hit = 0;
 	__u32 first = MAX_POLICIES;
 	int i;
 
-	if (!any_port || !strict)
+	// Without ports (a fragment, an extension header) every port matches.
+	any_port = bpf_map_lookup_elem(&keyd_policy_sets, f->have_ports ? &any_idx : &all_idx);
+	strict = bpf_map_lookup_elem(&keyd_policy_sets, &strict_idx);
+	none = bpf_map_lookup_elem(&keyd_policy_sets, &none_idx);
+	if (!any_port || !strict || !none)
 		return TC_ACT_UNSPEC;
 	if (f->have_ports) {
 		pk.proto = f->proto;
@@ -313,25 +315,23 @@ static __always_inline int steer_policy(struct __sk_buff *skb, const struct sett
 		pk.port = f->dport;
 		by_dport = bpf_map_lookup_elem(&keyd_ports, &pk);
 	}
+	if (!by_sport)
+		by_sport = none;
+	if (!by_dport)
+		by_dport = none;
+	// Straight-line over the words (no branch per word, so the verifier walks it once).
 #pragma unroll
 	for (i = 0; i < WORDS; i++) {
-		covered = (src->selected[i] & dst->peer[i]) | (src->peer[i] & dst->selected[i]);
-		if (!covered)
-			continue;
-		if (f->have_ports) {
-			__u64 ports = any_port->w[i];
-
-			if (by_sport)
-				ports |= by_sport->w[i];
-			if (by_dport)
-				ports |= by_dport->w[i];
-			covered &= ports;
+		cov[i] = ((src->selected[i] & dst->peer[i]) | (src->peer[i] & dst->selected[i])) &
+			 (any_port->w[i] | by_sport->w[i] | by_dport->w[i]);
+		strict_hit |= cov[i] & strict->w[i];
+	}
+#pragma unroll
+	for (i = 0; i < WORDS; i++) {
+		if (cov[i]) {
+			first = i * 64 + lowest_bit(cov[i]);
+			break;
 		}
-		if (!covered)
-			continue;
-		strict_hit |= covered & strict->w[i];
-		if (first == MAX_POLICIES)
-			first = i * 64 + lowest_bit(covered);
 	}
 	if (first >= MAX_POLICIES)
 		return TC_ACT_UNSPEC;

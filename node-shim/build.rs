@@ -37,7 +37,9 @@ fn main() {
     cmd.arg("-c").arg(SOURCE).arg("-o").arg(&object);
     match cmd.status() {
         Ok(s) if s.success() => {}
-        Ok(s) => fail(&format!("clang failed to compile {SOURCE} ({s}); its errors are above")),
+        Ok(s) => fail(&format!(
+            "clang failed to compile {SOURCE} ({s}); its errors are above"
+        )),
         Err(e) => fail(&format!("cannot run {clang}: {e}")),
     }
 }

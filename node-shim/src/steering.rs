@@ -463,10 +463,7 @@ impl std::ops::BitOr for Bits {
 
 /// The readiness flags of each node slot, from what the reconciler programmed: a node is ready
 /// for a mode when the tunnel to it is programmed in the kernel (see `reconcile::readiness`).
-pub fn readiness_ops(
-    have: &BTreeMap<u32, u32>,
-    want: &BTreeMap<u32, u32>,
-) -> Vec<MapOp> {
+pub fn readiness_ops(have: &BTreeMap<u32, u32>, want: &BTreeMap<u32, u32>) -> Vec<MapOp> {
     let mut ops = Vec::new();
     for (slot, flags) in want {
         if have.get(slot) != Some(flags) {

@@ -9,6 +9,7 @@ use std::io;
 
 use crate::model::{Observed, Op};
 
+pub mod ebpf;
 pub mod fake;
 pub mod netlink;
 mod nl;

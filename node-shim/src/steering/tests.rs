@@ -47,8 +47,18 @@ fn rules() -> NodeRules {
         node: "node-a".into(),
         revision: "r1".into(),
         policies: vec![
-            policy("EncryptionPolicy shop/cache", EncryptionMode::Ipsec, false, &[]),
-            policy("EncryptionPolicy shop/db", EncryptionMode::Wireguard, true, &[5432]),
+            policy(
+                "EncryptionPolicy shop/cache",
+                EncryptionMode::Ipsec,
+                false,
+                &[],
+            ),
+            policy(
+                "EncryptionPolicy shop/db",
+                EncryptionMode::Wireguard,
+                true,
+                &[5432],
+            ),
         ],
         endpoints: vec![
             ep("10.1.0.5/32", "node-a", &[1], &[0]),
@@ -137,7 +147,11 @@ fn unknown_index_and_node_are_problems_not_panics() {
     let (c, problems) = from_rules(&r, "node-a", &slots, base());
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(!c.endpoints.contains_key(&"10.9.0.1/32".parse().unwrap()));
-    assert!(c.endpoints[&"10.1.0.6/32".parse().unwrap()].selected.is_empty());
+    assert!(
+        c.endpoints[&"10.1.0.6/32".parse().unwrap()]
+            .selected
+            .is_empty()
+    );
 }
 
 #[test]

@@ -1,0 +1,699 @@
+//! The eBPF steering program (`bpf/steer.c`, compiled by build.rs) in the kernel: loading it
+//! with aya, attaching it to the ingress of the devices local pods send on, writing its maps in
+//! place and reading its per-CPU counters. What goes into the maps is decided by the pure
+//! [`crate::steering`]; this module only encodes it (the byte layouts mirror steer.c's structs).
+//!
+//! Attachment uses TCX links on kernels that have them (6.6 and later) and classic `cls_bpf`
+//! filters over netlink on older ones (Debian 12's 6.1). With a pin directory on a bpffs, the
+//! maps and TCX links are pinned there and netlink filters stay in the kernel when node-shim
+//! exits, so a restart neither empties the maps nor leaves a moment without the program: the new
+//! program replaces the old one atomically (TCX) or is attached beside it before the old filter
+//! goes (netlink).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{EbpfLoader, VerifierLogLevel};
+use ipnet::IpNet;
+
+use crate::steering::{Bits, Endpoint, MAX_POLICIES, MapOp, NodeMode, Settings, WORDS, mode_code};
+
+/// The object build.rs compiled from bpf/steer.c.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/steer.o"));
+const PROGRAM: &str = "keyd_steer";
+
+const ENDPOINT_SIZE: usize = 8 + 2 * WORDS * 8;
+type EndpointBytes = [u8; ENDPOINT_SIZE];
+type BitsBytes = [u64; WORDS];
+
+/// How the program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX where the kernel has it (6.6+), netlink otherwise.
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+#[derive(Debug, Clone)]
+pub struct EbpfSettings {
+    pub attach: AttachMode,
+    /// Where maps and TCX links are pinned (a bpffs folder); `None`: nothing is pinned and
+    /// everything goes with the process.
+    pub pin_dir: Option<PathBuf>,
+    /// The cls_bpf priority of netlink attachments; a restart attaches at the other one of
+    /// `priority` and `priority + 1` before removing the old filter.
+    pub priority: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused the steering program: {io}\nverifier log:\n{log}")]
+    Verifier { io: std::io::Error, log: String },
+    #[error("eBPF program {what}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {map}: {what}")]
+    Map {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: Option<MapError>,
+    },
+    #[error("attaching to {device} failed")]
+    Attach {
+        device: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinning under {path} failed: {message}")]
+    Pin { path: String, message: String },
+}
+
+/// Counters of one slot, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub encrypted_packets: u64,
+    pub encrypted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub clear_packets: u64,
+    pub clear_bytes: u64,
+}
+
+/// How one device has the program.
+#[derive(Debug)]
+enum Attachment {
+    /// Owned by this process (no pin directory): detached when dropped.
+    Owned(#[allow(dead_code)] SchedClassifierLink),
+    /// Pinned TCX link.
+    Pinned(#[allow(dead_code)] PinnedLink),
+    /// A netlink filter left in the kernel on purpose, at this priority.
+    Netlink { priority: u16 },
+}
+
+pub struct Steering {
+    bpf: aya::Ebpf,
+    settings: EbpfSettings,
+    endpoints: LpmTrie<MapData, [u8; 16], EndpointBytes>,
+    ports: BpfHashMap<MapData, [u8; 4], BitsBytes>,
+    sets: Array<MapData, BitsBytes>,
+    policies: Array<MapData, [u32; 2]>,
+    nodes: Array<MapData, u32>,
+    config: Array<MapData, [u32; 6]>,
+    counters: PerCpuArray<MapData, [u64; 6]>,
+    attached: BTreeMap<String, Attachment>,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("attached", &self.attached.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+const MAPS: [&str; 7] = [
+    "keyd_endpoints",
+    "keyd_ports",
+    "keyd_policy_sets",
+    "keyd_policies",
+    "keyd_nodes",
+    "keyd_settings",
+    "keyd_counters",
+];
+
+impl Steering {
+    /// Loads the program (reporting the verifier's log if the kernel refuses it) and opens or
+    /// creates its maps (pinned ones are reused, with what they hold).
+    pub fn load(settings: EbpfSettings) -> Result<Self, EbpfError> {
+        let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+        if let Some(dir) = &settings.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|e| EbpfError::Pin {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+            for m in MAPS {
+                loader.map_pin_path(m, dir.join(m));
+            }
+        }
+        let mut bpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+        let prog = program(&mut bpf)?;
+        if let Err(e) = prog.load() {
+            return Err(match e {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => EbpfError::Verifier {
+                    io: io_error,
+                    log: verifier_log.to_string(),
+                },
+                other => EbpfError::Program {
+                    what: "load".into(),
+                    source: other,
+                },
+            });
+        }
+        let mut take = |name: &'static str| -> Result<Map, EbpfError> {
+            bpf.take_map(name).ok_or(EbpfError::Map {
+                map: name,
+                what: "missing from the object".into(),
+                source: None,
+            })
+        };
+        let wrong = |map: &'static str| {
+            move |e: MapError| EbpfError::Map {
+                map,
+                what: "has another layout than node-shim expects".into(),
+                source: Some(e),
+            }
+        };
+        let endpoints =
+            LpmTrie::try_from(take("keyd_endpoints")?).map_err(wrong("keyd_endpoints"))?;
+        let ports = BpfHashMap::try_from(take("keyd_ports")?).map_err(wrong("keyd_ports"))?;
+        let sets = Array::try_from(take("keyd_policy_sets")?).map_err(wrong("keyd_policy_sets"))?;
+        let policies = Array::try_from(take("keyd_policies")?).map_err(wrong("keyd_policies"))?;
+        let nodes = Array::try_from(take("keyd_nodes")?).map_err(wrong("keyd_nodes"))?;
+        let config = Array::try_from(take("keyd_settings")?).map_err(wrong("keyd_settings"))?;
+        let counters =
+            PerCpuArray::try_from(take("keyd_counters")?).map_err(wrong("keyd_counters"))?;
+        // The constant sets the program reads when a packet has no ports or a port no policy
+        // names (steer.c's SET_NONE and SET_ALL).
+        let mut sets = sets;
+        sets.set(2, [0; WORDS], 0)
+            .map_err(wrong("keyd_policy_sets"))?;
+        sets.set(3, [u64::MAX; WORDS], 0)
+            .map_err(wrong("keyd_policy_sets"))?;
+        Ok(Self {
+            bpf,
+            settings,
+            endpoints,
+            ports,
+            sets,
+            policies,
+            nodes,
+            config,
+            counters,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// Instructions the verifier processed for the program (its cost to verify).
+    pub fn verified_instructions(&mut self) -> Option<u32> {
+        let prog = program(&mut self.bpf).ok()?;
+        prog.info().ok()?.verified_instruction_count()
+    }
+
+    /// The devices the program is attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// Attaches the program to `device`'s ingress (no-op if already attached by this process).
+    pub fn attach(&mut self, device: &str) -> Result<(), EbpfError> {
+        if self.attached.contains_key(device) {
+            return Ok(());
+        }
+        let use_tcx = match self.settings.attach {
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+            AttachMode::Auto => tcx_supported(),
+        };
+        let attachment = if use_tcx {
+            self.attach_tcx(device)?
+        } else {
+            self.attach_netlink(device)?
+        };
+        self.attached.insert(device.to_owned(), attachment);
+        Ok(())
+    }
+
+    fn link_pin(&self, device: &str) -> Option<PathBuf> {
+        self.settings
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link-{device}-ingress")))
+    }
+
+    fn attach_tcx(&mut self, device: &str) -> Result<Attachment, EbpfError> {
+        let pin = self.link_pin(device);
+        let attach_err = |source| EbpfError::Attach {
+            device: device.to_owned(),
+            source,
+        };
+        let prog = program(&mut self.bpf)?;
+        // A pinned link of an earlier run: replace its program atomically.
+        let previous = match &pin {
+            Some(p) => match PinnedLink::from_pin(p) {
+                Ok(old) => Some(old),
+                Err(LinkError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    None
+                }
+                Err(e) => {
+                    return Err(EbpfError::Pin {
+                        path: p.display().to_string(),
+                        message: e.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let id = match previous {
+            Some(old) => {
+                let link: SchedClassifierLink =
+                    FdLink::from(old)
+                        .try_into()
+                        .map_err(|e: LinkError| EbpfError::Pin {
+                            path: device.to_owned(),
+                            message: e.to_string(),
+                        })?;
+                prog.attach_to_link(link).map_err(attach_err)?
+            }
+            None => prog
+                .attach_with_options(
+                    device,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?,
+        };
+        let link = prog.take_link(id).map_err(attach_err)?;
+        match pin {
+            None => Ok(Attachment::Owned(link)),
+            Some(p) => {
+                let fd: FdLink = link.try_into().map_err(|e: LinkError| EbpfError::Pin {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                // Replacing a pinned link keeps its pin; pin only a new one.
+                if p.exists() {
+                    let _ = std::fs::remove_file(&p);
+                }
+                let pinned = fd.pin(&p).map_err(|e| EbpfError::Pin {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(Attachment::Pinned(pinned))
+            }
+        }
+    }
+
+    fn attach_netlink(&mut self, device: &str) -> Result<Attachment, EbpfError> {
+        let attach_err = |source| EbpfError::Attach {
+            device: device.to_owned(),
+            source,
+        };
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(device) {
+            // EEXIST: the qdisc is there already.
+            let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+                if n.raw_os_error() == Some(17));
+            if !exists {
+                return Err(attach_err(ProgramError::from(e)));
+            }
+        }
+        let persist = self.settings.pin_dir.is_some();
+        let base = self.settings.priority;
+        let prog = program(&mut self.bpf)?;
+        let mut attached_at = None;
+        let mut last_err = None;
+        for priority in [base, base.wrapping_add(1)] {
+            match prog.attach_with_options(
+                device,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority,
+                    handle: TcHandle::new(0, 1),
+                    classid: None,
+                }),
+            ) {
+                Ok(id) => {
+                    attached_at = Some((priority, id));
+                    break;
+                }
+                // A filter of an earlier run holds this priority: use the other one.
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let Some((priority, id)) = attached_at else {
+            return Err(attach_err(
+                last_err.unwrap_or(ProgramError::AlreadyAttached),
+            ));
+        };
+        let link = prog.take_link(id).map_err(attach_err)?;
+        // The earlier run's filter at the other priority goes now that ours is in place.
+        let other = if priority == base {
+            base.wrapping_add(1)
+        } else {
+            base
+        };
+        if let Ok(old) = SchedClassifierLink::attached(
+            device,
+            TcAttachType::Ingress,
+            other,
+            TcHandle::new(0, 1),
+            None,
+        ) {
+            drop(old);
+        }
+        if persist {
+            // Leave the filter in the kernel when this process exits.
+            std::mem::forget(link);
+            Ok(Attachment::Netlink { priority })
+        } else {
+            Ok(Attachment::Owned(link))
+        }
+    }
+
+    /// Detaches from `device` (also a pinned or persistent attachment).
+    pub fn detach(&mut self, device: &str) {
+        match self.attached.remove(device) {
+            Some(Attachment::Pinned(p)) => {
+                let _ = p.unpin();
+            }
+            Some(Attachment::Netlink { priority }) => {
+                if let Ok(l) = SchedClassifierLink::attached(
+                    device,
+                    TcAttachType::Ingress,
+                    priority,
+                    TcHandle::new(0, 1),
+                    None,
+                ) {
+                    drop(l);
+                }
+            }
+            Some(Attachment::Owned(l)) => drop(l),
+            None => {}
+        }
+    }
+
+    /// Forgets a device that went away (its attachment went with it).
+    pub fn forget(&mut self, device: &str) {
+        if let Some(Attachment::Pinned(p)) = self.attached.remove(device) {
+            let _ = p.unpin();
+        }
+    }
+
+    /// Applies map changes in order; stops at the first failure.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), EbpfError> {
+        for op in ops {
+            self.apply_one(op)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> Result<(), EbpfError> {
+        let fail = |map: &'static str, what: String| {
+            move |e: MapError| EbpfError::Map {
+                map,
+                what,
+                source: Some(e),
+            }
+        };
+        match op {
+            MapOp::Settings(s) => self
+                .config
+                .set(0, encode_settings(s), 0)
+                .map_err(fail("keyd_settings", "write".into())),
+            MapOp::Policy { slot, mode } => self
+                .policies
+                .set(*slot, [*mode, 0], 0)
+                .map_err(fail("keyd_policies", format!("slot {slot}"))),
+            MapOp::PolicySets { any_port, strict } => {
+                self.sets
+                    .set(0, any_port.0, 0)
+                    .map_err(fail("keyd_policy_sets", "any-port set".into()))?;
+                self.sets
+                    .set(1, strict.0, 0)
+                    .map_err(fail("keyd_policy_sets", "strict set".into()))
+            }
+            MapOp::PortSet { proto, port, bits } => self
+                .ports
+                .insert(port_key(*proto, *port), bits.0, 0)
+                .map_err(fail("keyd_ports", format!("{proto}/{port}"))),
+            MapOp::PortDel { proto, port } => {
+                ignore_missing(self.ports.remove(&port_key(*proto, *port)))
+                    .map_err(fail("keyd_ports", format!("remove {proto}/{port}")))
+            }
+            MapOp::EndpointSet { prefix, value } => self
+                .endpoints
+                .insert(&trie_key(prefix), encode_endpoint(value), 0)
+                .map_err(fail("keyd_endpoints", prefix.to_string())),
+            MapOp::EndpointDel { prefix } => {
+                ignore_missing(self.endpoints.remove(&trie_key(prefix)))
+                    .map_err(fail("keyd_endpoints", format!("remove {prefix}")))
+            }
+            MapOp::NodeReady { slot, flags } => self
+                .nodes
+                .set(*slot, *flags, 0)
+                .map_err(fail("keyd_nodes", format!("slot {slot}"))),
+        }
+    }
+
+    /// What the maps hold now (after a restart with pinned maps: what the last run left), for
+    /// the first diff. Node readiness is read separately ([`Steering::node_flags`]).
+    pub fn read(&self) -> Result<crate::steering::Contents, EbpfError> {
+        let rd = |map: &'static str| {
+            move |e: MapError| EbpfError::Map {
+                map,
+                what: "read".into(),
+                source: Some(e),
+            }
+        };
+        let cfg = self.config.get(&0, 0).map_err(rd("keyd_settings"))?;
+        let settings = decode_settings(&cfg);
+        let mut endpoints = BTreeMap::new();
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(rd("keyd_endpoints"))?;
+            if let Some(prefix) = prefix_of(&k) {
+                endpoints.insert(prefix, decode_endpoint(&v));
+            }
+        }
+        let mut ports = BTreeMap::new();
+        for item in self.ports.iter() {
+            let (k, v) = item.map_err(rd("keyd_ports"))?;
+            ports.insert((k[0], u16::from_ne_bytes([k[2], k[3]])), Bits(v));
+        }
+        let any_port = Bits(self.sets.get(&0, 0).map_err(rd("keyd_policy_sets"))?);
+        let strict = Bits(self.sets.get(&1, 0).map_err(rd("keyd_policy_sets"))?);
+        let mut policies = BTreeMap::new();
+        for slot in 0..MAX_POLICIES as u32 {
+            let [mode, _] = self.policies.get(&slot, 0).map_err(rd("keyd_policies"))?;
+            if mode != 0 {
+                policies.insert(slot, mode);
+            }
+        }
+        Ok(crate::steering::Contents {
+            settings,
+            endpoints,
+            ports,
+            any_port,
+            strict,
+            policies,
+        })
+    }
+
+    /// Readiness flags of the node slots below `end` that are not zero.
+    pub fn node_flags(&self, end: u32) -> Result<BTreeMap<u32, u32>, EbpfError> {
+        let mut out = BTreeMap::new();
+        for slot in 0..end {
+            let f = self.nodes.get(&slot, 0).map_err(|e| EbpfError::Map {
+                map: "keyd_nodes",
+                what: "read".into(),
+                source: Some(e),
+            })?;
+            if f != 0 {
+                out.insert(slot, f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One slot's counters, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<Counters, EbpfError> {
+        let values = self.counters.get(&slot, 0).map_err(|e| EbpfError::Map {
+            map: "keyd_counters",
+            what: format!("slot {slot}"),
+            source: Some(e),
+        })?;
+        let mut sum = [0u64; 6];
+        for cpu in values.iter() {
+            for (s, v) in sum.iter_mut().zip(cpu) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+        Ok(Counters {
+            encrypted_packets: sum[0],
+            encrypted_bytes: sum[1],
+            dropped_packets: sum[2],
+            dropped_bytes: sum[3],
+            clear_packets: sum[4],
+            clear_bytes: sum[5],
+        })
+    }
+}
+
+fn program(bpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, EbpfError> {
+    let p = bpf.program_mut(PROGRAM).ok_or_else(|| EbpfError::Map {
+        map: "program",
+        what: format!("{PROGRAM} is missing from the object"),
+        source: None,
+    })?;
+    p.try_into().map_err(|source| EbpfError::Program {
+        what: format!("{PROGRAM} is not a tc classifier"),
+        source,
+    })
+}
+
+/// TCX links exist from Linux 6.6.
+fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(2) => Ok(()),
+        other => other,
+    }
+}
+
+fn trie_key(prefix: &IpNet) -> Key<[u8; 16]> {
+    let (len, addr) = crate::steering::lpm_key(prefix);
+    Key::new(len, addr)
+}
+
+fn prefix_of(k: &Key<[u8; 16]>) -> Option<IpNet> {
+    let addr = std::net::Ipv6Addr::from(k.data());
+    let len = u8::try_from(k.prefix_len()).ok()?;
+    match addr.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => IpNet::new(IpAddr::V4(v4), len - 96).ok(),
+        _ => IpNet::new(IpAddr::V6(addr), len).ok(),
+    }
+}
+
+fn port_key(proto: u8, port: u16) -> [u8; 4] {
+    let p = port.to_ne_bytes();
+    [proto, 0, p[0], p[1]]
+}
+
+fn encode_endpoint(e: &Endpoint) -> EndpointBytes {
+    let mut b = [0u8; ENDPOINT_SIZE];
+    b[..4].copy_from_slice(&e.node.to_ne_bytes());
+    for (i, w) in e.selected.0.iter().chain(e.peer.0.iter()).enumerate() {
+        b[8 + i * 8..16 + i * 8].copy_from_slice(&w.to_ne_bytes());
+    }
+    b
+}
+
+fn decode_endpoint(b: &EndpointBytes) -> Endpoint {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[8 + i * 8..16 + i * 8]);
+        u64::from_ne_bytes(w)
+    };
+    let mut e = Endpoint {
+        node: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        ..Endpoint::default()
+    };
+    for i in 0..WORDS {
+        e.selected.0[i] = word(i);
+        e.peer.0[i] = word(WORDS + i);
+    }
+    e
+}
+
+fn encode_settings(s: &Settings) -> [u32; 6] {
+    [
+        s.node_mode as u32,
+        mode_code(s.all_mode),
+        u32::from(s.all_strict),
+        s.marks.mask,
+        s.marks.wireguard,
+        s.marks.ipsec,
+    ]
+}
+
+fn decode_settings(v: &[u32; 6]) -> Settings {
+    Settings {
+        node_mode: match v[0] {
+            1 => NodeMode::All,
+            2 => NodeMode::Policy,
+            _ => NodeMode::Off,
+        },
+        all_mode: if v[1] == 2 {
+            keyd_proto::EncryptionMode::Ipsec
+        } else {
+            keyd_proto::EncryptionMode::Wireguard
+        },
+        all_strict: v[2] != 0,
+        marks: crate::steering::Marks {
+            mask: v[3],
+            wireguard: v[4],
+            ipsec: v[5],
+        },
+    }
+}
+
+/// Whether `path` (or the nearest existing folder above it) is on a bpffs, which pinning needs.
+pub fn is_bpffs(path: &Path) -> bool {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        if !p.pop() {
+            return false;
+        }
+    }
+    nix::sys::statfs::statfs(&p)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_and_key_encodings_round_trip() {
+        let mut e = Endpoint {
+            node: 7,
+            ..Endpoint::default()
+        };
+        e.selected.set(3);
+        e.peer.set(1023);
+        assert_eq!(decode_endpoint(&encode_endpoint(&e)), e);
+        for p in ["10.2.0.0/24", "10.2.0.7/32", "fd00:1::/64", "fd00::5/128"] {
+            let net: IpNet = p.parse().unwrap();
+            assert_eq!(prefix_of(&trie_key(&net)), Some(net), "{p}");
+        }
+        assert_eq!(port_key(6, 5432)[0], 6);
+    }
+
+    #[test]
+    fn the_object_holds_the_program_and_its_maps() {
+        let obj = aya_obj_names(OBJECT);
+        assert!(obj.contains(PROGRAM), "program missing");
+        for m in MAPS {
+            assert!(obj.contains(m), "{m} missing");
+        }
+    }
+
+    /// The names in the object's string table (enough to see the build embedded steer.o).
+    fn aya_obj_names(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
