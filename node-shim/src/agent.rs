@@ -21,7 +21,7 @@ use crate::keyd_client::{Fetched, KeydClient, KeydError};
 use crate::model::{Op, WgPeerSpec};
 use crate::reconcile::{self, Inputs, NodeFacts};
 use crate::secret::{Key32, PublicKey};
-use crate::status::{KernelOp, OpOutcome, Outcome, Shared, SkippedPeer};
+use crate::status::{KernelOp, OpOutcome, Outcome, PeerView, Shared, SkippedPeer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -661,6 +661,15 @@ impl<K: Kernel> Agent<K> {
             self.handshakes.retain(|k, _| w.peers.contains_key(k));
         }
         let ack = reconcile::ack(&computed, &after, self.cfg.mode, bundle.wireguard.epoch);
+        let view = PeerView {
+            pod_cidrs: peer_cidrs(bundle, &self.facts.name, self.cfg.mode),
+            ready: reconcile::readiness(bundle, &computed, &after, self.cfg.mode),
+        };
+        self.shared.peers.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
         for spi in &ack.ipsec_spis {
             self.installed_since.entry(*spi).or_insert(now);
         }
@@ -782,6 +791,26 @@ pub enum ReconcileError {
     Observe(#[source] KernelError),
     #[error("cannot apply")]
     Apply(#[source] ApplyError),
+}
+
+/// Every other node's pod CIDRs, as the bundle of `mode` lists them.
+fn peer_cidrs(bundle: &NodeBundle, own: &str, mode: Mode) -> Vec<(String, Vec<ipnet::IpNet>)> {
+    match (mode, &bundle.ipsec) {
+        (Mode::Ipsec, Some(ipsec)) => ipsec
+            .peers
+            .iter()
+            .filter(|p| p.node != own)
+            .map(|p| (p.node.clone(), p.pod_cidrs.clone()))
+            .collect(),
+        (Mode::Ipsec, None) => Vec::new(),
+        (Mode::Wireguard, _) => bundle
+            .wireguard
+            .peers
+            .iter()
+            .filter(|p| p.node != own)
+            .map(|p| (p.node.clone(), p.allowed_ips.clone()))
+            .collect(),
+    }
 }
 
 fn read_key_file(path: &Path) -> Result<Key32, AgentError> {

@@ -10,6 +10,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod steering;
+pub use steering::{
+    DEFAULT_MARKS, DEFAULT_PIN_DIR, DEFAULT_STEERING_TABLE, Encrypt, RawSteering, SteeringSettings,
+};
+
 /// The WireGuard port Cilium uses, and ours by default.
 pub const DEFAULT_WG_PORT: u16 = 51871;
 pub const DEFAULT_WG_DEVICE: &str = "keyd-wg0";
@@ -124,6 +129,7 @@ pub struct Config {
     pub keyd: KeydSettings,
     pub wireguard: WgSettings,
     pub ipsec: IpsecSettings,
+    pub steering: SteeringSettings,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -148,6 +154,8 @@ pub struct RawConfig {
     pub wireguard: RawWireguard,
     #[serde(default)]
     pub ipsec: RawIpsec,
+    #[serde(default)]
+    pub steering: RawSteering,
     #[serde(default)]
     pub log: RawLog,
 }
@@ -221,6 +229,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("NODE_SHIM_OPS_LISTEN", "ops_listen"),
     ("NODE_SHIM_KEYD_SERVER", "keyd.server"),
     ("NODE_SHIM_LOG_LEVEL", "log.level"),
+    ("NODE_SHIM_ENCRYPT", "steering.encrypt"),
+    (
+        "NODE_SHIM_STEERING_DEVICES",
+        "steering.devices (comma-separated)",
+    ),
 ];
 
 impl RawConfig {
@@ -260,6 +273,12 @@ impl RawConfig {
         }
         if let Some(v) = get("NODE_SHIM_LOG_LEVEL") {
             self.log.level = Some(v);
+        }
+        if let Some(v) = get("NODE_SHIM_ENCRYPT") {
+            self.steering.encrypt = Some(v);
+        }
+        if let Some(v) = get("NODE_SHIM_STEERING_DEVICES") {
+            self.steering.devices = Some(v.split(',').map(|s| s.trim().to_owned()).collect());
         }
     }
 
@@ -349,8 +368,24 @@ impl RawConfig {
             .unwrap_or_else(|| PathBuf::from("/proc/sys/kernel/random/boot_id"));
 
         let keyd = validate_keyd(self.keyd)?;
-        let wireguard = validate_wg(self.wireguard)?;
+        let wg_table_set = self.wireguard.route_table.is_some();
+        let mut wireguard = validate_wg(self.wireguard)?;
         let ipsec = validate_ipsec(self.ipsec, poll_interval)?;
+        let steering = steering::validate(self.steering, ipsec.mark_mask)?;
+        if steering.encrypt == Encrypt::Policy {
+            // Routes through the WireGuard device serve only marked packets: they live in the
+            // steering table, which only marked packets look up.
+            if wg_table_set && wireguard.route_table != steering.route_table {
+                return Err(err(
+                    "wireguard.route_table",
+                    format!(
+                        "with encrypt = \"policy\" the WireGuard routes go to steering.route_table ({}); leave wireguard.route_table unset",
+                        steering.route_table
+                    ),
+                ));
+            }
+            wireguard.route_table = steering.route_table;
+        }
 
         let log_level = self.log.level.unwrap_or_else(|| "info".to_owned());
         let log_json = match self.log.format.as_deref() {
@@ -383,6 +418,7 @@ impl RawConfig {
             keyd,
             wireguard,
             ipsec,
+            steering,
             log_level,
             log_json,
         })

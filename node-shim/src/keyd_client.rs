@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use http::{Method, StatusCode, header};
 use keyd_mtls::client::{ClientError, Connection, Connector, Response};
 use keyd_mtls::tls::TlsPaths;
+use keyd_proto::rules::{DataplaneReport, NodeRules};
 use keyd_proto::{Ack, NodeBundle, NodeInfo, NodeRegistration};
 
 #[derive(Debug, thiserror::Error)]
@@ -177,32 +178,9 @@ impl KeydClient {
         etag: Option<&str>,
         wait: Option<Duration>,
     ) -> Result<Fetched, KeydError> {
-        let path = match (etag, wait) {
-            (Some(_), Some(w)) => format!(
-                "/v1/nodes/{}/bundle?wait={}ms",
-                self.node,
-                w.as_millis().max(1)
-            ),
-            _ => format!("/v1/nodes/{}/bundle", self.node),
-        };
-        let budget = self.timeout + wait.unwrap_or_default();
-        let extra: Vec<(header::HeaderName, &str)> = etag
-            .map(|e| vec![(header::IF_NONE_MATCH, e)])
-            .unwrap_or_default();
-        let r = self
-            .send_within(budget, Method::GET, &path, None, &extra)
-            .await?;
-        if r.status == StatusCode::NOT_MODIFIED {
+        let Some((r, etag)) = self.get_polled("bundle", etag, wait).await? else {
             return Ok(Fetched::NotModified);
-        }
-        if !r.status.is_success() {
-            return Err(Self::status_error(&r));
-        }
-        let etag = r
-            .headers
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        };
         // serde_json's error names a position, never the input.
         let parsed = serde_json::from_slice::<NodeBundle>(&r.body);
         // The body holds the keys in base64: zero it (when no one else holds the buffer).
@@ -217,7 +195,83 @@ impl KeydClient {
         })
     }
 
-    /// `POST /v1/nodes/{name}/ack`.
+    /// `GET /v1/nodes/{name}/rules`: this node's compiled EncryptionPolicy rules, long-polled
+    /// like the bundle. `Ok(None)`: unchanged since `etag`.
+    pub async fn fetch_rules(
+        &mut self,
+        etag: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Option<(NodeRules, String)>, KeydError> {
+        let Some((r, etag)) = self.get_polled("rules", etag, wait).await? else {
+            return Ok(None);
+        };
+        let rules = serde_json::from_slice::<NodeRules>(&r.body)
+            .map_err(|e| KeydError::Decode(e.to_string()))?;
+        if rules.node != self.node {
+            return Err(KeydError::Decode(format!(
+                "keyd sent the rules of node {:?}",
+                rules.node
+            )));
+        }
+        let etag = etag.unwrap_or_else(|| format!("\"{}\"", rules.revision));
+        Ok(Some((rules, etag)))
+    }
+
+    /// `GET /v1/nodes/{name}/{resource}`, with `If-None-Match` and, given both, a long poll.
+    /// `Ok(None)` for 304; otherwise the response and its `ETag`.
+    async fn get_polled(
+        &mut self,
+        resource: &str,
+        etag: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Option<(Response, Option<String>)>, KeydError> {
+        let path = match (etag, wait) {
+            (Some(_), Some(w)) => format!(
+                "/v1/nodes/{}/{resource}?wait={}ms",
+                self.node,
+                w.as_millis().max(1)
+            ),
+            _ => format!("/v1/nodes/{}/{resource}", self.node),
+        };
+        let budget = self.timeout + wait.unwrap_or_default();
+        let extra: Vec<(header::HeaderName, &str)> = etag
+            .map(|e| vec![(header::IF_NONE_MATCH, e)])
+            .unwrap_or_default();
+        let r = self
+            .send_within(budget, Method::GET, &path, None, &extra)
+            .await?;
+        if r.status == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        if !r.status.is_success() {
+            return Err(Self::status_error(&r));
+        }
+        let etag = r
+            .headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(Some((r, etag)))
+    }
+
+    /// `POST /v1/nodes/{name}/dataplane`: what this node's data plane enforces and counted.
+    pub async fn report_dataplane(&mut self, report: &DataplaneReport) -> Result<(), KeydError> {
+        let body = serde_json::to_vec(report).map_err(|e| KeydError::Decode(e.to_string()))?;
+        let path = format!("/v1/nodes/{}/dataplane", self.node);
+        let r = self
+            .send(
+                Method::POST,
+                &path,
+                Some(body),
+                &[(header::CONTENT_TYPE, "application/json")],
+            )
+            .await?;
+        if !r.status.is_success() {
+            return Err(Self::status_error(&r));
+        }
+        Ok(())
+    }
+
     pub async fn ack(&mut self, ack: &Ack) -> Result<(), KeydError> {
         let body = serde_json::to_vec(ack).map_err(|e| KeydError::Decode(e.to_string()))?;
         let path = format!("/v1/nodes/{}/ack", self.node);

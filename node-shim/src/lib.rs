@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod dataplane;
 pub mod derive;
 pub mod kernel;
 pub mod keyd_client;

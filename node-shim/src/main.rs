@@ -13,6 +13,7 @@ use keyd_mtls::tls::TlsPaths;
 use keyd_node_shim::agent::{self, Agent};
 use keyd_node_shim::bootstrap::{self, Bootstrapper};
 use keyd_node_shim::config::{self, IdentitySource};
+use keyd_node_shim::dataplane;
 use keyd_node_shim::kernel::netlink::NetlinkKernel;
 use keyd_node_shim::keyd_client::KeydClient;
 use keyd_node_shim::status::{self, Shared};
@@ -153,6 +154,31 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         ));
     }
 
+    // The eBPF data plane, when [steering] names the devices pods send on. It starts before the
+    // agent so that the first reconcile's peers reach a program that is already attached.
+    let mut dataplane_task = None;
+    if cfg.steering.enabled() {
+        let dp = dataplane::Dataplane::start(&cfg, shared.clone())
+            .context("starting the eBPF data plane (steering)")?;
+        let (rules_tx, rules_rx) = tokio::sync::watch::channel(None);
+        if cfg.steering.encrypt == config::Encrypt::Policy {
+            let rules_client = KeydClient::new(&cfg.keyd.server, &cfg.node_name, paths.clone());
+            tokio::spawn(dataplane::fetch_rules(
+                rules_client,
+                rules_tx,
+                shared.clone(),
+                cfg.long_poll.unwrap_or(Duration::from_secs(30)),
+                stop_rx.clone(),
+            ));
+        }
+        let reporter = KeydClient::new(&cfg.keyd.server, &cfg.node_name, paths.clone());
+        dataplane_task = Some(tokio::spawn(dp.run(
+            rules_rx,
+            stop_rx.clone(),
+            Some(reporter),
+        )));
+    }
+
     let client = KeydClient::new(&cfg.keyd.server, &cfg.node_name, paths);
     let agent =
         Agent::start(cfg, facts, kernel, client, shared).context("adopting the kernel's state")?;
@@ -174,5 +200,8 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
+    if let Some(t) = dataplane_task {
+        let _ = t.await;
+    }
     Ok(())
 }

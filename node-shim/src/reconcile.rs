@@ -593,6 +593,78 @@ pub fn ack(computed: &Computed, observed: &Observed, mode: Mode, wg_epoch: u64) 
     }
 }
 
+/// Which peers' tunnels the kernel holds as the bundle asks (by node name, with
+/// [`crate::steering::READY_WIREGUARD`] or [`crate::steering::READY_IPSEC`]): what the eBPF
+/// program checks before it steers a covered packet to a peer. A peer that was skipped, or whose
+/// objects are missing or differ in the kernel, is not ready.
+pub fn readiness(
+    bundle: &NodeBundle,
+    computed: &Computed,
+    observed: &Observed,
+    mode: Mode,
+) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    match mode {
+        Mode::Wireguard => {
+            let (Some(dw), Some(ow)) = (&computed.desired.wg, &observed.wg) else {
+                return out;
+            };
+            if !ow.up {
+                return out;
+            }
+            for p in &bundle.wireguard.peers {
+                let Ok(key) = p.public_key.parse::<PublicKey>() else {
+                    continue;
+                };
+                let Some(want) = dw.peers.get(&key) else {
+                    continue;
+                };
+                let programmed = ow.peers.get(&key).is_some_and(|have| {
+                    have.preshared_key == Some(want.preshared_key.fingerprint())
+                        && have.allowed_ips == want.allowed_ips
+                });
+                let routed = want.allowed_ips.iter().all(|dst| {
+                    dw.routes
+                        .iter()
+                        .filter(|r| r.dst == *dst)
+                        .all(|r| ow.routes.contains(r))
+                });
+                if programmed && routed {
+                    out.insert(p.node.clone(), crate::steering::READY_WIREGUARD);
+                }
+            }
+        }
+        Mode::Ipsec => {
+            let (Some(ipsec), Some(spi)) = (&bundle.ipsec, computed.outbound_spi) else {
+                return out;
+            };
+            let d = &computed.desired;
+            for p in &ipsec.peers {
+                let state_ok = d
+                    .states
+                    .values()
+                    .filter(|s| s.id.dst == p.endpoint && s.id.spi == u32::from(spi))
+                    .any(|want| {
+                        observed.states.get(&want.id).is_some_and(|have| {
+                            have.shape == want.shape && have.fingerprint == want.algo.fingerprint()
+                        })
+                    });
+                let mut outs = d
+                    .policies
+                    .values()
+                    .filter(|pol| pol.id.dir == PolicyDir::Out && pol.tmpl.dst == p.endpoint)
+                    .peekable();
+                let policies_ok = outs.peek().is_some()
+                    && outs.all(|want| observed.policies.get(&want.id) == Some(want));
+                if state_ok && policies_ok {
+                    out.insert(p.node.clone(), crate::steering::READY_IPSEC);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The SPI outbound traffic uses, and when to look again if the switch to keyd's choice is held
 /// back.
 ///

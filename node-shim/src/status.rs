@@ -56,6 +56,25 @@ pub struct Status {
     pub peers: usize,
     pub skipped: Vec<SkippedPeer>,
     pub ready: bool,
+    /// The eBPF data plane (empty when `[steering]` attaches nothing).
+    pub steering: SteeringStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SteeringStatus {
+    /// `all` or `policy`.
+    pub node_mode: String,
+    /// Devices the program is attached to.
+    pub devices: Vec<String>,
+    /// The revision of keyd's rules in the maps (policy mode).
+    pub rules_revision: Option<String>,
+    /// Why the last fetch of the rules failed, if it did (the last rules stay in force).
+    pub rules_error: Option<String>,
+    /// Parts of the rules that could not be loaded.
+    pub problems: Vec<String>,
+    /// Per policy (or `all`): packets and bytes steered into encryption, dropped (strict) and
+    /// sent in the clear, since the counters were created.
+    pub policies: Vec<keyd_proto::rules::PolicyCounters>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -74,6 +93,14 @@ pub struct OpOutcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+/// A policy's name (an administrator's object, bounded; never a pod's) and what happened to its
+/// covered packets: `encrypted`, `dropped` or `clear`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyOutcome {
+    pub policy: String,
     pub outcome: &'static str,
 }
 
@@ -96,6 +123,8 @@ pub struct Metrics {
     pub peers: Gauge,
     pub skipped_peers: Gauge,
     pub keypair_rotations: Counter,
+    pub policy_packets: Family<PolicyOutcome, Counter>,
+    pub policy_bytes: Family<PolicyOutcome, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -120,6 +149,8 @@ impl Default for Metrics {
             peers: Gauge::default(),
             skipped_peers: Gauge::default(),
             keypair_rotations: Counter::default(),
+            policy_packets: Family::default(),
+            policy_bytes: Family::default(),
         };
         r.register(
             "keyd_requests",
@@ -172,6 +203,16 @@ impl Default for Metrics {
             "WireGuard keypairs generated after the first",
             m.keypair_rotations.clone(),
         );
+        r.register(
+            "policy_packets",
+            "Packets an EncryptionPolicy covers, by policy (`all` in all mode) and outcome: encrypted, dropped (strict), clear",
+            m.policy_packets.clone(),
+        );
+        r.register(
+            "policy_bytes",
+            "Bytes of those packets",
+            m.policy_bytes.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
@@ -188,11 +229,32 @@ impl Metrics {
     }
 }
 
-/// Status and metrics, shared between the agent and the ops server.
-#[derive(Debug, Clone, Default)]
+/// Status and metrics, shared between the agent, the data plane and the ops server.
+#[derive(Debug, Clone)]
 pub struct Shared {
     pub status: Arc<Mutex<Status>>,
     pub metrics: Metrics,
+    /// The peers and which of their tunnels the kernel holds, published by the agent after each
+    /// reconcile for the eBPF data plane.
+    pub peers: tokio::sync::watch::Sender<PeerView>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            status: Arc::default(),
+            metrics: Metrics::default(),
+            peers: tokio::sync::watch::Sender::new(PeerView::default()),
+        }
+    }
+}
+
+/// Other nodes as the data plane needs them: their pod CIDRs, and the readiness flags of the
+/// tunnel to each (see [`crate::reconcile::readiness`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerView {
+    pub pod_cidrs: Vec<(String, Vec<ipnet::IpNet>)>,
+    pub ready: std::collections::BTreeMap<String, u32>,
 }
 
 impl Shared {

@@ -360,3 +360,265 @@ fn privileged_steering_attached_with_netlink_cls_bpf() {
     }
     scenario(AttachMode::Netlink);
 }
+
+/// node-shim end to end on the host kernel, policy mode, userspace WireGuard: two nodes with a
+/// pod each, a real keyd for the bundles, and rules covering UDP 5432 between the pods.
+/// Before node-b has joined, covered traffic is dropped (strict) and counted while uncovered
+/// traffic goes in the clear; once the tunnel is up, covered traffic crosses only inside
+/// WireGuard; when the steering route to node-b disappears, covered packets are blackholed,
+/// never routed in the clear.
+#[test]
+fn privileged_policy_mode_end_to_end_with_userspace_wireguard() {
+    if !prerequisites(&["ip", "bash", "tcpdump"]) {
+        return;
+    }
+    use common::{Capture, KeydHarness, contains, start_agent};
+    use keyd_node_shim::config::RawConfig;
+    use keyd_node_shim::dataplane::Dataplane;
+    use keyd_node_shim::status::PeerView;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let keyd = KeydHarness::start().await;
+        let a = NetNs::new("pa");
+        let b = NetNs::new("pb");
+        let pod_a = NetNs::new("ppa");
+        let pod_b = NetNs::new("ppb");
+        common::link_pair(&a, "ul", "192.168.81.1/24", &b, "ul", "192.168.81.2/24");
+        common::link_pair(&a, "lxca", "10.1.0.1/24", &pod_a, "pod0", "10.1.0.5/24");
+        common::link_pair(&b, "lxcb", "10.2.0.1/24", &pod_b, "pod0", "10.2.0.7/24");
+        pod_a.sh("ip route add default via 10.1.0.1");
+        pod_b.sh("ip route add default via 10.2.0.1");
+        // The CNI's own path between the nodes, in the clear.
+        a.sh("sysctl -qw net.ipv4.ip_forward=1 && ip route add 10.2.0.0/24 via 192.168.81.2");
+        b.sh("sysctl -qw net.ipv4.ip_forward=1 && ip route add 10.1.0.0/24 via 192.168.81.1");
+
+        let toml = |name: &str, ip: &str, cidr: &str| {
+            format!(
+                r#"
+node_name = "{name}"
+endpoint = "{ip}"
+pod_cidrs = ["{cidr}"]
+mode = "wireguard"
+poll_interval = "200ms"
+long_poll = "off"
+backoff_initial = "100ms"
+backoff_max = "1s"
+[keyd]
+server = "https://127.0.0.1:1"
+ca = "/nonexistent/ca.pem"
+cert = "/nonexistent/cert.pem"
+key = "/nonexistent/key.pem"
+[wireguard]
+backend = "userspace"
+device = "pwg0"
+[steering]
+encrypt = "policy"
+devices = ["lxc*"]
+pin_dir = ""
+[log]
+format = "text"
+"#
+            )
+        };
+        let cfg_a = RawConfig::from_toml(&toml("node-a", "192.168.81.1", "10.1.0.0/24"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let cfg_a = keyd.point_at(cfg_a, "node-a");
+        assert_eq!(
+            cfg_a.wireguard.route_table, 0x6b65,
+            "policy mode routes in its table"
+        );
+        let (mut agent_a, shared_a) = start_agent(&a, cfg_a.clone()).await;
+        let c = cfg_a.clone();
+        let sh = shared_a.clone();
+        let mut dp = a.run(move || Dataplane::start(&c, sh).expect("data plane starts"));
+        let rules_shown = a.sh("ip rule show");
+        assert!(
+            rules_shown.contains("fwmark 0x10/0xf0 lookup 27493"),
+            "{rules_shown}"
+        );
+        assert!(
+            rules_shown.contains("fwmark 0x10/0xf0 blackhole"),
+            "{rules_shown}"
+        );
+
+        let policy = "EncryptionPolicy shop/db";
+        let rules = NodeRules {
+            node: "node-a".into(),
+            revision: "r1".into(),
+            policies: vec![RulePolicy {
+                name: policy.into(),
+                mode: EncryptionMode::Wireguard,
+                strict: true,
+                ports: vec![RulePort {
+                    protocol: L4Protocol::Udp,
+                    port: 5432,
+                }],
+            }],
+            endpoints: vec![
+                RuleEndpoint {
+                    prefix: "10.1.0.5/32".parse().unwrap(),
+                    node: "node-a".into(),
+                    selected_by: vec![0],
+                    peer_of: vec![],
+                },
+                RuleEndpoint {
+                    prefix: "10.2.0.0/24".parse().unwrap(),
+                    node: "node-b".into(),
+                    selected_by: vec![],
+                    peer_of: vec![0],
+                },
+            ],
+            rejected: vec![],
+        };
+        // The agent's view after its first passes (node-b not registered yet).
+        for _ in 0..2 {
+            agent_a.step().await;
+        }
+        let sync = |mut dp: Dataplane, rules: Option<NodeRules>, view: PeerView| {
+            a.run(move || {
+                dp.set_rules(rules);
+                dp.set_peers(view);
+                dp.scan_devices();
+                dp.sync().expect("maps updated");
+                dp
+            })
+        };
+        dp = sync(dp, Some(rules.clone()), shared_a.peers.borrow().clone());
+        let status = shared_a.snapshot();
+        assert_eq!(status.steering.devices, ["lxca"], "{status:?}");
+
+        // 1. node-b unknown: covered traffic is dropped and counted; uncovered goes in the clear.
+        let capture = Capture::start(&a, "ul");
+        let got_b = peer_udp(&pod_b);
+        send(&pod_a, "10.2.0.7", 5432, 5);
+        send(&pod_a, "10.2.0.7", 8080, 3);
+        let pcap = capture.stop();
+        let counts = dp.counters_of(policy).unwrap();
+        assert_eq!(counts.dropped_packets, 5, "{counts:?}");
+        assert_eq!(
+            udp_reaches(&pod_b, got_b + 3),
+            got_b + 3,
+            "only the uncovered datagrams arrive"
+        );
+        assert!(
+            contains(&pcap, b"keyd-marker"),
+            "uncovered traffic is in the clear (selectivity)"
+        );
+        let summary = Capture::summarize(&pcap);
+        assert!(
+            !summary.contains(".5432:"),
+            "covered datagram on the wire: {summary}"
+        );
+
+        // 2. node-b joins: the tunnel comes up, and covered traffic crosses only inside it.
+        let cfg_b = RawConfig::from_toml(&toml("node-b", "192.168.81.2", "10.2.0.0/24"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let cfg_b = keyd.point_at(cfg_b, "node-b");
+        let (mut agent_b, shared_b) = start_agent(&b, cfg_b.clone()).await;
+        for _ in 0..3 {
+            agent_a.step().await;
+            agent_b.step().await;
+        }
+        let view = shared_a.peers.borrow().clone();
+        assert_eq!(view.ready.get("node-b"), Some(&1), "{view:?}");
+        dp = sync(dp, Some(rules.clone()), view);
+        // node-b enforces the same policy from its side: the pod's answers (here the ICMP port
+        // unreachable its stack sends back, which quotes the datagram) are covered too.
+        let rules_b = NodeRules {
+            node: "node-b".into(),
+            endpoints: vec![
+                RuleEndpoint {
+                    prefix: "10.1.0.5/32".parse().unwrap(),
+                    node: "node-a".into(),
+                    selected_by: vec![0],
+                    peer_of: vec![],
+                },
+                RuleEndpoint {
+                    prefix: "10.2.0.0/24".parse().unwrap(),
+                    node: "node-b".into(),
+                    selected_by: vec![],
+                    peer_of: vec![0],
+                },
+            ],
+            ..rules.clone()
+        };
+        let c = cfg_b.clone();
+        let sh = shared_b.clone();
+        let mut dp_b = b.run(move || Dataplane::start(&c, sh).expect("data plane starts on b"));
+        let view_b = shared_b.peers.borrow().clone();
+        assert_eq!(view_b.ready.get("node-a"), Some(&1), "{view_b:?}");
+        dp_b = b.run(move || {
+            dp_b.set_rules(Some(rules_b));
+            dp_b.set_peers(view_b);
+            dp_b.scan_devices();
+            dp_b.sync().expect("maps updated on b");
+            dp_b
+        });
+        let capture = Capture::start(&a, "ul");
+        let got_b = peer_udp(&pod_b);
+        send(&pod_a, "10.2.0.7", 5432, 6);
+        let pcap = capture.stop();
+        let counts = dp.counters_of(policy).unwrap();
+        assert_eq!(counts.encrypted_packets, 6, "{counts:?}");
+        assert_eq!(
+            udp_reaches(&pod_b, got_b + 6),
+            got_b + 6,
+            "covered datagrams delivered"
+        );
+        assert!(
+            !contains(&pcap, b"keyd-marker"),
+            "plaintext marker on the wire"
+        );
+        let summary = Capture::summarize(&pcap);
+        assert!(
+            summary.contains("192.168.81.1.51871 > 192.168.81.2.51871"),
+            "{summary}"
+        );
+        for line in summary.lines().filter(|l| l.contains(" IP ")) {
+            assert!(line.contains(".51871 > "), "not WireGuard: {line}");
+        }
+
+        // 3. The steering route to node-b is removed behind node-shim's back: covered packets
+        // hit the blackhole rule, never the clear path.
+        a.sh("ip route del 10.2.0.0/24 table 27493");
+        let capture = Capture::start(&a, "ul");
+        let got_b = peer_udp(&pod_b);
+        send(&pod_a, "10.2.0.7", 5432, 4);
+        let pcap = capture.stop();
+        assert_eq!(
+            peer_udp(&pod_b),
+            got_b,
+            "a covered datagram arrived without its route"
+        );
+        assert!(
+            !contains(&pcap, b"keyd-marker"),
+            "plaintext marker on the wire: {}\n{}",
+            Capture::summarize(&pcap),
+            a.sh("ip rule show; ip route show table all | grep -v local")
+        );
+        // The agent's next pass puts the route back and says the tunnel is ready again.
+        agent_a.reconcile(true).unwrap();
+        assert_eq!(shared_a.peers.borrow().ready.get("node-b"), Some(&1));
+
+        let metrics = shared_a.metrics.encode();
+        assert!(
+            metrics.contains(&format!(
+                "node_shim_policy_packets_total{{policy=\"{policy}\",outcome=\"encrypted\"}} 6"
+            )),
+            "{metrics}"
+        );
+        drop(dp);
+        drop(dp_b);
+        agent_a.kernel_mut().delete_wg_device().unwrap();
+        agent_b.kernel_mut().delete_wg_device().unwrap();
+    });
+}

@@ -522,6 +522,29 @@ impl Steering {
         Ok(out)
     }
 
+    /// Zeroes one slot's counters on every CPU (a slot given to another policy).
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), EbpfError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Map {
+            map: "keyd_counters",
+            what: format!("counting CPUs: {e}"),
+            source: None,
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![[0u64; 6]; cpus]).map_err(|e| {
+            EbpfError::Map {
+                map: "keyd_counters",
+                what: format!("slot {slot}"),
+                source: Some(MapError::from(e)),
+            }
+        })?;
+        self.counters
+            .set(slot, zeros, 0)
+            .map_err(|e| EbpfError::Map {
+                map: "keyd_counters",
+                what: format!("reset slot {slot}"),
+                source: Some(e),
+            })
+    }
+
     /// One slot's counters, summed over CPUs.
     pub fn counters(&self, slot: u32) -> Result<Counters, EbpfError> {
         let values = self.counters.get(&slot, 0).map_err(|e| EbpfError::Map {
@@ -544,6 +567,32 @@ impl Steering {
             clear_bytes: sum[5],
         })
     }
+}
+
+/// The names of this network namespace's links (to find the devices pods send on).
+pub fn link_names() -> Result<Vec<String>, crate::kernel::KernelError> {
+    let mut sock = route_socket()?;
+    crate::kernel::route::link_names(&mut sock)
+}
+
+/// Policy routing for WireGuard-steered packets (see `route::ensure_mark_rules`).
+pub fn ensure_mark_rules(
+    mark: u32,
+    mask: u32,
+    table: u32,
+    priority: u32,
+) -> Result<(), crate::kernel::KernelError> {
+    let mut sock = route_socket()?;
+    crate::kernel::route::ensure_mark_rules(&mut sock, mark, mask, table, priority)
+}
+
+fn route_socket() -> Result<crate::kernel::nl::NlSocket, crate::kernel::KernelError> {
+    crate::kernel::nl::NlSocket::open(netlink_sys::protocols::NETLINK_ROUTE).map_err(|source| {
+        crate::kernel::KernelError::Netlink {
+            what: "opening a route netlink socket".into(),
+            source,
+        }
+    })
 }
 
 fn program(bpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, EbpfError> {

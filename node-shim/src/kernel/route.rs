@@ -262,3 +262,71 @@ pub(crate) fn routes(sock: &mut NlSocket, oif: u32) -> Result<BTreeSet<RouteSpec
     }
     Ok(out)
 }
+
+/// The names of every link (to find the devices local pods send on).
+pub(crate) fn link_names(sock: &mut NlSocket) -> Result<Vec<String>, KernelError> {
+    let replies = sock.dump(
+        "listing links",
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+    )?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|r| match r {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Policy routing for steered WireGuard traffic, IPv4 and IPv6: packets whose mark matches look
+/// up `table` (routes through the WireGuard device) at `priority`, and one priority later the
+/// same packets are blackholed, so a marked packet the table has no route for (its peer's route
+/// removed) is dropped rather than routed in the clear. Adds what is missing; idempotent.
+pub(crate) fn ensure_mark_rules(
+    sock: &mut NlSocket,
+    mark: u32,
+    mask: u32,
+    table: u32,
+    priority: u32,
+) -> Result<(), KernelError> {
+    use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for (action, prio) in [
+            (RuleAction::ToTable, priority),
+            (RuleAction::Blackhole, priority + 1),
+        ] {
+            let mut m = RuleMessage::default();
+            m.header.family = family;
+            m.header.action = action;
+            m.attributes.push(RuleAttribute::Priority(prio));
+            m.attributes.push(RuleAttribute::FwMark(mark));
+            m.attributes.push(RuleAttribute::FwMask(mask));
+            m.attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                    RTPROT_NODE_SHIM,
+                )));
+            if action == RuleAction::ToTable {
+                m.header.table = if table < 256 { table as u8 } else { 0 };
+                m.attributes.push(RuleAttribute::Table(table));
+            }
+            match sock.request(
+                "adding a routing rule for steered packets",
+                RouteNetlinkMessage::NewRule(m),
+                NLM_F_CREATE | NLM_F_EXCL,
+                |_| {},
+            )? {
+                Ok(()) | Err(17) => {}
+                Err(errno) => {
+                    return Err(KernelError::netlink(
+                        format!("adding the rule for mark {mark:#x}/{mask:#x} at priority {prio}"),
+                        errno,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! The eBPF data plane at run time: owns the steering program, keeps its maps equal to what the
+//! rules (policy mode) or the bundle's peers (all mode) ask, tells the program which peers'
+//! tunnels are ready, attaches it to new pod devices, and reports per-policy counters in
+//! `/metrics`, `/status` and to keyd.
+//!
+//! It runs beside the agent: the agent publishes the peers and their readiness after each
+//! reconcile ([`crate::status::PeerView`]); a fetcher long-polls keyd for this node's rules.
+//! Every input change is applied within one pass (well under the 2 s a rule change may take end
+//! to end); the program is never reloaded for it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keyd_proto::rules::{DataplaneReport, NodeRules, PolicyCounters};
+use keyd_proto::{EncryptionMode, Timestamp};
+use tokio::sync::watch;
+
+use crate::config::{Config, Encrypt, Mode};
+use crate::kernel::ebpf::{self, Counters, EbpfError, EbpfSettings, Steering};
+use crate::keyd_client::KeydClient;
+use crate::status::{PeerView, Shared};
+use crate::steering::{self, ALL_SLOT, Contents, MapOp, NodeMode, Settings, Slots};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error("setting up policy routing for steered WireGuard packets")]
+    Rules(#[source] crate::kernel::KernelError),
+    #[error(
+        "{0} is not on a bpffs: mount one (`mount -t bpf bpf /sys/fs/bpf`; in a pod, a hostPath \
+         volume) or set steering.pin_dir = \"\" to pin nothing"
+    )]
+    NoBpffs(String),
+}
+
+/// How often devices are scanned and counters exported and reported.
+const TICK: Duration = Duration::from_secs(1);
+const REPORT_EVERY: u32 = 30;
+
+pub struct Dataplane {
+    node: String,
+    mode: Mode,
+    encrypt: Encrypt,
+    local_cidrs: Vec<ipnet::IpNet>,
+    steering_cfg: crate::config::SteeringSettings,
+    ebpf: Steering,
+    slots: Slots,
+    have: Option<Contents>,
+    ready_have: BTreeMap<u32, u32>,
+    rules: Option<NodeRules>,
+    peers: PeerView,
+    /// Last counters read per slot, to turn them into metric increments.
+    seen: BTreeMap<u32, Counters>,
+    counting_since: Timestamp,
+    shared: Shared,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn mechanism(mode: Mode) -> EncryptionMode {
+    match mode {
+        Mode::Wireguard => EncryptionMode::Wireguard,
+        Mode::Ipsec => EncryptionMode::Ipsec,
+    }
+}
+
+impl Dataplane {
+    /// Loads the program (keeping what pinned maps hold), sets up policy routing for steered
+    /// WireGuard traffic and attaches to the pod devices present now.
+    pub fn start(cfg: &Config, shared: Shared) -> Result<Self, DataplaneError> {
+        let s = &cfg.steering;
+        if let Some(dir) = &s.pin_dir
+            && !ebpf::is_bpffs(dir)
+        {
+            return Err(DataplaneError::NoBpffs(dir.display().to_string()));
+        }
+        if s.encrypt == Encrypt::Policy && cfg.mode == Mode::Wireguard {
+            ebpf::ensure_mark_rules(
+                s.marks.wireguard,
+                s.marks.mask,
+                s.route_table,
+                s.rule_priority,
+            )
+            .map_err(DataplaneError::Rules)?;
+        }
+        let ebpf = Steering::load(EbpfSettings {
+            attach: s.attach,
+            pin_dir: s.pin_dir.clone(),
+            priority: s.filter_priority,
+        })?;
+        // Pinned maps of an earlier run: start the diff from what they hold.
+        let have = ebpf
+            .read()
+            .ok()
+            .filter(|c| c.settings.node_mode != NodeMode::Off);
+        let ready_have = ebpf.node_flags(1024).unwrap_or_default();
+        let mut dp = Dataplane {
+            node: cfg.node_name.clone(),
+            mode: cfg.mode,
+            encrypt: s.encrypt,
+            local_cidrs: cfg.pod_cidrs.clone(),
+            steering_cfg: s.clone(),
+            ebpf,
+            slots: Slots::default(),
+            have,
+            ready_have,
+            rules: None,
+            peers: PeerView::default(),
+            seen: BTreeMap::new(),
+            counting_since: Timestamp::now(),
+            shared,
+        };
+        dp.scan_devices();
+        Ok(dp)
+    }
+
+    /// New rules from keyd (what [`fetch_rules`] publishes); applied by the next [`Self::sync`].
+    pub fn set_rules(&mut self, rules: Option<NodeRules>) {
+        self.rules = rules;
+    }
+
+    /// New peers and readiness from the agent; applied by the next [`Self::sync`].
+    pub fn set_peers(&mut self, peers: PeerView) {
+        self.peers = peers;
+    }
+
+    /// One policy's counters (`all` in all mode), as last read by [`Self::export`].
+    pub fn counters_of(&mut self, policy: &str) -> Option<PolicyCounters> {
+        self.export()
+            .policies
+            .into_iter()
+            .find(|p| p.name == policy)
+    }
+
+    fn base_settings(&self) -> Settings {
+        Settings {
+            node_mode: match self.encrypt {
+                Encrypt::All => NodeMode::All,
+                Encrypt::Policy => NodeMode::Policy,
+            },
+            all_mode: mechanism(self.mode),
+            all_strict: self.steering_cfg.strict,
+            marks: self.steering_cfg.marks,
+        }
+    }
+
+    /// Attaches to pod devices that appeared, forgets those that went.
+    pub fn scan_devices(&mut self) {
+        let names = match ebpf::link_names() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %keyd_mtls::error_chain(&e), "cannot list links");
+                return;
+            }
+        };
+        let gone: Vec<String> = self
+            .ebpf
+            .attached()
+            .filter(|a| !names.iter().any(|n| n == a))
+            .map(str::to_owned)
+            .collect();
+        for g in gone {
+            self.ebpf.forget(&g);
+        }
+        for n in names.iter().filter(|n| self.steering_cfg.matches(n)) {
+            if self.ebpf.attached().any(|a| a == n) {
+                continue;
+            }
+            match self.ebpf.attach(n) {
+                Ok(()) => tracing::info!(device = %n, "steering attached"),
+                Err(e) => {
+                    tracing::warn!(device = %n, error = %keyd_mtls::error_chain(&e), "cannot attach steering")
+                }
+            }
+        }
+        let attached: Vec<String> = self.ebpf.attached().map(str::to_owned).collect();
+        self.shared.update(|s| s.steering.devices = attached);
+    }
+
+    /// Brings the maps to what the current rules (or peers) and readiness ask.
+    pub fn sync(&mut self) -> Result<(), DataplaneError> {
+        let base = self.base_settings();
+        let before = self.slots.policies.clone();
+        let (want, problems) = match (self.encrypt, &self.rules) {
+            (Encrypt::Policy, Some(rules)) => {
+                let remote: Vec<&str> = rules
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.node != self.node)
+                    .map(|e| e.node.as_str())
+                    .chain(self.peers.pod_cidrs.iter().map(|(n, _)| n.as_str()))
+                    .collect();
+                let full = self
+                    .slots
+                    .assign(rules.policies.iter().map(|p| p.name.as_str()), remote);
+                let (c, mut problems) = steering::from_rules(rules, &self.node, &self.slots, base);
+                problems.extend(full.into_iter().map(|n| steering::Problem {
+                    what: format!("{n}: no free slot"),
+                }));
+                (c, problems)
+            }
+            // Policy mode before the first rules: nothing is covered yet, and strict policies
+            // of an earlier run stay in the pinned maps until rules arrive.
+            (Encrypt::Policy, None) => return Ok(()),
+            (Encrypt::All, _) => {
+                self.slots
+                    .assign([], self.peers.pod_cidrs.iter().map(|(n, _)| n.as_str()));
+                (
+                    steering::for_all_mode(
+                        &self.local_cidrs,
+                        &self.peers.pod_cidrs,
+                        &self.slots,
+                        base,
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+        let mut ops = Vec::new();
+        // A slot now held by another policy starts its counters from zero.
+        for (name, slot) in &self.slots.policies {
+            if before.iter().any(|(n, s)| s == slot && n != name) || !before.contains_key(name) {
+                ops.push(*slot);
+            }
+        }
+        for slot in ops {
+            self.ebpf.reset_counters(slot)?;
+            self.seen.remove(&slot);
+        }
+        let map_ops = steering::diff(self.have.as_ref(), &want);
+        // Readiness before the settings switch a mode on, after the rest.
+        let ready_want: BTreeMap<u32, u32> = self
+            .peers
+            .ready
+            .iter()
+            .filter_map(|(n, f)| self.slots.nodes.get(n).map(|s| (*s, *f)))
+            .collect();
+        let ready_ops = steering::readiness_ops(&self.ready_have, &ready_want);
+        let (settings_last, rest): (Vec<MapOp>, Vec<MapOp>) = map_ops
+            .into_iter()
+            .partition(|o| matches!(o, MapOp::Settings(s) if s.node_mode != NodeMode::Off));
+        self.ebpf.apply(&rest)?;
+        self.ebpf.apply(&ready_ops)?;
+        self.ebpf.apply(&settings_last)?;
+        self.have = Some(want);
+        self.ready_have = ready_want;
+        let problems: Vec<String> = problems.into_iter().map(|p| p.what).collect();
+        if !problems.is_empty() {
+            tracing::warn!(problems = ?problems, "some rules could not be loaded");
+        }
+        let revision = self.rules.as_ref().map(|r| r.revision.clone());
+        self.shared.update(|s| {
+            s.steering.node_mode = match self.encrypt {
+                Encrypt::All => "all".into(),
+                Encrypt::Policy => "policy".into(),
+            };
+            s.steering.rules_revision = revision;
+            s.steering.problems = problems;
+        });
+        Ok(())
+    }
+
+    /// Reads the counters into the metrics and `/status`; returns them as a report.
+    pub fn export(&mut self) -> DataplaneReport {
+        let mut slots: Vec<(String, u32, bool)> = self
+            .slots
+            .policies
+            .iter()
+            .map(|(n, s)| (n.clone(), *s, true))
+            .collect();
+        if self.encrypt == Encrypt::All {
+            slots = vec![("all".to_owned(), ALL_SLOT, true)];
+        }
+        let m = &self.shared.metrics;
+        let mut out = Vec::new();
+        for (name, slot, programmed) in slots {
+            let Ok(now) = self.ebpf.counters(slot) else {
+                continue;
+            };
+            let prev = self.seen.insert(slot, now).unwrap_or_default();
+            for (outcome, packets, bytes) in [
+                (
+                    "encrypted",
+                    now.encrypted_packets.saturating_sub(prev.encrypted_packets),
+                    now.encrypted_bytes.saturating_sub(prev.encrypted_bytes),
+                ),
+                (
+                    "dropped",
+                    now.dropped_packets.saturating_sub(prev.dropped_packets),
+                    now.dropped_bytes.saturating_sub(prev.dropped_bytes),
+                ),
+                (
+                    "clear",
+                    now.clear_packets.saturating_sub(prev.clear_packets),
+                    now.clear_bytes.saturating_sub(prev.clear_bytes),
+                ),
+            ] {
+                let labels = crate::status::PolicyOutcome {
+                    policy: name.clone(),
+                    outcome,
+                };
+                m.policy_packets.get_or_create(&labels).inc_by(packets);
+                m.policy_bytes.get_or_create(&labels).inc_by(bytes);
+            }
+            out.push(PolicyCounters {
+                name,
+                programmed,
+                encrypted_packets: now.encrypted_packets,
+                encrypted_bytes: now.encrypted_bytes,
+                dropped_packets: now.dropped_packets,
+                dropped_bytes: now.dropped_bytes,
+                clear_packets: now.clear_packets,
+                clear_bytes: now.clear_bytes,
+            });
+        }
+        let report = DataplaneReport {
+            node_mode: match self.encrypt {
+                Encrypt::All => "all".into(),
+                Encrypt::Policy => "policy".into(),
+            },
+            rules_revision: self.rules.as_ref().map(|r| r.revision.clone()),
+            counting_since: self.counting_since,
+            at: Timestamp::now(),
+            policies: out,
+        };
+        let copy = report.policies.clone();
+        self.shared.update(|s| s.steering.policies = copy);
+        report
+    }
+
+    /// Runs until `shutdown`: applies rule and peer changes as they come, scans devices and
+    /// exports counters every second, reports to keyd every 30 s. Exiting leaves the program
+    /// and (pinned) maps in place.
+    pub async fn run(
+        mut self,
+        mut rules: watch::Receiver<Option<NodeRules>>,
+        mut shutdown: watch::Receiver<bool>,
+        mut reporter: Option<KeydClient>,
+    ) {
+        let mut peers = self.shared.peers.subscribe();
+        let mut tick = tokio::time::interval(TICK);
+        let mut ticks = 0u32;
+        let mut rules_open = true;
+        loop {
+            tokio::select! {
+                r = rules.changed(), if rules_open => {
+                    if r.is_err() { rules_open = false; continue; }
+                    self.rules = rules.borrow_and_update().clone();
+                }
+                r = peers.changed() => {
+                    if r.is_err() { return; }
+                    self.peers = peers.borrow_and_update().clone();
+                }
+                _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    self.scan_devices();
+                    let report = self.export();
+                    if ticks.is_multiple_of(REPORT_EVERY)
+                        && let Some(client) = reporter.as_mut()
+                        && let Err(e) = client.report_dataplane(&report).await
+                    {
+                        tracing::debug!(error = %keyd_mtls::error_chain(&e), "data-plane report not accepted");
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return; }
+                    continue;
+                }
+            }
+            if let Err(e) = self.sync() {
+                tracing::warn!(error = %keyd_mtls::error_chain(&e), "updating the steering maps failed; retrying on the next change");
+                self.shared
+                    .update(|s| s.steering.problems = vec![keyd_mtls::error_chain(&e)]);
+            }
+        }
+    }
+}
+
+/// Long-polls keyd for this node's rules and publishes each new set. When keyd cannot give
+/// them (not configured for policies, unreachable), the last rules stay in force and `/status`
+/// says why.
+pub async fn fetch_rules(
+    mut client: KeydClient,
+    tx: watch::Sender<Option<NodeRules>>,
+    shared: Shared,
+    long_poll: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut etag: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        let wait = etag.as_ref().map(|_| long_poll);
+        let result = tokio::select! {
+            r = client.fetch_rules(etag.as_deref(), wait) => r,
+            _ = shutdown.changed() => return,
+        };
+        let delay = match result {
+            Ok(Some((rules, tag))) => {
+                failures = 0;
+                tracing::info!(revision = %rules.revision, policies = rules.policies.len(), "rules from keyd");
+                etag = Some(tag);
+                tx.send_replace(Some(rules));
+                shared.update(|s| s.steering.rules_error = None);
+                Duration::ZERO
+            }
+            Ok(None) => {
+                failures = 0;
+                Duration::ZERO
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let text = keyd_mtls::error_chain(&e);
+                tracing::warn!(error = %text, "cannot fetch this node's rules; the last ones stay in force");
+                shared.update(|s| s.steering.rules_error = Some(text));
+                crate::agent::backoff(
+                    Duration::from_secs(1),
+                    Duration::from_secs(30),
+                    failures.saturating_sub(1),
+                    crate::agent::random_unit(),
+                )
+            }
+        };
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
