@@ -136,17 +136,23 @@ impl fmt::Display for PolicyDir {
     }
 }
 
-/// What identifies an XFRM policy: its selector and direction.
+/// What identifies an XFRM policy: its selector, direction and mark (policy mode: an `out`
+/// policy matches only packets the eBPF program marked for IPsec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyId {
     pub src: IpNet,
     pub dst: IpNet,
     pub dir: PolicyDir,
+    pub mark: Option<Mark>,
 }
 
 impl fmt::Display for PolicyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}->{}", self.dir, self.src, self.dst)
+        write!(f, "{} {}->{}", self.dir, self.src, self.dst)?;
+        if let Some(m) = self.mark {
+            write!(f, " mark {:#x}/{:#x}", m.value, m.mask)?;
+        }
+        Ok(())
     }
 }
 

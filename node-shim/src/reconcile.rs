@@ -89,6 +89,13 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
     out.spis = ipsec.keys.iter().map(|k| k.spi).collect();
     out.outbound_spi = Some(outbound);
     let shift = cfg.mark_mask.trailing_zeros();
+    // Policy mode: outbound ESP only for what the eBPF program marked (a policy covers it).
+    let steering = &inputs.config.steering;
+    let policy_mode = steering.encrypt == crate::config::Encrypt::Policy;
+    let out_mark = policy_mode.then_some(Mark {
+        value: steering.marks.ipsec,
+        mask: steering.marks.mask,
+    });
     let mut endpoints = BTreeSet::new();
     for peer in &ipsec.peers {
         if peer.node == facts.name {
@@ -148,13 +155,15 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
                     dst: local,
                     spi: 0,
                     reqid: cfg.reqid,
-                    optional: !cfg.require_inbound_esp,
+                    // Policy mode: uncovered traffic from the peer's pods arrives in the clear.
+                    optional: !cfg.require_inbound_esp || policy_mode,
                 };
                 policies.push(PolicySpec {
                     id: PolicyId {
                         src: *lc,
                         dst: *pc,
                         dir: PolicyDir::Out,
+                        mark: out_mark,
                     },
                     priority: cfg.policy_priority,
                     tmpl: outbound_tmpl,
@@ -165,6 +174,7 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
                             src: *pc,
                             dst: *lc,
                             dir,
+                            mark: None,
                         },
                         priority: cfg.policy_priority,
                         tmpl: inbound_tmpl,

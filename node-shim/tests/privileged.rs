@@ -41,6 +41,7 @@ fn privileged_xfrm_policies_in_a_fresh_netns() {
             src: "10.1.0.0/24".parse().unwrap(),
             dst: "10.2.0.0/24".parse().unwrap(),
             dir: PolicyDir::Out,
+            mark: None,
         },
         priority: 0x2000,
         tmpl: Template {
@@ -56,6 +57,7 @@ fn privileged_xfrm_policies_in_a_fresh_netns() {
             src: "10.2.0.0/24".parse().unwrap(),
             dst: "10.1.0.0/24".parse().unwrap(),
             dir,
+            mark: None,
         },
         priority: 0x2000,
         tmpl: Template {
@@ -83,6 +85,23 @@ fn privileged_xfrm_policies_in_a_fresh_netns() {
     assert_eq!(got[&out(2).id].tmpl.spi, 2);
     // Idempotent.
     k.apply(&[Op::XfrmPolicySet(out(2))]).unwrap();
+
+    // Policy mode's outbound policy matches only marked packets: a policy of its own beside the
+    // unmarked one, told apart by the mark, and deleted by it.
+    let mut marked = out(3);
+    marked.id.mark = Some(keyd_node_shim::model::Mark {
+        value: 0x20,
+        mask: 0xf0,
+    });
+    k.apply(&[Op::XfrmPolicySet(marked)]).unwrap();
+    let got = k.observe().unwrap().policies;
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got.get(&marked.id), Some(&marked));
+    assert_eq!(got[&out(2).id].tmpl.spi, 2, "the unmarked one is untouched");
+    let shown = ns.sh("ip xfrm policy show");
+    assert!(shown.contains("mark 0x20/0xf0"), "{shown}");
+    k.apply(&[Op::XfrmPolicyDel(marked.id)]).unwrap();
+    assert_eq!(k.observe().unwrap().policies.len(), 3);
 
     k.apply(&want.map(|p| Op::XfrmPolicyDel(p.id))).unwrap();
     assert!(k.observe().unwrap().policies.is_empty());

@@ -217,9 +217,20 @@ pub(crate) fn policy_set_msg(spec: &PolicySpec) -> XfrmMessage {
         optional: u8::from(t.optional),
         ..Default::default()
     };
+    let mut nlas = vec![XfrmAttrs::Template(vec![tmpl])];
+    nlas.extend(policy_mark(&spec.id));
     XfrmMessage::UpdatePolicy(policy::ModifyMessage {
         user_policy_info: info,
-        nlas: vec![XfrmAttrs::Template(vec![tmpl])],
+        nlas,
+    })
+}
+
+fn policy_mark(id: &PolicyId) -> Option<XfrmAttrs> {
+    id.mark.map(|m| {
+        XfrmAttrs::Mark(XMark {
+            value: m.value,
+            mask: m.mask,
+        })
     })
 }
 
@@ -230,7 +241,7 @@ pub(crate) fn policy_del_msg(id: &PolicyId) -> XfrmMessage {
             index: 0,
             direction: dir_code(id.dir),
         },
-        nlas: vec![],
+        nlas: policy_mark(id).into_iter().collect(),
     })
 }
 
@@ -366,7 +377,19 @@ pub(crate) fn dump_policies(
         ) else {
             continue;
         };
-        let id = PolicyId { src, dst, dir };
+        let mark = m.nlas.iter().find_map(|n| match n {
+            XfrmAttrs::Mark(x) if x.mask != 0 || x.value != 0 => Some(Mark {
+                value: x.value,
+                mask: x.mask,
+            }),
+            _ => None,
+        });
+        let id = PolicyId {
+            src,
+            dst,
+            dir,
+            mark,
+        };
         out.insert(
             id,
             PolicySpec {

@@ -700,3 +700,111 @@ fn debug_of_plans_never_shows_keys() {
     assert!(!text.to_lowercase().contains("abab"), "{text}");
     assert!(!text.contains("171, 171"), "{text}");
 }
+
+#[test]
+fn ipsec_readiness_follows_what_the_kernel_holds() {
+    let mut ctx = Ctx::ipsec();
+    let mut peers = peers_bc();
+    // c has no boot ID yet: its traffic is dropped, and it is not ready.
+    peers[2].boot_id = None;
+    let bundle = ipsec_bundle("a", vec![gcm_key(1, KeyRole::Current, 7)], peers);
+    let (computed, _) = ctx.sync(&bundle, None, true);
+    let observed = ctx.kernel.observe().unwrap();
+    let ready = readiness(&bundle, &computed, &observed, Mode::Ipsec);
+    assert_eq!(
+        ready,
+        BTreeMap::from([("b".to_owned(), crate::steering::READY_IPSEC)])
+    );
+    // b's outbound state disappears behind our back: no longer ready.
+    let out_b = computed
+        .desired
+        .states
+        .values()
+        .find(|s| s.id.dst == "192.168.0.2".parse::<IpAddr>().unwrap())
+        .unwrap()
+        .id;
+    ctx.kernel.apply(&[Op::XfrmStateDel(out_b)]).unwrap();
+    let observed = ctx.kernel.observe().unwrap();
+    assert!(readiness(&bundle, &computed, &observed, Mode::Ipsec).is_empty());
+}
+
+#[test]
+fn ipsec_policy_mode_marks_outbound_policies_and_accepts_clear_inbound() {
+    let text = r#"
+node_name = "a"
+endpoint = "192.168.0.1"
+pod_cidrs = ["10.1.0.0/24"]
+mode = "ipsec"
+[keyd]
+server = "https://127.0.0.1:8443"
+ca = "/ca.pem"
+cert = "/c.pem"
+key = "/k.pem"
+[steering]
+encrypt = "policy"
+devices = ["lxc*"]
+"#;
+    let mut ctx = Ctx::ipsec();
+    ctx.config = RawConfig::from_toml(text).unwrap().validate().unwrap();
+    let bundle = ipsec_bundle("a", vec![gcm_key(1, KeyRole::Current, 7)], peers_bc());
+    let (computed, _) = ctx.sync(&bundle, None, true);
+    let policies: Vec<&PolicySpec> = computed.desired.policies.values().collect();
+    assert!(!policies.is_empty());
+    for p in policies {
+        match p.id.dir {
+            PolicyDir::Out => assert_eq!(
+                p.id.mark,
+                Some(Mark {
+                    value: 0x20,
+                    mask: 0xf0
+                }),
+                "{p:?}"
+            ),
+            PolicyDir::In | PolicyDir::Fwd => {
+                assert_eq!(p.id.mark, None);
+                assert!(
+                    p.tmpl.optional,
+                    "uncovered traffic arrives in the clear: {p:?}"
+                );
+            }
+        }
+    }
+    // Switching back to all mode replaces the marked policies by unmarked ones.
+    ctx.config = config("ipsec", "a");
+    let (computed, plan) = ctx.sync(&bundle, None, true);
+    assert!(
+        plan.remove
+            .iter()
+            .any(|o| matches!(o, Op::XfrmPolicyDel(id) if id.mark.is_some()))
+    );
+    let observed = ctx.kernel.observe().unwrap();
+    assert!(observed.policies.keys().all(|id| id.mark.is_none()));
+    assert_eq!(observed.policies.len(), computed.desired.policies.len());
+}
+
+#[test]
+fn wireguard_readiness_needs_the_peer_and_its_routes() {
+    let cfg = config("wireguard", "a");
+    let mut k = FakeKernel::new();
+    let own = Key32::from_bytes([1; 32]);
+    let kb = Key32::from_bytes([2; 32]);
+    let kc = Key32::from_bytes([3; 32]);
+    let bundle = wg_bundle(
+        1,
+        vec![
+            wg_peer("b", &kb, "192.168.0.2", "10.2.0.0/24", 9),
+            // c claims b's CIDR: skipped, so never ready.
+            wg_peer("c", &kc, "192.168.0.3", "10.2.0.0/24", 9),
+        ],
+    );
+    let (c, _) = wg_sync(&mut k, &cfg, &own, &bundle);
+    let observed = k.observe().unwrap();
+    assert_eq!(
+        readiness(&bundle, &c, &observed, Mode::Wireguard),
+        BTreeMap::from([("b".to_owned(), crate::steering::READY_WIREGUARD)])
+    );
+    let route = *c.desired.wg.as_ref().unwrap().routes.iter().next().unwrap();
+    k.apply(&[Op::RouteDel(route)]).unwrap();
+    let observed = k.observe().unwrap();
+    assert!(readiness(&bundle, &c, &observed, Mode::Wireguard).is_empty());
+}
