@@ -25,6 +25,10 @@ fi
 apt_needed=()
 command -v cc >/dev/null 2>&1 || apt_needed+=(build-essential)
 command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
+# node-shim's build.rs compiles the eBPF steering program (bpf/steer.c) with clang against
+# libbpf's headers (<bpf/bpf_helpers.h>).
+command -v clang >/dev/null 2>&1 || apt_needed+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || apt_needed+=(libbpf-dev)
 # The aws-kms tests run moto's KMS server (Python); a virtualenv holds it if needed.
 command -v python3 >/dev/null 2>&1 || apt_needed+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_needed+=(python3-venv)

@@ -622,3 +622,98 @@ format = "text"
         agent_b.kernel_mut().delete_wg_device().unwrap();
     });
 }
+
+/// With a pin directory on a bpffs, node-shim's exit leaves the program attached and the maps
+/// full, so strict policies keep dropping while it restarts; the next start replaces the
+/// program without a gap and finds the maps as they were.
+fn restart_scenario(attach: AttachMode) {
+    let t = topology();
+    let pins = tempfile::tempdir().unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(pins.path())
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount -t bpf");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(pins.path().to_owned());
+    let pin_dir = pins.path().join("keyd-node-shim");
+    assert!(keyd_node_shim::kernel::ebpf::is_bpffs(&pin_dir));
+    let settings = move || EbpfSettings {
+        attach,
+        pin_dir: Some(pin_dir.clone()),
+        priority: 0x6b65,
+    };
+
+    let mut slots = Slots::default();
+    let c = compile(&rules(true, 5432), &mut slots);
+    let db = slots.policies["EncryptionPolicy shop/db"];
+    let s1 = settings.clone();
+    let c1 = c.clone();
+    let st = t.node.run(move || {
+        let mut st = Steering::load(s1()).unwrap();
+        st.attach("lxc0").unwrap();
+        st.apply(&steering::diff(None, &c1)).unwrap();
+        st
+    });
+    // node-b not ready: strict drops. Then the process "exits".
+    send(&t.pod, "10.2.0.7", 5432, 3);
+    assert_eq!(st.counters(db).unwrap().dropped_packets, 3);
+    drop(st);
+    let clear = peer_udp(&t.peer);
+    send(&t.pod, "10.2.0.7", 5432, 3);
+    assert_eq!(
+        peer_udp(&t.peer),
+        clear,
+        "covered traffic leaked while node-shim was away"
+    );
+
+    // The next start: same maps (rules and counters), program replaced in place.
+    let s2 = settings.clone();
+    let st = t.node.run(move || {
+        let mut st = Steering::load(s2()).unwrap();
+        st.attach("lxc0").unwrap();
+        st
+    });
+    assert_eq!(st.read().unwrap(), c, "the pinned maps kept the rules");
+    assert_eq!(
+        st.counters(db).unwrap().dropped_packets,
+        6,
+        "and the counters"
+    );
+    if attach == AttachMode::Netlink {
+        let shown = t.node.sh("tc filter show dev lxc0 ingress");
+        assert_eq!(
+            shown.lines().filter(|l| l.contains("keyd_steer")).count(),
+            1,
+            "the old filter was replaced, not doubled: {shown}"
+        );
+    }
+    send(&t.pod, "10.2.0.7", 5432, 2);
+    assert_eq!(st.counters(db).unwrap().dropped_packets, 8);
+    t.node.run(move || {
+        let mut st = st;
+        st.detach("lxc0");
+    });
+}
+
+#[test]
+fn privileged_steering_survives_a_restart_with_tcx_pins() {
+    if !prerequisites(&["ip", "bash", "mount"]) {
+        return;
+    }
+    restart_scenario(AttachMode::Tcx);
+}
+
+#[test]
+fn privileged_steering_survives_a_restart_with_netlink_filters() {
+    if !prerequisites(&["ip", "bash", "mount", "tc"]) {
+        return;
+    }
+    restart_scenario(AttachMode::Netlink);
+}
