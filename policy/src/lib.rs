@@ -1,5 +1,5 @@
 //! The encryption policies: the custom resources ([`crd`]), their label selectors
-//! ([`selector`]), and (next) the pure compiler from the cluster's pods, namespaces, nodes
+//! ([`selector`]), and the pure compiler ([`rules`]) from the cluster's pods, namespaces, nodes
 //! and policies to each node's data-plane rules ([`keyd_proto::rules::NodeRules`]).
 //!
 //! Used by keyd (which serves the rules) and the admission webhook (which admits pods under the
@@ -8,4 +8,5 @@
 
 pub mod crd;
 pub mod id;
+pub mod rules;
 pub mod selector;
