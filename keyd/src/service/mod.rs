@@ -10,10 +10,12 @@ mod audit_ops;
 mod ipsec;
 mod kek;
 mod nodes;
+mod rules;
 mod schedules;
 mod state;
 mod status;
 
 pub use audit_ops::{Export, ExportRange, Segment};
 pub use kek::{migrate_kek, rotate_kek};
+pub use rules::RenderedRules;
 pub use state::{Keyd, RenderedBundle, ServiceConfig, ServiceError, StoredSchedules};

@@ -1,0 +1,146 @@
+//! Each node's compiled data-plane rules (`GET /v1/nodes/{name}/rules`), as published by the
+//! policy watcher (`crate::rules`), and long polls for a change.
+//!
+//! The rules are derived, not stored: every replica watches the Kubernetes API and compiles the
+//! same rules from it (their revision is a digest of the content, so replicas agree on ETags).
+//! Until the watcher has published once, a node's rules are "not ready" rather than empty: an
+//! empty rule set would tell node-shim to stop enforcing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keyd_proto::rules::NodeRules;
+
+use super::nodes::long_poll;
+use super::state::{Keyd, Result, ServiceError};
+
+/// One node's rules, rendered once per change and shared between fetches.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RenderedRules {
+    /// The quoted revision.
+    pub etag: String,
+    pub body: Bytes,
+    pub policies: usize,
+}
+
+/// What the watcher last published.
+#[derive(Debug, Default)]
+pub(super) enum RulesView {
+    /// No `[policy]` section: the endpoint does not exist on this keyd.
+    #[default]
+    NotConfigured,
+    /// Configured; the watches have not synced yet.
+    Pending,
+    Ready(BTreeMap<String, Arc<RenderedRules>>),
+}
+
+fn render(rules: &NodeRules) -> RenderedRules {
+    RenderedRules {
+        etag: format!("\"{}\"", rules.revision),
+        // Serializing plain strings, numbers and prefixes cannot fail.
+        body: Bytes::from(serde_json::to_vec(rules).unwrap_or_default()),
+        policies: rules.policies.len(),
+    }
+}
+
+impl Keyd {
+    /// Marks the rules endpoint as served (a `[policy]` section): until [`Keyd::publish_rules`]
+    /// runs, fetches answer "not ready".
+    pub fn expect_rules(&self) {
+        self.rules.send_if_modified(|v| match v {
+            RulesView::NotConfigured => {
+                *v = RulesView::Pending;
+                true
+            }
+            RulesView::Pending | RulesView::Ready(_) => false,
+        });
+    }
+
+    /// Replaces every node's rules; wakes the long polls of the nodes whose rules changed (all
+    /// of them are woken, each compares its own ETag). Returns how many nodes' rules changed.
+    pub fn publish_rules(&self, compiled: &BTreeMap<String, NodeRules>) -> usize {
+        let mut changed = 0;
+        self.rules.send_if_modified(|view| {
+            let old = match view {
+                RulesView::Ready(m) => std::mem::take(m),
+                RulesView::NotConfigured | RulesView::Pending => BTreeMap::new(),
+            };
+            let mut next = BTreeMap::new();
+            for (name, rules) in compiled {
+                let kept = old
+                    .get(name)
+                    .filter(|r| r.etag.trim_matches('"') == rules.revision)
+                    .cloned();
+                let r = kept.unwrap_or_else(|| {
+                    changed += 1;
+                    Arc::new(render(rules))
+                });
+                next.insert(name.clone(), r);
+            }
+            changed += old.keys().filter(|n| !next.contains_key(*n)).count();
+            let first = !matches!(view, RulesView::Ready(_));
+            *view = RulesView::Ready(next);
+            first || changed > 0
+        });
+        changed
+    }
+
+    /// The node's current rules.
+    pub fn node_rules(&self, name: &str) -> Result<Arc<RenderedRules>> {
+        self.node_rules_if_ready(name)?.ok_or_else(|| {
+            ServiceError::RulesNotReady(format!(
+                "the rules of node {name:?} are not compiled yet (keyd's watches of the \
+                 Kubernetes API have not synced, or the node registered a moment ago); retry"
+            ))
+        })
+    }
+
+    /// `None` while not ready (the watches not synced, or a just-registered node not yet
+    /// compiled); a node that is not registered is an error.
+    fn node_rules_if_ready(&self, name: &str) -> Result<Option<Arc<RenderedRules>>> {
+        let view = self.rules.borrow();
+        match &*view {
+            RulesView::NotConfigured => Err(ServiceError::PolicyNotConfigured),
+            RulesView::Pending => Ok(None),
+            RulesView::Ready(m) => match m.get(name) {
+                Some(r) => Ok(Some(Arc::clone(r))),
+                None if self.cache().nodes.contains_key(name) => Ok(None),
+                None => Err(ServiceError::NotFound(format!(
+                    "node {name:?} is not registered"
+                ))),
+            },
+        }
+    }
+
+    /// Long poll: the node's rules once their revision differs from `etag`, or `None` when
+    /// `wait` passes without a change.
+    pub async fn node_rules_wait(
+        &self,
+        name: &str,
+        etag: &str,
+        wait: Duration,
+    ) -> Result<Option<Arc<RenderedRules>>> {
+        let changed = self.rules.subscribe();
+        long_poll(
+            changed,
+            etag,
+            wait,
+            move || std::future::ready(self.node_rules_if_ready(name)),
+            |r: &Arc<RenderedRules>| r.etag.as_str(),
+        )
+        .await
+    }
+
+    /// Moves after every change of keyd's state (a node registering, among others): the
+    /// watcher recompiles on it, since the rules depend on the registered nodes.
+    pub fn state_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether the watcher has published rules at least once.
+    pub fn rules_ready(&self) -> bool {
+        matches!(&*self.rules.borrow(), RulesView::Ready(_))
+    }
+}
