@@ -139,12 +139,18 @@ async fn start_with(
         }
         None => (None, None),
     };
+    let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     let scheduler_keyd = Arc::clone(&keyd);
     let final_keyd = Arc::clone(&keyd);
     let serve = async move {
         tokio::join!(
             async move {
                 if let Some(f) = bootstrap {
+                    f.await;
+                }
+            },
+            async move {
+                if let Some(f) = policy_watch {
                     f.await;
                 }
             },
@@ -187,6 +193,31 @@ async fn start_with(
         keyd,
         serve: Box::pin(serve),
     })
+}
+
+/// The policy watcher's future when `[policy]` is configured (the config refuses the section in
+/// a build without the `kube` feature).
+#[cfg(feature = "kube")]
+fn policy_watch(
+    config: &Config,
+    keyd: &Arc<Keyd>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    let Some(p) = &config.policy else {
+        return Ok(None);
+    };
+    let fut = crate::policy_watch::start(Arc::clone(keyd), p, shutdown)
+        .context("starting the policy watcher ([policy])")?;
+    Ok(Some(Box::pin(fut)))
+}
+
+#[cfg(not(feature = "kube"))]
+fn policy_watch(
+    _config: &Config,
+    _keyd: &Arc<Keyd>,
+    _shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    Ok(None)
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +191,11 @@ impl ClusterEncryptionPolicySpec {
     pub fn is_strict(&self) -> bool {
         self.strict.unwrap_or(true)
     }
+}
+
+/// The CRDs, `EncryptionPolicy` first (what `crdgen` writes and the tests install).
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![EncryptionPolicy::crd(), ClusterEncryptionPolicy::crd()]
 }
 
 /// Written by the webhook's status loop.

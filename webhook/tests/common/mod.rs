@@ -2,7 +2,7 @@
 //! (in [`cluster`]) a real etcd + kube-apiserver on loopback.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod cluster;
+pub use keyd_tests::cluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
