@@ -1,6 +1,6 @@
 //! The policy watcher against a real kube-apiserver: keyd watches pods, namespaces and policies,
 //! compiles each registered node's rules and serves a node only its own, conditionally and
-//! long-polled like the bundle. Pods are created with a `nodeName` and their status (phase,
+//! long-polled like the bundle; and nodes' data-plane reports. Pods are created with a `nodeName` and their status (phase,
 //! addresses) set through the status subresource, since no kubelet runs.
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +13,7 @@ use http::{Method, StatusCode, header};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use keyd_mtls::client::Connection;
 use keyd_policy::crd::EncryptionPolicy;
-use keyd_proto::rules::NodeRules;
+use keyd_proto::rules::{DataplaneReport, DataplaneSummary, NodeRules, PolicyCounters};
 use keyd_proto::{ErrorBody, NodeRegistration};
 use keyd_tests::cluster::{self, Cluster};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -243,6 +243,21 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         "{:?}",
         rules.rejected[0]
     );
+
+    // A data-plane report may name the policies of the node's current rules.
+    let r = a
+        .post_json(
+            "/v1/nodes/node-a/dataplane",
+            &report("policy", vec![dropped("EncryptionPolicy a/web-db", 0)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 #[tokio::test]
@@ -258,4 +273,124 @@ async fn without_a_policy_section_the_rules_endpoint_says_so() {
     let e = error_of(&r.body);
     assert_eq!(e.error, "policy_not_configured");
     assert!(e.message.contains("[policy]"), "{}", e.message);
+}
+
+fn report(mode: &str, policies: Vec<PolicyCounters>) -> DataplaneReport {
+    DataplaneReport {
+        node_mode: mode.into(),
+        rules_revision: None,
+        counting_since: keyd_proto::Timestamp(1_000),
+        at: keyd_proto::Timestamp(2_000),
+        policies,
+    }
+}
+
+fn dropped(name: &str, packets: u64) -> PolicyCounters {
+    PolicyCounters {
+        name: name.into(),
+        programmed: true,
+        encrypted_packets: 100,
+        dropped_packets: packets,
+        dropped_bytes: packets * 1_000,
+        ..PolicyCounters::default()
+    }
+}
+
+#[tokio::test]
+async fn dataplane_reports_are_kept_summed_and_new_strict_drops_audited_once() {
+    let h = Harness::start().await;
+    for (name, ip, cidr) in [
+        ("node-a", "192.0.2.1", "10.1.0.0/24"),
+        ("node-b", "192.0.2.2", "10.2.0.0/24"),
+    ] {
+        let r = h
+            .node(name)
+            .await
+            .put_json(&format!("/v1/nodes/{name}"), &registration(ip, cidr))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let mut a = h.node("node-a").await;
+    let mut b = h.node("node-b").await;
+    let post = "/v1/nodes/node-a/dataplane";
+    let r = a
+        .post_json(post, &report("all", vec![dropped("all", 5)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // The same counters again: nothing new to audit.
+    let r = a
+        .post_json(post, &report("all", vec![dropped("all", 5)]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let r = b
+        .post_json(
+            "/v1/nodes/node-b/dataplane",
+            &report("all", vec![dropped("all", 0)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+
+    // Only its own node; only policies of its rules (this keyd compiles none) or `all`.
+    let r = b
+        .post_json(post, &report("all", vec![dropped("all", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a
+        .post_json(
+            post,
+            &report("policy", vec![dropped("EncryptionPolicy x/y", 1)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_of(&r.body).error, "rules_not_ready");
+    let r = a
+        .post_json(post, &report("sometimes", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The admin's view: per policy across nodes.
+    let r = a.get("/v1/dataplane").await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = h.admin().await.get("/v1/dataplane").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let s: DataplaneSummary = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(s.nodes.len(), 2);
+    assert_eq!(s.policies.len(), 1);
+    let all = &s.policies[0];
+    assert_eq!(
+        (
+            all.name.as_str(),
+            all.nodes_reporting,
+            all.nodes_programmed,
+            all.dropped_packets,
+            all.encrypted_packets
+        ),
+        ("all", 2, 2, 5, 200)
+    );
+
+    // One audit record for the report with new drops, none for the repeat.
+    let drops: Vec<_> = h
+        .keyd
+        .store()
+        .audit_range(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.action == "dataplane.strict_drops")
+        .collect();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0].event.actor, "node/node-a");
+    assert_eq!(drops[0].event.details["drops"][0]["policy"], "all");
+    assert_eq!(drops[0].event.details["drops"][0]["packets"], 5);
 }

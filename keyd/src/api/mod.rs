@@ -41,6 +41,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/nodes/{name}", put(register_node))
         .route("/v1/nodes/{name}/bundle", get(bundle))
         .route("/v1/nodes/{name}/rules", get(rules))
+        .route("/v1/nodes/{name}/dataplane", post(dataplane_report))
+        .route("/v1/dataplane", get(dataplane_summary))
         .route("/v1/nodes/{name}/ack", post(ack))
         .route("/v1/status", get(status))
         .route("/v1/ipsec", get(ipsec_show))
@@ -209,6 +211,23 @@ async fn rules(
         return not_modified(&r.etag);
     }
     full_json(&r.etag, r.body.clone())
+}
+
+/// `POST /v1/nodes/{name}/dataplane`: a node's data-plane report, kept as its latest.
+async fn dataplane_report(
+    State(s): State<AppState>,
+    OwnNode { caller, name }: OwnNode,
+    ApiJson(report): ApiJson<keyd_proto::rules::DataplaneReport>,
+) -> Result<Response, ApiError> {
+    let drops = s.keyd.record_dataplane(&caller, &name, report).await?;
+    Ok(Json(json!({ "recorded": true, "policies_with_new_strict_drops": drops })).into_response())
+}
+
+async fn dataplane_summary(
+    State(s): State<AppState>,
+    Admin(_): Admin,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.dataplane_summary()?).into_response())
 }
 
 async fn ack(

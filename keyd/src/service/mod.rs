@@ -7,6 +7,7 @@
 //! A replicated backend will additionally need a store watch to refresh it on other replicas.
 
 mod audit_ops;
+mod dataplane;
 mod ipsec;
 mod kek;
 mod nodes;

@@ -22,7 +22,8 @@ pub struct RenderedRules {
     /// The quoted revision.
     pub etag: String,
     pub body: Bytes,
-    pub policies: usize,
+    /// The policies' names, by index (what a node's data-plane report may name).
+    pub policies: Vec<String>,
 }
 
 /// What the watcher last published.
@@ -41,7 +42,7 @@ fn render(rules: &NodeRules) -> RenderedRules {
         etag: format!("\"{}\"", rules.revision),
         // Serializing plain strings, numbers and prefixes cannot fail.
         body: Bytes::from(serde_json::to_vec(rules).unwrap_or_default()),
-        policies: rules.policies.len(),
+        policies: rules.policies.iter().map(|p| p.name.clone()).collect(),
     }
 }
 
@@ -131,6 +132,11 @@ impl Keyd {
             |r: &Arc<RenderedRules>| r.etag.as_str(),
         )
         .await
+    }
+
+    /// The policy names of the node's current rules; `None` while they are not compiled yet.
+    pub(super) fn rule_policy_names(&self, name: &str) -> Result<Option<Vec<String>>> {
+        Ok(self.node_rules_if_ready(name)?.map(|r| r.policies.clone()))
     }
 
     /// Moves after every change of keyd's state (a node registering, among others): the

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use keyd_mtls::client::Connection;
+use keyd_proto::rules::DataplaneSummary;
 use keyd_proto::time::format_duration;
 use keyd_proto::{NodeInfo, Report, Status};
 
@@ -22,10 +23,35 @@ pub async fn nodes(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The key report, and the data plane's enforcement when nodes report it.
+#[derive(serde::Serialize)]
+struct FullReport<'a> {
+    #[serde(flatten)]
+    keys: &'a Report,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataplane: Option<&'a DataplaneSummary>,
+}
+
 /// Exits 7 (after printing) when a class is overdue, so that it can gate a cron job.
 pub async fn report(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     let r: Report = call(conn, "GET", "/v1/report", None).await?;
-    print(out.json(), &r, || report_table(&r));
+    // A keyd without data-plane reports (or an older one) has no section to show.
+    let dataplane: Option<DataplaneSummary> = call(conn, "GET", "/v1/dataplane", None)
+        .await
+        .ok()
+        .filter(|d: &DataplaneSummary| !d.nodes.is_empty());
+    let full = FullReport {
+        keys: &r,
+        dataplane: dataplane.as_ref(),
+    };
+    print(out.json(), &full, || {
+        let mut text = report_table(&r);
+        if let Some(d) = &dataplane {
+            text.push('\n');
+            text.push_str(&dataplane_table(d));
+        }
+        text
+    });
     if r.overdue {
         return Err(fail(EXIT_FINDING, "a key class is overdue for rotation"));
     }
@@ -164,5 +190,36 @@ fn report_table(r: &Report) -> String {
             "DETAIL",
         ],
         &rows,
+    )
+}
+
+/// Per policy across the nodes' latest reports: where it is programmed, and the sums.
+fn dataplane_table(d: &DataplaneSummary) -> String {
+    let rows = d
+        .policies
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                format!("{}/{}", p.nodes_programmed, p.nodes_reporting),
+                p.encrypted_packets.to_string(),
+                p.dropped_packets.to_string(),
+                p.clear_packets.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    format!(
+        "data plane ({} nodes reporting)\n{}",
+        d.nodes.len(),
+        table(
+            &[
+                "POLICY",
+                "PROGRAMMED",
+                "ENCRYPTED PKTS",
+                "DROPPED PKTS",
+                "CLEAR PKTS"
+            ],
+            &rows,
+        )
     )
 }
