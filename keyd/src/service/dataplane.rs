@@ -220,7 +220,14 @@ mod tests {
     #[test]
     fn reports_are_checked_against_the_current_rules() {
         let names = vec!["EncryptionPolicy a/p".to_owned()];
-        let cases: [(&str, DataplaneReport, Option<&[String]>, Option<&str>); 7] = [
+        // (name, report, the current rules' policies, a part of the expected error)
+        type Case<'a> = (
+            &'a str,
+            DataplaneReport,
+            Option<&'a [String]>,
+            Option<&'a str>,
+        );
+        let cases: [Case<'_>; 7] = [
             (
                 "a policy of the rules",
                 report("policy", 1, vec![counters("EncryptionPolicy a/p", 0)]),
