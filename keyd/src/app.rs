@@ -88,6 +88,8 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
+    // Before anything binds: a Kubernetes client that cannot be built fails the start here.
+    let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     crate::rewrap::resume(
         Arc::clone(keyd.store()),
         Arc::clone(&custody),
@@ -139,7 +141,6 @@ async fn start_with(
         }
         None => (None, None),
     };
-    let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     let scheduler_keyd = Arc::clone(&keyd);
     let final_keyd = Arc::clone(&keyd);
     let serve = async move {

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 use super::bootstrap::kube_api;
@@ -33,6 +35,16 @@ impl RawPolicy {
             ));
         }
         let kube = kube_api("policy", self.kube_api, self.kube_ca, self.kube_token_file)?;
+        // The watcher's client needs the CA's certificates; a file without one fails here, not
+        // after the listeners are bound.
+        let has_cert = CertificateDer::pem_file_iter(&kube.ca)
+            .is_ok_and(|mut certs| certs.next().is_some_and(|c| c.is_ok()));
+        if !has_cert {
+            return Err(ConfigError::new(
+                "policy.kube_ca",
+                format!("{}: holds no PEM certificate", kube.ca.display()),
+            ));
+        }
         Ok(PolicyWatchConfig { kube })
     }
 }
@@ -46,9 +58,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("f");
         std::fs::write(&file, "x").expect("write");
+        let ca = dir.path().join("ca.pem");
+        let pem = crate::pki::CertificateAuthority::generate("test CA")
+            .expect("CA")
+            .cert_pem();
+        std::fs::write(&ca, pem).expect("write");
         let ok = RawPolicy {
             kube_api: Some("https://127.0.0.1:6443".into()),
-            kube_ca: Some(file.clone()),
+            kube_ca: Some(ca.clone()),
             kube_token_file: Some(file.clone()),
         };
         assert_eq!(
@@ -65,9 +82,19 @@ mod tests {
         let missing = RawPolicy {
             kube_api: Some("https://127.0.0.1:6443".into()),
             kube_ca: Some(dir.path().join("absent")),
-            kube_token_file: Some(file),
+            kube_token_file: Some(file.clone()),
         };
         let e = missing.validate().expect_err("absent").to_string();
         assert!(e.contains("policy.kube_ca"), "{e}");
+        let not_pem = RawPolicy {
+            kube_api: Some("https://127.0.0.1:6443".into()),
+            kube_ca: Some(file),
+            kube_token_file: Some(ca),
+        };
+        let e = not_pem.validate().expect_err("no certificate").to_string();
+        assert!(
+            e.contains("policy.kube_ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
     }
 }
