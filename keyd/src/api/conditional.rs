@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::service::ServiceError;
 
 #[derive(Debug, Deserialize)]

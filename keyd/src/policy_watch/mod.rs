@@ -7,30 +7,13 @@
 //! The Kubernetes client is behind the `kube` feature (on by default); without it keyd refuses
 //! a `[policy]` section at startup.
 
-use std::path::PathBuf;
-
+mod config;
 #[cfg(feature = "kube")]
 mod pod;
+
+pub use config::{KubeApiConfig, PolicyWatchConfig};
 #[cfg(feature = "kube")]
 mod reflect;
 
 #[cfg(feature = "kube")]
 pub use reflect::{WatchError, start};
-
-/// How keyd reaches the Kubernetes API (`kube_api`, `kube_ca`, `kube_token_file`, named alike in
-/// `[bootstrap]` and `[policy]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KubeApiConfig {
-    /// `https://HOST:PORT`.
-    pub api: String,
-    /// The API server's CA, PEM.
-    pub ca: PathBuf,
-    /// A bearer token, re-read as it rotates.
-    pub token_file: PathBuf,
-}
-
-/// `[policy]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyWatchConfig {
-    pub kube: KubeApiConfig,
-}

@@ -16,8 +16,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use tokio::sync::{Notify, watch};
 
+use super::config::{KubeApiConfig, PolicyWatchConfig};
 use super::pod::PodLite;
-use super::{KubeApiConfig, PolicyWatchConfig};
 use crate::service::Keyd;
 
 /// How long a burst of changes may settle before one recompile (a rollout of many pods is one

@@ -1,5 +1,5 @@
 //! Each node's compiled data-plane rules (`GET /v1/nodes/{name}/rules`), as published by the
-//! policy watcher (`crate::rules`), and long polls for a change.
+//! policy watcher (`crate::policy_watch`), and long polls for a change.
 //!
 //! The rules are derived, not stored: every replica watches the Kubernetes API and compiles the
 //! same rules from it (their revision is a digest of the content, so replicas agree on ETags).
@@ -10,41 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use keyd_proto::rules::NodeRules;
 
-use super::nodes::long_poll;
+use super::poll::long_poll;
 use super::state::{Keyd, Result, ServiceError};
 
-/// One node's rules, rendered once per change and shared between fetches.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RenderedRules {
-    /// The quoted revision.
-    pub etag: String,
-    pub body: Bytes,
-    /// The policies' names, by index (what a node's data-plane report may name).
-    pub policies: Vec<String>,
-}
-
-/// What the watcher last published.
-#[derive(Debug, Default)]
-pub(super) enum RulesView {
-    /// No `[policy]` section: the endpoint does not exist on this keyd.
-    #[default]
-    NotConfigured,
-    /// Configured; the watches have not synced yet.
-    Pending,
-    Ready(BTreeMap<String, Arc<RenderedRules>>),
-}
-
-fn render(rules: &NodeRules) -> RenderedRules {
-    RenderedRules {
-        etag: format!("\"{}\"", rules.revision),
-        // Serializing plain strings, numbers and prefixes cannot fail.
-        body: Bytes::from(serde_json::to_vec(rules).unwrap_or_default()),
-        policies: rules.policies.iter().map(|p| p.name.clone()).collect(),
-    }
-}
+use super::rules_view::{RenderedRules, RulesView, render};
 
 impl Keyd {
     /// Marks the rules endpoint as served (a `[policy]` section): until [`Keyd::publish_rules`]

@@ -220,7 +220,7 @@ pub struct Keyd {
     pub(super) pending_seen: Mutex<HashMap<String, Timestamp>>,
     /// Each node's compiled data-plane rules, published by the policy watcher; its receivers are
     /// the rules' long polls.
-    pub(super) rules: tokio::sync::watch::Sender<super::rules::RulesView>,
+    pub(super) rules: tokio::sync::watch::Sender<super::rules_view::RulesView>,
 }
 
 impl fmt::Debug for Keyd {
@@ -470,7 +470,7 @@ impl Keyd {
             audited_fetches: Mutex::new(HashMap::new()),
             failed_rotations: Mutex::new(HashMap::new()),
             pending_seen: Mutex::new(HashMap::new()),
-            rules: tokio::sync::watch::Sender::new(super::rules::RulesView::default()),
+            rules: tokio::sync::watch::Sender::new(super::rules_view::RulesView::default()),
         })
     }
 
