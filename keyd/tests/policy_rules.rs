@@ -244,6 +244,20 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         rules.rejected[0]
     );
 
+    // The watcher's metrics: ready, compiled, the rejected policy counted.
+    let (status, body) = keyd_tests::http::request(h.ops, "GET", "/metrics", &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "keyd_policy_rules_ready 1",
+        "keyd_policy_rules_rejected_policies 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    assert!(text.contains("keyd_policy_rules_fetches_total{outcome=\"not_modified\"}"));
+
     // A data-plane report may name the policies of the node's current rules.
     let r = a
         .post_json(

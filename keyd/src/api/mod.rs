@@ -208,8 +208,10 @@ async fn rules(
         .map(|(etag, wait)| s.keyd.node_rules_wait(&name, etag, wait));
     let r = fetch(waited, std::future::ready(s.keyd.node_rules(&name))).await?;
     if c.holds(&r.etag) {
+        s.keyd.count_rules_fetch("not_modified");
         return not_modified(&r.etag);
     }
+    s.keyd.count_rules_fetch("full");
     full_json(&r.etag, r.body.clone())
 }
 

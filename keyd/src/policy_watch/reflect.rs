@@ -237,6 +237,10 @@ async fn recompile(keyd: &Arc<Keyd>, stores: &Stores) {
             return;
         }
     };
+    keyd.metrics
+        .rules
+        .compile_duration
+        .observe(started.elapsed().as_secs_f64());
     let changed = keyd.publish_rules(&compiled);
     tracing::debug!(
         nodes = compiled.len(),

@@ -178,6 +178,7 @@ impl Keyd {
         }
         let n = drops.len();
         self.commit_audit(txn).await?;
+        self.metrics.rules.dataplane_reports.inc();
         Ok(n)
     }
 

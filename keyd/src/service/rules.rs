@@ -33,6 +33,15 @@ impl Keyd {
     /// Replaces every node's rules; wakes the long polls of the nodes whose rules changed (all
     /// of them are woken, each compares its own ETag). Returns how many nodes' rules changed.
     pub fn publish_rules(&self, compiled: &BTreeMap<String, NodeRules>) -> usize {
+        let rejected: std::collections::BTreeSet<&str> = compiled
+            .values()
+            .flat_map(|r| r.rejected.iter().map(|p| p.name.as_str()))
+            .collect();
+        let m = &self.metrics.rules;
+        m.compiles.inc();
+        m.ready.set(1);
+        m.rejected_policies
+            .set(i64::try_from(rejected.len()).unwrap_or(i64::MAX));
         let mut changed = 0;
         self.rules.send_if_modified(|view| {
             let old = match view {
@@ -114,6 +123,15 @@ impl Keyd {
     /// watcher recompiles on it, since the rules depend on the registered nodes.
     pub fn state_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Counts a rules fetch by outcome (`full`, `not_modified`).
+    pub fn count_rules_fetch(&self, outcome: &'static str) {
+        self.metrics
+            .rules
+            .fetches
+            .get_or_create(&crate::telemetry::Outcome { outcome })
+            .inc();
     }
 
     /// Whether the watcher has published rules at least once.
