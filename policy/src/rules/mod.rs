@@ -160,11 +160,15 @@ struct Pod<'a> {
     ns_labels: Option<&'a Labels>,
 }
 
+/// The pods that take part, sorted by namespace and name so that the result does not depend on
+/// the order the watches delivered them in (two pods claiming one address resolve alike on
+/// every compile and every replica).
 fn eligible_pods(state: &ClusterState) -> Vec<Pod<'_>> {
     let registered: BTreeSet<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
-    state
-        .pods
-        .iter()
+    let mut sorted: Vec<&PodInput> = state.pods.iter().collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    sorted
+        .into_iter()
         .filter(|p| !p.host_network && !p.ips.is_empty())
         .filter(|p| !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed")))
         .filter_map(|p| {

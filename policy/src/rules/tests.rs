@@ -525,6 +525,25 @@ fn the_revision_follows_the_content_only() {
 }
 
 #[test]
+fn two_pods_claiming_one_address_resolve_the_same_whatever_the_order() {
+    // A stale view while a pod moves: the old and the new pod share an address.
+    let mut state = cluster(vec![policy("a", "web-all", "web")]);
+    let mut twin = state.pods[0].clone();
+    twin.name = "web-new".into();
+    twin.node = Some("n2".into());
+    state.pods.push(twin);
+    let forward = compile(&state);
+    state.pods.reverse();
+    assert_eq!(forward, compile(&state));
+    let ep = forward["n3"]
+        .endpoints
+        .iter()
+        .find(|e| e.prefix == net("10.1.0.10/32"))
+        .expect("the shared address");
+    assert_eq!(ep.node, "n1", "the first pod by namespace and name");
+}
+
+#[test]
 fn sources_from_the_custom_resources() {
     let mut p = EncryptionPolicy::new(
         "web",
