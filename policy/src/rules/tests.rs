@@ -576,3 +576,58 @@ fn sources_from_the_custom_resources() {
     assert!(!s.strict);
     assert!(s.namespace_selector.is_some());
 }
+
+/// A size check, not a benchmark: 200 nodes, 6,000 pods, 60 policies (a third of them with every
+/// peer) compile in well under the watcher's budget even unoptimized. `cargo test -p keyd-policy
+/// --release -- --ignored --nocapture compile_time` prints the time.
+#[test]
+#[ignore = "a timing printout; run by hand"]
+fn compile_time() {
+    let nodes: Vec<NodeInput> = (0..200)
+        .map(|n| {
+            node(
+                &format!("n{n}"),
+                &[&format!("10.{}.{}.0/24", n / 250, n % 250)],
+            )
+        })
+        .collect();
+    let pods = (0..6000)
+        .map(|i| {
+            let n = i % 200;
+            pod(
+                &format!("ns{}", i % 20),
+                &format!("p{i}"),
+                &format!("app{}", i % 30),
+                &format!("n{n}"),
+                &[&format!("10.{}.{}.{}", n / 250, n % 250, 2 + i / 200)],
+            )
+        })
+        .collect();
+    let policies = (0..60)
+        .map(|i| {
+            let mut p = policy(
+                &format!("ns{}", i % 20),
+                &format!("pol{i}"),
+                &format!("app{}", i % 30),
+            );
+            if i % 3 != 0 {
+                p.peers = vec![peer_pods(&format!("app{}", (i + 1) % 30))];
+            }
+            p
+        })
+        .collect();
+    let state = ClusterState {
+        nodes,
+        namespaces: (0..20).map(|i| (format!("ns{i}"), Labels::new())).collect(),
+        pods,
+        policies,
+    };
+    let started = std::time::Instant::now();
+    let all = compile(&state);
+    let endpoints: usize = all.values().map(|r| r.endpoints.len()).sum();
+    println!(
+        "compiled {} nodes, {endpoints} endpoints in {:?}",
+        all.len(),
+        started.elapsed()
+    );
+}
