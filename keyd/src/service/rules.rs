@@ -42,29 +42,29 @@ impl Keyd {
         m.ready.set(1);
         m.rejected_policies
             .set(i64::try_from(rejected.len()).unwrap_or(i64::MAX));
+        // Rendered outside the channel's lock, so fetches are not held up by a large compile;
+        // the watcher is the only publisher, so nothing changes the view meanwhile.
+        let (old, first) = match &*self.rules.borrow() {
+            RulesView::Ready(m) => (m.clone(), false),
+            RulesView::NotConfigured | RulesView::Pending => (BTreeMap::new(), true),
+        };
         let mut changed = 0;
-        self.rules.send_if_modified(|view| {
-            let old = match view {
-                RulesView::Ready(m) => std::mem::take(m),
-                RulesView::NotConfigured | RulesView::Pending => BTreeMap::new(),
-            };
-            let mut next = BTreeMap::new();
-            for (name, rules) in compiled {
-                let kept = old
-                    .get(name)
-                    .filter(|r| r.etag.trim_matches('"') == rules.revision)
-                    .cloned();
-                let r = kept.unwrap_or_else(|| {
-                    changed += 1;
-                    Arc::new(render(rules))
-                });
-                next.insert(name.clone(), r);
-            }
-            changed += old.keys().filter(|n| !next.contains_key(*n)).count();
-            let first = !matches!(view, RulesView::Ready(_));
-            *view = RulesView::Ready(next);
-            first || changed > 0
-        });
+        let mut next = BTreeMap::new();
+        for (name, rules) in compiled {
+            let kept = old
+                .get(name)
+                .filter(|r| r.etag.trim_matches('"') == rules.revision)
+                .cloned();
+            let r = kept.unwrap_or_else(|| {
+                changed += 1;
+                Arc::new(render(rules))
+            });
+            next.insert(name.clone(), r);
+        }
+        changed += old.keys().filter(|n| !next.contains_key(*n)).count();
+        if first || changed > 0 {
+            self.rules.send_replace(RulesView::Ready(next));
+        }
         changed
     }
 
