@@ -12,7 +12,7 @@ use common::Harness;
 use http::{Method, StatusCode, header};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use keyd_mtls::client::Connection;
-use keyd_policy::crd::EncryptionPolicy;
+use keyd_policy::crd::{ClusterEncryptionPolicy, EncryptionPolicy};
 use keyd_proto::rules::{DataplaneReport, DataplaneSummary, NodeRules, PolicyCounters};
 use keyd_proto::{ErrorBody, NodeRegistration};
 use keyd_tests::cluster::{self, Cluster};
@@ -242,6 +242,28 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         rules.rejected[0].reason.contains("podSelector"),
         "{:?}",
         rules.rejected[0]
+    );
+
+    // A cluster policy selects by the namespace's labels (watched as metadata); with no peers,
+    // node-b's own pod CIDR is the peer of node-a's web pod.
+    apply(
+        &Api::<ClusterEncryptionPolicy>::all(client.clone()),
+        json!({
+            "apiVersion": "keyd.io/v1alpha1", "kind": "ClusterEncryptionPolicy",
+            "metadata": {"name": "team-a"},
+            "spec": {"mode": "wireguard", "namespaceSelector": {"matchLabels": {"team": "a"}},
+                     "podSelector": {"matchLabels": {"app": "web"}}}
+        }),
+    )
+    .await;
+    let (rules, _) = rules_until(&mut b, "node-b", |r| !r.policies.is_empty()).await;
+    assert_eq!(rules.policies[0].name, "ClusterEncryptionPolicy team-a");
+    assert_eq!(
+        show(&rules),
+        [
+            "10.1.0.10/32 node-a sel=[0] peer=[]",
+            "10.2.0.0/24 node-b sel=[] peer=[0]"
+        ]
     );
 
     // The watcher's metrics: ready, compiled, the rejected policy counted.
