@@ -86,6 +86,24 @@ async fn rules_until(
     }
 }
 
+/// Runs keyctl as the dev admin on a blocking thread (keyd serves on this runtime meanwhile).
+async fn keyctl(h: &Harness, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"));
+    cmd.arg("--config")
+        .arg(&h.setup.keyctl_toml)
+        .args(["--server", &format!("https://127.0.0.1:{}", h.api.port())])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn show(rules: &NodeRules) -> Vec<String> {
     rules
         .endpoints
@@ -266,6 +284,18 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         ]
     );
 
+    // keyctl shows a node's rules to an admin.
+    let (code, stdout, stderr) = keyctl(&h, &["rules", "node-b"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("ClusterEncryptionPolicy team-a") && stdout.contains("10.2.0.0/24"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("rejected: EncryptionPolicy a/bad"),
+        "{stdout}"
+    );
+
     // The watcher's metrics: ready, compiled, the rejected policy counted.
     let (status, body) = keyd_tests::http::request(h.ops, "GET", "/metrics", &[], vec![])
         .await
@@ -414,6 +444,13 @@ async fn dataplane_reports_are_kept_summed_and_new_strict_drops_audited_once() {
             all.encrypted_packets
         ),
         ("all", 2, 2, 5, 200)
+    );
+
+    let (code, stdout, stderr) = keyctl(&h, &["report"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("data plane (2 nodes reporting)") && stdout.contains("2/2"),
+        "{stdout}"
     );
 
     // One audit record for the report with new drops, none for the repeat.
