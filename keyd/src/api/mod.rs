@@ -41,7 +41,14 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/nodes/{name}", put(register_node))
         .route("/v1/nodes/{name}/bundle", get(bundle))
         .route("/v1/nodes/{name}/rules", get(rules))
-        .route("/v1/nodes/{name}/dataplane", post(dataplane_report))
+        // A report may name every policy of a node's rules (up to 1024, each with its counters),
+        // more than the general body limit allows.
+        .route(
+            "/v1/nodes/{name}/dataplane",
+            post(dataplane_report).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_DATAPLANE_REPORT_BYTES,
+            )),
+        )
         .route("/v1/dataplane", get(dataplane_summary))
         .route("/v1/nodes/{name}/ack", post(ack))
         .route("/v1/status", get(status))
@@ -214,6 +221,9 @@ async fn rules(
     s.keyd.count_rules_fetch("full");
     full_json(&r.etag, r.body.clone())
 }
+
+/// The largest data-plane report: 1025 entries of a long policy name and eight counters.
+const MAX_DATAPLANE_REPORT_BYTES: usize = 1024 * 1024;
 
 /// `POST /v1/nodes/{name}/dataplane`: a node's data-plane report, kept as its latest.
 async fn dataplane_report(
