@@ -109,7 +109,7 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 
 log "module layering (scripts/module-cycles.py: no import cycle between a crate's modules)"
-for crate in proto mtls keyd webhook node-shim; do
+for crate in proto mtls policy keyd webhook node-shim; do
     python3 scripts/module-cycles.py "${crate}/src"
 done
 

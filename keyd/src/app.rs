@@ -88,6 +88,8 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
+    // Before anything binds: a Kubernetes client that cannot be built fails the start here.
+    let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     crate::rewrap::resume(
         Arc::clone(keyd.store()),
         Arc::clone(&custody),
@@ -148,6 +150,11 @@ async fn start_with(
                     f.await;
                 }
             },
+            async move {
+                if let Some(f) = policy_watch {
+                    f.await;
+                }
+            },
             keyd_mtls::server::serve_tls_router(
                 api_listener,
                 tls_rx,
@@ -187,6 +194,31 @@ async fn start_with(
         keyd,
         serve: Box::pin(serve),
     })
+}
+
+/// The policy watcher's future when `[policy]` is configured (the config refuses the section in
+/// a build without the `kube` feature).
+#[cfg(feature = "kube")]
+fn policy_watch(
+    config: &Config,
+    keyd: &Arc<Keyd>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    let Some(p) = &config.policy else {
+        return Ok(None);
+    };
+    let fut = crate::policy_watch::start(Arc::clone(keyd), p, shutdown)
+        .context("starting the policy watcher ([policy])")?;
+    Ok(Some(Box::pin(fut)))
+}
+
+#[cfg(not(feature = "kube"))]
+fn policy_watch(
+    _config: &Config,
+    _keyd: &Arc<Keyd>,
+    _shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    Ok(None)
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

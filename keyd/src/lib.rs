@@ -20,6 +20,7 @@ pub mod custody;
 pub mod fsutil;
 pub mod ipsec;
 pub mod pki;
+pub mod policy_watch;
 pub mod rewrap;
 pub mod rotation;
 pub mod seal;

@@ -25,10 +25,18 @@ pub enum Table {
     Nodes,
     /// Signed audit checkpoints, keyed by the zero-padded sequence number they cover.
     Checkpoints,
+    /// Each node's latest data-plane report, by node name.
+    Dataplane,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Sealed, Table::Meta, Table::Nodes, Table::Checkpoints];
+    pub const ALL: [Table; 5] = [
+        Table::Sealed,
+        Table::Meta,
+        Table::Nodes,
+        Table::Checkpoints,
+        Table::Dataplane,
+    ];
 
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
@@ -36,6 +44,7 @@ impl Table {
             Table::Meta => "meta",
             Table::Nodes => "nodes",
             Table::Checkpoints => "checkpoints",
+            Table::Dataplane => "dataplane",
         })
     }
 }

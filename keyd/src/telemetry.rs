@@ -108,6 +108,74 @@ impl CustodyMetrics {
     }
 }
 
+/// The policy watcher's and the data-plane endpoints' metrics.
+#[derive(Clone)]
+pub struct RulesMetrics {
+    /// 1 once the watcher has published rules.
+    pub ready: Gauge,
+    pub compiles: Counter,
+    pub compile_duration: Histogram,
+    /// Distinct policies rejected on some node (a malformed selector, over the node's limit).
+    pub rejected_policies: Gauge,
+    /// `full` or `not_modified`.
+    pub fetches: Family<Outcome, Counter>,
+    pub dataplane_reports: Counter,
+}
+
+impl Default for RulesMetrics {
+    fn default() -> Self {
+        Self {
+            ready: Gauge::default(),
+            compiles: Counter::default(),
+            compile_duration: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            rejected_policies: Gauge::default(),
+            fetches: Family::default(),
+            dataplane_reports: Counter::default(),
+        }
+    }
+}
+
+impl fmt::Debug for RulesMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RulesMetrics")
+    }
+}
+
+impl RulesMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "policy_rules_ready",
+            "1 once node rules have been compiled from the Kubernetes API ([policy])",
+            self.ready.clone(),
+        );
+        r.register(
+            "policy_rules_compiles",
+            "Compiles of every node's data-plane rules",
+            self.compiles.clone(),
+        );
+        r.register(
+            "policy_rules_compile_seconds",
+            "Time to compile every node's data-plane rules",
+            self.compile_duration.clone(),
+        );
+        r.register(
+            "policy_rules_rejected_policies",
+            "Policies rejected on at least one node (malformed selector, over a node's limit)",
+            self.rejected_policies.clone(),
+        );
+        r.register(
+            "policy_rules_fetches",
+            "Node rules fetches: full or not_modified",
+            self.fetches.clone(),
+        );
+        r.register(
+            "dataplane_reports",
+            "Data-plane reports accepted from nodes",
+            self.dataplane_reports.clone(),
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -123,6 +191,7 @@ pub struct Metrics {
     pub liveness_write_failures: Counter,
     pub audit_checkpoints: Counter,
     pub custody: CustodyMetrics,
+    pub rules: RulesMetrics,
 }
 
 impl fmt::Debug for Metrics {
@@ -208,6 +277,8 @@ impl Metrics {
         );
         r.register("nodes", "Registered nodes", nodes.clone());
         custody.register(&mut r);
+        let rules = RulesMetrics::default();
+        rules.register(&mut r);
         Self {
             registry: Arc::new(r),
             http_requests,
@@ -222,6 +293,7 @@ impl Metrics {
             liveness_write_failures,
             audit_checkpoints,
             custody,
+            rules,
         }
     }
 

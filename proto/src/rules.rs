@@ -139,3 +139,56 @@ pub struct PolicyCounters {
     pub clear_packets: u64,
     pub clear_bytes: u64,
 }
+
+/// `GET /v1/dataplane`: the latest report of every node, and per policy the sums across them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneSummary {
+    /// Sorted by name.
+    pub nodes: Vec<NodeDataplane>,
+    /// Sorted by name; `all` for nodes in `all` mode.
+    pub policies: Vec<PolicyDataplane>,
+}
+
+/// What one node last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDataplane {
+    pub node: String,
+    pub node_mode: String,
+    #[serde(default)]
+    pub rules_revision: Option<String>,
+    /// The node's time of the report.
+    pub at: crate::Timestamp,
+    /// keyd's time of receiving it.
+    pub received_at: crate::Timestamp,
+}
+
+/// One policy across the nodes that report it: cumulative counters summed over their latest
+/// reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDataplane {
+    pub name: String,
+    /// Nodes whose latest report names the policy.
+    pub nodes_reporting: u32,
+    /// Of those, the nodes that report it programmed.
+    pub nodes_programmed: u32,
+    pub encrypted_packets: u64,
+    pub encrypted_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub clear_packets: u64,
+    pub clear_bytes: u64,
+}
+
+impl PolicyDataplane {
+    /// Adds one node's figures for this policy.
+    pub fn add(&mut self, c: &PolicyCounters) {
+        self.nodes_reporting += 1;
+        self.nodes_programmed += u32::from(c.programmed);
+        self.encrypted_packets = self.encrypted_packets.saturating_add(c.encrypted_packets);
+        self.encrypted_bytes = self.encrypted_bytes.saturating_add(c.encrypted_bytes);
+        self.dropped_packets = self.dropped_packets.saturating_add(c.dropped_packets);
+        self.dropped_bytes = self.dropped_bytes.saturating_add(c.dropped_bytes);
+        self.clear_packets = self.clear_packets.saturating_add(c.clear_packets);
+        self.clear_bytes = self.clear_bytes.saturating_add(c.clear_bytes);
+    }
+}

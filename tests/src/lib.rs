@@ -1,6 +1,6 @@
 //! Cross-component tests and harnesses for keyd, the webhook and node-shim.
 //!
-//! Key custody harnesses: [`vault_double`] (a test double of Vault's HTTP API), [`vault_admin`]
+//! [`cluster`] runs a real etcd + kube-apiserver on loopback. Key custody harnesses: [`vault_double`] (a test double of Vault's HTTP API), [`vault_admin`]
 //! (sets up transit keys, policies and logins on the double or on a real Vault when
 //! `VAULT_ADDR` and `VAULT_TOKEN` are set), and [`moto`] (moto's KMS server on loopback).
 //! [`loadgen`] is the keyd benchmark behind `cargo run --release -p keyd-tests --bin loadgen`
@@ -8,6 +8,7 @@
 //! `tests/loadgen_smoke.rs` so that the harness cannot silently rot.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod http;
 pub mod loadgen;
 pub mod moto;

@@ -1,7 +1,8 @@
 //! The keyd validating admission webhook: sensitive pods are admitted only under an encryption
 //! policy whose mode keyd reports ready.
 //!
-//! Layout, pure core first: [`crd`] (the policy resources), [`selector`] (label selectors),
+//! Layout, pure core first: [`crd`] (the policy resources) and [`selector`] (label selectors),
+//! both from [`keyd_policy`],
 //! [`policy`] (policies compiled and indexed), [`workload`] (the checked objects reduced to their
 //! pod labels), [`decision`] (the pure decision), [`scan`] (the same decision over running
 //! pods). At the edges: [`review`] (AdmissionReview in and out), [`config`], [`keyd`] (keyd's
@@ -13,7 +14,6 @@
 
 pub mod app;
 pub mod config;
-pub mod crd;
 pub mod decision;
 pub mod keyd;
 pub mod kube_cache;
@@ -22,11 +22,13 @@ pub mod metrics;
 pub mod policy;
 pub mod review;
 pub mod scan;
-pub mod selector;
 pub mod server;
 pub mod status;
 pub mod tls;
 pub mod workload;
+
+/// The policy resources and label selectors live in [`keyd_policy`], shared with keyd.
+pub use keyd_policy::{crd, selector};
 
 pub use keyd_proto as proto;
 

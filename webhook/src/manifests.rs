@@ -28,9 +28,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
-use kube::CustomResourceExt as _;
 
-use crate::crd::{ClusterEncryptionPolicy, EncryptionPolicy};
 use crate::decision::DecisionConfig;
 use crate::workload::WorkloadKind;
 
@@ -39,7 +37,7 @@ pub const WEBHOOK_CONFIGURATION_NAME: &str = "keyd-webhook";
 
 /// The CRDs, `EncryptionPolicy` first.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![EncryptionPolicy::crd(), ClusterEncryptionPolicy::crd()]
+    crate::crd::crds()
 }
 
 /// Where the API server reaches the webhook.

@@ -6,39 +6,12 @@
 //! namespace plus the cluster-wide ones.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::crd::{ClusterEncryptionPolicy, EncryptionPolicy, Labels, Mode};
 use crate::selector::{Selector, SelectorError};
 
-/// Which resource a policy is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PolicyKind {
-    Namespaced,
-    Cluster,
-}
-
-/// Names a policy the way `kubectl` does: `EncryptionPolicy team-a/payments` or
-/// `ClusterEncryptionPolicy pci`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyRef {
-    pub kind: PolicyKind,
-    /// Empty for cluster policies.
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for PolicyRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            PolicyKind::Namespaced => {
-                write!(f, "EncryptionPolicy {}/{}", self.namespace, self.name)
-            }
-            PolicyKind::Cluster => write!(f, "ClusterEncryptionPolicy {}", self.name),
-        }
-    }
-}
+pub use keyd_policy::id::{PolicyKind, PolicyRef};
 
 /// One policy, its selectors validated.
 #[derive(Debug, Clone)]
@@ -300,6 +273,7 @@ mod tests {
             EncryptionPolicySpec {
                 pod_selector: LabelSelector::default(),
                 mode: Mode::Ipsec,
+                strict: None,
                 ports: vec![],
                 peers: vec![],
             },
@@ -316,6 +290,7 @@ mod tests {
                 },
                 pod_selector: LabelSelector::default(),
                 mode: Mode::Wireguard,
+                strict: None,
                 ports: vec![],
                 peers: vec![],
             },
@@ -370,6 +345,7 @@ mod tests {
                     }],
                 },
                 mode: Mode::Ipsec,
+                strict: None,
                 ports: vec![],
                 peers: vec![],
             },

@@ -134,6 +134,7 @@ mod tests {
                     match_expressions: vec![],
                 },
                 mode: Mode::Ipsec,
+                strict: None,
                 ports: vec![],
                 peers: vec![],
             },

@@ -16,11 +16,11 @@ mod common;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use common::cluster::Cluster;
 use common::{Keyd, SENSITIVE, ServingCert, webhook_toml};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+use keyd_tests::cluster::Cluster;
 use keyd_webhook::config::{Config, Flags};
 use keyd_webhook::crd::{ClusterEncryptionPolicy, EncryptionPolicy};
 use keyd_webhook::manifests::{Endpoint, webhook_configuration};
@@ -51,7 +51,7 @@ static ENV: OnceLock<Option<Env>> = OnceLock::new();
 /// The shared environment, started on first use; `None` when a prerequisite is missing locally.
 fn env() -> Option<&'static Env> {
     ENV.get_or_init(|| {
-        if let Err(reason) = common::cluster::binaries() {
+        if let Err(reason) = keyd_tests::cluster::binaries() {
             common::skip(&reason);
             return None;
         }

@@ -71,6 +71,16 @@ impl From<ServiceError> for ApiError {
                 e.to_string(),
             ),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::PolicyNotConfigured => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "policy_not_configured",
+                e.to_string(),
+            ),
+            ServiceError::RulesNotReady(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rules_not_ready",
+                m.clone(),
+            ),
             ServiceError::Rollout(r) => {
                 ApiError::new(StatusCode::CONFLICT, "rollout_in_progress", r.to_string())
             }

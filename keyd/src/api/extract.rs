@@ -141,6 +141,31 @@ impl FromRequestParts<AppState> for OwnNode {
     }
 }
 
+/// A node certificate reading its own node's resources, or an admin reading any node's.
+#[derive(Debug)]
+pub struct NodeOrAdmin {
+    pub caller: Identity,
+    pub name: String,
+}
+
+impl FromRequestParts<AppState> for NodeOrAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(caller) = Caller::from_request_parts(parts, state).await?;
+        if matches!(caller, Identity::Admin(_)) {
+            let Path(name) = Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text())
+                })?;
+            return Ok(NodeOrAdmin { caller, name });
+        }
+        let OwnNode { caller, name } = OwnNode::from_request_parts(parts, state).await?;
+        Ok(NodeOrAdmin { caller, name })
+    }
+}
+
 /// Audits a refusal (who, what, why) and builds the 403.
 pub(super) async fn refuse(state: &AppState, who: &str, parts: &Parts, why: &str) -> ApiError {
     state.keyd.metrics.refused_requests.inc();

@@ -8,8 +8,9 @@
 
 use std::time::Instant;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -19,13 +20,18 @@ use serde::Deserialize;
 use serde_json::json;
 
 mod audit;
+mod conditional;
 mod error;
 mod extract;
 mod kek;
 
 pub use audit::RECORDS_HEADER;
 pub use error::ApiError;
-pub use extract::{Admin, ApiJson, AppState, Caller, OwnNode, Webhook, WebhookOrAdmin};
+pub use extract::{
+    Admin, ApiJson, AppState, Caller, NodeOrAdmin, OwnNode, Webhook, WebhookOrAdmin,
+};
+
+use conditional::{Conditional, WaitQuery, fetch, full_json, not_modified};
 
 /// The `/v1` API. Bodies larger than `max_body` bytes are refused with 413.
 pub fn router(state: AppState, max_body: usize) -> Router {
@@ -34,6 +40,16 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", put(register_node))
         .route("/v1/nodes/{name}/bundle", get(bundle))
+        .route("/v1/nodes/{name}/rules", get(rules))
+        // A report may name every policy of a node's rules (up to 1024, each with its counters),
+        // more than the general body limit allows.
+        .route(
+            "/v1/nodes/{name}/dataplane",
+            post(dataplane_report).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_DATAPLANE_REPORT_BYTES,
+            )),
+        )
+        .route("/v1/dataplane", get(dataplane_summary))
         .route("/v1/nodes/{name}/ack", post(ack))
         .route("/v1/status", get(status))
         .route("/v1/ipsec", get(ipsec_show))
@@ -157,81 +173,73 @@ async fn register_node(
     Ok(Json(info).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BundleQuery {
-    /// Long poll: with `If-None-Match`, wait up to this long (e.g. `30s`, at most 5m) for the
-    /// bundle to change before answering 304.
-    #[serde(default)]
-    wait: Option<String>,
-}
-
-/// The longest a long poll may wait.
-const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
-
 async fn bundle(
     State(s): State<AppState>,
     OwnNode { name, .. }: OwnNode,
     headers: HeaderMap,
-    query: Result<Query<BundleQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let wait = match q.wait.as_deref() {
-        None => None,
-        Some(w) => Some(
-            humantime::parse_duration(w)
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_query",
-                        format!("wait={w:?}: {e}"),
-                    )
-                })?
-                .min(MAX_WAIT),
-        ),
+    let c = Conditional::parse(&headers, query)?;
+    let waited = c
+        .long_poll()
+        .map(|(etag, wait)| s.keyd.bundle_wait(&name, etag, wait));
+    let b = fetch(waited, s.keyd.bundle(&name)).await?;
+    let outcome = if c.holds(&b.etag) {
+        "not_modified"
+    } else {
+        "full"
     };
-    let if_none_match = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let b = match (&if_none_match, wait) {
-        (Some(etag), Some(wait)) => match s.keyd.bundle_wait(&name, etag, wait).await? {
-            Some(b) => b,
-            None => s.keyd.bundle(&name).await?,
-        },
-        _ => s.keyd.bundle(&name).await?,
-    };
-    let etag = HeaderValue::from_str(&b.etag)
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "etag"))?;
-    if if_none_match.as_deref() == Some(b.etag.as_str()) {
-        s.keyd
-            .metrics
-            .bundle_fetches
-            .get_or_create(&crate::telemetry::Outcome {
-                outcome: "not_modified",
-            })
-            .inc();
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
-    }
-    s.keyd.audit_bundle_fetch(&name, &b).await?;
     s.keyd
         .metrics
         .bundle_fetches
-        .get_or_create(&crate::telemetry::Outcome { outcome: "full" })
+        .get_or_create(&crate::telemetry::Outcome { outcome })
         .inc();
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-            (header::ETAG, etag),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-        ],
-        b.body(),
-    )
-        .into_response())
+    if c.holds(&b.etag) {
+        return not_modified(&b.etag);
+    }
+    s.keyd.audit_bundle_fetch(&name, &b).await?;
+    full_json(&b.etag, b.body())
+}
+
+/// `GET /v1/nodes/{name}/rules`: a node reads its own rules, an admin any node's. Conditional
+/// and long-polled like the bundle.
+async fn rules(
+    State(s): State<AppState>,
+    NodeOrAdmin { name, .. }: NodeOrAdmin,
+    headers: HeaderMap,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let c = Conditional::parse(&headers, query)?;
+    let waited = c
+        .long_poll()
+        .map(|(etag, wait)| s.keyd.node_rules_wait(&name, etag, wait));
+    let r = fetch(waited, std::future::ready(s.keyd.node_rules(&name))).await?;
+    if c.holds(&r.etag) {
+        s.keyd.count_rules_fetch("not_modified");
+        return not_modified(&r.etag);
+    }
+    s.keyd.count_rules_fetch("full");
+    full_json(&r.etag, r.body.clone())
+}
+
+/// The largest data-plane report: 1025 entries of a long policy name and eight counters.
+const MAX_DATAPLANE_REPORT_BYTES: usize = 1024 * 1024;
+
+/// `POST /v1/nodes/{name}/dataplane`: a node's data-plane report, kept as its latest.
+async fn dataplane_report(
+    State(s): State<AppState>,
+    OwnNode { caller, name }: OwnNode,
+    ApiJson(report): ApiJson<keyd_proto::rules::DataplaneReport>,
+) -> Result<Response, ApiError> {
+    let drops = s.keyd.record_dataplane(&caller, &name, report).await?;
+    Ok(Json(json!({ "recorded": true, "policies_with_new_strict_drops": drops })).into_response())
+}
+
+async fn dataplane_summary(
+    State(s): State<AppState>,
+    Admin(_): Admin,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.dataplane_summary()?).into_response())
 }
 
 async fn ack(

@@ -7,6 +7,7 @@ use keyd_proto::identity::validate_name;
 use serde::Deserialize;
 
 use crate::bootstrap::BootstrapConfig;
+use crate::policy_watch::KubeApiConfig;
 use keyd_mtls::ConfigError;
 
 /// The `[bootstrap]` section as written.
@@ -36,6 +37,48 @@ fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::new(&format!("bootstrap.{field}"), message)
 }
 
+/// Where the service account's credentials are mounted in a pod.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `kube_api`, `kube_ca` and `kube_token_file` of `section` (`[bootstrap]`, `[policy]`): the
+/// same names, defaults (in a pod: the in-cluster API and the service account's files) and
+/// checks wherever keyd talks to the Kubernetes API.
+pub(super) fn kube_api(
+    section: &str,
+    api: Option<String>,
+    ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<KubeApiConfig, ConfigError> {
+    let api = api.unwrap_or_else(|| "https://kubernetes.default.svc".to_owned());
+    if !api.starts_with("https://") || api.len() <= "https://".len() {
+        return Err(ConfigError::new(
+            &format!("{section}.kube_api"),
+            "must be an https:// URL",
+        ));
+    }
+    let sa = SERVICE_ACCOUNT_DIR;
+    Ok(KubeApiConfig {
+        api,
+        ca: existing_file(&format!("{section}.kube_ca"), ca, &format!("{sa}/ca.crt"))?,
+        token_file: existing_file(
+            &format!("{section}.kube_token_file"),
+            token_file,
+            &format!("{sa}/token"),
+        )?,
+    })
+}
+
+/// `path` (else `default`), which must exist.
+fn existing_file(
+    field: &str,
+    path: Option<PathBuf>,
+    default: &str,
+) -> Result<PathBuf, ConfigError> {
+    let p = path.unwrap_or_else(|| PathBuf::from(default));
+    std::fs::metadata(&p).map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))?;
+    Ok(p)
+}
+
 impl RawBootstrap {
     /// `tls_ca` is keyd's client CA: the certificates issued here must chain to it.
     pub fn validate(self, tls_ca: &Path) -> Result<BootstrapConfig, ConfigError> {
@@ -44,26 +87,13 @@ impl RawBootstrap {
             .ok_or_else(|| cerr("listen", "required"))?
             .parse()
             .map_err(|_| cerr("listen", "not an address like 0.0.0.0:8444"))?;
-        let kube_api = self
-            .kube_api
-            .unwrap_or_else(|| "https://kubernetes.default.svc".to_owned());
-        if !kube_api.starts_with("https://") {
-            return Err(cerr("kube_api", "must be an https:// URL"));
-        }
-        let file =
-            |field: &str, p: Option<PathBuf>, default: &str| -> Result<PathBuf, ConfigError> {
-                let p = p.unwrap_or_else(|| PathBuf::from(default));
-                std::fs::metadata(&p).map_err(|e| cerr(field, format!("{}: {e}", p.display())))?;
-                Ok(p)
-            };
-        let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
-        let kube_ca = file("kube_ca", self.kube_ca, &format!("{sa}/ca.crt"))?;
-        let kube_token_file = file(
-            "kube_token_file",
+        let kube = kube_api(
+            "bootstrap",
+            self.kube_api,
+            self.kube_ca,
             self.kube_token_file,
-            &format!("{sa}/token"),
         )?;
-        let ca_key = file("ca_key", self.ca_key, "")?;
+        let ca_key = existing_file("bootstrap.ca_key", self.ca_key, "")?;
         let audience = self.audience.unwrap_or_else(|| "keyd".to_owned());
         if audience.is_empty() {
             return Err(cerr("audience", "must not be empty"));
@@ -91,9 +121,9 @@ impl RawBootstrap {
         }
         Ok(BootstrapConfig {
             listen,
-            kube_api,
-            kube_ca,
-            kube_token_file,
+            kube_api: kube.api,
+            kube_ca: kube.ca,
+            kube_token_file: kube.token_file,
             audience,
             service_accounts,
             ca_cert: tls_ca.to_owned(),

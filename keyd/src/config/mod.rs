@@ -35,6 +35,8 @@ pub struct Config {
     pub scheduler_tick: Duration,
     /// The node bootstrap listener (`[bootstrap]`), if configured.
     pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
+    /// The policy watcher that compiles nodes' data-plane rules (`[policy]`), if configured.
+    pub policy: Option<crate::policy_watch::PolicyWatchConfig>,
 }
 
 /// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::custody::config`]).
@@ -61,6 +63,8 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub bootstrap: Option<bootstrap::RawBootstrap>,
+    #[serde(default)]
+    pub policy: Option<policy::RawPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +94,7 @@ pub struct RawTls {
 
 pub mod bootstrap;
 pub mod kek;
+pub mod policy;
 
 pub use kek::RawKek;
 
@@ -332,6 +337,7 @@ impl RawConfig {
             Duration::from_secs(1),
         )?;
         let bootstrap = self.bootstrap.map(|b| b.validate(&tls.ca)).transpose()?;
+        let policy = self.policy.map(policy::RawPolicy::validate).transpose()?;
         Ok(Config {
             service,
             scheduler_tick,
@@ -347,6 +353,7 @@ impl RawConfig {
             log_format,
             log_level,
             bootstrap,
+            policy,
         })
     }
 }

@@ -7,13 +7,18 @@
 //! A replicated backend will additionally need a store watch to refresh it on other replicas.
 
 mod audit_ops;
+mod dataplane;
 mod ipsec;
 mod kek;
 mod nodes;
+mod poll;
+mod rules;
+mod rules_view;
 mod schedules;
 mod state;
 mod status;
 
 pub use audit_ops::{Export, ExportRange, Segment};
 pub use kek::{migrate_kek, rotate_kek};
+pub use rules_view::RenderedRules;
 pub use state::{Keyd, RenderedBundle, ServiceConfig, ServiceError, StoredSchedules};

@@ -1,6 +1,7 @@
 //! Nodes: registration, acknowledgements, their key bundles (and long polls for a change), and
 //! liveness, written in batches off the request path.
 
+use super::poll::long_poll;
 use super::state::{
     Cache, Keyd, LAST_SEEN_WRITE_INTERVAL, RenderedBundle, Result, ServiceError, from_json,
     not_registered, to_json,
@@ -306,19 +307,15 @@ impl Keyd {
         etag: &str,
         wait: Duration,
     ) -> Result<Option<Arc<RenderedBundle>>> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut changed = self.changed.subscribe();
-        loop {
-            let b = self.bundle(name).await?;
-            if b.etag != etag {
-                return Ok(Some(b));
-            }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => continue,
-                // The sender lives as long as `self`; a closed channel cannot happen here.
-                Ok(Err(_)) | Err(_) => return Ok(None),
-            }
-        }
+        let changed = self.changed.subscribe();
+        long_poll(
+            changed,
+            etag,
+            wait,
+            move || async move { self.bundle(name).await.map(Some) },
+            |b: &Arc<RenderedBundle>| b.etag.as_str(),
+        )
+        .await
     }
 
     /// Audits a full bundle fetch (node, revision, key IDs; never key bytes), once per node and

@@ -218,6 +218,9 @@ pub struct Keyd {
     /// transaction by the next scheduler pass. Losing it in a crash costs only liveness
     /// precision (the node's next fetch marks it again), never a key or an audit record.
     pub(super) pending_seen: Mutex<HashMap<String, Timestamp>>,
+    /// Each node's compiled data-plane rules, published by the policy watcher; its receivers are
+    /// the rules' long polls.
+    pub(super) rules: tokio::sync::watch::Sender<super::rules_view::RulesView>,
 }
 
 impl fmt::Debug for Keyd {
@@ -237,6 +240,15 @@ pub enum ServiceError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// `GET /v1/nodes/{name}/rules` on a keyd without a `[policy]` section.
+    #[error(
+        "this keyd does not compile data-plane rules: its configuration has no [policy] section \
+         (see docs/configuration.md)"
+    )]
+    PolicyNotConfigured,
+    /// The rules exist but are not compiled yet.
+    #[error("{0}")]
+    RulesNotReady(String),
     #[error(transparent)]
     Ipsec(#[from] IpsecError),
     #[error(transparent)]
@@ -458,6 +470,7 @@ impl Keyd {
             audited_fetches: Mutex::new(HashMap::new()),
             failed_rotations: Mutex::new(HashMap::new()),
             pending_seen: Mutex::new(HashMap::new()),
+            rules: tokio::sync::watch::Sender::new(super::rules_view::RulesView::default()),
         })
     }
 

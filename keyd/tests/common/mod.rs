@@ -51,13 +51,40 @@ impl Harness {
         .await
     }
 
+    /// Starts with `extra` appended to keyd.toml (e.g. a `[policy]` section).
+    pub async fn start_with_toml(extra: &str) -> Self {
+        Self::start_with_extra(
+            tempfile::tempdir().unwrap(),
+            HashMap::new(),
+            keyd::clock::Clock::default(),
+            extra,
+        )
+        .await
+    }
+
     async fn start_with(
         dir: tempfile::TempDir,
         env: HashMap<String, String>,
         clock: keyd::clock::Clock,
     ) -> Self {
+        Self::start_with_extra(dir, env, clock, "").await
+    }
+
+    async fn start_with_extra(
+        dir: tempfile::TempDir,
+        env: HashMap<String, String>,
+        clock: keyd::clock::Clock,
+        extra_toml: &str,
+    ) -> Self {
         keyd_mtls::tls::install_default_provider();
         let setup = keyd::app::prepare_dev(dir.path(), "127.0.0.1:0", "127.0.0.1:0").unwrap();
+        if !extra_toml.is_empty() {
+            // prepare_dev rewrites keyd.toml; the extra sections go after it.
+            let mut toml = std::fs::read_to_string(&setup.keyd_toml).unwrap();
+            toml.push('\n');
+            toml.push_str(extra_toml);
+            std::fs::write(&setup.keyd_toml, toml).unwrap();
+        }
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
             ops_listen: Some("127.0.0.1:0".into()),

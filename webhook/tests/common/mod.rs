@@ -1,8 +1,6 @@
-//! Test harnesses: a real keyd in-process, the webhook in-process, an HTTPS client for it, and
-//! (in [`cluster`]) a real etcd + kube-apiserver on loopback.
+//! Test harnesses: a real keyd in-process, the webhook in-process, and an HTTPS client for it.
+//! The real etcd + kube-apiserver harness is `keyd_tests::cluster`, shared with keyd's tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-
-pub mod cluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

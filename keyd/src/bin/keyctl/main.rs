@@ -78,6 +78,12 @@ enum Command {
     Status(Out),
     /// Registered nodes and what each acknowledged.
     Nodes(Out),
+    /// A node's compiled data-plane rules (keyd with `[policy]`): its policies and endpoints.
+    Rules {
+        node: String,
+        #[command(flatten)]
+        out: Out,
+    },
     /// IPsec PSKs in Cilium's format.
     #[command(subcommand)]
     Ipsec(ipsec::IpsecCommand),
@@ -159,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Status(out) => status::status(&mut conn, out).await,
         Command::Nodes(out) => status::nodes(&mut conn, out).await,
+        Command::Rules { node, out } => status::rules(&mut conn, &node, out).await,
         Command::Ipsec(cmd) => ipsec::run(&mut conn, cmd).await,
         Command::Schedule(cmd) => schedule::run(&mut conn, cmd).await,
         Command::Rotate { class, out } => schedule::rotate(&mut conn, &class, out).await,

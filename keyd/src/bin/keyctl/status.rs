@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use keyd_mtls::client::Connection;
+use keyd_proto::rules::{DataplaneSummary, NodeRules};
 use keyd_proto::time::format_duration;
 use keyd_proto::{NodeInfo, Report, Status};
 
 use crate::http::call;
 use crate::table::{print, table, ts};
-use crate::{EXIT_FINDING, Failure, Out, fail};
+use crate::{EXIT_FINDING, EXIT_INVALID, Failure, Out, fail};
 
 pub async fn status(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     let s: Status = call(conn, "GET", "/v1/status", None).await?;
@@ -22,10 +23,44 @@ pub async fn nodes(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     Ok(())
 }
 
+pub async fn rules(conn: &mut Connection, node: &str, out: Out) -> Result<(), Failure> {
+    // A node name is a DNS label, so it goes into the path as it is.
+    keyd_proto::identity::validate_name(node).map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
+    let path = format!("/v1/nodes/{node}/rules");
+    let r: NodeRules = call(conn, "GET", &path, None).await?;
+    print(out.json(), &r, || rules_table(&r));
+    Ok(())
+}
+
+/// The key report, and the data plane's enforcement when nodes report it.
+#[derive(serde::Serialize)]
+struct FullReport<'a> {
+    #[serde(flatten)]
+    keys: &'a Report,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataplane: Option<&'a DataplaneSummary>,
+}
+
 /// Exits 7 (after printing) when a class is overdue, so that it can gate a cron job.
 pub async fn report(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     let r: Report = call(conn, "GET", "/v1/report", None).await?;
-    print(out.json(), &r, || report_table(&r));
+    // A keyd without data-plane reports (or an older one) has no section to show.
+    let dataplane: Option<DataplaneSummary> = call(conn, "GET", "/v1/dataplane", None)
+        .await
+        .ok()
+        .filter(|d: &DataplaneSummary| !d.nodes.is_empty());
+    let full = FullReport {
+        keys: &r,
+        dataplane: dataplane.as_ref(),
+    };
+    print(out.json(), &full, || {
+        let mut text = report_table(&r);
+        if let Some(d) = &dataplane {
+            text.push('\n');
+            text.push_str(&dataplane_table(d));
+        }
+        text
+    });
     if r.overdue {
         return Err(fail(EXIT_FINDING, "a key class is overdue for rotation"));
     }
@@ -165,4 +200,98 @@ fn report_table(r: &Report) -> String {
         ],
         &rows,
     )
+}
+
+/// Per policy across the nodes' latest reports: where it is programmed, and the sums.
+fn dataplane_table(d: &DataplaneSummary) -> String {
+    let rows = d
+        .policies
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                format!("{}/{}", p.nodes_programmed, p.nodes_reporting),
+                p.encrypted_packets.to_string(),
+                p.dropped_packets.to_string(),
+                p.clear_packets.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    format!(
+        "data plane ({} nodes reporting)\n{}",
+        d.nodes.len(),
+        table(
+            &[
+                "POLICY",
+                "PROGRAMMED",
+                "ENCRYPTED PKTS",
+                "DROPPED PKTS",
+                "CLEAR PKTS"
+            ],
+            &rows,
+        )
+    )
+}
+
+/// The policies by index, then the endpoints naming them by index.
+fn rules_table(r: &NodeRules) -> String {
+    let policies = r
+        .policies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ports: Vec<String> = p
+                .ports
+                .iter()
+                .map(|p| format!("{:?}/{}", p.protocol, p.port))
+                .collect();
+            vec![
+                i.to_string(),
+                p.name.clone(),
+                format!("{:?}", p.mode).to_lowercase(),
+                if p.strict { "strict" } else { "lenient" }.into(),
+                if ports.is_empty() {
+                    "all".into()
+                } else {
+                    ports.join(",")
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    let list = |v: &[u32]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        }
+    };
+    let endpoints = r
+        .endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.prefix.to_string(),
+                e.node.clone(),
+                list(&e.selected_by),
+                list(&e.peer_of),
+            ]
+        })
+        .collect::<Vec<_>>();
+    let mut text = format!("node {} revision {}\n", r.node, r.revision);
+    text.push_str(&table(
+        &["#", "POLICY", "MODE", "STRICT", "PORTS"],
+        &policies,
+    ));
+    text.push('\n');
+    text.push_str(&table(
+        &["PREFIX", "NODE", "SELECTED BY", "PEER OF"],
+        &endpoints,
+    ));
+    for rejected in &r.rejected {
+        text.push_str(&format!(
+            "rejected: {}: {}\n",
+            rejected.name, rejected.reason
+        ));
+    }
+    text
 }

@@ -50,6 +50,7 @@ fn ns_policy(ns: &str, name: &str, mode: Mode, selector: LabelSelector) -> Encry
         EncryptionPolicySpec {
             pod_selector: selector,
             mode,
+            strict: None,
             ports: vec![],
             peers: vec![],
         },

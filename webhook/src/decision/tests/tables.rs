@@ -180,6 +180,7 @@ fn policy_coverage() {
             },
             pod_selector: LabelSelector::default(),
             mode: Mode::Ipsec,
+            strict: None,
             ports: vec![],
             peers: vec![],
         },

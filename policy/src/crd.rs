@@ -12,7 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -90,7 +91,10 @@ pub struct PolicyPort {
     pub protocol: Protocol,
 }
 
-/// Peers whose traffic with the selected pods must be encrypted. No peers means every peer.
+/// Peers whose traffic with the selected pods must be encrypted. No peers means every pod on
+/// another node. A peer is a pod that `podSelector` selects (absent: every pod) in a namespace
+/// that `namespaceSelector` selects (absent: the policy's own namespace, or for a
+/// `ClusterEncryptionPolicy` the namespaces it selects).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerSelector {
@@ -127,6 +131,11 @@ pub struct EncryptionPolicySpec {
     /// Which pods of this namespace the policy covers; `{}` covers all of them.
     pub pod_selector: LabelSelector,
     pub mode: Mode,
+    /// What happens to covered traffic that cannot be encrypted at a given moment (no key yet,
+    /// a peer without a tunnel): `true` or absent, it is dropped, never sent in the clear (fail
+    /// closed); `false`, it is sent in the clear and counted, for a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PolicyPort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -159,10 +168,34 @@ pub struct ClusterEncryptionPolicySpec {
     /// Which pods of those namespaces it covers; `{}` covers all of them.
     pub pod_selector: LabelSelector,
     pub mode: Mode,
+    /// What happens to covered traffic that cannot be encrypted at a given moment (no key yet,
+    /// a peer without a tunnel): `true` or absent, it is dropped, never sent in the clear (fail
+    /// closed); `false`, it is sent in the clear and counted, for a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PolicyPort>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerSelector>,
+}
+
+impl EncryptionPolicySpec {
+    /// `strict` as it applies: absent means true (fail closed).
+    pub fn is_strict(&self) -> bool {
+        self.strict.unwrap_or(true)
+    }
+}
+
+impl ClusterEncryptionPolicySpec {
+    /// `strict` as it applies: absent means true (fail closed).
+    pub fn is_strict(&self) -> bool {
+        self.strict.unwrap_or(true)
+    }
+}
+
+/// The CRDs, `EncryptionPolicy` first (what `crdgen` writes and the tests install).
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![EncryptionPolicy::crd(), ClusterEncryptionPolicy::crd()]
 }
 
 /// Written by the webhook's status loop.
@@ -203,5 +236,14 @@ spec:
         assert_eq!(p.spec.ports[0].protocol, Protocol::Tcp);
         assert_eq!(p.spec.pod_selector.match_expressions[0].values.len(), 2);
         assert!(p.spec.peers[0].pod_selector.is_none());
+        assert!(p.spec.is_strict(), "absent strict fails closed");
+    }
+
+    #[test]
+    fn strict_false_is_kept() {
+        let yaml = "{podSelector: {}, mode: ipsec, strict: false}";
+        let spec: EncryptionPolicySpec = serde_norway::from_str(yaml).expect("parses");
+        assert_eq!(spec.strict, Some(false));
+        assert!(!spec.is_strict());
     }
 }

@@ -4,6 +4,9 @@
 //! Both run as child processes behind a small bash guardian whose stdin is a pipe from this
 //! process: when the test process exits (even by a panic or a kill), the pipe closes and the
 //! guardian kills its child, so no server outlives the tests.
+//!
+//! Shared by the webhook's tests and keyd's policy watcher tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -138,7 +141,17 @@ pub struct Cluster {
     /// Removes `dir` once this process is gone (the shared test environment is never dropped).
     _janitor: Janitor,
     apiserver: Guarded,
-    etcd: Guarded,
+    /// Held only to stop it last.
+    _etcd: Guarded,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("url", &self.url)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cluster {
@@ -228,7 +241,7 @@ impl Cluster {
             controller_manager: None,
             _janitor: Janitor::spawn(&dir_for_janitor),
             apiserver,
-            etcd,
+            _etcd: etcd,
         };
         cluster.wait_ready().await;
         cluster
@@ -307,10 +320,10 @@ impl Cluster {
     /// Creates the CRDs and waits until both are established.
     pub async fn install_crds(&self, client: &kube::Client) {
         let api = Api::<CustomResourceDefinition>::all(client.clone());
-        for crd in keyd_webhook::manifests::crds() {
+        for crd in keyd_policy::crd::crds() {
             api.create(&PostParams::default(), &crd).await.unwrap();
         }
-        for crd in keyd_webhook::manifests::crds() {
+        for crd in keyd_policy::crd::crds() {
             let name = crd.metadata.name.unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {

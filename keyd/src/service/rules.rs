@@ -1,0 +1,141 @@
+//! Each node's compiled data-plane rules (`GET /v1/nodes/{name}/rules`), as published by the
+//! policy watcher (`crate::policy_watch`), and long polls for a change.
+//!
+//! The rules are derived, not stored: every replica watches the Kubernetes API and compiles the
+//! same rules from it (their revision is a digest of the content, so replicas agree on ETags).
+//! Until the watcher has published once, a node's rules are "not ready" rather than empty: an
+//! empty rule set would tell node-shim to stop enforcing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyd_proto::rules::NodeRules;
+
+use super::poll::long_poll;
+use super::state::{Keyd, Result, ServiceError};
+
+use super::rules_view::{RenderedRules, RulesView, render};
+
+impl Keyd {
+    /// Marks the rules endpoint as served (a `[policy]` section): until [`Keyd::publish_rules`]
+    /// runs, fetches answer "not ready".
+    pub fn expect_rules(&self) {
+        self.rules.send_if_modified(|v| match v {
+            RulesView::NotConfigured => {
+                *v = RulesView::Pending;
+                true
+            }
+            RulesView::Pending | RulesView::Ready(_) => false,
+        });
+    }
+
+    /// Replaces every node's rules; wakes the long polls of the nodes whose rules changed (all
+    /// of them are woken, each compares its own ETag). Returns how many nodes' rules changed.
+    pub fn publish_rules(&self, compiled: &BTreeMap<String, NodeRules>) -> usize {
+        let rejected: std::collections::BTreeSet<&str> = compiled
+            .values()
+            .flat_map(|r| r.rejected.iter().map(|p| p.name.as_str()))
+            .collect();
+        let m = &self.metrics.rules;
+        m.compiles.inc();
+        m.ready.set(1);
+        m.rejected_policies
+            .set(i64::try_from(rejected.len()).unwrap_or(i64::MAX));
+        // Rendered outside the channel's lock, so fetches are not held up by a large compile;
+        // the watcher is the only publisher, so nothing changes the view meanwhile.
+        let (old, first) = match &*self.rules.borrow() {
+            RulesView::Ready(m) => (m.clone(), false),
+            RulesView::NotConfigured | RulesView::Pending => (BTreeMap::new(), true),
+        };
+        let mut changed = 0;
+        let mut next = BTreeMap::new();
+        for (name, rules) in compiled {
+            let kept = old
+                .get(name)
+                .filter(|r| r.etag.trim_matches('"') == rules.revision)
+                .cloned();
+            let r = kept.unwrap_or_else(|| {
+                changed += 1;
+                Arc::new(render(rules))
+            });
+            next.insert(name.clone(), r);
+        }
+        changed += old.keys().filter(|n| !next.contains_key(*n)).count();
+        if first || changed > 0 {
+            self.rules.send_replace(RulesView::Ready(next));
+        }
+        changed
+    }
+
+    /// The node's current rules.
+    pub fn node_rules(&self, name: &str) -> Result<Arc<RenderedRules>> {
+        self.node_rules_if_ready(name)?.ok_or_else(|| {
+            ServiceError::RulesNotReady(format!(
+                "the rules of node {name:?} are not compiled yet (keyd's watches of the \
+                 Kubernetes API have not synced, or the node registered a moment ago); retry"
+            ))
+        })
+    }
+
+    /// `None` while not ready (the watches not synced, or a just-registered node not yet
+    /// compiled); a node that is not registered is an error.
+    fn node_rules_if_ready(&self, name: &str) -> Result<Option<Arc<RenderedRules>>> {
+        let view = self.rules.borrow();
+        match &*view {
+            RulesView::NotConfigured => Err(ServiceError::PolicyNotConfigured),
+            RulesView::Pending => Ok(None),
+            RulesView::Ready(m) => match m.get(name) {
+                Some(r) => Ok(Some(Arc::clone(r))),
+                None if self.cache().nodes.contains_key(name) => Ok(None),
+                None => Err(ServiceError::NotFound(format!(
+                    "node {name:?} is not registered"
+                ))),
+            },
+        }
+    }
+
+    /// Long poll: the node's rules once their revision differs from `etag`, or `None` when
+    /// `wait` passes without a change.
+    pub async fn node_rules_wait(
+        &self,
+        name: &str,
+        etag: &str,
+        wait: Duration,
+    ) -> Result<Option<Arc<RenderedRules>>> {
+        let changed = self.rules.subscribe();
+        long_poll(
+            changed,
+            etag,
+            wait,
+            move || std::future::ready(self.node_rules_if_ready(name)),
+            |r: &Arc<RenderedRules>| r.etag.as_str(),
+        )
+        .await
+    }
+
+    /// The policy names of the node's current rules; `None` while they are not compiled yet.
+    pub(super) fn rule_policy_names(&self, name: &str) -> Result<Option<Vec<String>>> {
+        Ok(self.node_rules_if_ready(name)?.map(|r| r.policies.clone()))
+    }
+
+    /// Moves after every change of keyd's state (a node registering, among others): the
+    /// watcher recompiles on it, since the rules depend on the registered nodes.
+    pub fn state_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Counts a rules fetch by outcome (`full`, `not_modified`).
+    pub fn count_rules_fetch(&self, outcome: &'static str) {
+        self.metrics
+            .rules
+            .fetches
+            .get_or_create(&crate::telemetry::Outcome { outcome })
+            .inc();
+    }
+
+    /// Whether the watcher has published rules at least once.
+    pub fn rules_ready(&self) -> bool {
+        matches!(&*self.rules.borrow(), RulesView::Ready(_))
+    }
+}
