@@ -204,13 +204,21 @@ fn link(a: &Ns, an: &str, aip: &str, b: &Ns, bn: &str, bip: &str) {
         ),
     );
     sh(&b.0, &format!("ip link set {bn}x name {bn}"));
-    sh(&a.0, &format!("ip addr add {aip} dev {an} && ip link set {an} up"));
-    sh(&b.0, &format!("ip addr add {bip} dev {bn} && ip link set {bn} up"));
+    sh(
+        &a.0,
+        &format!("ip addr add {aip} dev {an} && ip link set {an} up"),
+    );
+    sh(
+        &b.0,
+        &format!("ip addr add {bip} dev {bn} && ip link set {bn} up"),
+    );
 }
 
 /// Bytes per second of one TCP stream from the pod to the peer for `secs`.
 fn stream(pod: &str, peer: &str, secs: f64) -> f64 {
-    let listener = in_ns(peer, || std::net::TcpListener::bind("10.2.0.7:5432").unwrap());
+    let listener = in_ns(peer, || {
+        std::net::TcpListener::bind("10.2.0.7:5432").unwrap()
+    });
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 1 << 16];
@@ -241,12 +249,28 @@ fn throughput() {
     let node = ns("node");
     let peer = ns("peer");
     link(&node, "lxc0", "10.1.0.1/24", &pod, "pod0", "10.1.0.5/24");
-    link(&node, "ul0", "192.168.90.1/24", &peer, "ul1", "192.168.90.2/24");
+    link(
+        &node,
+        "ul0",
+        "192.168.90.1/24",
+        &peer,
+        "ul1",
+        "192.168.90.2/24",
+    );
     sh(&pod.0, "ip route add default via 10.1.0.1");
-    sh(&peer.0, "ip addr add 10.2.0.7/32 dev lo && ip route add 10.1.0.0/24 via 192.168.90.1");
-    sh(&node.0, "sysctl -qw net.ipv4.ip_forward=1 && ip route add 10.2.0.0/24 via 192.168.90.2");
+    sh(
+        &peer.0,
+        "ip addr add 10.2.0.7/32 dev lo && ip route add 10.1.0.0/24 via 192.168.90.1",
+    );
+    sh(
+        &node.0,
+        "sysctl -qw net.ipv4.ip_forward=1 && ip route add 10.2.0.0/24 via 192.168.90.2",
+    );
     // Marked packets take the same path, so the two runs differ only by the program.
-    sh(&node.0, "ip route add 10.2.0.0/24 via 192.168.90.2 table 100 && ip rule add fwmark 0x10/0xf0 lookup 100");
+    sh(
+        &node.0,
+        "ip route add 10.2.0.0/24 via 192.168.90.2 table 100 && ip rule add fwmark 0x10/0xf0 lookup 100",
+    );
     let rules = NodeRules {
         node: "node-a".into(),
         revision: "r".into(),
@@ -323,7 +347,12 @@ fn main() {
         eprintln!("the steering benchmark needs root (BPF and network namespaces)");
         std::process::exit(1);
     }
-    println!("kernel {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim());
+    println!(
+        "kernel {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+    );
     maps();
     throughput();
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, err};
+use keyd_mtls::ConfigError;
+
 use crate::kernel::ebpf::AttachMode;
 use crate::steering::Marks;
 
@@ -83,6 +84,10 @@ pub struct RawSteering {
     pub mark_ipsec: Option<u32>,
     pub route_table: Option<u32>,
     pub rule_priority: Option<u32>,
+}
+
+fn err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, message)
 }
 
 pub fn validate(raw: RawSteering, ipsec_mark_mask: u32) -> Result<SteeringSettings, ConfigError> {
