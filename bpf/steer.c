@@ -276,8 +276,16 @@ static __always_inline __u32 lowest_bit(__u64 w)
 }
 
 static __always_inline int steer_all(struct __sk_buff *skb, const struct settings *s,
-				     const struct endpoint *dst)
+				     const struct endpoint *dst, int guard)
 {
+	if (guard) {
+		// A pod-to-pod packet leaving on the underlay is in the clear.
+		if (s->all_strict) {
+			count(ALL_SLOT, 1, skb->len);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
 	if (node_ready(dst->node, s->all_mode)) {
 		count(ALL_SLOT, 0, skb->len);
 		return TC_ACT_UNSPEC;
@@ -292,7 +300,7 @@ static __always_inline int steer_all(struct __sk_buff *skb, const struct setting
 
 static __always_inline int steer_policy(struct __sk_buff *skb, const struct settings *s,
 					const struct flow *f, const struct endpoint *src,
-					const struct endpoint *dst)
+					const struct endpoint *dst, int guard)
 {
 	__u32 any_idx = SET_ANY_PORT, strict_idx = SET_STRICT, none_idx = SET_NONE,
 	      all_idx = SET_ALL;
@@ -336,6 +344,17 @@ static __always_inline int steer_policy(struct __sk_buff *skb, const struct sett
 	if (first >= MAX_POLICIES)
 		return TC_ACT_UNSPEC;
 
+	if (guard) {
+		// Covered, and leaving the node in the clear (not steered: a Service address
+		// translated after the steering hook, another program ahead of ours, a tunnel that
+		// went away after the packet was marked): strict policies drop it here.
+		if (strict_hit) {
+			count(first, 1, skb->len);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_UNSPEC;
+	}
+
 	struct policy *p = bpf_map_lookup_elem(&keyd_policies, &first);
 
 	if (!p)
@@ -355,10 +374,7 @@ static __always_inline int steer_policy(struct __sk_buff *skb, const struct sett
 	return TC_ACT_UNSPEC;
 }
 
-// Ingress of the devices local pods send on. Passing returns TC_ACT_UNSPEC, so that other
-// programs and filters on the same hook (another agent's) still run.
-SEC("classifier")
-int keyd_steer(struct __sk_buff *skb)
+static __always_inline int decide(struct __sk_buff *skb, int guard)
 {
 	__u32 zero = 0;
 	struct settings *s = bpf_map_lookup_elem(&keyd_settings, &zero);
@@ -377,8 +393,28 @@ int keyd_steer(struct __sk_buff *skb)
 	if (!dst || dst->node == LOCAL_NODE)
 		return TC_ACT_UNSPEC;
 	if (s->node_mode == NODE_MODE_ALL)
-		return steer_all(skb, s, dst);
-	return steer_policy(skb, s, &f, src, dst);
+		return steer_all(skb, s, dst, guard);
+	return steer_policy(skb, s, &f, src, dst, guard);
+}
+
+// Ingress of the devices local pods send on: steers covered packets (by the mark) before
+// routing. Passing returns TC_ACT_UNSPEC, so that other programs and filters on the same hook
+// (another agent's) still run.
+SEC("classifier")
+int keyd_steer(struct __sk_buff *skb)
+{
+	return decide(skb, 0);
+}
+
+// Egress of the underlay (the device holding the node's address), after routing, NAT and
+// XFRM: an encrypted packet leaves with the nodes' addresses outside, so a packet still
+// addressed pod to pod is in the clear. Covered by a strict policy (or, in all mode with
+// strict, any such packet): dropped. This is the last line: it holds whatever went wrong
+// before it.
+SEC("classifier")
+int keyd_guard(struct __sk_buff *skb)
+{
+	return decide(skb, 1);
 }
 
 // No GPL-only helper is used, so the project's own license will do.

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use keyd_node_shim::kernel::ebpf::{AttachMode, EbpfSettings, Steering};
+use keyd_node_shim::kernel::ebpf::{AttachMode, EbpfSettings, Hook, Steering};
 use keyd_node_shim::steering::{self, Marks, NodeMode, READY_WIREGUARD, Settings, Slots};
 use keyd_proto::EncryptionMode;
 use keyd_proto::rules::{L4Protocol, NodeRules, RuleEndpoint, RulePolicy, RulePort};
@@ -319,12 +319,12 @@ fn throughput() {
     for _ in 0..ROUNDS {
         without.push(stream(&pod.0, &peer.0, 2.0));
         st = in_ns(&node.0, move || {
-            st.attach("lxc0").unwrap();
+            st.attach("lxc0", Hook::PodIngress).unwrap();
             st
         });
         with.push(stream(&pod.0, &peer.0, 2.0));
         st = in_ns(&node.0, move || {
-            st.detach("lxc0");
+            st.detach("lxc0", Hook::PodIngress);
             st
         });
     }
@@ -338,7 +338,7 @@ fn throughput() {
         wo * 8.0 / 1e9,
         w / wo
     );
-    let insns = in_ns(&node.0, move || st.verified_instructions());
+    let insns = in_ns(&node.0, move || st.verified_instructions(Hook::PodIngress));
     println!("verifier: {insns:?} instructions processed");
 }
 

@@ -16,7 +16,7 @@ use keyd_proto::{EncryptionMode, Timestamp};
 use tokio::sync::watch;
 
 use crate::config::{Config, Encrypt, Mode};
-use crate::kernel::ebpf::{self, Counters, EbpfError, EbpfSettings, Steering};
+use crate::kernel::ebpf::{self, Counters, EbpfError, EbpfSettings, Hook, Steering};
 use crate::keyd_client::KeydClient;
 use crate::status::{PeerView, Shared};
 use crate::steering::{self, ALL_SLOT, Contents, MapOp, NodeMode, Settings, Slots};
@@ -43,6 +43,10 @@ pub struct Dataplane {
     mode: Mode,
     encrypt: Encrypt,
     local_cidrs: Vec<ipnet::IpNet>,
+    /// This node's address (the underlay is the device holding it) ...
+    endpoint: std::net::IpAddr,
+    /// ... unless configured.
+    underlay: Option<String>,
     steering_cfg: crate::config::SteeringSettings,
     ebpf: Steering,
     slots: Slots,
@@ -95,17 +99,17 @@ impl Dataplane {
             pin_dir: s.pin_dir.clone(),
             priority: s.filter_priority,
         })?;
-        // Pinned maps of an earlier run: start the diff from what they hold.
-        let have = ebpf
-            .read()
-            .ok()
-            .filter(|c| c.settings.node_mode != NodeMode::Off);
-        let ready_have = ebpf.node_flags(1024).unwrap_or_default();
+        // Pinned maps of an earlier run: start the diff from what they hold. Maps that cannot
+        // be read are an error, not a fresh start: their stale entries would never be removed.
+        let have = Some(ebpf.read()?).filter(|c| c.settings.node_mode != NodeMode::Off);
+        let ready_have = ebpf.node_flags(steering::MAX_NODES)?;
         let mut dp = Dataplane {
             node: cfg.node_name.clone(),
             mode: cfg.mode,
             encrypt: s.encrypt,
             local_cidrs: cfg.pod_cidrs.clone(),
+            endpoint: cfg.endpoint,
+            underlay: cfg.ipsec.underlay_device.clone(),
             steering_cfg: s.clone(),
             ebpf,
             slots: Slots::default(),
@@ -151,36 +155,48 @@ impl Dataplane {
         }
     }
 
-    /// Attaches to pod devices that appeared, forgets those that went.
+    /// Attaches the steering program to pod devices that appeared and the guard to the underlay
+    /// (`ipsec.underlay_device`, or the device holding this node's address); forgets devices
+    /// that went.
     pub fn scan_devices(&mut self) {
-        let names = match ebpf::link_names() {
+        let (names, found) = match ebpf::link_names(self.endpoint) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %keyd_mtls::error_chain(&e), "cannot list links");
                 return;
             }
         };
+        let underlay = self.underlay.clone().or(found);
         let gone: Vec<String> = self
             .ebpf
             .attached()
-            .filter(|a| !names.iter().any(|n| n == a))
-            .map(str::to_owned)
+            .filter(|(a, _)| !names.iter().any(|n| n == a))
+            .map(|(a, _)| a.to_owned())
             .collect();
         for g in gone {
             self.ebpf.forget(&g);
         }
-        for n in names.iter().filter(|n| self.steering_cfg.matches(n)) {
-            if self.ebpf.attached().any(|a| a == n) {
+        let wanted = names
+            .iter()
+            .filter(|n| self.steering_cfg.matches(n))
+            .map(|n| (n.clone(), Hook::PodIngress))
+            .chain(underlay.map(|u| (u, Hook::UnderlayEgress)));
+        for (n, hook) in wanted {
+            if self.ebpf.attached().any(|(a, h)| a == n && h == hook) {
                 continue;
             }
-            match self.ebpf.attach(n) {
-                Ok(()) => tracing::info!(device = %n, "steering attached"),
+            match self.ebpf.attach(&n, hook) {
+                Ok(()) => tracing::info!(device = %n, hook = hook.as_str(), "steering attached"),
                 Err(e) => {
-                    tracing::warn!(device = %n, error = %keyd_mtls::error_chain(&e), "cannot attach steering")
+                    tracing::warn!(device = %n, hook = hook.as_str(), error = %keyd_mtls::error_chain(&e), "cannot attach steering")
                 }
             }
         }
-        let attached: Vec<String> = self.ebpf.attached().map(str::to_owned).collect();
+        let attached: Vec<String> = self
+            .ebpf
+            .attached()
+            .map(|(d, h)| format!("{d} ({})", h.as_str()))
+            .collect();
         self.shared.update(|s| s.steering.devices = attached);
     }
 
@@ -342,10 +358,15 @@ impl Dataplane {
         mut self,
         mut rules: watch::Receiver<Option<NodeRules>>,
         mut shutdown: watch::Receiver<bool>,
-        mut reporter: Option<KeydClient>,
+        reporter: Option<KeydClient>,
     ) {
         let mut peers = self.shared.peers.subscribe();
         let mut tick = tokio::time::interval(TICK);
+        // Reports go out from their own task: a slow keyd must not hold up rule changes.
+        let (report_tx, report_rx) = watch::channel(None);
+        if let Some(client) = reporter {
+            tokio::spawn(send_reports(client, report_rx, shutdown.clone()));
+        }
         let mut ticks = 0u32;
         let mut rules_open = true;
         loop {
@@ -362,11 +383,8 @@ impl Dataplane {
                     ticks = ticks.wrapping_add(1);
                     self.scan_devices();
                     let report = self.export();
-                    if ticks.is_multiple_of(REPORT_EVERY)
-                        && let Some(client) = reporter.as_mut()
-                        && let Err(e) = client.report_dataplane(&report).await
-                    {
-                        tracing::debug!(error = %keyd_mtls::error_chain(&e), "data-plane report not accepted");
+                    if ticks.is_multiple_of(REPORT_EVERY) {
+                        report_tx.send_replace(Some(report));
                     }
                     continue;
                 }
@@ -380,6 +398,26 @@ impl Dataplane {
                 self.shared
                     .update(|s| s.steering.problems = vec![keyd_mtls::error_chain(&e)]);
             }
+        }
+    }
+}
+
+/// Sends each new report to keyd (the latest one only, if keyd is slower than the reports).
+async fn send_reports(
+    mut client: KeydClient,
+    mut reports: watch::Receiver<Option<DataplaneReport>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = reports.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        let Some(report) = reports.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Err(e) = client.report_dataplane(&report).await {
+            tracing::debug!(error = %keyd_mtls::error_chain(&e), "data-plane report not accepted");
         }
     }
 }

@@ -125,10 +125,16 @@ pub struct Contents {
 }
 
 /// Which slot each policy and node holds. Kept by the agent across rule updates.
+///
+/// A slot freed by one [`Slots::assign`] is not given out again by that same call: the caller
+/// applies the change that stops using it first, and the next call may reuse it. So no entry
+/// ever points at a slot that already means another policy or node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Slots {
     pub policies: BTreeMap<String, u32>,
     pub nodes: BTreeMap<String, u32>,
+    retired_policies: BTreeSet<u32>,
+    retired_nodes: BTreeSet<u32>,
 }
 
 impl Slots {
@@ -140,21 +146,41 @@ impl Slots {
         nodes: impl IntoIterator<Item = &'a str>,
     ) -> Vec<String> {
         let mut full = Vec::new();
-        full.extend(assign(&mut self.policies, policies, 0, MAX_POLICIES as u32));
-        full.extend(assign(&mut self.nodes, nodes, 1, MAX_NODES));
+        full.extend(assign(
+            &mut self.policies,
+            &mut self.retired_policies,
+            policies,
+            0,
+            MAX_POLICIES as u32,
+        ));
+        full.extend(assign(
+            &mut self.nodes,
+            &mut self.retired_nodes,
+            nodes,
+            1,
+            MAX_NODES,
+        ));
         full
     }
 }
 
 fn assign<'a>(
     slots: &mut BTreeMap<String, u32>,
+    retired: &mut BTreeSet<u32>,
     names: impl IntoIterator<Item = &'a str>,
     first: u32,
     end: u32,
 ) -> Vec<String> {
     let wanted: BTreeSet<&str> = names.into_iter().collect();
+    let freed: BTreeSet<u32> = slots
+        .iter()
+        .filter(|(n, _)| !wanted.contains(n.as_str()))
+        .map(|(_, s)| *s)
+        .collect();
     slots.retain(|n, _| wanted.contains(n.as_str()));
+    // Slots retired by the previous call were released by the change applied since.
     let mut used: BTreeSet<u32> = slots.values().copied().collect();
+    used.extend(freed.iter().copied());
     let mut next = first;
     let mut full = Vec::new();
     for name in wanted {
@@ -171,6 +197,7 @@ fn assign<'a>(
         used.insert(next);
         slots.insert(name.to_owned(), next);
     }
+    *retired = freed;
     full
 }
 

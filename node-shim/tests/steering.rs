@@ -23,7 +23,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{NetNs, prerequisites};
-use keyd_node_shim::kernel::ebpf::{AttachMode, EbpfSettings, Steering};
+use keyd_node_shim::kernel::ebpf::{AttachMode, EbpfSettings, Hook, Steering};
 use keyd_node_shim::steering::{
     self, Contents, MapOp, Marks, NodeMode, READY_IPSEC, READY_WIREGUARD, Settings, Slots,
 };
@@ -200,14 +200,14 @@ fn scenario(attach: AttachMode) {
             priority: 0x6b65,
         })
         .expect("the verifier accepts the program");
-        st.attach("lxc0").expect("attach");
+        st.attach("lxc0", Hook::PodIngress).expect("attach");
         st
     });
     if attach == AttachMode::Netlink {
         let shown = t.node.sh("tc filter show dev lxc0 ingress");
         assert!(shown.contains("keyd_steer"), "cls_bpf filter: {shown}");
     }
-    let insns = st.verified_instructions();
+    let insns = st.verified_instructions(Hook::PodIngress);
     println!("{attach:?}: verifier processed {insns:?} instructions");
 
     let mut slots = Slots::default();
@@ -334,9 +334,47 @@ fn scenario(attach: AttachMode) {
     );
     assert_eq!(peer_udp(&t.peer), clear, "all-mode strict leaked");
 
+    // The guard on the underlay's egress: when covered traffic was not steered (here the
+    // steering program is detached, as if a Service's address had been translated after it, or
+    // another program ahead of it had ended the chain), a strict policy drops it as it leaves.
+    st.apply(&steering::diff(Some(&all), &moved)).unwrap();
+    st.apply(&steering::readiness_ops(&BTreeMap::new(), &ready))
+        .unwrap();
+    st = t.node.run(move || {
+        st.detach("lxc0", Hook::PodIngress);
+        st.attach("ul0", Hook::UnderlayEgress)
+            .expect("attach the guard");
+        st
+    });
+    let before = st.counters(db).unwrap();
+    let clear = peer_udp(&t.peer);
+    send(&t.pod, "10.2.0.7", 6379, 4);
+    send(&t.pod, "fd00:2::7", 6379, 4);
+    assert_eq!(
+        st.counters(db).unwrap().dropped_packets - before.dropped_packets,
+        8
+    );
+    assert_eq!(
+        peer_udp(&t.peer),
+        clear,
+        "the guard let covered plaintext out"
+    );
+    send(&t.pod, "10.2.0.7", 8080, 3);
+    assert!(
+        udp_reaches(&t.peer, clear + 3) >= clear + 3,
+        "the guard stopped uncovered traffic"
+    );
+    let insns = st.verified_instructions(Hook::UnderlayEgress);
+    println!("{attach:?}: guard verified with {insns:?} instructions");
+    st = t.node.run(move || {
+        st.detach("ul0", Hook::UnderlayEgress);
+        st.attach("lxc0", Hook::PodIngress).unwrap();
+        st
+    });
+
     // Detached: nothing is counted any more.
     t.node.run(move || {
-        st.detach("lxc0");
+        st.detach("lxc0", Hook::PodIngress);
         st
     });
     if attach == AttachMode::Netlink {
@@ -492,7 +530,11 @@ format = "text"
         };
         dp = sync(dp, Some(rules.clone()), shared_a.peers.borrow().clone());
         let status = shared_a.snapshot();
-        assert_eq!(status.steering.devices, ["lxca"], "{status:?}");
+        assert_eq!(
+            status.steering.devices,
+            ["lxca (ingress)", "ul (egress)"],
+            "{status:?}"
+        );
 
         // 1. node-b unknown: covered traffic is dropped and counted; uncovered goes in the clear.
         let capture = Capture::start(&a, "ul");
@@ -657,7 +699,7 @@ fn restart_scenario(attach: AttachMode) {
     let c1 = c.clone();
     let st = t.node.run(move || {
         let mut st = Steering::load(s1()).unwrap();
-        st.attach("lxc0").unwrap();
+        st.attach("lxc0", Hook::PodIngress).unwrap();
         st.apply(&steering::diff(None, &c1)).unwrap();
         st
     });
@@ -677,7 +719,7 @@ fn restart_scenario(attach: AttachMode) {
     let s2 = settings.clone();
     let st = t.node.run(move || {
         let mut st = Steering::load(s2()).unwrap();
-        st.attach("lxc0").unwrap();
+        st.attach("lxc0", Hook::PodIngress).unwrap();
         st
     });
     assert_eq!(st.read().unwrap(), c, "the pinned maps kept the rules");
@@ -698,7 +740,7 @@ fn restart_scenario(attach: AttachMode) {
     assert_eq!(st.counters(db).unwrap().dropped_packets, 8);
     t.node.run(move || {
         let mut st = st;
-        st.detach("lxc0");
+        st.detach("lxc0", Hook::PodIngress);
     });
 }
 

@@ -26,7 +26,42 @@ use crate::steering::{Bits, Endpoint, MAX_POLICIES, MapOp, NodeMode, Settings, W
 
 /// The object build.rs compiled from bpf/steer.c.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/steer.o"));
-const PROGRAM: &str = "keyd_steer";
+
+/// Where a program of steer.c runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Ingress of a device local pods send on: `keyd_steer` marks covered packets before
+    /// routing.
+    PodIngress,
+    /// Egress of the underlay: `keyd_guard` drops covered packets that are still in the clear
+    /// after routing, NAT and XFRM.
+    UnderlayEgress,
+}
+
+impl Hook {
+    const ALL: [Hook; 2] = [Hook::PodIngress, Hook::UnderlayEgress];
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::PodIngress => "keyd_steer",
+            Hook::UnderlayEgress => "keyd_guard",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::PodIngress => TcAttachType::Ingress,
+            Hook::UnderlayEgress => TcAttachType::Egress,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::PodIngress => "ingress",
+            Hook::UnderlayEgress => "egress",
+        }
+    }
+}
 
 const ENDPOINT_SIZE: usize = 8 + 2 * WORDS * 8;
 type EndpointBytes = [u8; ENDPOINT_SIZE];
@@ -56,8 +91,12 @@ pub struct EbpfSettings {
 pub enum EbpfError {
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
-    #[error("the kernel refused the steering program: {io}\nverifier log:\n{log}")]
-    Verifier { io: std::io::Error, log: String },
+    #[error("the kernel refused the eBPF program {program}: {io}\nverifier log:\n{log}")]
+    Verifier {
+        program: &'static str,
+        io: std::io::Error,
+        log: String,
+    },
     #[error("eBPF program {what}")]
     Program {
         what: String,
@@ -113,7 +152,7 @@ pub struct Steering {
     nodes: Array<MapData, u32>,
     config: Array<MapData, [u32; 6]>,
     counters: PerCpuArray<MapData, [u64; 6]>,
-    attached: BTreeMap<String, Attachment>,
+    attached: BTreeMap<(String, Hook), Attachment>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -150,21 +189,24 @@ impl Steering {
             }
         }
         let mut bpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
-        let prog = program(&mut bpf)?;
-        if let Err(e) = prog.load() {
-            return Err(match e {
-                ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } => EbpfError::Verifier {
-                    io: io_error,
-                    log: verifier_log.to_string(),
-                },
-                other => EbpfError::Program {
-                    what: "load".into(),
-                    source: other,
-                },
-            });
+        for hook in Hook::ALL {
+            let prog = program(&mut bpf, hook)?;
+            if let Err(e) = prog.load() {
+                return Err(match e {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => EbpfError::Verifier {
+                        program: hook.program(),
+                        io: io_error,
+                        log: verifier_log.to_string(),
+                    },
+                    other => EbpfError::Program {
+                        what: format!("{}: load", hook.program()),
+                        source: other,
+                    },
+                });
+            }
         }
         let mut take = |name: &'static str| -> Result<Map, EbpfError> {
             bpf.take_map(name).ok_or(EbpfError::Map {
@@ -210,20 +252,22 @@ impl Steering {
         })
     }
 
-    /// Instructions the verifier processed for the program (its cost to verify).
-    pub fn verified_instructions(&mut self) -> Option<u32> {
-        let prog = program(&mut self.bpf).ok()?;
+    /// Instructions the verifier processed for a program (its cost to verify).
+    pub fn verified_instructions(&mut self, hook: Hook) -> Option<u32> {
+        let prog = program(&mut self.bpf, hook).ok()?;
         prog.info().ok()?.verified_instruction_count()
     }
 
-    /// The devices the program is attached to.
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
+    /// The devices and hooks the programs are attached to.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, Hook)> {
+        self.attached.keys().map(|(d, h)| (d.as_str(), *h))
     }
 
-    /// Attaches the program to `device`'s ingress (no-op if already attached by this process).
-    pub fn attach(&mut self, device: &str) -> Result<(), EbpfError> {
-        if self.attached.contains_key(device) {
+    /// Attaches the hook's program to `device` (no-op if this process attached it already).
+    /// It goes first among the device's TCX programs (a program ahead of it that passes or
+    /// redirects would end the chain before it runs).
+    pub fn attach(&mut self, device: &str, hook: Hook) -> Result<(), EbpfError> {
+        if self.attached.contains_key(&(device.to_owned(), hook)) {
             return Ok(());
         }
         let use_tcx = match self.settings.attach {
@@ -232,28 +276,28 @@ impl Steering {
             AttachMode::Auto => tcx_supported(),
         };
         let attachment = if use_tcx {
-            self.attach_tcx(device)?
+            self.attach_tcx(device, hook)?
         } else {
-            self.attach_netlink(device)?
+            self.attach_netlink(device, hook)?
         };
-        self.attached.insert(device.to_owned(), attachment);
+        self.attached.insert((device.to_owned(), hook), attachment);
         Ok(())
     }
 
-    fn link_pin(&self, device: &str) -> Option<PathBuf> {
+    fn link_pin(&self, device: &str, hook: Hook) -> Option<PathBuf> {
         self.settings
             .pin_dir
             .as_ref()
-            .map(|d| d.join(format!("link-{device}-ingress")))
+            .map(|d| d.join(format!("link-{device}-{}", hook.as_str())))
     }
 
-    fn attach_tcx(&mut self, device: &str) -> Result<Attachment, EbpfError> {
-        let pin = self.link_pin(device);
+    fn attach_tcx(&mut self, device: &str, hook: Hook) -> Result<Attachment, EbpfError> {
+        let pin = self.link_pin(device, hook);
         let attach_err = |source| EbpfError::Attach {
             device: device.to_owned(),
             source,
         };
-        let prog = program(&mut self.bpf)?;
+        let prog = program(&mut self.bpf, hook)?;
         // A pinned link of an earlier run: replace its program atomically.
         let previous = match &pin {
             Some(p) => match PinnedLink::from_pin(p) {
@@ -286,8 +330,8 @@ impl Steering {
             None => prog
                 .attach_with_options(
                     device,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    hook.attach_type(),
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .map_err(attach_err)?,
         };
@@ -312,7 +356,7 @@ impl Steering {
         }
     }
 
-    fn attach_netlink(&mut self, device: &str) -> Result<Attachment, EbpfError> {
+    fn attach_netlink(&mut self, device: &str, hook: Hook) -> Result<Attachment, EbpfError> {
         let attach_err = |source| EbpfError::Attach {
             device: device.to_owned(),
             source,
@@ -327,13 +371,13 @@ impl Steering {
         }
         let persist = self.settings.pin_dir.is_some();
         let base = self.settings.priority;
-        let prog = program(&mut self.bpf)?;
+        let prog = program(&mut self.bpf, hook)?;
         let mut attached_at = None;
         let mut last_err = None;
         for priority in [base, base.wrapping_add(1)] {
             match prog.attach_with_options(
                 device,
-                TcAttachType::Ingress,
+                hook.attach_type(),
                 TcAttachOptions::Netlink(NlOptions {
                     priority,
                     handle: TcHandle::new(0, 1),
@@ -378,16 +422,16 @@ impl Steering {
         }
     }
 
-    /// Detaches from `device` (also a pinned or persistent attachment).
-    pub fn detach(&mut self, device: &str) {
-        match self.attached.remove(device) {
+    /// Detaches the hook's program from `device` (also a pinned or persistent attachment).
+    pub fn detach(&mut self, device: &str, hook: Hook) {
+        match self.attached.remove(&(device.to_owned(), hook)) {
             Some(Attachment::Pinned(p)) => {
                 let _ = p.unpin();
             }
             Some(Attachment::Netlink { priority }) => {
                 if let Ok(l) = SchedClassifierLink::attached(
                     device,
-                    TcAttachType::Ingress,
+                    hook.attach_type(),
                     priority,
                     TcHandle::new(0, 1),
                     None,
@@ -400,10 +444,12 @@ impl Steering {
         }
     }
 
-    /// Forgets a device that went away (its attachment went with it).
+    /// Forgets a device that went away (its attachments went with it).
     pub fn forget(&mut self, device: &str) {
-        if let Some(Attachment::Pinned(p)) = self.attached.remove(device) {
-            let _ = p.unpin();
+        for hook in Hook::ALL {
+            if let Some(Attachment::Pinned(p)) = self.attached.remove(&(device.to_owned(), hook)) {
+                let _ = p.unpin();
+            }
         }
     }
 
@@ -569,10 +615,15 @@ impl Steering {
     }
 }
 
-/// The names of this network namespace's links (to find the devices pods send on).
-pub fn link_names() -> Result<Vec<String>, crate::kernel::KernelError> {
+/// The names of this network namespace's links, and the one holding `address` (the underlay).
+pub fn link_names(
+    address: IpAddr,
+) -> Result<(Vec<String>, Option<String>), crate::kernel::KernelError> {
     let mut sock = route_socket()?;
-    crate::kernel::route::link_names(&mut sock)
+    let links = crate::kernel::route::links(&mut sock)?;
+    let underlay = crate::kernel::route::link_with_address(&mut sock, address)?
+        .and_then(|i| links.iter().find(|(j, _)| *j == i).map(|(_, n)| n.clone()));
+    Ok((links.into_iter().map(|(_, n)| n).collect(), underlay))
 }
 
 /// Policy routing for WireGuard-steered packets (see `route::ensure_mark_rules`).
@@ -595,14 +646,15 @@ fn route_socket() -> Result<crate::kernel::nl::NlSocket, crate::kernel::KernelEr
     })
 }
 
-fn program(bpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, EbpfError> {
-    let p = bpf.program_mut(PROGRAM).ok_or_else(|| EbpfError::Map {
+fn program(bpf: &mut aya::Ebpf, hook: Hook) -> Result<&mut SchedClassifier, EbpfError> {
+    let name = hook.program();
+    let p = bpf.program_mut(name).ok_or_else(|| EbpfError::Map {
         map: "program",
-        what: format!("{PROGRAM} is missing from the object"),
+        what: format!("{name} is missing from the object"),
         source: None,
     })?;
     p.try_into().map_err(|source| EbpfError::Program {
-        what: format!("{PROGRAM} is not a tc classifier"),
+        what: format!("{name} is not a tc classifier"),
         source,
     })
 }
@@ -735,7 +787,9 @@ mod tests {
     #[test]
     fn the_object_holds_the_program_and_its_maps() {
         let obj = aya_obj_names(OBJECT);
-        assert!(obj.contains(PROGRAM), "program missing");
+        for hook in Hook::ALL {
+            assert!(obj.contains(hook.program()), "{hook:?} missing");
+        }
         for m in MAPS {
             assert!(obj.contains(m), "{m} missing");
         }

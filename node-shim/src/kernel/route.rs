@@ -263,8 +263,8 @@ pub(crate) fn routes(sock: &mut NlSocket, oif: u32) -> Result<BTreeSet<RouteSpec
     Ok(out)
 }
 
-/// The names of every link (to find the devices local pods send on).
-pub(crate) fn link_names(sock: &mut NlSocket) -> Result<Vec<String>, KernelError> {
+/// Every link's index and name (to find the devices local pods send on, and the underlay).
+pub(crate) fn links(sock: &mut NlSocket) -> Result<Vec<(u32, String)>, KernelError> {
     let replies = sock.dump(
         "listing links",
         RouteNetlinkMessage::GetLink(LinkMessage::default()),
@@ -272,10 +272,13 @@ pub(crate) fn link_names(sock: &mut NlSocket) -> Result<Vec<String>, KernelError
     Ok(replies
         .into_iter()
         .filter_map(|r| match r {
-            RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some(n),
-                _ => None,
-            }),
+            RouteNetlinkMessage::NewLink(l) => {
+                let index = l.header.index;
+                l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some((index, n)),
+                    _ => None,
+                })
+            }
             _ => None,
         })
         .collect())

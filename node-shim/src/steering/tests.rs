@@ -130,6 +130,23 @@ fn slots_stay_put_and_are_reused_only_once_free() {
 }
 
 #[test]
+fn a_slot_freed_and_wanted_in_one_change_is_not_reused_by_it() {
+    let mut s = Slots::default();
+    s.assign(["p/a"], ["n1"]);
+    let a = s.policies["p/a"];
+    let n1 = s.nodes["n1"];
+    // p/a goes and p/b comes in the same change: p/b must not take p/a's slot, whose entries
+    // are still in the maps until this change is applied.
+    s.assign(["p/b"], ["n2"]);
+    assert_ne!(s.policies["p/b"], a);
+    assert_ne!(s.nodes["n2"], n1);
+    // The change after that may reuse it.
+    s.assign(["p/b", "p/c"], ["n2", "n3"]);
+    assert_eq!(s.policies["p/c"], a);
+    assert_eq!(s.nodes["n3"], n1);
+}
+
+#[test]
 fn slots_run_out_by_name() {
     let names: Vec<String> = (0..MAX_POLICIES + 2).map(|i| format!("p{i:05}")).collect();
     let mut s = Slots::default();
