@@ -1,5 +1,5 @@
 //! Builds the eBPF tc program (`bpf/steer.c`) with clang into `$OUT_DIR/steer.o`, which
-//! `kernel::steering` embeds and loads with aya. A machine without clang or libbpf's headers
+//! `kernel::ebpf` embeds and loads with aya. A machine without clang or libbpf's headers
 //! fails here with the Debian packages to install, not later with a missing file.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +29,13 @@ fn main() {
     }
     let object = out.join("steer.o");
     let mut cmd = Command::new(&clang);
-    cmd.args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"]);
+    // The target's byte order, not the build machine's: the maps are read and written by the
+    // node-shim binary being built.
+    let target = match std::env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() {
+        Ok("big") => "bpfeb",
+        _ => "bpfel",
+    };
+    cmd.args(["-target", target, "-O2", "-g", "-Wall", "-Werror"]);
     // <linux/*.h> includes <asm/types.h>, which Debian keeps under the multiarch folder.
     if let Some(dir) = multiarch_include() {
         cmd.arg(format!("-I{}", dir.display()));

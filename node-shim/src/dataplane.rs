@@ -121,6 +121,9 @@ impl Dataplane {
             counting_since: Timestamp::now(),
             shared,
         };
+        // Counters restart with this process (`counting_since`): policy slots are zeroed as
+        // they are assigned, the all-mode slot here.
+        dp.ebpf.reset_counters(ALL_SLOT)?;
         dp.scan_devices();
         Ok(dp)
     }
@@ -217,6 +220,17 @@ impl Dataplane {
                     .slots
                     .assign(rules.policies.iter().map(|p| p.name.as_str()), remote);
                 let (c, mut problems) = steering::from_rules(rules, &self.node, &self.slots, base);
+                let own = mechanism(self.mode);
+                for p in rules.policies.iter().filter(|p| p.mode != own) {
+                    problems.push(steering::Problem {
+                        what: format!(
+                            "{} asks for {:?} but this node encrypts with {own:?}: its covered traffic {}",
+                            p.name,
+                            p.mode,
+                            if p.strict { "is dropped" } else { "goes in the clear" }
+                        ),
+                    });
+                }
                 problems.extend(full.into_iter().map(|n| steering::Problem {
                     what: format!("{n}: no free slot"),
                 }));
@@ -285,11 +299,18 @@ impl Dataplane {
 
     /// Reads the counters into the metrics and `/status`; returns them as a report.
     pub fn export(&mut self) -> DataplaneReport {
+        // Programmed: the policy has its slot and asks for this node's mechanism.
+        let own = mechanism(self.mode);
+        let modes: BTreeMap<&str, EncryptionMode> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.policies.iter().map(|p| (p.name.as_str(), p.mode)))
+            .collect();
         let mut slots: Vec<(String, u32, bool)> = self
             .slots
             .policies
             .iter()
-            .map(|(n, s)| (n.clone(), *s, true))
+            .map(|(n, s)| (n.clone(), *s, modes.get(n.as_str()) == Some(&own)))
             .collect();
         if self.encrypt == Encrypt::All {
             slots = vec![("all".to_owned(), ALL_SLOT, true)];

@@ -633,11 +633,10 @@ pub fn readiness(
                     have.preshared_key == Some(want.preshared_key.fingerprint())
                         && have.allowed_ips == want.allowed_ips
                 });
+                // Every allowed prefix has its route(s), and there is at least one.
                 let routed = want.allowed_ips.iter().all(|dst| {
-                    dw.routes
-                        .iter()
-                        .filter(|r| r.dst == *dst)
-                        .all(|r| ow.routes.contains(r))
+                    let mut routes = dw.routes.iter().filter(|r| r.dst == *dst).peekable();
+                    routes.peek().is_some() && routes.all(|r| ow.routes.contains(r))
                 });
                 if programmed && routed {
                     out.insert(p.node.clone(), crate::steering::READY_WIREGUARD);

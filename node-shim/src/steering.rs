@@ -14,6 +14,9 @@ use ipnet::IpNet;
 use keyd_proto::EncryptionMode;
 use keyd_proto::rules::{MAX_RULE_POLICIES, NodeRules};
 
+/// Entries of `keyd_endpoints` and `keyd_ports` (`MAX_ENDPOINTS`, `MAX_PORTS` in steer.c).
+pub const MAX_ENDPOINTS: usize = 262_144;
+pub const MAX_PORTS: usize = 65_536;
 /// Policy slots: one bit each in the bitmaps (`MAX_POLICIES` in steer.c).
 pub const MAX_POLICIES: usize = MAX_RULE_POLICIES;
 /// u64 words of a policy bitmap.
@@ -266,6 +269,16 @@ pub fn from_rules(
         b
     };
     for e in &rules.endpoints {
+        // `::ffff:0:0/96` is where IPv4 lives in the trie: an IPv6 prefix there would take
+        // IPv4 addresses.
+        if let IpNet::V6(v6) = e.prefix
+            && v6.addr().to_ipv4_mapped().is_some()
+        {
+            problems.push(Problem {
+                what: format!("{}: an IPv4-mapped IPv6 prefix is not accepted", e.prefix),
+            });
+            continue;
+        }
         let node = if e.node == local_node {
             0
         } else {
@@ -299,6 +312,32 @@ pub fn from_rules(
         entry.peer.union(&peer);
     }
     inherit(&mut c.endpoints);
+    if c.endpoints.len() > MAX_ENDPOINTS {
+        problems.push(Problem {
+            what: format!(
+                "{} endpoints exceed the map's {MAX_ENDPOINTS}; the rest are not loaded",
+                c.endpoints.len()
+            ),
+        });
+        let keep: BTreeMap<IpNet, Endpoint> = std::mem::take(&mut c.endpoints)
+            .into_iter()
+            .take(MAX_ENDPOINTS)
+            .collect();
+        c.endpoints = keep;
+    }
+    if c.ports.len() > MAX_PORTS {
+        problems.push(Problem {
+            what: format!(
+                "{} ports exceed the map's {MAX_PORTS}; the rest are not loaded",
+                c.ports.len()
+            ),
+        });
+        let keep: BTreeMap<(u8, u16), Bits> = std::mem::take(&mut c.ports)
+            .into_iter()
+            .take(MAX_PORTS)
+            .collect();
+        c.ports = keep;
+    }
     (c, problems)
 }
 

@@ -296,3 +296,15 @@ fn ipv4_keys_are_mapped_into_ipv6() {
     assert_eq!(len, 64);
     assert_eq!(addr[0], 0xfd);
 }
+
+#[test]
+fn mapped_ipv6_prefixes_are_refused() {
+    let mut r = rules();
+    r.endpoints
+        .push(ep("::ffff:10.2.0.0/120", "node-b", &[0], &[]));
+    let slots = slots_for(&r);
+    let (c, problems) = from_rules(&r, "node-a", &slots, base());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].what.contains("IPv4-mapped"));
+    assert_eq!(c.endpoints.len(), 3);
+}
