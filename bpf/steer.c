@@ -158,6 +158,27 @@ struct {
 	__uint(max_entries, MAX_POLICIES + 1);
 } keyd_counters SEC(".maps");
 
+// Who holds each slot, for node-shim alone (the programs never read them): the first 16 bytes
+// of SHA-256 over the policy's or node's name, so that a restarted node-shim gives every name
+// the slot it had and the maps stay consistent through its first update.
+struct slot_id {
+	__u8 hash[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct slot_id);
+	__uint(max_entries, MAX_POLICIES);
+} keyd_policy_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct slot_id);
+	__uint(max_entries, MAX_NODES);
+} keyd_node_ids SEC(".maps");
+
 struct flow {
 	struct lpm_key src;
 	struct lpm_key dst;

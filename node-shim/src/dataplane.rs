@@ -19,7 +19,7 @@ use crate::config::{Config, Encrypt, Mode};
 use crate::kernel::ebpf::{self, Counters, EbpfError, EbpfSettings, Hook, Steering};
 use crate::keyd_client::KeydClient;
 use crate::status::{PeerView, Shared};
-use crate::steering::{self, ALL_SLOT, Contents, MapOp, NodeMode, Settings, Slots};
+use crate::steering::{self, ALL_SLOT, Contents, MapOp, NodeMode, Settings, SlotId, Slots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -50,6 +50,8 @@ pub struct Dataplane {
     steering_cfg: crate::config::SteeringSettings,
     ebpf: Steering,
     slots: Slots,
+    /// What `keyd_policy_ids` and `keyd_node_ids` hold (slot -> id).
+    ids_written: (BTreeMap<u32, SlotId>, BTreeMap<u32, SlotId>),
     have: Option<Contents>,
     ready_have: BTreeMap<u32, u32>,
     rules: Option<NodeRules>,
@@ -103,6 +105,13 @@ impl Dataplane {
         // be read are an error, not a fresh start: their stale entries would never be removed.
         let have = Some(ebpf.read()?).filter(|c| c.settings.node_mode != NodeMode::Off);
         let ready_have = ebpf.node_flags(steering::MAX_NODES)?;
+        // Names get back the slots the maps' entries use.
+        let (policy_ids, node_ids) = ebpf.read_slot_ids()?;
+        let ids_written = (
+            policy_ids.iter().map(|(id, s)| (*s, *id)).collect(),
+            node_ids.iter().map(|(id, s)| (*s, *id)).collect(),
+        );
+        let slots = Slots::with_hints(policy_ids, node_ids);
         let mut dp = Dataplane {
             node: cfg.node_name.clone(),
             mode: cfg.mode,
@@ -112,7 +121,8 @@ impl Dataplane {
             underlay: cfg.ipsec.underlay_device.clone(),
             steering_cfg: s.clone(),
             ebpf,
-            slots: Slots::default(),
+            slots,
+            ids_written,
             have,
             ready_have,
             rules: None,
@@ -281,6 +291,7 @@ impl Dataplane {
         self.ebpf.apply(&settings_last)?;
         self.have = Some(want);
         self.ready_have = ready_want;
+        self.record_slot_ids()?;
         let problems: Vec<String> = problems.into_iter().map(|p| p.what).collect();
         if !problems.is_empty() {
             tracing::warn!(problems = ?problems, "some rules could not be loaded");
@@ -294,6 +305,35 @@ impl Dataplane {
             s.steering.rules_revision = revision;
             s.steering.problems = problems;
         });
+        Ok(())
+    }
+
+    /// Writes who holds each slot into the maps, so that a restart gives names their slots back.
+    fn record_slot_ids(&mut self) -> Result<(), DataplaneError> {
+        for (nodes, names) in [(false, &self.slots.policies), (true, &self.slots.nodes)] {
+            let written = if nodes {
+                &mut self.ids_written.1
+            } else {
+                &mut self.ids_written.0
+            };
+            let want: BTreeMap<u32, SlotId> = names
+                .iter()
+                .map(|(n, s)| (*s, steering::slot_id(n)))
+                .collect();
+            let mut ops: Vec<(u32, SlotId)> = want
+                .iter()
+                .filter(|(s, id)| written.get(s) != Some(id))
+                .map(|(s, id)| (*s, *id))
+                .collect();
+            ops.extend(
+                written
+                    .keys()
+                    .filter(|s| !want.contains_key(s))
+                    .map(|s| (*s, [0u8; 16])),
+            );
+            self.ebpf.write_slot_ids(nodes, &ops)?;
+            *written = want;
+        }
         Ok(())
     }
 

@@ -138,9 +138,34 @@ pub struct Slots {
     pub nodes: BTreeMap<String, u32>,
     retired_policies: BTreeSet<u32>,
     retired_nodes: BTreeSet<u32>,
+    /// Slots an earlier run gave names (by [`slot_id`]), preferred when a name comes back.
+    hints_policies: HashMap<SlotId, u32>,
+    hints_nodes: HashMap<SlotId, u32>,
+}
+
+/// What the pinned `keyd_policy_ids` and `keyd_node_ids` maps hold per slot.
+pub type SlotId = [u8; 16];
+
+/// The first 16 bytes of SHA-256 over `name`.
+pub fn slot_id(name: &str) -> SlotId {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d[..16]);
+    id
 }
 
 impl Slots {
+    /// Slots as an earlier run left them in the pinned maps: a name that comes back takes its
+    /// old slot, so the maps' entries keep meaning what they meant.
+    pub fn with_hints(policies: HashMap<SlotId, u32>, nodes: HashMap<SlotId, u32>) -> Self {
+        Slots {
+            hints_policies: policies,
+            hints_nodes: nodes,
+            ..Slots::default()
+        }
+    }
+
     /// Gives every name in `policies` and `nodes` a slot (keeping existing ones) and forgets
     /// the names no longer present. Returns the names that found no free slot.
     pub fn assign<'a>(
@@ -152,6 +177,7 @@ impl Slots {
         full.extend(assign(
             &mut self.policies,
             &mut self.retired_policies,
+            &mut self.hints_policies,
             policies,
             0,
             MAX_POLICIES as u32,
@@ -159,6 +185,7 @@ impl Slots {
         full.extend(assign(
             &mut self.nodes,
             &mut self.retired_nodes,
+            &mut self.hints_nodes,
             nodes,
             1,
             MAX_NODES,
@@ -170,11 +197,28 @@ impl Slots {
 fn assign<'a>(
     slots: &mut BTreeMap<String, u32>,
     retired: &mut BTreeSet<u32>,
+    hints: &mut HashMap<SlotId, u32>,
     names: impl IntoIterator<Item = &'a str>,
     first: u32,
     end: u32,
 ) -> Vec<String> {
     let wanted: BTreeSet<&str> = names.into_iter().collect();
+    // Names of an earlier run come back to their slots (first assignment after a restart).
+    let mut held = BTreeSet::new();
+    if !hints.is_empty() {
+        for name in &wanted {
+            if let Some(slot) = hints.remove(&slot_id(name))
+                && slot >= first
+                && slot < end
+                && !slots.values().any(|s| *s == slot)
+            {
+                slots.insert((*name).to_owned(), slot);
+            }
+        }
+        // Slots of names that did not come back still hold their entries until this change
+        // is applied: not reused by it.
+        held.extend(hints.drain().map(|(_, s)| s));
+    }
     let freed: BTreeSet<u32> = slots
         .iter()
         .filter(|(n, _)| !wanted.contains(n.as_str()))
@@ -184,6 +228,7 @@ fn assign<'a>(
     // Slots retired by the previous call were released by the change applied since.
     let mut used: BTreeSet<u32> = slots.values().copied().collect();
     used.extend(freed.iter().copied());
+    used.extend(held.iter().copied());
     let mut next = first;
     let mut full = Vec::new();
     for name in wanted {
@@ -201,6 +246,7 @@ fn assign<'a>(
         slots.insert(name.to_owned(), next);
     }
     *retired = freed;
+    retired.extend(held);
     full
 }
 

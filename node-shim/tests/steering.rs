@@ -697,10 +697,22 @@ fn restart_scenario(attach: AttachMode) {
     let db = slots.policies["EncryptionPolicy shop/db"];
     let s1 = settings.clone();
     let c1 = c.clone();
+    let ids: Vec<(u32, steering::SlotId)> = slots
+        .policies
+        .iter()
+        .map(|(n, s)| (*s, steering::slot_id(n)))
+        .collect();
+    let node_ids: Vec<(u32, steering::SlotId)> = slots
+        .nodes
+        .iter()
+        .map(|(n, s)| (*s, steering::slot_id(n)))
+        .collect();
     let st = t.node.run(move || {
         let mut st = Steering::load(s1()).unwrap();
         st.attach("lxc0", Hook::PodIngress).unwrap();
         st.apply(&steering::diff(None, &c1)).unwrap();
+        st.write_slot_ids(false, &ids).unwrap();
+        st.write_slot_ids(true, &node_ids).unwrap();
         st
     });
     // node-b not ready: strict drops. Then the process "exits".
@@ -723,6 +735,14 @@ fn restart_scenario(attach: AttachMode) {
         st
     });
     assert_eq!(st.read().unwrap(), c, "the pinned maps kept the rules");
+    // ... and who holds each slot: the same rules compile to the same contents after a
+    // restart, so the first update changes nothing.
+    let (p_ids, n_ids) = st.read_slot_ids().unwrap();
+    let mut fresh = Slots::with_hints(p_ids, n_ids);
+    let again = compile(&rules(true, 5432), &mut fresh);
+    assert_eq!(fresh.policies, slots.policies);
+    assert_eq!(fresh.nodes, slots.nodes);
+    assert!(steering::diff(Some(&c), &again).is_empty());
     assert_eq!(
         st.counters(db).unwrap().dropped_packets,
         6,

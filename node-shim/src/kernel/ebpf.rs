@@ -10,7 +10,7 @@
 //! program replaces the old one atomically (TCX) or is attached beside it before the old filter
 //! goes (netlink).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,9 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{EbpfLoader, VerifierLogLevel};
 use ipnet::IpNet;
 
-use crate::steering::{Bits, Endpoint, MAX_POLICIES, MapOp, NodeMode, Settings, WORDS, mode_code};
+use crate::steering::{
+    Bits, Endpoint, MAX_NODES, MAX_POLICIES, MapOp, NodeMode, Settings, SlotId, WORDS, mode_code,
+};
 
 /// The object build.rs compiled from bpf/steer.c.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/steer.o"));
@@ -152,6 +154,8 @@ pub struct Steering {
     nodes: Array<MapData, u32>,
     config: Array<MapData, [u32; 6]>,
     counters: PerCpuArray<MapData, [u64; 6]>,
+    policy_ids: Array<MapData, SlotId>,
+    node_ids: Array<MapData, SlotId>,
     attached: BTreeMap<(String, Hook), Attachment>,
 }
 
@@ -163,7 +167,7 @@ impl std::fmt::Debug for Steering {
     }
 }
 
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 9] = [
     "keyd_endpoints",
     "keyd_ports",
     "keyd_policy_sets",
@@ -171,6 +175,8 @@ const MAPS: [&str; 7] = [
     "keyd_nodes",
     "keyd_settings",
     "keyd_counters",
+    "keyd_policy_ids",
+    "keyd_node_ids",
 ];
 
 impl Steering {
@@ -231,6 +237,9 @@ impl Steering {
         let config = Array::try_from(take("keyd_settings")?).map_err(wrong("keyd_settings"))?;
         let counters =
             PerCpuArray::try_from(take("keyd_counters")?).map_err(wrong("keyd_counters"))?;
+        let policy_ids =
+            Array::try_from(take("keyd_policy_ids")?).map_err(wrong("keyd_policy_ids"))?;
+        let node_ids = Array::try_from(take("keyd_node_ids")?).map_err(wrong("keyd_node_ids"))?;
         // The constant sets the program reads when a packet has no ports or a port no policy
         // names (steer.c's SET_NONE and SET_ALL).
         let mut sets = sets;
@@ -248,6 +257,8 @@ impl Steering {
             nodes,
             config,
             counters,
+            policy_ids,
+            node_ids,
             attached: BTreeMap::new(),
         })
     }
@@ -566,6 +577,46 @@ impl Steering {
             }
         }
         Ok(out)
+    }
+
+    /// Who holds each policy and node slot, as written by [`Steering::write_slot_ids`] (of an
+    /// earlier run, with pinned maps): id -> slot, for [`crate::steering::Slots::with_hints`].
+    pub fn read_slot_ids(&self) -> Result<(HashMap<SlotId, u32>, HashMap<SlotId, u32>), EbpfError> {
+        let read = |map: &Array<MapData, SlotId>, name: &'static str, end: u32| {
+            let mut out = HashMap::new();
+            for slot in 0..end {
+                let id = map.get(&slot, 0).map_err(|e| EbpfError::Map {
+                    map: name,
+                    what: "read".into(),
+                    source: Some(e),
+                })?;
+                if id != [0; 16] {
+                    out.insert(id, slot);
+                }
+            }
+            Ok(out)
+        };
+        Ok((
+            read(&self.policy_ids, "keyd_policy_ids", MAX_POLICIES as u32)?,
+            read(&self.node_ids, "keyd_node_ids", MAX_NODES)?,
+        ))
+    }
+
+    /// Records who holds policy (`nodes: false`) or node slots; a zero id frees one.
+    pub fn write_slot_ids(&mut self, nodes: bool, ids: &[(u32, SlotId)]) -> Result<(), EbpfError> {
+        let (map, name) = if nodes {
+            (&mut self.node_ids, "keyd_node_ids")
+        } else {
+            (&mut self.policy_ids, "keyd_policy_ids")
+        };
+        for (slot, id) in ids {
+            map.set(*slot, *id, 0).map_err(|e| EbpfError::Map {
+                map: name,
+                what: format!("slot {slot}"),
+                source: Some(e),
+            })?;
+        }
+        Ok(())
     }
 
     /// Zeroes one slot's counters on every CPU (a slot given to another policy).

@@ -308,3 +308,19 @@ fn mapped_ipv6_prefixes_are_refused() {
     assert!(problems[0].what.contains("IPv4-mapped"));
     assert_eq!(c.endpoints.len(), 3);
 }
+
+#[test]
+fn names_of_an_earlier_run_get_their_slots_back() {
+    let mut before = Slots::default();
+    before.assign(["p/a", "p/b", "p/c"], ["n1", "n2"]);
+    // A restart: only the pinned ids are left. p/b is gone, p/0 is new and sorts first.
+    let ids = |m: &BTreeMap<String, u32>| m.iter().map(|(n, s)| (slot_id(n), *s)).collect();
+    let mut after = Slots::with_hints(ids(&before.policies), ids(&before.nodes));
+    after.assign(["p/0", "p/a", "p/c"], ["n2"]);
+    assert_eq!(after.policies["p/a"], before.policies["p/a"]);
+    assert_eq!(after.policies["p/c"], before.policies["p/c"]);
+    assert_eq!(after.nodes["n2"], before.nodes["n2"]);
+    // The newcomer does not take the slot p/b held: its entries are still in the maps.
+    assert_ne!(after.policies["p/0"], before.policies["p/b"]);
+    assert_ne!(after.policies["p/0"], before.policies["p/a"]);
+}
