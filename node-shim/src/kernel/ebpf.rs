@@ -69,6 +69,9 @@ const ENDPOINT_SIZE: usize = 8 + 2 * WORDS * 8;
 type EndpointBytes = [u8; ENDPOINT_SIZE];
 type BitsBytes = [u64; WORDS];
 
+/// id -> slot, as read back from `keyd_policy_ids` or `keyd_node_ids`.
+pub type SlotIds = HashMap<SlotId, u32>;
+
 /// How the program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -581,7 +584,7 @@ impl Steering {
 
     /// Who holds each policy and node slot, as written by [`Steering::write_slot_ids`] (of an
     /// earlier run, with pinned maps): id -> slot, for [`crate::steering::Slots::with_hints`].
-    pub fn read_slot_ids(&self) -> Result<(HashMap<SlotId, u32>, HashMap<SlotId, u32>), EbpfError> {
+    pub fn read_slot_ids(&self) -> Result<(SlotIds, SlotIds), EbpfError> {
         let read = |map: &Array<MapData, SlotId>, name: &'static str, end: u32| {
             let mut out = HashMap::new();
             for slot in 0..end {
