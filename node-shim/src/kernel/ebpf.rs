@@ -140,9 +140,9 @@ pub struct Counters {
 #[derive(Debug)]
 enum Attachment {
     /// Owned by this process (no pin directory): detached when dropped.
-    Owned(#[allow(dead_code)] SchedClassifierLink),
+    Owned(SchedClassifierLink),
     /// Pinned TCX link.
-    Pinned(#[allow(dead_code)] PinnedLink),
+    Pinned(PinnedLink),
     /// A netlink filter left in the kernel on purpose, at this priority.
     Netlink { priority: u16 },
 }
