@@ -140,9 +140,23 @@ fn udp_reaches(ns: &NetNs, at_least: u64) -> u64 {
     }
 }
 
-fn rules(strict: bool, port: u16) -> NodeRules {
+/// `node`'s rules for one WireGuard policy, `EncryptionPolicy shop/db`, on UDP `port`: it
+/// selects the prefixes in `selected` and has those in `peers` as peers (prefix, node).
+fn one_policy(
+    node: &str,
+    strict: bool,
+    port: u16,
+    selected: &[(&str, &str)],
+    peers: &[(&str, &str)],
+) -> NodeRules {
+    let entry = |(prefix, on): &(&str, &str), selected: bool| RuleEndpoint {
+        prefix: prefix.parse().unwrap(),
+        node: (*on).into(),
+        selected_by: if selected { vec![0] } else { vec![] },
+        peer_of: if selected { vec![] } else { vec![0] },
+    };
     NodeRules {
-        node: "node-a".into(),
+        node: node.into(),
         revision: format!("r-{strict}-{port}"),
         policies: vec![RulePolicy {
             name: "EncryptionPolicy shop/db".into(),
@@ -153,34 +167,23 @@ fn rules(strict: bool, port: u16) -> NodeRules {
                 port,
             }],
         }],
-        endpoints: vec![
-            RuleEndpoint {
-                prefix: "10.1.0.5/32".parse().unwrap(),
-                node: "node-a".into(),
-                selected_by: vec![0],
-                peer_of: vec![],
-            },
-            RuleEndpoint {
-                prefix: "fd00:1::5/128".parse().unwrap(),
-                node: "node-a".into(),
-                selected_by: vec![0],
-                peer_of: vec![],
-            },
-            RuleEndpoint {
-                prefix: "10.2.0.0/24".parse().unwrap(),
-                node: "node-b".into(),
-                selected_by: vec![],
-                peer_of: vec![0],
-            },
-            RuleEndpoint {
-                prefix: "fd00:2::/64".parse().unwrap(),
-                node: "node-b".into(),
-                selected_by: vec![],
-                peer_of: vec![0],
-            },
-        ],
+        endpoints: selected
+            .iter()
+            .map(|e| entry(e, true))
+            .chain(peers.iter().map(|e| entry(e, false)))
+            .collect(),
         rejected: vec![],
     }
+}
+
+fn rules(strict: bool, port: u16) -> NodeRules {
+    one_policy(
+        "node-a",
+        strict,
+        port,
+        &[("10.1.0.5/32", "node-a"), ("fd00:1::5/128", "node-a")],
+        &[("10.2.0.0/24", "node-b"), ("fd00:2::/64", "node-b")],
+    )
 }
 
 fn compile(r: &NodeRules, slots: &mut Slots) -> Contents {
@@ -487,34 +490,9 @@ format = "text"
         );
 
         let policy = "EncryptionPolicy shop/db";
-        let rules = NodeRules {
-            node: "node-a".into(),
-            revision: "r1".into(),
-            policies: vec![RulePolicy {
-                name: policy.into(),
-                mode: EncryptionMode::Wireguard,
-                strict: true,
-                ports: vec![RulePort {
-                    protocol: L4Protocol::Udp,
-                    port: 5432,
-                }],
-            }],
-            endpoints: vec![
-                RuleEndpoint {
-                    prefix: "10.1.0.5/32".parse().unwrap(),
-                    node: "node-a".into(),
-                    selected_by: vec![0],
-                    peer_of: vec![],
-                },
-                RuleEndpoint {
-                    prefix: "10.2.0.0/24".parse().unwrap(),
-                    node: "node-b".into(),
-                    selected_by: vec![],
-                    peer_of: vec![0],
-                },
-            ],
-            rejected: vec![],
-        };
+        let pod_a_ip = ("10.1.0.5/32", "node-a");
+        let cidr_b = ("10.2.0.0/24", "node-b");
+        let rules = one_policy("node-a", true, 5432, &[pod_a_ip], &[cidr_b]);
         // The agent's view after its first passes (node-b not registered yet).
         for _ in 0..2 {
             agent_a.step().await;
@@ -575,24 +553,7 @@ format = "text"
         dp = sync(dp, Some(rules.clone()), view);
         // node-b enforces the same policy from its side: the pod's answers (here the ICMP port
         // unreachable its stack sends back, which quotes the datagram) are covered too.
-        let rules_b = NodeRules {
-            node: "node-b".into(),
-            endpoints: vec![
-                RuleEndpoint {
-                    prefix: "10.1.0.5/32".parse().unwrap(),
-                    node: "node-a".into(),
-                    selected_by: vec![0],
-                    peer_of: vec![],
-                },
-                RuleEndpoint {
-                    prefix: "10.2.0.0/24".parse().unwrap(),
-                    node: "node-b".into(),
-                    selected_by: vec![],
-                    peer_of: vec![0],
-                },
-            ],
-            ..rules.clone()
-        };
+        let rules_b = one_policy("node-b", true, 5432, &[pod_a_ip], &[cidr_b]);
         let c = cfg_b.clone();
         let sh = shared_b.clone();
         let mut dp_b = b.run(move || Dataplane::start(&c, sh).expect("data plane starts on b"));
