@@ -298,10 +298,7 @@ impl Dataplane {
         }
         let revision = self.rules.as_ref().map(|r| r.revision.clone());
         self.shared.update(|s| {
-            s.steering.node_mode = match self.encrypt {
-                Encrypt::All => "all".into(),
-                Encrypt::Policy => "policy".into(),
-            };
+            s.steering.node_mode = self.encrypt.as_str().into();
             s.steering.rules_revision = revision;
             s.steering.problems = problems;
         });
@@ -398,10 +395,7 @@ impl Dataplane {
             });
         }
         let report = DataplaneReport {
-            node_mode: match self.encrypt {
-                Encrypt::All => "all".into(),
-                Encrypt::Policy => "policy".into(),
-            },
+            node_mode: self.encrypt.as_str().into(),
             rules_revision: self.rules.as_ref().map(|r| r.revision.clone()),
             counting_since: self.counting_since,
             at: Timestamp::now(),

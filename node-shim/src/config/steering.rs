@@ -20,6 +20,16 @@ pub enum Encrypt {
     Policy,
 }
 
+impl Encrypt {
+    /// As configured and reported (`/status`, keyd's data-plane reports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encrypt::All => "all",
+            Encrypt::Policy => "policy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SteeringSettings {
     pub encrypt: Encrypt,

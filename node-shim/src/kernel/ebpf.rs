@@ -692,12 +692,7 @@ pub fn ensure_mark_rules(
 }
 
 fn route_socket() -> Result<crate::kernel::nl::NlSocket, crate::kernel::KernelError> {
-    crate::kernel::nl::NlSocket::open(netlink_sys::protocols::NETLINK_ROUTE).map_err(|source| {
-        crate::kernel::KernelError::Netlink {
-            what: "opening a route netlink socket".into(),
-            source,
-        }
-    })
+    crate::kernel::nl::NlSocket::open_for(netlink_sys::protocols::NETLINK_ROUTE, "route")
 }
 
 fn program(bpf: &mut aya::Ebpf, hook: Hook) -> Result<&mut SchedClassifier, EbpfError> {

@@ -52,10 +52,7 @@ impl std::fmt::Debug for NetlinkKernel {
 }
 
 fn open(protocol: isize, what: &'static str) -> Result<NlSocket, KernelError> {
-    NlSocket::open(protocol).map_err(|source| KernelError::Netlink {
-        what: format!("opening a {what} netlink socket"),
-        source,
-    })
+    NlSocket::open_for(protocol, what)
 }
 
 impl NetlinkKernel {

@@ -31,6 +31,14 @@ pub(crate) struct NlSocket {
 }
 
 impl NlSocket {
+    /// [`NlSocket::open`], its error naming the socket (`what`: route, xfrm, generic).
+    pub fn open_for(protocol: isize, what: &'static str) -> Result<Self, KernelError> {
+        Self::open(protocol).map_err(|source| KernelError::Netlink {
+            what: format!("opening a {what} netlink socket"),
+            source,
+        })
+    }
+
     pub fn open(protocol: isize) -> io::Result<Self> {
         let mut sock = Socket::new(protocol)?;
         sock.bind_auto()?;
