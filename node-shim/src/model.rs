@@ -196,6 +196,22 @@ pub struct RouteSpec {
     pub metric: u32,
 }
 
+/// The metric the kernel gives an IPv6 route added without one (`IP6_RT_PRIO_USER`).
+pub const IPV6_DEFAULT_METRIC: u32 = 1024;
+
+impl RouteSpec {
+    /// A route as the kernel will list it: an IPv6 route asked for with metric 0 is stored with
+    /// 1024, and a desired route must compare equal to what is read back (else every pass would
+    /// replace it, and the tunnel would never count as routed).
+    pub fn new(dst: IpNet, table: u32, metric: u32) -> Self {
+        let metric = match dst {
+            IpNet::V6(_) if metric == 0 => IPV6_DEFAULT_METRIC,
+            _ => metric,
+        };
+        RouteSpec { dst, table, metric }
+    }
+}
+
 /// The device-level WireGuard settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgDeviceConfig {

@@ -372,11 +372,7 @@ fn desired_wireguard(inputs: &Inputs<'_>) -> Computed {
         }
         claimed.extend(allowed.iter().copied());
         for dst in &allowed {
-            routes.insert(RouteSpec {
-                dst: *dst,
-                table: cfg.route_table,
-                metric: cfg.route_metric,
-            });
+            routes.insert(RouteSpec::new(*dst, cfg.route_table, cfg.route_metric));
         }
         peers.insert(
             public_key,

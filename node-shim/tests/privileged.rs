@@ -129,7 +129,7 @@ fn wg_bundle(own: &str, peers: &[(&str, &Key32, &str, &str, u8)], epoch: u64) ->
                     node: (*node).into(),
                     public_key: key.public_key().to_base64(),
                     endpoint: ip.parse().unwrap(),
-                    allowed_ips: vec![cidr.parse().unwrap()],
+                    allowed_ips: cidr.split(',').map(|c| c.parse().unwrap()).collect(),
                     preshared_key: SecretBytes::new(vec![*psk; 32]),
                 })
                 .collect(),
@@ -186,7 +186,8 @@ fn privileged_reconciler_against_real_netlink() {
     let b1 = wg_bundle(
         "node-a",
         &[
-            ("node-b", &kb, "192.168.78.2", "10.2.0.0/24", 1),
+            // IPv4 and IPv6: the kernel lists an IPv6 route added without a metric with 1024.
+            ("node-b", &kb, "192.168.78.2", "10.2.0.0/24,fd00:2::/64", 1),
             ("node-c", &kc, "192.168.78.3", "10.3.0.0/24", 2),
         ],
         1,
@@ -199,7 +200,7 @@ fn privileged_reconciler_against_real_netlink() {
     assert_eq!(wg.public_key, Some(own.public_key()));
     assert_eq!(wg.listen_port, 51871);
     assert_eq!(wg.peers.len(), 2);
-    assert_eq!(wg.routes.len(), 2);
+    assert_eq!(wg.routes.len(), 3);
     let routes = ns.sh("ip route show");
     assert!(
         routes.contains("10.2.0.0/24 dev kswg0 proto 199"),
@@ -208,7 +209,7 @@ fn privileged_reconciler_against_real_netlink() {
     // A route someone else put on the device is not ours: untouched, unreported.
     ns.sh("ip route add 10.200.0.0/24 dev kswg0");
 
-    // Real kernel, second pass: nothing to do.
+    // Real kernel, second pass: nothing to do (the IPv6 route reads back as it is desired).
     let (p, _, _) = sync(&mut k, &b1);
     assert!(p.is_empty(), "not idempotent: {p:?}");
 
@@ -216,7 +217,7 @@ fn privileged_reconciler_against_real_netlink() {
     let b2 = wg_bundle(
         "node-a",
         &[
-            ("node-b", &kb, "192.168.78.2", "10.2.0.0/24", 3),
+            ("node-b", &kb, "192.168.78.2", "10.2.0.0/24,fd00:2::/64", 3),
             ("node-d", &kd, "192.168.78.4", "10.4.0.0/24", 4),
         ],
         2,
