@@ -107,6 +107,8 @@ pub struct Agent<K: Kernel> {
     installed_since: BTreeMap<u8, Instant>,
     last_ack: Option<Ack>,
     recheck_at: Option<Instant>,
+    /// When the kernel was last compared with the bundle (`resync_interval`).
+    last_reconcile: Option<Instant>,
     failures: u32,
     /// keyd's node-key epoch the WireGuard keypair answers (`None`: a key made at start, which
     /// answers the epoch the first bundle names).
@@ -228,6 +230,7 @@ impl<K: Kernel> Agent<K> {
             installed_since,
             last_ack: None,
             recheck_at: None,
+            last_reconcile: None,
             failures: 0,
             wg_key_epoch,
             long_poll: cfg_long_poll,
@@ -362,7 +365,11 @@ impl<K: Kernel> Agent<K> {
             }
         }
         self.nudge_handshakes();
-        let due = self.recheck_at.is_some_and(|t| Instant::now() >= t);
+        // A held-back step is due, or the periodic comparison that repairs drift.
+        let due = self.recheck_at.is_some_and(|t| Instant::now() >= t)
+            || self
+                .last_reconcile
+                .is_none_or(|t| t.elapsed() >= self.cfg.resync_interval);
         if (self.dirty || due)
             && let Err(e) = self.reconcile(true)
         {
@@ -478,6 +485,9 @@ impl<K: Kernel> Agent<K> {
         if let Some(t) = self.recheck_at {
             d = d.min(t.saturating_duration_since(now));
         }
+        if let Some(t) = self.last_reconcile {
+            d = d.min((t + self.cfg.resync_interval).saturating_duration_since(now));
+        }
         if let (Mode::Wireguard, Some(max)) = (self.cfg.mode, self.cfg.wireguard.keypair_max_age) {
             d = d.min((self.wg_key_born + max).saturating_duration_since(now));
         }
@@ -526,6 +536,7 @@ impl<K: Kernel> Agent<K> {
             return Ok(());
         };
         let started = Instant::now();
+        self.last_reconcile = Some(started);
         let result = self.reconcile_inner(full);
         let m = &self.shared.metrics;
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());

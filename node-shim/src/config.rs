@@ -122,6 +122,9 @@ pub struct Config {
     /// Long polls: keyd answers as soon as the bundle changes, waiting at most this long
     /// (`None`: plain polling every `poll_interval`).
     pub long_poll: Option<Duration>,
+    /// The kernel is compared with the last bundle at least this often, also while nothing
+    /// changes, so that state removed behind node-shim's back is put back.
+    pub resync_interval: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub ops_listen: Option<SocketAddr>,
@@ -144,6 +147,7 @@ pub struct RawConfig {
     pub poll_interval: Option<String>,
     /// `"30s"` (default), or `"off"` to poll every `poll_interval`.
     pub long_poll: Option<String>,
+    pub resync_interval: Option<String>,
     pub backoff_initial: Option<String>,
     pub backoff_max: Option<String>,
     pub ops_listen: Option<String>,
@@ -340,6 +344,14 @@ impl RawConfig {
                 Some(d)
             }
         };
+        let resync_interval = duration(
+            "resync_interval",
+            self.resync_interval.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        if resync_interval < Duration::from_secs(1) || resync_interval > Duration::from_secs(3600) {
+            return Err(err("resync_interval", "must be between 1s and 1h"));
+        }
         let backoff_initial = duration(
             "backoff_initial",
             self.backoff_initial.as_deref(),
@@ -411,6 +423,7 @@ impl RawConfig {
             mode,
             poll_interval,
             long_poll,
+            resync_interval,
             backoff_initial,
             backoff_max,
             ops_listen,

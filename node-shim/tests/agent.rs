@@ -392,3 +392,48 @@ async fn new_peers_that_do_not_handshake_are_re_added_a_few_times() {
         "the peer is still there"
     );
 }
+
+/// State removed behind node-shim's back (a route deleted by hand, another agent flushing) is put
+/// back within `resync_interval`, although the bundle did not change: the long poll is cut short
+/// to compare the kernel with it.
+#[tokio::test]
+async fn drift_is_repaired_without_a_bundle_change() {
+    use keyd_node_shim::kernel::Kernel as _;
+    use keyd_node_shim::model::Op;
+
+    let keyd = KeydHarness::start().await;
+    let mut cfg_a = keyd.point_at(config_wg("node-a", "192.168.0.1", "10.1.0.0/24"), "node-a");
+    cfg_a.long_poll = Some(Duration::from_secs(20));
+    cfg_a.resync_interval = Duration::from_secs(1);
+    let cfg_b = keyd.point_at(config_wg("node-b", "192.168.0.2", "10.2.0.0/24"), "node-b");
+    let mut ka = FakeKernel::new();
+    let (mut a, shared_a) = start_fake_agent(cfg_a, ka.clone());
+    let (mut b, _) = start_fake_agent(cfg_b, FakeKernel::new());
+    let routes = |k: &FakeKernel| k.state().wg.as_ref().map_or(0, |w| w.routes.len());
+    until(&mut [&mut a, &mut b], "node-a routes node-b's pods", || {
+        routes(&ka) == 1
+    })
+    .await;
+    // A route, not a peer: peers that have not handshaken yet are re-added anyway.
+    let route = *ka
+        .state()
+        .wg
+        .as_ref()
+        .unwrap()
+        .routes
+        .iter()
+        .next()
+        .unwrap();
+    ka.apply(&[Op::RouteDel(route)]).unwrap();
+    assert_eq!(routes(&ka), 0);
+
+    let t = std::time::Instant::now();
+    a.step().await;
+    let took = t.elapsed();
+    assert_eq!(routes(&ka), 1, "the removed route is back");
+    assert!(
+        took < Duration::from_secs(5),
+        "the long poll was not cut short for the resync: {took:?}"
+    );
+    assert_eq!(shared_a.snapshot().peers, 1);
+}
