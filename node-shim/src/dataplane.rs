@@ -34,9 +34,8 @@ pub enum DataplaneError {
     NoBpffs(String),
 }
 
-/// How often devices are scanned and counters exported and reported.
+/// How often devices are scanned and counters exported.
 const TICK: Duration = Duration::from_secs(1);
-const REPORT_EVERY: u32 = 30;
 
 pub struct Dataplane {
     node: String,
@@ -407,7 +406,7 @@ impl Dataplane {
     }
 
     /// Runs until `shutdown`: applies rule and peer changes as they come, scans devices and
-    /// exports counters every second, reports to keyd every 30 s. Exiting leaves the program
+    /// exports counters every second, reports to keyd every `report_interval`. Exiting leaves the program
     /// and (pinned) maps in place.
     pub async fn run(
         mut self,
@@ -422,6 +421,10 @@ impl Dataplane {
         if let Some(client) = reporter {
             tokio::spawn(send_reports(client, report_rx, shutdown.clone()));
         }
+        let report_every = u32::try_from(
+            (self.steering_cfg.report_interval.as_millis() / TICK.as_millis()).max(1),
+        )
+        .unwrap_or(u32::MAX);
         let mut ticks = 0u32;
         let mut rules_open = true;
         loop {
@@ -438,7 +441,7 @@ impl Dataplane {
                     ticks = ticks.wrapping_add(1);
                     self.scan_devices();
                     let report = self.export();
-                    if ticks.is_multiple_of(REPORT_EVERY) {
+                    if ticks.is_multiple_of(report_every) {
                         report_tx.send_replace(Some(report));
                     }
                     continue;

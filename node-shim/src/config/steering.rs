@@ -2,6 +2,7 @@
 //! encrypted (see `bpf/steer.c` and [`crate::steering`]).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -51,6 +52,8 @@ pub struct SteeringSettings {
     /// for, so they are never sent in the clear).
     pub route_table: u32,
     pub rule_priority: u32,
+    /// How often the counters are reported to keyd (they are exported every second).
+    pub report_interval: Duration,
 }
 
 impl SteeringSettings {
@@ -67,6 +70,7 @@ impl SteeringSettings {
     }
 }
 
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/keyd-node-shim";
 /// Policy mode's routing table and rule priority ("ke" in ASCII, like the reqid).
 pub const DEFAULT_STEERING_TABLE: u32 = 0x6b65;
@@ -94,6 +98,7 @@ pub struct RawSteering {
     pub mark_ipsec: Option<u32>,
     pub route_table: Option<u32>,
     pub rule_priority: Option<u32>,
+    pub report_interval: Option<String>,
 }
 
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
@@ -197,8 +202,21 @@ pub fn validate(raw: RawSteering, ipsec_mark_mask: u32) -> Result<SteeringSettin
             "must be between 1 and 32765 (before the main table's rule)",
         ));
     }
+    let report_interval = match raw.report_interval.as_deref() {
+        None => DEFAULT_REPORT_INTERVAL,
+        Some(v) => humantime::parse_duration(v)
+            .ok()
+            .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(d))
+            .ok_or_else(|| {
+                err(
+                    "steering.report_interval",
+                    format!("{v:?} is not a duration between 1s and 1h"),
+                )
+            })?,
+    };
     Ok(SteeringSettings {
         encrypt,
+        report_interval,
         strict: raw.strict.unwrap_or(true),
         devices,
         attach,
@@ -227,6 +245,7 @@ mod tests {
         assert!(!s.enabled());
         assert!(s.strict);
         assert_eq!(s.marks, DEFAULT_MARKS);
+        assert_eq!(s.report_interval, DEFAULT_REPORT_INTERVAL);
         assert_eq!(
             s.pin_dir.as_deref(),
             Some(std::path::Path::new(DEFAULT_PIN_DIR))
@@ -260,6 +279,14 @@ mod tests {
             (
                 "steering.rule_priority",
                 raw(|r| r.rule_priority = Some(40000)),
+            ),
+            (
+                "steering.report_interval",
+                raw(|r| r.report_interval = Some("500ms".into())),
+            ),
+            (
+                "steering.report_interval",
+                raw(|r| r.report_interval = Some("often".into())),
             ),
         ];
         for (field, r) in cases {
