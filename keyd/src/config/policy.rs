@@ -45,6 +45,21 @@ impl RawPolicy {
                 format!("{}: holds no PEM certificate", kube.ca.display()),
             ));
         }
+        // The Kubernetes client sends the file's content as it is: a trailing newline (a token
+        // written with `echo`) makes every request fail with an invalid header, so it is refused
+        // here with the reason. (Unreadable is left to the watcher, which retries.)
+        if let Ok(token) = std::fs::read(&kube.token_file).map(zeroize::Zeroizing::new)
+            && token.trim_ascii().len() != token.len()
+        {
+            return Err(ConfigError::new(
+                "policy.kube_token_file",
+                format!(
+                    "{}: the token has leading or trailing whitespace (a newline?), which the \
+                     Kubernetes client would send as part of the header; write it without",
+                    kube.token_file.display()
+                ),
+            ));
+        }
         Ok(PolicyWatchConfig { kube })
     }
 }
@@ -96,5 +111,18 @@ mod tests {
             e.contains("policy.kube_ca") && e.contains("no PEM certificate"),
             "{e}"
         );
+        let newline = dir.path().join("token");
+        std::fs::write(&newline, "a-token\n").expect("write");
+        let with_newline = RawPolicy {
+            kube_api: Some("https://127.0.0.1:6443".into()),
+            kube_ca: Some(dir.path().join("ca.pem")),
+            kube_token_file: Some(newline),
+        };
+        let e = with_newline.validate().expect_err("newline").to_string();
+        assert!(
+            e.contains("policy.kube_token_file") && e.contains("whitespace"),
+            "{e}"
+        );
+        assert!(!e.contains("a-token"), "the token is not echoed: {e}");
     }
 }
