@@ -157,6 +157,12 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Starts both servers under `dir` and waits until the API server is ready.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_within(dir, Duration::from_secs(90)).await
+    }
+
+    /// As [`Cluster::start`], waiting up to `ready` for the API server (under emulation, as in
+    /// the VM test, it starts several times slower).
+    pub async fn start_within(dir: &Path, ready: Duration) -> Self {
         let (apiserver_bin, etcd_bin) = binaries().unwrap();
         let dir = dir.to_owned();
         // Certificates: our CA signs the API server's serving certificate for 127.0.0.1.
@@ -243,7 +249,7 @@ impl Cluster {
             apiserver,
             _etcd: etcd,
         };
-        cluster.wait_ready().await;
+        cluster.wait_ready(ready).await;
         cluster
     }
 
@@ -293,8 +299,8 @@ impl Cluster {
         kube::Client::try_from(config).unwrap()
     }
 
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
+    async fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
         let mut last = String::new();
         while Instant::now() < deadline {
             if self.apiserver.exited() {
@@ -312,7 +318,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         panic!(
-            "kube-apiserver not ready after 90s ({last}):\n{}",
+            "kube-apiserver not ready after {within:?} ({last}):\n{}",
             self.apiserver.log_tail()
         );
     }
