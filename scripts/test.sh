@@ -42,6 +42,8 @@ command -v tcpdump >/dev/null 2>&1 || apt_needed+=(tcpdump)
 command -v ip >/dev/null 2>&1 || apt_needed+=(iproute2)
 command -v ping >/dev/null 2>&1 || apt_needed+=(iputils-ping)
 command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
+# The VM benchmark's throughput through the tunnels with and without steering.
+command -v iperf3 >/dev/null 2>&1 || apt_needed+=(iperf3)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
 # procps: the tests run the `kill` program (keyd/tests/no_secrets_in_logs.rs, node-shim's
 # capture helper) and the VM guest runs `sysctl`; a minimal Debian (debootstrap minbase, the

@@ -1,15 +1,19 @@
 #!/bin/bash
 # Runs inside the virtme-ng guest (Debian's kernel, which has WireGuard and ESP), as root:
-#   guest.sh BIN_DIR OUT_DIR [e2e] [bench]
+#   KUBE_CLUSTER=PATH guest.sh BIN_DIR OUT_DIR [e2e] [policy] [bench]
 # BIN_DIR holds keyd, keyctl, node-shim and node-shim-bench (release builds from the host's
 # target directory, which the guest sees). OUT_DIR is writable and shared with the host.
+# KUBE_CLUSTER is keyd-tests' kube-cluster binary (etcd and kube-apiserver for the policy phase).
 #
 # End to end: keyd in the root namespace; two "nodes" (network namespaces node-a, node-b)
 # joined by an underlay veth, each with a "pod" namespace behind it, each running node-shim.
 # For WireGuard, then IPsec: pod-to-pod traffic works; a capture on the underlay shows only
 # WireGuard UDP / ESP and never the plaintext marker; a TCP stream survives a key rotation
 # without a reset; after the rotation the old public key / old SPI is gone from the kernel; and
-# a node-shim restart adopts the kernel's state without changing it.
+# a node-shim restart adopts the kernel's state without changing it. Then policy mode: keyd
+# compiles EncryptionPolicies from a kube-apiserver in the guest and node-shim's eBPF program
+# encrypts only the covered flows (WireGuard with IPv4 and IPv6, then IPsec), counts them
+# exactly, and drops them when the tunnel breaks (see policy_setup).
 #
 # Results go to OUT_DIR/results.txt as KEY=VALUE lines; the last line is VM-E2E: PASS.
 set -euo pipefail
@@ -28,11 +32,28 @@ result() { echo "$1=$2" | tee -a "$RES"; }
 fail() {
     log "FAIL: $*"
     echo "VM-E2E: FAIL $*" >> "$RES"
+    diagnostics > "$LOGS/diagnostics.txt" 2>&1 || true
     for f in "$LOGS"/*.log; do
         echo "----- $f (tail)"
         tail -n 30 "$f" || true
     done
     exit 1
+}
+# What both nodes hold, for a failure (never key material: wg show hides private and preshared
+# keys unless asked for them).
+diagnostics() {
+    local n
+    for n in node-a node-b; do
+        echo "===== $n"
+        ns "$n" ip rule show
+        ns "$n" ip route show table all | grep -v '^local\|^broadcast\|^multicast\|^fe80\|ff00::/8'
+        ns "$n" wg show all 2>/dev/null
+        ns "$n" ip xfrm policy
+        ns "$n" ip -s xfrm state | grep -v 'enc \|aead \|auth' || true
+        ns "$n" tc filter show dev pod ingress 2>/dev/null
+        ns "$n" nstat -az 2>/dev/null | grep -iE 'drop|xfrm|retrans|filter|noroute|discard' | grep -v ' 0 ' || true
+        ns "$n" curl -sf "http://127.0.0.1:$(port_of "$n")/status" && echo
+    done
 }
 # wait_for SECONDS DESCRIPTION COMMAND...: polls every 0.2 s.
 wait_for() {
@@ -119,15 +140,18 @@ keyctl() {
     return 3
 }
 
-# node_config NODE IP CIDR MODE PORT
+# node_config NODE IP CIDRS MODE PORT [TAG]: writes /tmp/NODE-TAG.toml (TAG: MODE by default);
+# CIDRS is comma-separated.
 node_config() {
-    local node=$1 ip=$2 cidr=$3 mode=$4 port=$5
-    cat > "/tmp/$node-$mode.toml" <<EOF
+    local node=$1 ip=$2 mode=$4 port=$5 tag=${6:-$4} cidrs
+    cidrs=\"${3//,/\", \"}\"
+    cat > "/tmp/$node-$tag.toml" <<EOF
 node_name = "$node"
 endpoint = "$ip"
-pod_cidrs = ["$cidr"]
+pod_cidrs = [$cidrs]
 mode = "$mode"
 poll_interval = "1s"
+resync_interval = "2s"
 backoff_initial = "200ms"
 backoff_max = "2s"
 ops_listen = "127.0.0.1:$port"
@@ -147,6 +171,7 @@ EOF
 }
 
 declare -A SHIM_PID
+# start_shim NODE TAG: node-shim with /tmp/NODE-TAG.toml, logging to NODE-TAG.log.
 start_shim() {
     local node=$1 mode=$2
     # Not through the `ns` function: a function in the background runs in a subshell, and the
@@ -174,35 +199,57 @@ no_kernel_ops() {
 metrics_of() { ns "$1" curl -sf "http://127.0.0.1:$(port_of "$1")/metrics"; }
 
 # A TCP stream pod-a -> pod-b carrying the marker ten times a second until $OUT/stream.on goes.
-start_stream() {
-    local tag=$1
+start_stream() { start_flow "$1" 10.2.0.2 7000 KEYD-PLAINTEXT-MARKER; }
+stop_stream() { stop_flow "$1"; }
+
+# start_flow TAG DST PORT MARKER: a TCP stream from pod-a to DST:PORT (an IPv4 or IPv6 address
+# of pod-b) carrying "MARKER i" ten times a second until stop_flow TAG.
+declare -A FLOW_SERVER FLOW_CLIENT
+start_flow() {
+    local tag=$1 dst=$2 port=$3 marker=$4 listen connect
+    if [[ $dst == *:* ]]; then
+        listen="TCP6-LISTEN:$port,ipv6only=1,reuseaddr" connect="TCP6:[$dst]:$port,connect-timeout=5"
+    else
+        listen="TCP4-LISTEN:$port,reuseaddr" connect="TCP4:$dst:$port,connect-timeout=5"
+    fi
     rm -f "$OUT/$tag-recv.txt"
-    ip netns exec pod-b socat -u TCP-LISTEN:7000,reuseaddr "OPEN:$OUT/$tag-recv.txt,creat,trunc" \
+    ip netns exec pod-b socat -u "$listen" "OPEN:$OUT/$tag-recv.txt,creat,trunc" \
         > "$LOGS/$tag-server.log" 2>&1 &
-    STREAM_SERVER=$!
+    FLOW_SERVER[$tag]=$!
     sleep 0.5
-    touch "$OUT/stream.on"
+    touch "$OUT/$tag.on"
     (
         i=0
-        while [ -e "$OUT/stream.on" ]; do
-            echo "KEYD-PLAINTEXT-MARKER $i"
+        while [ -e "$OUT/$tag.on" ]; do
+            echo "$marker $i"
             i=$((i + 1))
             sleep 0.1
         done
-    ) | ip netns exec pod-a socat -u - TCP:10.2.0.2:7000 > "$LOGS/$tag-client.log" 2>&1 &
-    STREAM_CLIENT=$!
+    ) | ip netns exec pod-a socat -u - "$connect" > "$LOGS/$tag-client.log" 2>&1 &
+    FLOW_CLIENT[$tag]=$!
 }
-stop_stream() {
+# stop_flow TAG: the stream was never reset and every line arrived, in order.
+stop_flow() {
     local tag=$1
-    rm -f "$OUT/stream.on"
-    local rc=0
-    wait "$STREAM_CLIENT" || rc=$?
-    wait "$STREAM_SERVER" || true
-    [ "$rc" -eq 0 ] || fail "$tag: the TCP stream was reset (client exit $rc): $(cat "$LOGS/$tag-client.log")"
+    rm -f "$OUT/$tag.on"
+    local rc=0 server=${FLOW_SERVER[$tag]} deadline=$((SECONDS + 10))
+    wait "${FLOW_CLIENT[$tag]}" || rc=$?
+    [ "$rc" -eq 0 ] || {
+        kill "$server" 2>/dev/null || true
+        fail "$tag: the TCP stream broke (client exit $rc): $(cat "$LOGS/$tag-client.log")"
+    }
+    # The server ends when the client's end of stream arrives.
+    while kill -0 "$server" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            kill "$server" 2>/dev/null || true
+            fail "$tag: the end of the stream never reached the server"
+        fi
+        sleep 0.2
+    done
+    wait "$server" || true
     local lines last
     lines=$(wc -l < "$OUT/$tag-recv.txt")
     last=$(tail -n 1 "$OUT/$tag-recv.txt" | awk '{print $2}')
-    # Every line arrived, in order: the stream never broke.
     [ "$lines" -gt 20 ] && [ "$last" -eq $((lines - 1)) ] ||
         fail "$tag: stream incomplete ($lines lines, last $last)"
     result "${tag}_stream_lines" "$lines"
@@ -211,15 +258,28 @@ stop_stream() {
 # Background processes are started with `ip netns exec` directly (it execs in place), never
 # through the `ns` function: a function in the background is a subshell, which is what a signal
 # would reach, and background jobs of a script ignore SIGINT.
+declare -A CAPTURES
+# start_capture TAG [NETNS DEVICE FILTER...]: by default the link between the nodes (the wire's
+# bridge, which sees exactly the frames on it).
 start_capture() {
-    ip netns exec wire tcpdump --immediate-mode -U -n -s 0 -i br0 -w "$OUT/$1.pcap" > "$LOGS/$1-tcpdump.log" 2>&1 &
-    CAPTURE=$!
+    local tag=$1 netns=${2:-wire} dev=${3:-br0}
+    shift $(($# < 3 ? $# : 3))
+    ip netns exec "$netns" tcpdump --immediate-mode -U -n -s 0 -i "$dev" -w "$OUT/$tag.pcap" "$@" \
+        > "$LOGS/$tag-tcpdump.log" 2>&1 &
+    CAPTURES[$tag]=$!
     sleep 1
 }
+# stop_capture [TAG...]: by default every capture running.
 stop_capture() {
+    local tag pid tags=("$@")
+    [ "${#tags[@]}" -gt 0 ] || tags=("${!CAPTURES[@]}")
     sleep 0.5
-    kill -TERM "$CAPTURE" 2>/dev/null || true
-    wait "$CAPTURE" 2>/dev/null || true
+    for tag in "${tags[@]}"; do
+        pid=${CAPTURES[$tag]}
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        unset "CAPTURES[$tag]"
+    done
 }
 # check_capture TAG PATTERN: no plaintext marker, and every IPv4 packet matches PATTERN.
 check_capture() {
@@ -479,6 +539,466 @@ ipsec_phase() {
     stop_shim node-b
 }
 
+# --- policy mode: EncryptionPolicies from a real kube-apiserver ----------------------------------
+# etcd and kube-apiserver run in the guest (tests/src/bin/kube-cluster.rs, started at boot since
+# they take minutes to start under emulation); keyd watches them and compiles each node's rules;
+# node-shim steers with its eBPF program. Pod "api" (pod-a, on node-a) and pod "db" (pod-b, on
+# node-b), IPv4 and IPv6; a policy covers TCP 5432 between them. Flows carry markers:
+# KEYD-COVERED-* (port 5432, covered) and KEYD-UNCOVERED (port 8080, uncovered).
+
+KUBE_DIR=/tmp/kube
+start_kube() {
+    "$KUBE_CLUSTER" "$KUBE_DIR" > "$LOGS/kube-cluster.log" 2>&1 &
+    KUBE_PID=$!
+}
+# kapi METHOD PATH [JSON [CONTENT-TYPE]]: one request to the API server as its admin.
+kapi() {
+    local method=$1 path=$2 body=${3:-} ctype=${4:-application/json}
+    local args=(-sS --fail-with-body --cacert "$KUBE_DIR/apiserver-ca.pem"
+        -H "Authorization: Bearer $(cat "$KUBE_DIR/token")" -X "$method")
+    [ -z "$body" ] || args+=(-H "Content-Type: $ctype" --data-binary "$body")
+    echo "== $method $path" >> "$LOGS/kapi.log"
+    curl "${args[@]}" "$(cat "$KUBE_DIR/url")$path" >> "$LOGS/kapi.log" 2>&1 ||
+        fail "kube-apiserver refused $method $path: $(tail -c 600 "$LOGS/kapi.log")"
+    echo >> "$LOGS/kapi.log"
+}
+# kube_pod NAME APP NODE IP...: a running pod in namespace shop (no kubelet here: the status is
+# written directly, as a kubelet would).
+kube_pod() {
+    local name=$1 app=$2 node=$3 ips="" ip
+    shift 3
+    for ip in "$@"; do ips+="${ips:+,}{\"ip\":\"$ip\"}"; done
+    kapi POST /api/v1/namespaces/shop/pods \
+        "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{\"name\":\"$name\",\"labels\":{\"app\":\"$app\"}},\"spec\":{\"nodeName\":\"$node\",\"containers\":[{\"name\":\"c\",\"image\":\"example\"}]}}"
+    kapi PATCH "/api/v1/namespaces/shop/pods/$name/status" \
+        "{\"status\":{\"phase\":\"Running\",\"podIP\":\"$1\",\"podIPs\":[$ips]}}" application/merge-patch+json
+}
+POLICIES=/apis/keyd.io/v1alpha1/namespaces/shop/encryptionpolicies
+# db_policy NAME MODE: app=db pods on TCP 5432 with app=api pods as peers; strict (the default).
+db_policy() {
+    kapi POST "$POLICIES" \
+        "{\"apiVersion\":\"keyd.io/v1alpha1\",\"kind\":\"EncryptionPolicy\",\"metadata\":{\"name\":\"$1\"},\"spec\":{\"podSelector\":{\"matchLabels\":{\"app\":\"db\"}},\"mode\":\"$2\",\"ports\":[{\"port\":5432,\"protocol\":\"TCP\"}],\"peers\":[{\"podSelector\":{\"matchLabels\":{\"app\":\"api\"}}}]}}"
+}
+
+# steering_config NODE TAG ENCRYPT: adds [steering] to /tmp/NODE-TAG.toml.
+steering_config() {
+    printf '[steering]\nencrypt = "%s"\ndevices = ["pod"]\npin_dir = ""\nreport_interval = "2s"\n' "$3" \
+        >> "/tmp/$1-$2.toml"
+}
+
+# counter NODE POLICY OUTCOME: node-shim's packet counter (0 when not exported yet).
+counter() {
+    local m v
+    m=$(metrics_of "$1") || m=""
+    v=$(grep -F "node_shim_policy_packets_total{policy=\"$2\",outcome=\"$3\"}" <<< "$m" | awk '{print $NF}')
+    echo "${v:-0}"
+}
+counter_at_least() { [ "$(counter "$1" "$2" "$3")" -ge "$4" ]; }
+# expect_counter NODE POLICY OUTCOME WANT: the counter reaches WANT (it is exported every
+# second) and stays exactly there.
+expect_counter() {
+    local deadline=$((SECONDS + 15))
+    until counter_at_least "$@"; do
+        ((SECONDS < deadline)) || break
+        sleep 0.2
+    done
+    sleep 1.5
+    local got
+    got=$(counter "$1" "$2" "$3")
+    [ "$got" -eq "$4" ] || fail "$1's $3 counter of $2 is $got, but the test sent $4 such packets"
+}
+# packets TAG: how many packets the capture TAG holds.
+packets() { tcpdump -n -r "$OUT/$1.pcap" 2>/dev/null | wc -l; }
+
+# check_wire TAG TUNNEL UNCOVERED: on the link between the nodes, no covered marker and no TCP
+# 5432 packet; TUNNEL (a string of tcpdump's text, or of the packets' bytes) is there; the
+# uncovered flow's marker is there (UNCOVERED=clear: policy mode is selective) or not
+# (UNCOVERED=encrypted: all mode, where every IP packet on the link is the tunnel's).
+check_wire() {
+    local tag=$1 tunnel=$2 uncovered=$3
+    tcpdump -n -r "$OUT/$tag.pcap" 2>/dev/null > "$OUT/$tag.txt"
+    if grep -qa KEYD-COVERED "$OUT/$tag.pcap"; then fail "$tag: a covered flow's marker on the link"; fi
+    if grep -E '\.5432[: ]' "$OUT/$tag.txt" > "$LOGS/$tag-5432.txt"; then
+        fail "$tag: covered TCP 5432 in the clear on the link: $(head -3 "$LOGS/$tag-5432.txt")"
+    fi
+    grep -qF -- "$tunnel" "$OUT/$tag.txt" || grep -qaF -- "$tunnel" "$OUT/$tag.pcap" ||
+        fail "$tag: no $tunnel on the link"
+    case $uncovered in
+    clear)
+        grep -qa KEYD-UNCOVERED "$OUT/$tag.pcap" ||
+            fail "$tag: the uncovered flow is not in the clear: policy mode encrypted more than its policies"
+        ;;
+    encrypted)
+        if grep -qa KEYD-UNCOVERED "$OUT/$tag.pcap"; then fail "$tag: all mode sent the uncovered flow in the clear"; fi
+        local other
+        # (IPv6 neighbour discovery between the nodes' own addresses is not pod traffic.)
+        other=$(grep -E ' IP6? ' "$OUT/$tag.txt" | grep -vE 'ICMP6, (neighbor|router|multicast)' |
+            grep -cvF -- "$tunnel" || true)
+        [ "$other" -eq 0 ] || fail "$tag: $other packet(s) on the link are not $tunnel"
+        ;;
+    esac
+    result "${tag}_link_packets" "$(grep -cE ' IP6? ' "$OUT/$tag.txt" || true)"
+}
+
+# covered_attempts TAG N DST...: N connection attempts to each DST on 5432, each a single SYN
+# (the connect timeout is below TCP's first retransmission at 1 s); none may succeed.
+covered_attempts() {
+    local tag=$1 n=$2 i dst
+    shift 2
+    for dst in "$@"; do
+        for ((i = 0; i < n; i++)); do
+            if ns pod-a socat -u /dev/null "TCP:$dst:5432,connect-timeout=0.5" 2>/dev/null; then
+                fail "$tag: a covered connection to $dst succeeded without a tunnel"
+            fi
+        done
+    done
+}
+
+# report_shows POLICY: keyctl report lists the policy as programmed on both nodes, with packets.
+report_shows() {
+    local out line
+    out=$(keyctl report 2>&1) || true
+    echo "$out" > "$LOGS/keyctl-report.txt"
+    line=$(grep -F "$1" <<< "$out") || return 1
+    [[ $line =~ [[:space:]]2/2[[:space:]]+[1-9] ]]
+}
+
+# cni_routes add|del: the cluster network's own path between the nodes, in the clear.
+cni_routes() {
+    ns node-a ip route "$1" 10.2.0.0/24 via 192.168.100.2
+    ns node-b ip route "$1" 10.1.0.0/24 via 192.168.100.1
+    ns node-a ip -6 route "$1" fd00:b::/64 via fd00:ff::2
+    ns node-b ip -6 route "$1" fd00:a::/64 via fd00:ff::1
+}
+
+# outbound_spi NODE: the SPI node-shim sends with (empty if none).
+outbound_spi() {
+    local s
+    s=$(status_of "$1") || return 1
+    s=$(grep -o '"ipsec_outbound_spi":[0-9]*' <<< "$s") || return 1
+    echo "${s#*:}"
+}
+outbound_spi_is_not() {
+    local now
+    now=$(outbound_spi "$1") && [ -n "$now" ] && [ "$now" != "$2" ]
+}
+xfrm_has_policies() {
+    local p
+    p=$(ns "$1" ip xfrm policy) && [[ $p == *"dir out"* ]]
+}
+
+policy_setup() {
+    log "policy: kube-apiserver and etcd in the guest; keyd watches them"
+    wait_for 480 "kube-apiserver and etcd in the guest (see logs/kube-cluster.log)" test -s "$KUBE_DIR/url"
+    local n sub
+    # The earlier phases' XFRM policies would encrypt everything: policy mode starts clean.
+    for n in node-a node-b; do
+        ns "$n" ip xfrm state flush
+        ns "$n" ip xfrm policy flush
+        ns "$n" sysctl -qw net.ipv6.conf.all.forwarding=1
+    done
+    # IPv6 beside IPv4, and the cluster network's clear path for both.
+    ns node-a ip -6 addr add fd00:ff::1/64 dev ul nodad
+    ns node-b ip -6 addr add fd00:ff::2/64 dev ul nodad
+    for sub in a b; do
+        ns "node-$sub" ip -6 addr add "fd00:$sub::1/64" dev pod nodad
+        ns "pod-$sub" ip -6 addr add "fd00:$sub::2/64" dev eth0 nodad
+        ns "pod-$sub" ip -6 route add default via "fd00:$sub::1"
+    done
+    ns node-a ip route del 10.2.0.0/24 2>/dev/null || true
+    ns node-b ip route del 10.1.0.0/24 2>/dev/null || true
+    cni_routes add
+    ns pod-a ping -c 1 -W 5 10.2.0.2 > /dev/null || fail "pod-a cannot reach pod-b over IPv4 in the clear"
+    ns pod-a ping -6 -c 1 -W 5 fd00:b::2 > /dev/null || fail "pod-a cannot reach pod-b over IPv6 in the clear"
+
+    # keyd again, now with [policy] pointing at the API server.
+    kill -TERM "$KEYD_PID" 2>/dev/null || true
+    wait "$KEYD_PID" 2>/dev/null || true
+    {
+        cat "$KEYD_DIR/keyd.toml"
+        printf '\n[policy]\nkube_api = "%s"\nkube_ca = "%s"\nkube_token_file = "%s"\n' \
+            "$(cat "$KUBE_DIR/url")" "$KUBE_DIR/apiserver-ca.pem" "$KUBE_DIR/token"
+    } > "$KEYD_DIR/keyd-policy.toml"
+    "$BIN/keyd" serve --config "$KEYD_DIR/keyd-policy.toml" >> "$LOGS/keyd.log" 2>&1 &
+    KEYD_PID=$!
+    wait_for 60 "keyd ready with [policy]" curl -sf http://127.0.0.1:9443/readyz
+
+    kapi POST /api/v1/namespaces '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop"}}'
+    kube_pod api api node-a 10.1.0.2 fd00:a::2
+    kube_pod db db node-b 10.2.0.2 fd00:b::2
+    POLICY_READY=1
+}
+
+policy_wireguard_phase() {
+    local p="EncryptionPolicy shop/db-wireguard" n
+    db_policy db-wireguard wireguard
+    node_config node-a 192.168.100.1 10.1.0.0/24,fd00:a::/64 wireguard 9101 wg-policy
+    node_config node-b 192.168.100.2 10.2.0.0/24,fd00:b::/64 wireguard 9102 wg-policy
+    for n in node-a node-b; do
+        steering_config "$n" wg-policy policy
+        start_shim "$n" wg-policy
+    done
+    for n in node-a node-b; do
+        wait_for 60 "$n ready with its WireGuard peer" status_has "$n" '"peers":1,'
+        wait_for 30 "$n programmed $p" status_has "$n" "\"name\":\"$p\",\"programmed\":true"
+    done
+    sleep 1
+
+    log "policy (WireGuard): covered flows (IPv4, IPv6) only inside WireGuard, the uncovered one in the clear"
+    local enc0 drop0 sent
+    enc0=$(counter node-a "$p" encrypted)
+    drop0=$(counter node-a "$p" dropped)
+    start_capture wg-policy
+    start_capture wg-policy-sent node-a pod -Q in tcp dst port 5432
+    start_flow wg-covered4 10.2.0.2 5432 KEYD-COVERED-V4
+    start_flow wg-covered6 fd00:b::2 5432 KEYD-COVERED-V6
+    start_flow wg-uncovered 10.2.0.2 8080 KEYD-UNCOVERED
+    sleep 6
+    stop_flow wg-covered4
+    stop_flow wg-covered6
+    stop_flow wg-uncovered
+    stop_capture wg-policy wg-policy-sent
+    check_wire wg-policy '.51871 > ' clear
+    sent=$(packets wg-policy-sent)
+    [ "$sent" -gt 40 ] || fail "too few covered packets captured leaving pod-a ($sent)"
+    expect_counter node-a "$p" encrypted $((enc0 + sent))
+    [ "$(counter node-a "$p" dropped)" -eq "$drop0" ] || fail "covered packets dropped while the tunnel was up"
+    result policy_wg_covered_packets_sent "$sent"
+    result policy_wg_counter_matches yes
+    wait_for 30 "keyctl report to show $p programmed on both nodes" report_shows "$p"
+    cp "$LOGS/keyctl-report.txt" "$OUT/policy-report.txt"
+    result policy_wg_report "$(grep -F "$p" "$OUT/policy-report.txt" | tr -s ' ')"
+
+    log "policy (WireGuard): node-b leaves WireGuard; node-a drops covered traffic, uncovered flows on"
+    start_flow wg-break-uncovered 10.2.0.2 8080 KEYD-UNCOVERED
+    stop_shim node-b
+    node_config node-b 192.168.100.2 10.2.0.0/24 ipsec 9102 ipsec-policy
+    steering_config node-b ipsec-policy policy
+    start_shim node-b ipsec-policy
+    wait_for 60 "node-a to remove node-b as a WireGuard peer" status_has node-a '"peers":0,'
+    sleep 1
+    drop0=$(counter node-a "$p" dropped)
+    start_capture wg-break
+    start_capture wg-break-sent node-a pod -Q in tcp dst port 5432
+    covered_attempts wg-break 5 10.2.0.2 '[fd00:b::2]'
+    sleep 1
+    stop_capture wg-break wg-break-sent
+    stop_flow wg-break-uncovered
+    check_wire wg-break KEYD-UNCOVERED clear
+    sent=$(packets wg-break-sent)
+    [ "$sent" -ge 10 ] || fail "wg-break: fewer SYNs captured ($sent) than attempts made (10)"
+    expect_counter node-a "$p" dropped $((drop0 + sent))
+    result policy_wg_break_dropped "$sent"
+
+    log "policy (WireGuard): all mode encrypts the uncovered flow too"
+    stop_shim node-a
+    stop_shim node-b
+    # All mode routes every peer CIDR through the device; the cluster network's routes would
+    # compete with those.
+    cni_routes del
+    node_config node-a 192.168.100.1 10.1.0.0/24,fd00:a::/64 wireguard 9101 wg-all
+    node_config node-b 192.168.100.2 10.2.0.0/24,fd00:b::/64 wireguard 9102 wg-all
+    for n in node-a node-b; do
+        steering_config "$n" wg-all all
+        start_shim "$n" wg-all
+    done
+    for n in node-a node-b; do
+        wait_for 60 "$n ready with its WireGuard peer (all mode)" status_has "$n" '"peers":1,'
+    done
+    sleep 1
+    enc0=$(counter node-a all encrypted)
+    start_capture wg-all
+    start_flow wg-all-covered 10.2.0.2 5432 KEYD-COVERED-V4
+    start_flow wg-all-uncovered6 fd00:b::2 8080 KEYD-UNCOVERED
+    sleep 6
+    stop_flow wg-all-covered
+    stop_flow wg-all-uncovered6
+    stop_capture wg-all
+    check_wire wg-all '.51871 > ' encrypted
+    counter_at_least node-a all encrypted $((enc0 + 40)) ||
+        fail "all mode: node-a counted $(counter node-a all encrypted) packets (from $enc0)"
+    result policy_wg_all_mode_encrypted yes
+    stop_shim node-a
+    stop_shim node-b
+    for n in node-a node-b; do ns "$n" ip link del keyd-wg0; done
+    cni_routes add
+    kapi DELETE "$POLICIES/db-wireguard"
+}
+
+policy_ipsec_phase() {
+    local p="EncryptionPolicy shop/db-ipsec" n
+    db_policy db-ipsec ipsec
+    for n in node-a node-b; do
+        ns "$n" ip xfrm state flush
+        ns "$n" ip xfrm policy flush
+    done
+    node_config node-a 192.168.100.1 10.1.0.0/24 ipsec 9101 ipsec-policy
+    node_config node-b 192.168.100.2 10.2.0.0/24 ipsec 9102 ipsec-policy
+    for n in node-a node-b; do
+        steering_config "$n" ipsec-policy policy
+        start_shim "$n" ipsec-policy
+    done
+    for n in node-a node-b; do
+        wait_for 60 "$n programmed its IPsec states" status_has "$n" '"ready":true'
+        wait_for 30 "$n programmed $p" status_has "$n" "\"name\":\"$p\",\"programmed\":true"
+    done
+    sleep 2
+    ns node-a ip xfrm policy > "$LOGS/xfrm-policy-policy-mode-a.txt"
+    grep -q 'mark 0x20/0xf0' "$LOGS/xfrm-policy-policy-mode-a.txt" ||
+        fail "node-a's out policies do not match the steering mark: $(head -20 "$LOGS/xfrm-policy-policy-mode-a.txt")"
+
+    log "policy (IPsec): the covered flow only as ESP, the uncovered one in the clear"
+    local enc0 drop0 sent
+    enc0=$(counter node-a "$p" encrypted)
+    start_capture esp-policy
+    start_capture esp-policy-sent node-a pod -Q in tcp dst port 5432
+    start_flow esp-covered 10.2.0.2 5432 KEYD-COVERED-V4
+    start_flow esp-uncovered 10.2.0.2 8080 KEYD-UNCOVERED
+    sleep 6
+    stop_flow esp-covered
+    stop_flow esp-uncovered
+    stop_capture esp-policy esp-policy-sent
+    check_wire esp-policy 'ESP(spi=' clear
+    sent=$(packets esp-policy-sent)
+    [ "$sent" -gt 20 ] || fail "too few covered packets captured leaving pod-a ($sent)"
+    expect_counter node-a "$p" encrypted $((enc0 + sent))
+    result policy_esp_covered_packets_sent "$sent"
+    wait_for 30 "keyctl report to show $p programmed on both nodes" report_shows "$p"
+    result policy_esp_report "$(grep -F "$p" "$LOGS/keyctl-report.txt" | tr -s ' ')"
+
+    # node-shim frozen (hung, or stopped by a debugger) while the XFRM states and policies are
+    # flushed: the maps still say the tunnel is ready, so covered packets are marked, match no
+    # XFRM policy and are routed to the underlay in the clear, where the guard drops them.
+    log "policy (IPsec): XFRM flushed under a frozen node-shim; the guard drops covered traffic"
+    start_flow esp-break-uncovered 10.2.0.2 8080 KEYD-UNCOVERED
+    sleep 1
+    drop0=$(counter node-a "$p" dropped)
+    kill -STOP "${SHIM_PID[node-a]}"
+    ns node-a ip xfrm state flush
+    ns node-a ip xfrm policy flush
+    start_capture esp-break
+    start_capture esp-break-sent node-a pod -Q in tcp dst port 5432
+    covered_attempts esp-break 5 10.2.0.2
+    sleep 1
+    stop_capture esp-break esp-break-sent
+    kill -CONT "${SHIM_PID[node-a]}"
+    sleep 1
+    stop_flow esp-break-uncovered
+    check_wire esp-break KEYD-UNCOVERED clear
+    sent=$(packets esp-break-sent)
+    [ "$sent" -ge 5 ] || fail "esp-break: fewer SYNs captured ($sent) than attempts made (5)"
+    expect_counter node-a "$p" dropped $((drop0 + sent))
+    result policy_esp_break_dropped_by_guard "$sent"
+    # node-shim puts the states back by itself (resync_interval). Their sequence numbers start
+    # again, which node-b's inbound state refuses as replays: a rotation, which brings a new SPI,
+    # is what lets covered traffic through again (docs/node-shim.md says so).
+    wait_for 30 "node-a to restore its XFRM policies (resync_interval)" xfrm_has_policies node-a
+    local spi
+    spi=$(outbound_spi node-a)
+    keyctl ipsec rotate >> "$LOGS/keyctl.log"
+    for n in node-a node-b; do
+        wait_for 60 "$n to send with the new key" outbound_spi_is_not "$n" "$spi"
+    done
+    start_capture esp-restored
+    start_flow esp-restored 10.2.0.2 5432 KEYD-COVERED-V4
+    sleep 7
+    stop_flow esp-restored
+    stop_capture esp-restored
+    check_wire esp-restored 'ESP(spi=' encrypted
+    result policy_esp_restored yes
+    stop_shim node-a
+    stop_shim node-b
+}
+
+# --- benchmark: what steering costs on the tunnel's path -----------------------------------------
+# Side by side on this kernel, alternating (A B A B, since the host is shared and noisy): TCP
+# throughput (iperf3, pod-a to pod-b on the covered port 5432) and ICMP echo round trips through
+# WireGuard and through IPsec, with the steering program attached (policy mode: the program marks
+# the covered flow into the tunnel) and without it (no [steering]: routes or XFRM policies
+# encrypt everything). Needs the policy phases' cluster, keyd and pods.
+
+# bench_run TAG: one iperf3 run and one ping series; appends "bps rtt_ms" to $OUT/TAG.runs.
+bench_run() {
+    local tag=$1 json bps rtt
+    json=$(ns pod-a iperf3 -c 10.2.0.2 -p 5432 -t 4 -J 2>> "$LOGS/iperf3.log") ||
+        fail "iperf3 ($tag) failed: $(tail -5 "$LOGS/iperf3.log")"
+    bps=$(grep -A12 '"sum_received"' <<< "$json" | grep -o '"bits_per_second":[[:space:]]*[0-9.e+]*' |
+        head -1 | grep -o '[0-9.e+]*$')
+    [ -n "$bps" ] || fail "iperf3 ($tag): no result in its output"
+    rtt=$(ns pod-a ping -n -q -c 40 -i 0.05 10.2.0.2 | grep -o 'rtt[^=]*= [0-9.]*/[0-9.]*' |
+        cut -d/ -f5)
+    [ -n "$rtt" ] || fail "ping ($tag) got no reply"
+    echo "$bps $rtt" >> "$OUT/$tag.runs"
+    log "  $tag: $(awk -v b="$bps" 'BEGIN { printf "%.0f Mbit/s", b / 1e6 }'), ping $rtt ms"
+}
+
+# bench_shims MODE TAG [ENCRYPT]: both node-shims in MODE, with [steering] in ENCRYPT mode if given.
+bench_shims() {
+    local mode=$1 tag=$2 encrypt=${3:-} n
+    stop_shim node-a
+    stop_shim node-b
+    node_config node-a 192.168.100.1 10.1.0.0/24 "$mode" 9101 "$tag"
+    node_config node-b 192.168.100.2 10.2.0.0/24 "$mode" 9102 "$tag"
+    for n in node-a node-b; do
+        [ -z "$encrypt" ] || steering_config "$n" "$tag" "$encrypt"
+        start_shim "$n" "$tag"
+    done
+    for n in node-a node-b; do
+        if [ "$mode" = wireguard ]; then
+            wait_for 60 "$n ready with its WireGuard peer ($tag)" status_has "$n" '"peers":1,'
+        else
+            wait_for 60 "$n ready ($tag)" status_has "$n" '"ipsec_outbound_spi":'
+        fi
+        [ -z "$encrypt" ] || wait_for 30 "$n programmed its rules ($tag)" status_has "$n" '"programmed":true'
+    done
+    sleep 2
+    # The tunnel is up (a handshake, or a first ESP packet) before anything is timed.
+    ns pod-a ping -c 2 -W 5 10.2.0.2 > /dev/null || fail "$tag: pod-a cannot reach pod-b"
+}
+
+steering_bench() {
+    log "benchmark: steering on the tunnel's path (iperf3 and ping, with and without the program)"
+    ip netns exec pod-b iperf3 -s -p 5432 > "$LOGS/iperf3-server.log" 2>&1 &
+    local server=$! mode round tag policy
+    # All mode routes every peer CIDR through WireGuard; the cluster network's routes would
+    # compete with those.
+    cni_routes del
+    for mode in wireguard ipsec; do
+        policy="bench-$mode"
+        db_policy "$policy" "$mode"
+        [ "$mode" = wireguard ] || cni_routes add
+        rm -f "$OUT/steer-$mode-plain.runs" "$OUT/steer-$mode-steered.runs"
+        for round in 1 2; do
+            for tag in plain steered; do
+                if [ "$tag" = steered ]; then
+                    bench_shims "$mode" "bench-$mode-$tag" policy
+                else
+                    bench_shims "$mode" "bench-$mode-$tag"
+                fi
+                bench_run "steer-$mode-$tag"
+            done
+        done
+        stop_shim node-a
+        stop_shim node-b
+        kapi DELETE "$POLICIES/$policy"
+        if [ "$mode" = wireguard ]; then
+            for n in node-a node-b; do ns "$n" ip link del keyd-wg0; done
+        fi
+        # Mean over the runs, then the ratios steered / plain.
+        local p s
+        p=$(awk '{ b += $1; r += $2 } END { printf "%.0f %.3f", b / NR, r / NR }' "$OUT/steer-$mode-plain.runs")
+        s=$(awk '{ b += $1; r += $2 } END { printf "%.0f %.3f", b / NR, r / NR }' "$OUT/steer-$mode-steered.runs")
+        result "bench_steer_${mode}_plain_mbps" "$(awk -v v="${p% *}" 'BEGIN { printf "%.1f", v / 1e6 }')"
+        result "bench_steer_${mode}_steered_mbps" "$(awk -v v="${s% *}" 'BEGIN { printf "%.1f", v / 1e6 }')"
+        result "bench_steer_${mode}_throughput_ratio" "$(awk -v a="${s% *}" -v b="${p% *}" 'BEGIN { printf "%.3f", a / b }')"
+        result "bench_steer_${mode}_plain_rtt_ms" "${p#* }"
+        result "bench_steer_${mode}_steered_rtt_ms" "${s#* }"
+        result "bench_steer_${mode}_rtt_ratio" "$(awk -v a="${s#* }" -v b="${p#* }" 'BEGIN { printf "%.3f", a / b }')"
+    done
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+}
+
 bench() {
     log "benchmark: 1,000 peers, node-shim vs ip -batch / tc -batch / wg setconf"
     "$BIN/node-shim-bench" --peers 1000 --work /tmp/bench --out "$OUT/bench.txt" > "$LOGS/bench.log" 2>&1 ||
@@ -486,17 +1006,48 @@ bench() {
     cat "$OUT/bench.txt" >> "$RES"
 }
 
+need_kube() {
+    [ -x "${KUBE_CLUSTER:-}" ] || fail "KUBE_CLUSTER (keyd-tests' kube-cluster binary) is not set"
+    [ -n "${KUBE_TEST_APISERVER:-}" ] || unset KUBE_TEST_APISERVER
+}
+policy_phases() {
+    policy_setup
+    policy_wireguard_phase
+    policy_ipsec_phase
+}
+
 for w in $WHAT; do
     case $w in
     e2e)
+        need_kube
         topology
+        start_kube
         start_keyd
         wireguard_phase
         ipsec_phase
-        kill "$KEYD_PID" 2>/dev/null || true
+        policy_phases
         ;;
-    bench) bench ;;
+    policy)
+        # The policy phases alone (to work on them): all they need from the earlier phases is
+        # an IPsec key.
+        need_kube
+        topology
+        start_kube
+        start_keyd
+        keyctl ipsec rotate > "$LOGS/keyctl.log"
+        policy_phases
+        ;;
+    bench)
+        bench
+        # After the policy phases, which set up what it needs.
+        if [ -n "${POLICY_READY:-}" ]; then steering_bench; fi
+        ;;
     esac
 done
+[ -z "${KEYD_PID:-}" ] || kill "$KEYD_PID" 2>/dev/null || true
+if [ -n "${KUBE_PID:-}" ]; then
+    kill -TERM "$KUBE_PID" 2>/dev/null || true
+    wait "$KUBE_PID" 2>/dev/null || true
+fi
 echo "VM-E2E: PASS" >> "$RES"
 log "all passed"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Boots Debian's kernel (which has WireGuard and ESP) under QEMU with virtme-ng and runs
 # tests/vm/guest.sh in it: node-shim end to end in both modes, then the benchmark.
-#   tests/vm/run.sh BIN_DIR OUT_DIR [e2e] [bench]
+#   KUBE_CLUSTER=PATH tests/vm/run.sh BIN_DIR OUT_DIR [e2e] [bench]
+# (e2e needs KUBE_CLUSTER, keyd-tests' kube-cluster binary, and the kube-apiserver it runs:
+# KUBE_TEST_APISERVER or the cache of scripts/kube-apiserver.sh.)
 # One boot for everything: a boot costs about a minute under TCG emulation.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,8 +24,15 @@ echo "booting $kernel"
 # (a CI log), it overwrote the log from its start, losing everything cargo had printed before.
 # Its readable lines are printed afterwards.
 rc=0
-timeout 1500 vng -r "$kernel" --disable-kvm --memory 2G --cpus 2 \
-    --rwdir "$OUT" \
-    --exec "$here/guest.sh $BIN $OUT $*" > "$OUT/console.log" 2>&1 || rc=$?
+# The policy phase runs etcd and kube-apiserver in the guest beside keyd and two node-shims.
+# The guest does not see the host's /var/cache, where scripts/kube-apiserver.sh caches the API
+# server: its folder is shared read-only.
+dirs=(--rwdir "$OUT")
+if [ -n "${KUBE_TEST_APISERVER:-}" ]; then
+    dirs+=(--rodir "$(dirname "$KUBE_TEST_APISERVER")")
+fi
+timeout 2400 vng -r "$kernel" --disable-kvm --memory 3G --cpus 2 \
+    "${dirs[@]}" \
+    --exec "env KUBE_CLUSTER=${KUBE_CLUSTER:-} KUBE_TEST_APISERVER=${KUBE_TEST_APISERVER:-} $here/guest.sh $BIN $OUT $*" > "$OUT/console.log" 2>&1 || rc=$?
 sed 's/\x1b\[[0-9;?]*[A-Za-z]//g' "$OUT/console.log" | tr -d '\r' | grep -av '^[[:space:]]*$' | tail -n 300 || true
 exit "$rc"

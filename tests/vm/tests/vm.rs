@@ -1,12 +1,14 @@
 //! node-shim on a real kernel with WireGuard and ESP: boots Debian's kernel with virtme-ng and
 //! runs tests/vm/guest.sh there (keyd, two node-shims in two node namespaces with a pod
-//! namespace behind each; both modes; rotations; captures; restart adoption; the benchmark).
+//! namespace behind each; both modes; rotations; captures; restart adoption; policy mode with
+//! EncryptionPolicies from a kube-apiserver in the guest; the benchmark).
 //!
-//! Needs root, qemu-system-x86, virtme-ng (`vng`), a Debian kernel image under /boot, and
-//! wireguard-tools, tcpdump, socat, curl and iproute2 on the host (the guest uses the host's
-//! root file system); `scripts/test.sh` installs them. Without them it prints why and passes,
-//! except in CI (`CI=true`), where it fails. `NODE_SHIM_VM=skip` skips it explicitly (it takes
-//! a few minutes under emulation).
+//! Needs root, qemu-system-x86, virtme-ng (`vng`), a Debian kernel image under /boot,
+//! wireguard-tools, tcpdump, socat, iperf3, curl and iproute2 on the host (the guest uses the
+//! host's root file system), and etcd and kube-apiserver (scripts/kube-apiserver.sh);
+//! `scripts/test.sh` installs them. Without them it prints why and passes, except in CI
+//! (`CI=true`), where it fails. `NODE_SHIM_VM=skip` skips it explicitly (it takes several
+//! minutes under emulation).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -69,6 +71,7 @@ fn privileged_vm_end_to_end() {
         "wg",
         "tcpdump",
         "socat",
+        "iperf3",
         "curl",
         "ip",
         "tc",
@@ -79,6 +82,19 @@ fn privileged_vm_end_to_end() {
     }
     if !debian_kernel() {
         missing.push("a Debian kernel image (/boot/vmlinuz-*-amd64)".to_owned());
+    }
+    // The policy phase runs etcd and kube-apiserver in the guest (keyd-tests' kube-cluster).
+    let apiserver = std::env::var_os("KUBE_TEST_APISERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/keyd-test/kube-1.20/kube-apiserver"));
+    if !apiserver.is_file() {
+        missing.push(format!(
+            "kube-apiserver at {} (scripts/kube-apiserver.sh)",
+            apiserver.display()
+        ));
+    }
+    if !have("etcd") {
+        missing.push("`etcd` (etcd-server)".to_owned());
     }
     if !missing.is_empty() {
         let why = format!("needs {}", missing.join(", "));
@@ -107,12 +123,29 @@ fn privileged_vm_end_to_end() {
         .status()
         .unwrap();
     assert!(st.success(), "building the release binaries failed");
+    // A debug build, as `cargo test` makes it: only its setup runs, and a release build would
+    // compile keyd a second time with keyd-tests' features.
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&ws)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "keyd-tests",
+            "--bin",
+            "kube-cluster",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "building kube-cluster failed");
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| ws.join("target"));
     let bin = target.join("release");
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(ws.join("tests/vm/run.sh"))
+        .env("KUBE_CLUSTER", target.join("debug/kube-cluster"))
+        .env("KUBE_TEST_APISERVER", &apiserver)
         .arg(&bin)
         .arg(out.path())
         .args(["e2e", "bench"])
@@ -145,6 +178,11 @@ fn privileged_vm_end_to_end() {
         "esp_rotation_stream_survived=yes",
         "esp_restart_kernel_ops=0",
         "esp_keyd_away_states_kept=yes",
+        "policy_wg_counter_matches=yes",
+        "policy_wg_all_mode_encrypted=yes",
+        "policy_esp_restored=yes",
+        "bench_steer_wireguard_throughput_ratio=",
+        "bench_steer_ipsec_throughput_ratio=",
         "bench_peers=1000",
     ] {
         assert!(results.contains(key), "missing {key} in:\n{results}");
