@@ -8,7 +8,8 @@
 //! - Removal of stale objects happens only in a full sync: a bundle fetched by this process and
 //!   every add and update of the pass applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,8 @@ pub struct Agent<K: Kernel> {
     /// outbound switch is due).
     dirty: bool,
     installed_since: BTreeMap<u8, Instant>,
+    /// The outbound XFRM states seen after the last pass, as (destination, SPI).
+    outbound_seen: BTreeSet<(IpAddr, u32)>,
     last_ack: Option<Ack>,
     recheck_at: Option<Instant>,
     /// When the kernel was last compared with the bundle (`resync_interval`).
@@ -228,6 +231,7 @@ impl<K: Kernel> Agent<K> {
             fresh: false,
             dirty: false,
             installed_since,
+            outbound_seen: BTreeSet::new(),
             last_ack: None,
             recheck_at: None,
             last_reconcile: None,
@@ -536,8 +540,9 @@ impl<K: Kernel> Agent<K> {
             return Ok(());
         };
         let started = Instant::now();
-        self.last_reconcile = Some(started);
         let result = self.reconcile_inner(full);
+        // From its end: a pass slower than resync_interval must not start the next at once.
+        self.last_reconcile = Some(Instant::now());
         let m = &self.shared.metrics;
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         match &result {
@@ -636,6 +641,14 @@ impl<K: Kernel> Agent<K> {
         };
         for op in &plan.ensure {
             tracing::debug!(%op, "applying");
+            // An outbound state this node had, gone (a flush behind its back): added again, its
+            // sequence numbers restart, and the peer's inbound state refuses them as replays.
+            if let crate::model::Op::XfrmStateAdd(st) = op
+                && self.outbound_seen.contains(&(st.id.dst, st.id.spi))
+            {
+                tracing::warn!(state = %st.id, "an outbound XFRM state disappeared and is added again; the peer refuses its packets as replays until the next key: run `keyctl ipsec rotate`");
+                self.shared.metrics.ipsec_states_recreated.inc();
+            }
         }
         if let Err(e) = self.kernel.apply(&plan.ensure) {
             count(&plan.ensure, e.applied);
@@ -656,6 +669,13 @@ impl<K: Kernel> Agent<K> {
             tracing::info!(ops = plan.ensure.len(), removed = if full { plan.remove.len() } else { 0 }, revision = %bundle.revision, "kernel updated");
         }
         let after = self.kernel.observe().map_err(ReconcileError::Observe)?;
+        let own = self.facts.endpoint;
+        self.outbound_seen = after
+            .states
+            .keys()
+            .filter(|id| id.src == own)
+            .map(|id| (id.dst, id.spi))
+            .collect();
         if let Some(w) = &computed.desired.wg {
             self.wanted_peers = w.peers.clone();
             let wall = unix_now();

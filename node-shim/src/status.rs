@@ -123,6 +123,7 @@ pub struct Metrics {
     pub peers: Gauge,
     pub skipped_peers: Gauge,
     pub keypair_rotations: Counter,
+    pub ipsec_states_recreated: Counter,
     pub policy_packets: Family<PolicyOutcome, Counter>,
     pub policy_bytes: Family<PolicyOutcome, Counter>,
 }
@@ -149,6 +150,7 @@ impl Default for Metrics {
             peers: Gauge::default(),
             skipped_peers: Gauge::default(),
             keypair_rotations: Counter::default(),
+            ipsec_states_recreated: Counter::default(),
             policy_packets: Family::default(),
             policy_bytes: Family::default(),
         };
@@ -202,6 +204,11 @@ impl Default for Metrics {
             "wireguard_keypair_rotations",
             "WireGuard keypairs generated after the first",
             m.keypair_rotations.clone(),
+        );
+        r.register(
+            "ipsec_states_recreated",
+            "Outbound XFRM states that disappeared and were added again (the peer refuses them as replays until the next IPsec rotation)",
+            m.ipsec_states_recreated.clone(),
         );
         r.register(
             "policy_packets",

@@ -44,7 +44,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(dir: PathBuf) -> ExitCode {
-    // Signals first: a stop that arrives while the servers start still stops them.
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -52,9 +51,18 @@ async fn run(dir: PathBuf) -> ExitCode {
         eprintln!("kube-cluster: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    let cluster = Cluster::start_within(&dir, READY_WITHIN).await;
-    let client = cluster.client().await;
-    cluster.install_crds(&client).await;
+    let start = async {
+        let cluster = Cluster::start_within(&dir, READY_WITHIN).await;
+        let client = cluster.client().await;
+        cluster.install_crds(&client).await;
+        cluster
+    };
+    // A stop while the servers start stops them at once (dropping the start kills them).
+    let cluster = tokio::select! {
+        c = start => c,
+        _ = term.recv() => return ExitCode::SUCCESS,
+        _ = int.recv() => return ExitCode::SUCCESS,
+    };
     let files = [
         // No trailing newline: keyd's `[policy]` refuses one (the Kubernetes client would send it).
         ("token", "admin-token".to_owned()),
