@@ -32,6 +32,9 @@ result() { echo "$1=$2" | tee -a "$RES"; }
 fail() {
     log "FAIL: $*"
     echo "VM-E2E: FAIL $*" >> "$RES"
+    # A node-shim frozen by the test would not answer the diagnostics.
+    local pid
+    for pid in "${SHIM_PID[@]}"; do kill -CONT "$pid" 2>/dev/null || true; done
     diagnostics > "$LOGS/diagnostics.txt" 2>&1 || true
     for f in "$LOGS"/*.log; do
         echo "----- $f (tail)"
@@ -52,7 +55,7 @@ diagnostics() {
         ns "$n" ip -s xfrm state | grep -v 'enc \|aead \|auth' || true
         ns "$n" tc filter show dev pod ingress 2>/dev/null
         ns "$n" nstat -az 2>/dev/null | grep -iE 'drop|xfrm|retrans|filter|noroute|discard' | grep -v ' 0 ' || true
-        ns "$n" curl -sf "http://127.0.0.1:$(port_of "$n")/status" && echo
+        ns "$n" curl -sf --max-time 5 "http://127.0.0.1:$(port_of "$n")/status" && echo
     done
 }
 # wait_for SECONDS DESCRIPTION COMMAND...: polls every 0.2 s.
@@ -185,7 +188,7 @@ stop_shim() {
     wait "${SHIM_PID[$node]}" 2>/dev/null || true
 }
 port_of() { [ "$1" = node-a ] && echo 9101 || echo 9102; }
-status_of() { ns "$1" curl -sf "http://127.0.0.1:$(port_of "$1")/status"; }
+status_of() { ns "$1" curl -sf --max-time 5 "http://127.0.0.1:$(port_of "$1")/status"; }
 # Matching on captured output, not in a pipe: `cmd | grep -q` can fail under pipefail when
 # grep stops reading early.
 status_has() {
@@ -196,7 +199,7 @@ no_kernel_ops() {
     local m
     m=$(metrics_of "$1") && [[ $m != *node_shim_kernel_ops_total* ]]
 }
-metrics_of() { ns "$1" curl -sf "http://127.0.0.1:$(port_of "$1")/metrics"; }
+metrics_of() { ns "$1" curl -sf --max-time 5 "http://127.0.0.1:$(port_of "$1")/metrics"; }
 
 # A TCP stream pod-a -> pod-b carrying the marker ten times a second until $OUT/stream.on goes.
 start_stream() { start_flow "$1" 10.2.0.2 7000 KEYD-PLAINTEXT-MARKER; }
@@ -590,7 +593,7 @@ steering_config() {
 counter() {
     local m v
     m=$(metrics_of "$1") || m=""
-    v=$(grep -F "node_shim_policy_packets_total{policy=\"$2\",outcome=\"$3\"}" <<< "$m" | awk '{print $NF}')
+    v=$(grep -F "node_shim_policy_packets_total{policy=\"$2\",outcome=\"$3\"}" <<< "$m" | awk '{print $NF}') || true
     echo "${v:-0}"
 }
 counter_at_least() { [ "$(counter "$1" "$2" "$3")" -ge "$4" ]; }
@@ -608,7 +611,7 @@ expect_counter() {
     [ "$got" -eq "$4" ] || fail "$1's $3 counter of $2 is $got, but the test sent $4 such packets"
 }
 # packets TAG: how many packets the capture TAG holds.
-packets() { tcpdump -n -r "$OUT/$1.pcap" 2>/dev/null | wc -l; }
+packets() { { tcpdump -n -r "$OUT/$1.pcap" 2>/dev/null || true; } | wc -l; }
 
 # check_wire TAG TUNNEL UNCOVERED: on the link between the nodes, no covered marker and no TCP
 # 5432 packet; TUNNEL (a string of tcpdump's text, or of the packets' bytes) is there; the
@@ -682,6 +685,12 @@ outbound_spi_is_not() {
     local now
     now=$(outbound_spi "$1") && [ -n "$now" ] && [ "$now" != "$2" ]
 }
+# kube_up: kube-cluster is ready; fails the test at once if it exited.
+kube_up() {
+    [ -s "$KUBE_DIR/url" ] && return 0
+    kill -0 "$KUBE_PID" 2>/dev/null || fail "kube-cluster exited: $(tail -n 5 "$LOGS/kube-cluster.log")"
+    return 1
+}
 xfrm_has_policies() {
     local p
     p=$(ns "$1" ip xfrm policy) && [[ $p == *"dir out"* ]]
@@ -689,7 +698,7 @@ xfrm_has_policies() {
 
 policy_setup() {
     log "policy: kube-apiserver and etcd in the guest; keyd watches them"
-    wait_for 480 "kube-apiserver and etcd in the guest (see logs/kube-cluster.log)" test -s "$KUBE_DIR/url"
+    wait_for 480 "kube-apiserver and etcd in the guest (see logs/kube-cluster.log)" kube_up
     local n sub
     # The earlier phases' XFRM policies would encrypt everything: policy mode starts clean.
     for n in node-a node-b; do
@@ -908,6 +917,7 @@ policy_ipsec_phase() {
     result policy_esp_restored yes
     stop_shim node-a
     stop_shim node-b
+    kapi DELETE "$POLICIES/db-ipsec"
 }
 
 # --- benchmark: what steering costs on the tunnel's path -----------------------------------------
@@ -923,10 +933,10 @@ bench_run() {
     json=$(ns pod-a iperf3 -c 10.2.0.2 -p 5432 -t 4 -J 2>> "$LOGS/iperf3.log") ||
         fail "iperf3 ($tag) failed: $(tail -5 "$LOGS/iperf3.log")"
     bps=$(grep -A12 '"sum_received"' <<< "$json" | grep -o '"bits_per_second":[[:space:]]*[0-9.e+]*' |
-        head -1 | grep -o '[0-9.e+]*$')
+        head -1 | grep -o '[0-9.e+]*$') || true
     [ -n "$bps" ] || fail "iperf3 ($tag): no result in its output"
     rtt=$(ns pod-a ping -n -q -c 40 -i 0.05 10.2.0.2 | grep -o 'rtt[^=]*= [0-9.]*/[0-9.]*' |
-        cut -d/ -f5)
+        cut -d/ -f5) || true
     [ -n "$rtt" ] || fail "ping ($tag) got no reply"
     echo "$bps $rtt" >> "$OUT/$tag.runs"
     log "  $tag: $(awk -v b="$bps" 'BEGIN { printf "%.0f Mbit/s", b / 1e6 }'), ping $rtt ms"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Boots Debian's kernel (which has WireGuard and ESP) under QEMU with virtme-ng and runs
-# tests/vm/guest.sh in it: node-shim end to end in both modes, then the benchmark.
-#   KUBE_CLUSTER=PATH tests/vm/run.sh BIN_DIR OUT_DIR [e2e] [bench]
-# (e2e needs KUBE_CLUSTER, keyd-tests' kube-cluster binary, and the kube-apiserver it runs:
-# KUBE_TEST_APISERVER or the cache of scripts/kube-apiserver.sh.)
+# tests/vm/guest.sh in it: node-shim end to end in both modes, the policy phases, then the
+# benchmarks.
+#   KUBE_CLUSTER=PATH KUBE_TEST_APISERVER=PATH tests/vm/run.sh BIN_DIR OUT_DIR [e2e] [policy] [bench]
+# e2e and policy need KUBE_CLUSTER (keyd-tests' kube-cluster binary) and KUBE_TEST_APISERVER (the
+# kube-apiserver that scripts/kube-apiserver.sh builds; its folder is shared with the guest).
 # One boot for everything: a boot costs about a minute under TCG emulation.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
