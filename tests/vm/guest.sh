@@ -183,9 +183,10 @@ start_shim() {
     SHIM_PID[$node]=$!
 }
 stop_shim() {
-    local node=$1
-    kill -TERM "${SHIM_PID[$node]}" 2>/dev/null || true
-    wait "${SHIM_PID[$node]}" 2>/dev/null || true
+    local pid=${SHIM_PID[$1]:-}
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
 }
 port_of() { [ "$1" = node-a ] && echo 9101 || echo 9102; }
 status_of() { ns "$1" curl -sf --max-time 5 "http://127.0.0.1:$(port_of "$1")/status"; }
@@ -681,6 +682,10 @@ outbound_spi() {
     s=$(grep -o '"ipsec_outbound_spi":[0-9]*' <<< "$s") || return 1
     echo "${s#*:}"
 }
+has_outbound_spi() {
+    local spi
+    spi=$(outbound_spi "$1") && [ -n "$spi" ]
+}
 outbound_spi_is_not() {
     local now
     now=$(outbound_spi "$1") && [ -n "$now" ] && [ "$now" != "$2" ]
@@ -694,6 +699,30 @@ kube_up() {
 xfrm_has_policies() {
     local p
     p=$(ns "$1" ip xfrm policy) && [[ $p == *"dir out"* ]]
+}
+
+# start_shims MODE TAG [ENCRYPT [CIDRS_A CIDRS_B]]: (re)starts both node-shims in MODE from
+# /tmp/NODE-TAG.toml, with [steering] in ENCRYPT mode if given (pod CIDRs: IPv4 by default), and
+# waits until each has its tunnel to the other and, in policy mode, its rules.
+start_shims() {
+    local mode=$1 tag=$2 encrypt=${3:-} n
+    stop_shim node-a
+    stop_shim node-b
+    node_config node-a 192.168.100.1 "${4:-10.1.0.0/24}" "$mode" 9101 "$tag"
+    node_config node-b 192.168.100.2 "${5:-10.2.0.0/24}" "$mode" 9102 "$tag"
+    for n in node-a node-b; do
+        [ -z "$encrypt" ] || steering_config "$n" "$tag" "$encrypt"
+        start_shim "$n" "$tag"
+    done
+    for n in node-a node-b; do
+        if [ "$mode" = wireguard ]; then
+            wait_for 60 "$n ready with its WireGuard peer ($tag)" status_has "$n" '"peers":1,'
+        else
+            wait_for 60 "$n sending with a key ($tag)" has_outbound_spi "$n"
+        fi
+        [ "$encrypt" != policy ] || wait_for 30 "$n programmed its rules ($tag)" status_has "$n" '"programmed":true'
+    done
+    sleep 1
 }
 
 policy_setup() {
@@ -741,17 +770,10 @@ policy_setup() {
 policy_wireguard_phase() {
     local p="EncryptionPolicy shop/db-wireguard" n
     db_policy db-wireguard wireguard
-    node_config node-a 192.168.100.1 10.1.0.0/24,fd00:a::/64 wireguard 9101 wg-policy
-    node_config node-b 192.168.100.2 10.2.0.0/24,fd00:b::/64 wireguard 9102 wg-policy
+    start_shims wireguard wg-policy policy 10.1.0.0/24,fd00:a::/64 10.2.0.0/24,fd00:b::/64
     for n in node-a node-b; do
-        steering_config "$n" wg-policy policy
-        start_shim "$n" wg-policy
-    done
-    for n in node-a node-b; do
-        wait_for 60 "$n ready with its WireGuard peer" status_has "$n" '"peers":1,'
         wait_for 30 "$n programmed $p" status_has "$n" "\"name\":\"$p\",\"programmed\":true"
     done
-    sleep 1
 
     log "policy (WireGuard): covered flows (IPv4, IPv6) only inside WireGuard, the uncovered one in the clear"
     local enc0 drop0 sent
@@ -805,16 +827,7 @@ policy_wireguard_phase() {
     # All mode routes every peer CIDR through the device; the cluster network's routes would
     # compete with those.
     cni_routes del
-    node_config node-a 192.168.100.1 10.1.0.0/24,fd00:a::/64 wireguard 9101 wg-all
-    node_config node-b 192.168.100.2 10.2.0.0/24,fd00:b::/64 wireguard 9102 wg-all
-    for n in node-a node-b; do
-        steering_config "$n" wg-all all
-        start_shim "$n" wg-all
-    done
-    for n in node-a node-b; do
-        wait_for 60 "$n ready with its WireGuard peer (all mode)" status_has "$n" '"peers":1,'
-    done
-    sleep 1
+    start_shims wireguard wg-all all 10.1.0.0/24,fd00:a::/64 10.2.0.0/24,fd00:b::/64
     enc0=$(counter node-a all encrypted)
     start_capture wg-all
     start_flow wg-all-covered 10.2.0.2 5432 KEYD-COVERED-V4
@@ -841,17 +854,11 @@ policy_ipsec_phase() {
         ns "$n" ip xfrm state flush
         ns "$n" ip xfrm policy flush
     done
-    node_config node-a 192.168.100.1 10.1.0.0/24 ipsec 9101 ipsec-policy
-    node_config node-b 192.168.100.2 10.2.0.0/24 ipsec 9102 ipsec-policy
+    start_shims ipsec ipsec-policy policy
     for n in node-a node-b; do
-        steering_config "$n" ipsec-policy policy
-        start_shim "$n" ipsec-policy
-    done
-    for n in node-a node-b; do
-        wait_for 60 "$n programmed its IPsec states" status_has "$n" '"ready":true'
         wait_for 30 "$n programmed $p" status_has "$n" "\"name\":\"$p\",\"programmed\":true"
     done
-    sleep 2
+    sleep 1
     ns node-a ip xfrm policy > "$LOGS/xfrm-policy-policy-mode-a.txt"
     grep -q 'mark 0x20/0xf0' "$LOGS/xfrm-policy-policy-mode-a.txt" ||
         fail "node-a's out policies do not match the steering mark: $(head -20 "$LOGS/xfrm-policy-policy-mode-a.txt")"
@@ -942,30 +949,6 @@ bench_run() {
     log "  $tag: $(awk -v b="$bps" 'BEGIN { printf "%.0f Mbit/s", b / 1e6 }'), ping $rtt ms"
 }
 
-# bench_shims MODE TAG [ENCRYPT]: both node-shims in MODE, with [steering] in ENCRYPT mode if given.
-bench_shims() {
-    local mode=$1 tag=$2 encrypt=${3:-} n
-    stop_shim node-a
-    stop_shim node-b
-    node_config node-a 192.168.100.1 10.1.0.0/24 "$mode" 9101 "$tag"
-    node_config node-b 192.168.100.2 10.2.0.0/24 "$mode" 9102 "$tag"
-    for n in node-a node-b; do
-        [ -z "$encrypt" ] || steering_config "$n" "$tag" "$encrypt"
-        start_shim "$n" "$tag"
-    done
-    for n in node-a node-b; do
-        if [ "$mode" = wireguard ]; then
-            wait_for 60 "$n ready with its WireGuard peer ($tag)" status_has "$n" '"peers":1,'
-        else
-            wait_for 60 "$n ready ($tag)" status_has "$n" '"ipsec_outbound_spi":'
-        fi
-        [ -z "$encrypt" ] || wait_for 30 "$n programmed its rules ($tag)" status_has "$n" '"programmed":true'
-    done
-    sleep 2
-    # The tunnel is up (a handshake, or a first ESP packet) before anything is timed.
-    ns pod-a ping -c 2 -W 5 10.2.0.2 > /dev/null || fail "$tag: pod-a cannot reach pod-b"
-}
-
 steering_bench() {
     log "benchmark: steering on the tunnel's path (iperf3 and ping, with and without the program)"
     ip netns exec pod-b iperf3 -s -p 5432 > "$LOGS/iperf3-server.log" 2>&1 &
@@ -981,10 +964,12 @@ steering_bench() {
         for round in 1 2; do
             for tag in plain steered; do
                 if [ "$tag" = steered ]; then
-                    bench_shims "$mode" "bench-$mode-$tag" policy
+                    start_shims "$mode" "bench-$mode-$tag" policy
                 else
-                    bench_shims "$mode" "bench-$mode-$tag"
+                    start_shims "$mode" "bench-$mode-$tag"
                 fi
+                # The tunnel is up (a handshake, a first ESP packet) before anything is timed.
+                ns pod-a ping -c 2 -W 5 10.2.0.2 > /dev/null || fail "$tag: pod-a cannot reach pod-b"
                 bench_run "steer-$mode-$tag"
             done
         done
