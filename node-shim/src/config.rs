@@ -10,6 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use duration::{bounded_duration, duration};
+
+mod duration;
 mod steering;
 pub use steering::{
     DEFAULT_MARKS, DEFAULT_PIN_DIR, DEFAULT_STEERING_TABLE, Encrypt, RawSteering, SteeringSettings,
@@ -326,14 +329,12 @@ impl RawConfig {
                 ));
             }
         };
-        let poll_interval = duration(
+        let poll_interval = bounded_duration(
             "poll_interval",
             self.poll_interval.as_deref(),
             Duration::from_secs(5),
+            Duration::from_millis(100)..=Duration::from_secs(3600),
         )?;
-        if poll_interval < Duration::from_millis(100) || poll_interval > Duration::from_secs(3600) {
-            return Err(err("poll_interval", "must be between 100ms and 1h"));
-        }
         let long_poll = match self.long_poll.as_deref() {
             Some("off") => None,
             other => {
@@ -344,14 +345,12 @@ impl RawConfig {
                 Some(d)
             }
         };
-        let resync_interval = duration(
+        let resync_interval = bounded_duration(
             "resync_interval",
             self.resync_interval.as_deref(),
             Duration::from_secs(30),
+            Duration::from_secs(1)..=Duration::from_secs(3600),
         )?;
-        if resync_interval < Duration::from_secs(1) || resync_interval > Duration::from_secs(3600) {
-            return Err(err("resync_interval", "must be between 1s and 1h"));
-        }
         let backoff_initial = duration(
             "backoff_initial",
             self.backoff_initial.as_deref(),
@@ -599,14 +598,6 @@ fn validate_ipsec(raw: RawIpsec, poll_interval: Duration) -> Result<IpsecSetting
         require_inbound_esp: raw.require_inbound_esp.unwrap_or(true),
         filter_priority: raw.filter_priority.unwrap_or(0x6b65),
     })
-}
-
-fn duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(s) => humantime::parse_duration(s)
-            .map_err(|_| err(field, format!("{s:?} is not a duration like 5s or 2m"))),
-    }
 }
 
 /// Reads the file (if given), applies `env` and validates.

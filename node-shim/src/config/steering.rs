@@ -202,18 +202,12 @@ pub fn validate(raw: RawSteering, ipsec_mark_mask: u32) -> Result<SteeringSettin
             "must be between 1 and 32765 (before the main table's rule)",
         ));
     }
-    let report_interval = match raw.report_interval.as_deref() {
-        None => DEFAULT_REPORT_INTERVAL,
-        Some(v) => humantime::parse_duration(v)
-            .ok()
-            .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(d))
-            .ok_or_else(|| {
-                err(
-                    "steering.report_interval",
-                    format!("{v:?} is not a duration between 1s and 1h"),
-                )
-            })?,
-    };
+    let report_interval = super::duration::bounded_duration(
+        "steering.report_interval",
+        raw.report_interval.as_deref(),
+        DEFAULT_REPORT_INTERVAL,
+        Duration::from_secs(1)..=Duration::from_secs(3600),
+    )?;
     Ok(SteeringSettings {
         encrypt,
         report_interval,
