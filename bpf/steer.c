@@ -245,27 +245,45 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 	return 0;
 }
 
+#define ENCRYPTED 0
+#define DROPPED 1
+#define CLEAR 2
+// keyd_guard found a packet that keyd_steer had counted as encrypted leaving in the clear: it
+// takes it back out of `encrypted` (and counts it as dropped or clear instead).
+#define NOT_ENCRYPTED 3
+
 static __always_inline void count(__u32 slot, int what, __u64 bytes)
 {
 	struct counters *c = bpf_map_lookup_elem(&keyd_counters, &slot);
 
 	if (!c)
 		return;
-	if (what == 0) {
+	if (what == ENCRYPTED) {
 		c->encrypted_packets++;
 		c->encrypted_bytes += bytes;
-	} else if (what == 1) {
+	} else if (what == DROPPED) {
 		c->dropped_packets++;
 		c->dropped_bytes += bytes;
-	} else {
+	} else if (what == CLEAR) {
 		c->clear_packets++;
 		c->clear_bytes += bytes;
+	} else {
+		// Per-CPU: the guard may run on another CPU than the steering did, so this CPU's
+		// value may wrap below zero. node-shim sums the CPUs with wrapping arithmetic, which
+		// gives the right total.
+		c->encrypted_packets--;
+		c->encrypted_bytes -= bytes;
 	}
 }
 
 static __always_inline __u32 ready_flag(__u32 mode)
 {
 	return mode == MODE_IPSEC ? READY_IPSEC : READY_WIREGUARD;
+}
+
+static __always_inline __u32 steer_mark(const struct settings *s, __u32 mode)
+{
+	return mode == MODE_IPSEC ? s->mark_ipsec : s->mark_wireguard;
 }
 
 static __always_inline int node_ready(__u32 node, __u32 mode)
@@ -300,22 +318,32 @@ static __always_inline int steer_all(struct __sk_buff *skb, const struct setting
 				     const struct endpoint *dst, int guard)
 {
 	if (guard) {
-		// A pod-to-pod packet leaving on the underlay is in the clear.
+		// A pod-to-pod packet leaving on the underlay is in the clear. All mode marks
+		// nothing (its routes and XFRM policies match every packet), so whether keyd_steer
+		// counted it as encrypted is told by the readiness it went by: a packet to a ready
+		// peer was counted. (Its routes cover every pod CIDR, so a Service address
+		// translated after keyd_steer is encrypted too and never reaches this point.)
+		int counted = node_ready(dst->node, s->all_mode);
+
+		if (counted)
+			count(ALL_SLOT, NOT_ENCRYPTED, skb->len);
 		if (s->all_strict) {
-			count(ALL_SLOT, 1, skb->len);
+			count(ALL_SLOT, DROPPED, skb->len);
 			return TC_ACT_SHOT;
 		}
+		if (counted)
+			count(ALL_SLOT, CLEAR, skb->len);
 		return TC_ACT_UNSPEC;
 	}
 	if (node_ready(dst->node, s->all_mode)) {
-		count(ALL_SLOT, 0, skb->len);
+		count(ALL_SLOT, ENCRYPTED, skb->len);
 		return TC_ACT_UNSPEC;
 	}
 	if (s->all_strict) {
-		count(ALL_SLOT, 1, skb->len);
+		count(ALL_SLOT, DROPPED, skb->len);
 		return TC_ACT_SHOT;
 	}
-	count(ALL_SLOT, 2, skb->len);
+	count(ALL_SLOT, CLEAR, skb->len);
 	return TC_ACT_UNSPEC;
 }
 
@@ -365,33 +393,38 @@ static __always_inline int steer_policy(struct __sk_buff *skb, const struct sett
 	if (first >= MAX_POLICIES)
 		return TC_ACT_UNSPEC;
 
-	if (guard) {
-		// Covered, and leaving the node in the clear (not steered: a Service address
-		// translated after the steering hook, another program ahead of ours, a tunnel that
-		// went away after the packet was marked): strict policies drop it here.
-		if (strict_hit) {
-			count(first, 1, skb->len);
-			return TC_ACT_SHOT;
-		}
-		return TC_ACT_UNSPEC;
-	}
-
 	struct policy *p = bpf_map_lookup_elem(&keyd_policies, &first);
 
+	if (guard) {
+		// Covered, and leaving the node in the clear (not steered: a Service address
+		// translated after the steering hook, another program ahead of ours; or steered and
+		// then not encrypted: the tunnel's route or XFRM policy went away after the packet
+		// was marked): strict policies drop it here. A packet that carries the steering
+		// mark was counted as encrypted by keyd_steer: it is moved to dropped or clear.
+		int steered = p && (skb->mark & s->mark_mask) == (steer_mark(s, p->mode) & s->mark_mask);
+
+		if (steered)
+			count(first, NOT_ENCRYPTED, skb->len);
+		if (strict_hit) {
+			count(first, DROPPED, skb->len);
+			return TC_ACT_SHOT;
+		}
+		if (steered)
+			count(first, CLEAR, skb->len);
+		return TC_ACT_UNSPEC;
+	}
 	if (!p)
 		return TC_ACT_UNSPEC;
 	if (node_ready(dst->node, p->mode)) {
-		__u32 value = p->mode == MODE_IPSEC ? s->mark_ipsec : s->mark_wireguard;
-
-		skb->mark = (skb->mark & ~s->mark_mask) | (value & s->mark_mask);
-		count(first, 0, skb->len);
+		skb->mark = (skb->mark & ~s->mark_mask) | (steer_mark(s, p->mode) & s->mark_mask);
+		count(first, ENCRYPTED, skb->len);
 		return TC_ACT_UNSPEC;
 	}
 	if (strict_hit) {
-		count(first, 1, skb->len);
+		count(first, DROPPED, skb->len);
 		return TC_ACT_SHOT;
 	}
-	count(first, 2, skb->len);
+	count(first, CLEAR, skb->len);
 	return TC_ACT_UNSPEC;
 }
 

@@ -327,9 +327,28 @@ fn scenario(attach: AttachMode) {
         st.counters(slot).unwrap().encrypted_packets - before.encrypted_packets,
         6
     );
+    // The guard on the underlay's egress, with the steering program still on the pod device:
+    // this topology has no tunnel, so what the program counted as encrypted leaves in the
+    // clear, and the guard drops it and takes it back out of `encrypted`.
+    st = t.node.run(move || {
+        st.attach("ul0", Hook::UnderlayEgress)
+            .expect("attach the guard");
+        st
+    });
+    let before = st.counters(slot).unwrap();
+    let clear = peer_udp(&t.peer);
+    send(&t.pod, "10.2.0.7", 8080, 5);
+    let now = st.counters(slot).unwrap();
+    assert_eq!(now.dropped_packets - before.dropped_packets, 5);
+    assert_eq!(
+        (now.encrypted_packets, now.encrypted_bytes),
+        (before.encrypted_packets, before.encrypted_bytes),
+        "dropped by the guard, yet counted as encrypted"
+    );
+    assert_eq!(peer_udp(&t.peer), clear, "all-mode guard leaked");
+    let before = now;
     st.apply(&steering::readiness_ops(&ready, &BTreeMap::new()))
         .unwrap();
-    let clear = peer_udp(&t.peer);
     send(&t.pod, "10.2.0.7", 8080, 6);
     assert_eq!(
         st.counters(slot).unwrap().dropped_packets - before.dropped_packets,
@@ -337,16 +356,48 @@ fn scenario(attach: AttachMode) {
     );
     assert_eq!(peer_udp(&t.peer), clear, "all-mode strict leaked");
 
-    // The guard on the underlay's egress: when covered traffic was not steered (here the
-    // steering program is detached, as if a Service's address had been translated after it, or
-    // another program ahead of it had ended the chain), a strict policy drops it as it leaves.
+    // Policy mode, steered and then not encrypted: the route for marked packets went away
+    // after the program marked them, so they leave on the underlay in the clear. A strict
+    // policy's guard drops them; without strict they go, counted as clear. Either way they
+    // are no longer counted as encrypted.
     st.apply(&steering::diff(Some(&all), &moved)).unwrap();
     st.apply(&steering::readiness_ops(&BTreeMap::new(), &ready))
         .unwrap();
+    t.node
+        .sh("ip route flush table 100 && ip -6 route flush table 100");
+    let before = st.counters(db).unwrap();
+    let clear = peer_udp(&t.peer);
+    send(&t.pod, "10.2.0.7", 6379, 3);
+    send(&t.pod, "fd00:2::7", 6379, 3);
+    let now = st.counters(db).unwrap();
+    assert_eq!(now.dropped_packets - before.dropped_packets, 6);
+    assert_eq!(
+        (now.encrypted_packets, now.encrypted_bytes),
+        (before.encrypted_packets, before.encrypted_bytes),
+        "dropped by the guard, yet counted as encrypted"
+    );
+    assert_eq!(
+        peer_udp(&t.peer),
+        clear,
+        "the guard let steered plaintext out"
+    );
+    let relaxed = compile(&rules(false, 6379), &mut slots);
+    st.apply(&steering::diff(Some(&moved), &relaxed)).unwrap();
+    let before = st.counters(db).unwrap();
+    send(&t.pod, "10.2.0.7", 6379, 4);
+    let now = st.counters(db).unwrap();
+    assert_eq!(now.clear_packets - before.clear_packets, 4);
+    assert_eq!(now.encrypted_packets, before.encrypted_packets);
+    assert_eq!(now.dropped_packets, before.dropped_packets);
+    assert!(udp_reaches(&t.peer, clear + 4) >= clear + 4);
+    st.apply(&steering::diff(Some(&relaxed), &moved)).unwrap();
+    t.node.sh("ip route add 10.2.0.0/24 via 192.168.60.2 dev steer0 table 100 && ip -6 route add fd00:2::/64 via fd60::2 dev steer0 table 100");
+
+    // The guard alone: when covered traffic was not steered (here the steering program is
+    // detached, as if a Service's address had been translated after it, or another program
+    // ahead of it had ended the chain), a strict policy drops it as it leaves.
     st = t.node.run(move || {
         st.detach("lxc0", Hook::PodIngress);
-        st.attach("ul0", Hook::UnderlayEgress)
-            .expect("attach the guard");
         st
     });
     let before = st.counters(db).unwrap();

@@ -889,6 +889,7 @@ policy_ipsec_phase() {
     start_flow esp-break-uncovered 10.2.0.2 8080 KEYD-UNCOVERED
     sleep 1
     drop0=$(counter node-a "$p" dropped)
+    enc0=$(counter node-a "$p" encrypted)
     kill -STOP "${SHIM_PID[node-a]}"
     ns node-a ip xfrm state flush
     ns node-a ip xfrm policy flush
@@ -904,6 +905,9 @@ policy_ipsec_phase() {
     sent=$(packets esp-break-sent)
     [ "$sent" -ge 5 ] || fail "esp-break: fewer SYNs captured ($sent) than attempts made (5)"
     expect_counter node-a "$p" dropped $((drop0 + sent))
+    # The program marked them as steered (counted encrypted); the guard took them back out.
+    [ "$(counter node-a "$p" encrypted)" -eq "$enc0" ] ||
+        fail "node-a counts the packets its guard dropped as encrypted ($enc0 -> $(counter node-a "$p" encrypted))"
     result policy_esp_break_dropped_by_guard "$sent"
     # node-shim puts the states back by itself (resync_interval). Their sequence numbers start
     # again, which node-b's inbound state refuses as replays: a rotation, which brings a new SPI,
