@@ -17,14 +17,16 @@ use crate::seal::Key256;
 
 const PSK_SALT: &[u8] = b"keyd wireguard psk v1";
 
-/// Checks a posted WireGuard public key: standard base64 of 32 bytes, not all zero.
+/// Checks a posted WireGuard public key (standard base64 of 32 bytes, not all zero) and returns
+/// its one canonical spelling, which is what keyd stores and compares: `" K"` and `"K\n"` are
+/// the same key as `"K"`, and a second node must not register it under another spelling.
 ///
 /// The all-zero key is a low-order point that makes every handshake's shared secret zero;
 /// wg(8) refuses it too.
-pub fn validate_public_key(key: &str) -> Result<(), String> {
-    let raw = STANDARD.decode(key.trim()).map_err(|_| {
+pub fn canonical_public_key(key: &str) -> Result<String, String> {
+    let raw = Zeroizing::new(STANDARD.decode(key.trim()).map_err(|_| {
         "wireguard_public_key must be standard base64 (as `wg pubkey` prints it)".to_owned()
-    })?;
+    })?);
     if raw.len() != 32 {
         return Err(format!(
             "wireguard_public_key decodes to {} bytes; an x25519 key has 32",
@@ -36,7 +38,7 @@ pub fn validate_public_key(key: &str) -> Result<(), String> {
             "wireguard_public_key is the all-zero key, which is not a valid peer key".to_owned(),
         );
     }
-    Ok(())
+    Ok(STANDARD.encode(raw.as_slice()))
 }
 
 /// The preshared key for the pair {a, b} in `epoch`: identical whichever end asks.
@@ -130,15 +132,16 @@ mod tests {
         let pk = STANDARD.encode(x25519_dalek::PublicKey::from(
             &x25519_dalek::StaticSecret::from([1u8; 32]),
         ));
-        assert!(validate_public_key(&pk).is_ok());
-        assert!(validate_public_key("not base64!").is_err());
+        assert_eq!(canonical_public_key(&pk).unwrap(), pk);
+        assert_eq!(canonical_public_key(&format!(" {pk}\n")).unwrap(), pk);
+        assert!(canonical_public_key("not base64!").is_err());
         assert!(
-            validate_public_key(&STANDARD.encode([1u8; 31]))
+            canonical_public_key(&STANDARD.encode([1u8; 31]))
                 .unwrap_err()
                 .contains("31 bytes")
         );
         assert!(
-            validate_public_key(&STANDARD.encode([0u8; 32]))
+            canonical_public_key(&STANDARD.encode([0u8; 32]))
                 .unwrap_err()
                 .contains("all-zero")
         );

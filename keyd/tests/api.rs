@@ -626,6 +626,29 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
         .unwrap();
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert!(error_of(&r).message.contains("node-a"));
+    // Nor under another spelling of the same key (keyd trims what it validates).
+    let mut respelled = registration("192.0.2.2", "10.0.2.0/24", 1);
+    respelled.wireguard_public_key = Some(format!(" {}\n", wg_public_key(1)));
+    let r = h
+        .node("node-b")
+        .await
+        .put_json("/v1/nodes/node-b", &respelled)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.error_message());
+    assert!(error_of(&r).message.contains("node-a"));
+    // A key is stored as one spelling.
+    let mut spaced = registration("192.0.2.2", "10.0.2.0/24", 2);
+    spaced.wireguard_public_key = Some(format!("{}\n", wg_public_key(2)));
+    let r = h
+        .node("node-b")
+        .await
+        .put_json("/v1/nodes/node-b", &spaced)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let info: NodeInfo = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(info.wireguard_public_key, Some(wg_public_key(2)));
 }
 
 #[tokio::test]

@@ -100,11 +100,15 @@ impl Keyd {
         &self,
         actor: &Identity,
         name: &str,
-        reg: NodeRegistration,
+        mut reg: NodeRegistration,
     ) -> Result<NodeInfo> {
-        if let Some(key) = &reg.wireguard_public_key {
-            wireguard::validate_public_key(key).map_err(ServiceError::Invalid)?;
-        }
+        // One spelling per key, so that the uniqueness check below compares keys, not strings.
+        reg.wireguard_public_key = reg
+            .wireguard_public_key
+            .as_deref()
+            .map(wireguard::canonical_public_key)
+            .transpose()
+            .map_err(ServiceError::Invalid)?;
         if reg.wireguard_key_epoch.is_some() && reg.wireguard_public_key.is_none() {
             return Err(ServiceError::Invalid(
                 "wireguard_key_epoch needs wireguard_public_key".into(),
