@@ -676,6 +676,13 @@ async fn ops_endpoints_answer_without_a_client_certificate() {
     assert!(m.contains("keyd_nodes"), "{m}");
 }
 
+async fn wireguard(webhook: &mut keyd_mtls::client::Connection) -> keyd_proto::ModeStatus {
+    let r = webhook.get("/v1/enforcement").await.unwrap();
+    serde_json::from_slice::<keyd_proto::EnforcementStatus>(&r.body)
+        .unwrap()
+        .wireguard
+}
+
 #[tokio::test]
 async fn the_webhook_reads_enforcement_and_reports_decisions() {
     let h = Harness::start().await;
@@ -695,6 +702,38 @@ async fn the_webhook_reads_enforcement_and_reports_decisions() {
     let e: keyd_proto::EnforcementStatus =
         serde_json::from_slice(&webhook.get("/v1/enforcement").await.unwrap().body).unwrap();
     assert!(e.ipsec.active && e.ipsec.within_schedule);
+
+    // WireGuard: not active while fewer than two nodes have a key and have programmed their
+    // peers (one node alone encrypts nothing).
+    let w = wireguard(&mut webhook).await;
+    assert!(!w.active, "{w:?}");
+    assert_eq!(
+        w.reason.as_deref(),
+        Some("no node has registered a WireGuard public key")
+    );
+    for (name, ip, cidr, seed) in [
+        ("node-a", "192.0.2.1", "10.0.1.0/24", 1),
+        ("node-b", "192.0.2.2", "10.0.2.0/24", 2),
+    ] {
+        let mut node = h.node(name).await;
+        let r = node
+            .put_json(&format!("/v1/nodes/{name}"), &registration(ip, cidr, seed))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+        let w = wireguard(&mut webhook).await;
+        assert!(!w.active, "{name} registered, nothing acknowledged: {w:?}");
+        let r = node
+            .post_json(
+                &format!("/v1/nodes/{name}/ack"),
+                &json!({ "wireguard_epoch": 1 }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    }
+    let w = wireguard(&mut webhook).await;
+    assert!(w.active && w.within_schedule, "{w:?}");
 
     let decision = json!({ "at": "2026-11-21T08:00:00Z", "outcome": "denied", "enforcement": "enforce",
         "operation": "CREATE", "kind": "Pod", "namespace": "payments", "name": "api-0",

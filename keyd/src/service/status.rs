@@ -72,14 +72,24 @@ impl Keyd {
             Some(_) => Ok(()),
             None => Err("keyd holds no IPsec key yet (keyctl ipsec rotate)".to_owned()),
         };
-        let wg_active = if cache
+        // WireGuard encrypts between nodes: one node with a key has no one to encrypt to. Active
+        // once two nodes have registered keys and acknowledged programming their peers.
+        let keyed: Vec<_> = cache
             .nodes
             .values()
-            .any(|n| n.wireguard_public_key.is_some())
-        {
-            Ok(())
-        } else {
-            Err("no node has registered a WireGuard public key".to_owned())
+            .filter(|n| n.wireguard_public_key.is_some())
+            .collect();
+        let programmed = keyed
+            .iter()
+            .filter(|n| n.acked.ack.wireguard_epoch.is_some())
+            .count();
+        let wg_active = match (keyed.len(), programmed) {
+            (0, _) => Err("no node has registered a WireGuard public key".to_owned()),
+            (_, 2..) => Ok(()),
+            (k, p) => Err(format!(
+                "{p} of the {k} nodes with a WireGuard public key have programmed their peers; \
+                 WireGuard needs two at least"
+            )),
         };
         EnforcementStatus {
             at: self.clock.now(),
