@@ -676,6 +676,68 @@ async fn ops_endpoints_answer_without_a_client_certificate() {
     assert!(m.contains("keyd_nodes"), "{m}");
 }
 
+#[tokio::test]
+async fn a_node_cannot_claim_another_nodes_address_or_pod_cidrs() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut b = h.node("node-b").await;
+    let before = h.keyd.list_nodes();
+    for (endpoint, cidrs, what) in [
+        ("192.0.2.1", vec!["10.0.2.0/24"], "endpoint 192.0.2.1"),
+        ("192.0.2.2", vec!["10.0.1.0/24"], "pod CIDR 10.0.1.0/24"),
+        (
+            "192.0.2.2",
+            vec!["10.0.2.0/24", "10.0.1.128/25"],
+            "pod CIDR 10.0.1.128/25 (it overlaps 10.0.1.0/24)",
+        ),
+        (
+            "192.0.2.2",
+            vec!["0.0.0.0/1"],
+            "pod CIDR 0.0.0.0/1 (it overlaps 10.0.1.0/24)",
+        ),
+    ] {
+        let mut reg = registration(endpoint, "10.0.2.0/24", 2);
+        reg.pod_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        let r = b.put_json("/v1/nodes/node-b", &reg).await.unwrap();
+        assert_eq!(r.status, StatusCode::CONFLICT, "{cidrs:?}");
+        let msg = error_of(&r).message;
+        assert!(
+            msg.starts_with(&format!("{what} is held by node \"node-a\"")),
+            "{msg}"
+        );
+    }
+    assert_eq!(h.keyd.list_nodes().len(), before.len());
+    for (old, now) in before.iter().zip(h.keyd.list_nodes()) {
+        assert_eq!(
+            (&old.endpoint, &old.pod_cidrs),
+            (&now.endpoint, &now.pod_cidrs)
+        );
+    }
+    let refused: Vec<_> = h
+        .keyd
+        .store()
+        .audit_range(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.action == "node.claim_refused")
+        .collect();
+    assert_eq!(refused.len(), 4);
+    assert_eq!(refused[0].event.details["held_by"], "node-a");
+    assert_eq!(refused[0].event.actor, "node/node-b");
+    // Its own facts, and other families, are fine; so is a CIDR next to node-a's.
+    let mut reg = registration("192.0.2.2", "10.0.2.0/24", 2);
+    reg.pod_cidrs.push("10.0.0.0/24".parse().unwrap());
+    reg.pod_cidrs.push("fd00:2::/64".parse().unwrap());
+    let r = b.put_json("/v1/nodes/node-b", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    // A bounded number of CIDRs.
+    reg.pod_cidrs = (0..9)
+        .map(|i| format!("10.9.{i}.0/24").parse().unwrap())
+        .collect();
+    let r = b.put_json("/v1/nodes/node-b", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
 async fn wireguard(webhook: &mut keyd_mtls::client::Connection) -> keyd_proto::ModeStatus {
     let r = webhook.get("/v1/enforcement").await.unwrap();
     serde_json::from_slice::<keyd_proto::EnforcementStatus>(&r.body)

@@ -97,6 +97,7 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
         mask: steering.marks.mask,
     });
     let mut endpoints = BTreeSet::new();
+    let mut claimed: BTreeSet<IpNet> = BTreeSet::new();
     for peer in &ipsec.peers {
         if peer.node == facts.name {
             continue;
@@ -125,6 +126,12 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
             ));
             continue;
         }
+        let cidrs: Vec<IpNet> = peer.pod_cidrs.iter().map(IpNet::trunc).collect();
+        if let Some(clash) = overlap(&claimed, &cidrs) {
+            skip(clash);
+            continue;
+        }
+        claimed.extend(cidrs);
         let Some(&index) = inputs.marks.get(&peer.endpoint) else {
             skip("no free mark index (ipsec.mark_mask is too small for this many peers)".into());
             continue;
@@ -280,6 +287,25 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
     out
 }
 
+/// Why `cidrs` cannot be given to a peer: one of them is, contains or lies inside a CIDR already
+/// given to another. (A more specific WireGuard allowed IP or XFRM selector would take part of
+/// the other node's traffic; keyd refuses such claims, this keeps a bundle from an older keyd
+/// from doing it.)
+fn overlap(claimed: &BTreeSet<IpNet>, cidrs: &[IpNet]) -> Option<String> {
+    cidrs.iter().find_map(|n| {
+        claimed
+            .iter()
+            .find(|c| c.contains(n) || n.contains(*c))
+            .map(|c| {
+                if c == n {
+                    format!("pod CIDR {n} is already routed to another node")
+                } else {
+                    format!("pod CIDR {n} overlaps {c}, which is already routed to another node")
+                }
+            })
+    })
+}
+
 /// The transform for one direction of one peer pair.
 fn materialize(
     key: &IpsecKey,
@@ -366,8 +392,8 @@ fn desired_wireguard(inputs: &Inputs<'_>) -> Computed {
         let mut allowed: Vec<IpNet> = p.allowed_ips.iter().map(IpNet::trunc).collect();
         allowed.sort();
         allowed.dedup();
-        if let Some(dup) = allowed.iter().find(|n| claimed.contains(n)) {
-            skip(format!("pod CIDR {dup} is already routed to another node"));
+        if let Some(clash) = overlap(&claimed, &allowed) {
+            skip(clash);
             continue;
         }
         claimed.extend(allowed.iter().copied());

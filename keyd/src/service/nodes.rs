@@ -95,6 +95,49 @@ pub(super) fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
     }
 }
 
+/// Pod CIDRs one node may claim (Kubernetes gives a node one per address family).
+const MAX_POD_CIDRS: usize = 8;
+
+/// What another node already holds of a registration.
+struct Clash {
+    holder: String,
+    what: String,
+}
+
+/// The first of `reg`'s endpoint and pod CIDRs that another node than `name` holds: the same
+/// endpoint, or a pod CIDR that contains or lies inside one of its pod CIDRs.
+fn claim_conflict<'a>(
+    name: &str,
+    reg: &NodeRegistration,
+    nodes: impl Iterator<Item = &'a NodeInfo>,
+) -> Option<Clash> {
+    for other in nodes.filter(|n| n.name != name) {
+        let clash = |what: String| {
+            Some(Clash {
+                holder: other.name.clone(),
+                what,
+            })
+        };
+        if other.endpoint == reg.endpoint {
+            return clash(format!("endpoint {}", reg.endpoint));
+        }
+        for mine in &reg.pod_cidrs {
+            if let Some(theirs) = other
+                .pod_cidrs
+                .iter()
+                .find(|t| t.contains(mine) || mine.contains(*t))
+            {
+                return clash(if theirs == mine {
+                    format!("pod CIDR {mine}")
+                } else {
+                    format!("pod CIDR {mine} (it overlaps {theirs})")
+                });
+            }
+        }
+    }
+    None
+}
+
 impl Keyd {
     pub async fn register_node(
         &self,
@@ -121,8 +164,30 @@ impl Keyd {
                 "boot_id must be 1 to 64 characters".into(),
             ));
         }
+        if reg.pod_cidrs.len() > MAX_POD_CIDRS {
+            return Err(ServiceError::Invalid(format!(
+                "{} pod CIDRs; a node has at most {MAX_POD_CIDRS}",
+                reg.pod_cidrs.len()
+            )));
+        }
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
+        // A node describes only itself: an address or pod CIDR another node holds would take
+        // that node's traffic (a more specific WireGuard route wins; two IPsec peers with one
+        // endpoint cannot both be programmed). Refused, audited, naming the holder.
+        if let Some(clash) = claim_conflict(name, &reg, cache.nodes.values().map(|n| &**n)) {
+            self.audit(AuditEvent::new(
+                "node.claim_refused",
+                actor,
+                json!({ "node": name, "endpoint": reg.endpoint, "pod_cidrs": reg.pod_cidrs,
+                        "held_by": clash.holder, "reason": clash.what }),
+            ))
+            .await?;
+            return Err(ServiceError::Conflict(format!(
+                "{} is held by node {:?}; a node may claim only its own address and pod CIDRs",
+                clash.what, clash.holder
+            )));
+        }
         if let Some(key) = &reg.wireguard_public_key
             && let Some(other) = cache
                 .nodes

@@ -506,6 +506,22 @@ fn duplicate_pod_cidr_is_skipped() {
     assert!(c.skipped[0].reason.contains("already routed"));
 }
 
+#[test]
+fn overlapping_pod_cidr_is_skipped() {
+    let mut ctx = Ctx::ipsec();
+    let mut peers = peers_bc();
+    // c claims the upper half of b's CIDR: its XFRM selectors would take part of b's traffic.
+    peers[2].pod_cidrs = vec!["10.2.0.128/25".parse().unwrap()];
+    let (c, _) = ctx.sync(
+        &ipsec_bundle("a", vec![gcm_key(1, KeyRole::Current, 1)], peers.clone()),
+        None,
+        true,
+    );
+    assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+    assert_eq!(c.skipped[0].node, peers[2].node);
+    assert!(c.skipped[0].reason.contains("overlaps"), "{:?}", c.skipped);
+}
+
 // ---- WireGuard ---------------------------------------------------------------------------------
 
 fn wg_peer(node: &str, key: &Key32, ip: &str, cidr: &str, psk: u8) -> WireguardPeer {
@@ -551,6 +567,34 @@ fn wg_sync(
     kernel.apply(&p.ensure).unwrap();
     kernel.apply(&p.remove).unwrap();
     (c, p)
+}
+
+#[test]
+fn wireguard_overlapping_allowed_ips_are_skipped() {
+    let cfg = config("wireguard", "a");
+    let mut k = FakeKernel::new();
+    let own = Key32::from_bytes([1; 32]);
+    let kb = Key32::from_bytes([2; 32]);
+    let kc = Key32::from_bytes([3; 32]);
+    // c claims a more specific part of b's CIDR: as an allowed IP it would take that traffic.
+    let b = wg_bundle(
+        1,
+        vec![
+            wg_peer("b", &kb, "192.168.0.2", "10.2.0.0/24", 0x11),
+            wg_peer("c", &kc, "192.168.0.3", "10.2.0.128/25", 0x12),
+        ],
+    );
+    let (c, _) = wg_sync(&mut k, &cfg, &own, &b);
+    assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+    assert_eq!(c.skipped[0].node, "c");
+    assert!(
+        c.skipped[0].reason.contains("overlaps 10.2.0.0/24"),
+        "{:?}",
+        c.skipped
+    );
+    let w = k.observe().unwrap().wg.unwrap();
+    assert_eq!(w.peers.len(), 1);
+    assert!(w.peers.contains_key(&kb.public_key()));
 }
 
 #[test]
