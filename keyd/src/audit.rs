@@ -122,6 +122,21 @@ impl AuditSigner {
     }
 }
 
+impl AuditSigner {
+    /// Signs an export's range (see [`ExportHeader::range_signature`]).
+    pub fn sign_range(
+        &self,
+        first_seq: Option<u64>,
+        last_seq: Option<u64>,
+        last_hash: Option<&str>,
+    ) -> String {
+        let sig = self
+            .pair
+            .sign(&ExportHeader::range_message(first_seq, last_seq, last_hash));
+        STANDARD.encode(sig.as_ref())
+    }
+}
+
 /// A fresh 32-byte ed25519 seed.
 pub fn new_seed() -> Result<Zeroizing<Vec<u8>>, String> {
     let mut seed = Zeroizing::new(vec![0u8; 32]);
@@ -227,6 +242,48 @@ pub struct ExportHeader {
     pub last_seq: Option<u64>,
     /// The checkpoint at `first_seq - 1`, when the export starts after pruned or skipped records.
     pub anchor: Option<Checkpoint>,
+    /// The hash of record `last_seq`.
+    #[serde(default)]
+    pub last_hash: Option<String>,
+    /// Base64 ed25519 signature over [`ExportHeader::range_message`]: binds the range and the
+    /// last record's hash, so that a file cut short (even right after a checkpoint line, with
+    /// the header edited to match) fails verification.
+    #[serde(default)]
+    pub range_signature: Option<String>,
+}
+
+impl ExportHeader {
+    pub fn range_message(
+        first_seq: Option<u64>,
+        last_seq: Option<u64>,
+        last_hash: Option<&str>,
+    ) -> Vec<u8> {
+        let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+        format!(
+            "keyd-audit-export-range-v1\n{}\n{}\n{}",
+            opt(first_seq),
+            opt(last_seq),
+            last_hash.unwrap_or("-")
+        )
+        .into_bytes()
+    }
+
+    /// Whether `range_signature` is `public_key`'s signature over this header's range.
+    pub fn range_verifies(&self, public_key: &[u8]) -> bool {
+        let Some(sig) = self
+            .range_signature
+            .as_deref()
+            .and_then(|s| STANDARD.decode(s).ok())
+        else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(
+                &Self::range_message(self.first_seq, self.last_seq, self.last_hash.as_deref()),
+                &sig,
+            )
+            .is_ok()
+    }
 }
 
 /// Export formats.
@@ -387,6 +444,9 @@ pub struct VerifyReport {
     pub anchored: bool,
     /// The public key came from the file itself, not from the caller.
     pub key_from_file: bool,
+    /// The header's range and last hash carry a valid signature (always so with a trusted key:
+    /// without one the file is refused).
+    pub range_signed: bool,
 }
 
 /// The first thing wrong with a file.
@@ -410,7 +470,11 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
         unsigned_tail: 0,
         anchored: false,
         key_from_file: public_key.is_none(),
+        range_signed: false,
     };
+    let mut header: Option<ExportHeader> = None;
+    let mut last_line = 0;
+    let mut last_hash: Option<String> = None;
     let mut key: Option<Vec<u8>> = public_key.map(<[u8]>::to_vec);
     let mut anchor: Option<Checkpoint> = None;
     let mut prev: Option<(u64, String)> = None;
@@ -426,6 +490,7 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
         if line.trim().is_empty() {
             continue;
         }
+        last_line = n;
         let parsed: ExportLine = serde_json::from_str(&line)
             .map_err(|e| bad(None, format!("not an export line: {e}")))?;
         match parsed {
@@ -450,7 +515,8 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
                     Some(_) => {}
                     None => key = Some(file_key),
                 }
-                anchor = h.anchor;
+                anchor = h.anchor.clone();
+                header = Some(h);
             }
             ExportLine::Record(rec) => {
                 if !saw_header {
@@ -514,6 +580,7 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
                 report.records += 1;
                 report.unsigned_tail += 1;
                 report.last_seq = Some(rec.seq);
+                last_hash = Some(rec.hash.clone());
                 prev = Some((rec.seq, rec.hash));
             }
             ExportLine::Checkpoint(cp) => {
@@ -535,12 +602,50 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
             }
         }
     }
-    if !saw_header {
+    let Some(header) = header else {
         return Err(VerifyError {
             line: 0,
             seq: None,
             reason: "no header: not a keyd audit export".into(),
         });
+    };
+    let at_end = |reason: String| VerifyError {
+        line: last_line,
+        seq: report.last_seq,
+        reason,
+    };
+    // The file must hold exactly the range its header names: a file cut short (or extended)
+    // shows here, and with a signed range even when the header was edited to match.
+    if (header.first_seq, header.last_seq) != (report.first_seq, report.last_seq) {
+        let range = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => format!("records {a}..{b}"),
+            _ => "no records".to_owned(),
+        };
+        return Err(at_end(format!(
+            "the header names {}, the file holds {}: the file was cut or added to",
+            range(header.first_seq, header.last_seq),
+            range(report.first_seq, report.last_seq)
+        )));
+    }
+    if header.last_hash.is_some() && header.last_hash != last_hash {
+        return Err(at_end(
+            "the last record's hash is not the one the header names: the end was replaced".into(),
+        ));
+    }
+    let k = key.as_deref().unwrap_or_default();
+    match (&header.range_signature, public_key.is_some()) {
+        (Some(_), _) if header.range_verifies(k) => report.range_signed = true,
+        (Some(_), _) => {
+            return Err(at_end("the header's range signature is invalid".into()));
+        }
+        (None, true) => {
+            return Err(at_end(
+                "the header's range is not signed (an export from an older keyd): a cut at \
+                 its end would not show; export it again"
+                    .into(),
+            ));
+        }
+        (None, false) => {}
     }
     Ok(report)
 }
@@ -593,20 +698,30 @@ mod tests {
         (dir, store, AuditSigner::from_seed(&[7u8; 32]).unwrap())
     }
 
+    /// The header keyd writes for `recs`, its range signed.
+    fn header(
+        signer: &AuditSigner,
+        recs: &[AuditRecord],
+        anchor: Option<Checkpoint>,
+    ) -> ExportHeader {
+        let (first_seq, last_seq) = (recs.first().map(|r| r.seq), recs.last().map(|r| r.seq));
+        let last_hash = recs.last().map(|r| r.hash.clone());
+        ExportHeader {
+            format: FORMAT.into(),
+            public_key: STANDARD.encode(signer.public_key()),
+            key_id: signer.key_id().into(),
+            first_seq,
+            last_seq,
+            anchor,
+            range_signature: Some(signer.sign_range(first_seq, last_seq, last_hash.as_deref())),
+            last_hash,
+        }
+    }
+
     fn export(store: &RedbStore, signer: &AuditSigner, checkpoint_every: u64) -> Vec<String> {
         let recs = store.audit_range(0, 10_000).unwrap();
         let mut out = Vec::new();
-        write_json_line(
-            &mut out,
-            &ExportLine::Header(ExportHeader {
-                format: FORMAT.into(),
-                public_key: STANDARD.encode(signer.public_key()),
-                key_id: signer.key_id().into(),
-                first_seq: recs.first().map(|r| r.seq),
-                last_seq: recs.last().map(|r| r.seq),
-                anchor: None,
-            }),
-        );
+        write_json_line(&mut out, &ExportLine::Header(header(signer, &recs, None)));
         for r in &recs {
             write_record(&mut out, Format::Jsonl, r);
             if r.seq % checkpoint_every == 0 {
@@ -680,6 +795,50 @@ mod tests {
         assert_eq!(e.seq, Some(6), "the next record no longer chains: {e}");
     }
 
+    /// A file cut at its end: the header's signed range shows it, even when the cut falls
+    /// right after a checkpoint and the header is edited to match.
+    #[test]
+    fn a_file_cut_short_fails_against_its_signed_range() {
+        let (_d, store, signer) = log(10);
+        let lines = export(&store, &signer, 4);
+        let key = Some(signer.public_key());
+        // Lines: 1 header, records 1-4, checkpoint 4, records 5-8, checkpoint 8, 9, 10.
+        let cut: Vec<String> = lines[..11].to_vec();
+        assert!(cut[10].contains("\"checkpoint\""), "{}", cut[10]);
+        let e = check(&cut, key).unwrap_err();
+        assert!(
+            e.reason
+                .contains("the header names records 1..10, the file holds records 1..8"),
+            "{e}"
+        );
+        // The header edited to the cut: its range signature no longer verifies.
+        let mut h: ExportHeader = match serde_json::from_str(&cut[0]).unwrap() {
+            ExportLine::Header(h) => h,
+            _ => unreachable!(),
+        };
+        h.last_seq = Some(8);
+        let mut edited = cut.clone();
+        edited[0] = serde_json::to_string(&ExportLine::Header(h.clone())).unwrap();
+        let e = check(&edited, key).unwrap_err();
+        assert!(e.reason.contains("not the one the header names"), "{e}");
+        let rec8: AuditRecord = match serde_json::from_str(&cut[9]).unwrap() {
+            ExportLine::Record(r) => r,
+            _ => unreachable!(),
+        };
+        h.last_hash = Some(rec8.hash);
+        edited[0] = serde_json::to_string(&ExportLine::Header(h.clone())).unwrap();
+        let e = check(&edited, key).unwrap_err();
+        assert!(e.reason.contains("range signature is invalid"), "{e}");
+        // No range signature at all: refused with a trusted key, reported without one.
+        h.range_signature = None;
+        edited[0] = serde_json::to_string(&ExportLine::Header(h)).unwrap();
+        let e = check(&edited, key).unwrap_err();
+        assert!(e.reason.contains("range is not signed"), "{e}");
+        let r = check(&edited, None).unwrap();
+        assert!(!r.range_signed);
+        assert!(check(&lines, key).unwrap().range_signed);
+    }
+
     #[test]
     fn checkpoints_catch_a_rewritten_chain_and_a_foreign_key() {
         let (_d, store, signer) = log(6);
@@ -722,14 +881,7 @@ mod tests {
         let recs = store.audit_range(0, 100).unwrap();
         let anchor = signer.sign(&recs[3], recs[3].at, true);
         let mut out = Vec::new();
-        let header = |anchor| ExportHeader {
-            format: FORMAT.into(),
-            public_key: STANDARD.encode(signer.public_key()),
-            key_id: signer.key_id().into(),
-            first_seq: Some(5),
-            last_seq: Some(8),
-            anchor,
-        };
+        let header = |anchor| header(&signer, &recs[4..], anchor);
         write_json_line(&mut out, &ExportLine::Header(header(Some(anchor.clone()))));
         for r in &recs[4..] {
             write_record(&mut out, Format::Jsonl, r);

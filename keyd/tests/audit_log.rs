@@ -119,6 +119,38 @@ async fn an_export_verifies_offline_and_tampering_is_caught() {
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("record {}", seq + 1)));
 
+    // Cut short (the last two records and the checkpoint after them), with the header edited
+    // to the cut: the header's signed range catches it.
+    let last_cp = lines
+        .iter()
+        .rposition(|l| l.contains("\"type\":\"checkpoint\""))
+        .unwrap();
+    assert_eq!(last_cp, lines.len() - 1, "the export ends signed");
+    let mut cut: Vec<String> = lines[..last_cp - 2].iter().map(|l| l.to_string()).collect();
+    let last_rec = cut
+        .iter()
+        .rev()
+        .find_map(|l| match serde_json::from_str::<ExportLine>(l).unwrap() {
+            ExportLine::Record(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    let mut header = match serde_json::from_str::<ExportLine>(&cut[0]).unwrap() {
+        ExportLine::Header(h) => h,
+        _ => unreachable!(),
+    };
+    header.last_seq = Some(last_rec.seq);
+    header.last_hash = Some(last_rec.hash);
+    cut[0] = serde_json::to_string(&ExportLine::Header(header)).unwrap();
+    std::fs::write(&file, cut.join("\n")).unwrap();
+    let out = verify(&file, Some(&key));
+    assert_eq!(out.status.code(), Some(7), "a cut export verified");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("range signature is invalid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A different trusted key.
     std::fs::write(&file, &text).unwrap();
     let other = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 32]);
@@ -247,6 +279,27 @@ async fn closed_segments_export_prune_and_the_rest_still_verifies() {
         !String::from_utf8_lossy(&out.stdout).contains("unsigned"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A range ending where no checkpoint is: keyd checks the stored chain on to the next
+    // checkpoint and signs the range, so it verifies with the key too.
+    let part = export(
+        &h,
+        &format!(
+            "format=jsonl&from_seq={}&to_seq={}",
+            closed.first_seq,
+            closed.last_seq - 3
+        ),
+    )
+    .await;
+    let part_file = dir.path().join("part.jsonl");
+    std::fs::write(&part_file, &part).unwrap();
+    let out = verify(&part_file, Some(&key));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // Prune needs the segment's last hash: the wrong one is refused.

@@ -289,13 +289,27 @@ impl Keyd {
                 .transpose()?,
             None => None,
         };
+        let (first_seq, last_seq) = (
+            (records > 0).then_some(first),
+            (records > 0).then_some(last),
+        );
+        let last_hash = match last_seq {
+            Some(seq) => Some(self.chained_hash(seq, tail.seq).await?),
+            None => None,
+        };
         let header = ExportHeader {
             format: audit::FORMAT.into(),
             public_key: STANDARD.encode(self.signer.public_key()),
             key_id: self.signer.key_id().into(),
-            first_seq: (records > 0).then_some(first),
-            last_seq: (records > 0).then_some(last),
+            first_seq,
+            last_seq,
             anchor,
+            range_signature: Some(self.signer.sign_range(
+                first_seq,
+                last_seq,
+                last_hash.as_deref(),
+            )),
+            last_hash,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::task::spawn_blocking(move || {
@@ -347,6 +361,63 @@ impl Keyd {
             records,
             chunks: rx,
         })
+    }
+}
+
+impl Keyd {
+    /// The hash of record `seq`, once the stored chain from it to the next signed checkpoint
+    /// (at most one checkpoint interval; the tail has one, signed before every export) checks
+    /// out: the export's range signature then vouches only for what a checkpoint already
+    /// covers, never for a record changed in the store behind keyd's back.
+    async fn chained_hash(&self, seq: u64, tail: u64) -> Result<String> {
+        let store = Arc::clone(&self.store);
+        let public_key = self.signer.public_key().to_vec();
+        blocking(move || {
+            let corrupt = |why: String| StoreError::Corrupt {
+                what: format!("audit record {seq}"),
+                why,
+            };
+            let cp = audit::checkpoints_between(store.as_ref(), seq, tail)?
+                .into_iter()
+                .next()
+                .filter(|c| c.verify(&public_key))
+                .ok_or_else(|| corrupt("no valid signed checkpoint follows it".into()))?;
+            let mut hash: Option<String> = None;
+            let mut own: Option<String> = None;
+            let mut cursor = seq;
+            while cursor <= cp.seq {
+                let batch = store.audit_range(cursor, EXPORT_BATCH)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for rec in batch.iter().take_while(|r| r.seq <= cp.seq) {
+                    if rec.compute_hash() != rec.hash
+                        || hash.as_ref().is_some_and(|h| *h != rec.prev_hash)
+                    {
+                        return Err(corrupt(format!(
+                            "the chain to checkpoint {} is broken at record {}",
+                            cp.seq, rec.seq
+                        )));
+                    }
+                    if rec.seq == seq {
+                        own = Some(rec.hash.clone());
+                    }
+                    hash = Some(rec.hash.clone());
+                    cursor = rec.seq + 1;
+                }
+                if batch.last().is_some_and(|r| r.seq > cp.seq) {
+                    break;
+                }
+            }
+            if cursor != cp.seq + 1 || hash.as_deref() != Some(cp.hash.as_str()) {
+                return Err(corrupt(format!(
+                    "the chain does not reach checkpoint {}",
+                    cp.seq
+                )));
+            }
+            own.ok_or_else(|| corrupt("it is not in the store".into()))
+        })
+        .await
     }
 }
 

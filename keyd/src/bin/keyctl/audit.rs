@@ -235,6 +235,9 @@ pub fn verify(file: &Path, public_key: Option<&str>, out: Out) -> Result<(), Fai
                 if !r.anchored {
                     s += "warning: the file starts mid-log without an anchor checkpoint\n";
                 }
+                if !r.range_signed {
+                    s += "warning: the header's range is not signed (an export from an older keyd): a cut at the end would not show\n";
+                }
                 if r.key_from_file {
                     s += "warning: no --public-key given: checked against the key in the file itself\n";
                 }
