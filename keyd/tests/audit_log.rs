@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::Harness;
 use http::{Method, StatusCode};
 use keyd::audit::ExportLine;
+use keyd::store::Table;
 use serde_json::{Value, json};
 
 /// Some audited activity: schedule changes, rotations, refusals.
@@ -365,6 +366,76 @@ async fn closed_segments_export_prune_and_the_rest_still_verifies() {
             .iter()
             .any(|r| r.event.action == "audit.pruned")
     );
+}
+
+/// Pruning the newest segment (nothing after it) must not empty the log: the chain goes on
+/// from the prune's own record, anchored to the segment-end checkpoint, and never restarts at
+/// sequence 1. A prune cut short by a crash (its record written, some records not yet
+/// deleted) is completed by the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_the_newest_segment_keeps_the_chain_going() {
+    let h = Harness::start().await;
+    activity(&h, 2).await;
+    let end = h.keyd.checkpoint(true).await.unwrap().unwrap();
+    assert_eq!(h.keyd.store().audit_last().unwrap().unwrap().seq, end.seq);
+    let deleted = h
+        .keyd
+        .prune_audit(&"admin/admin", end.seq, &end.hash)
+        .await
+        .unwrap();
+    assert_eq!(deleted, end.seq);
+    let recs = h.keyd.store().audit_range(0, 100).unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let pruned = &recs[0];
+    assert_eq!(pruned.event.action, "audit.pruned");
+    assert_eq!((pruned.seq, &pruned.prev_hash), (end.seq + 1, &end.hash));
+    assert_eq!(pruned.event.details["records"], end.seq);
+    activity(&h, 1).await;
+    let after = h.keyd.store().audit_range(0, 100).unwrap();
+    assert!(
+        after
+            .windows(2)
+            .all(|w| w[1].seq == w[0].seq + 1 && w[1].prev_hash == w[0].hash)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rest.jsonl");
+    std::fs::write(&file, export(&h, "format=jsonl").await).unwrap();
+    let out = verify(&file, Some(&public_key(&h).await));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Pruning the same range again: already done.
+    assert!(
+        h.keyd
+            .prune_audit(&"admin/admin", end.seq, &end.hash)
+            .await
+            .is_err()
+    );
+
+    // A crash after the prune's transaction and before its deletions: the segments document
+    // says pruned through `cut`, the records are still there. The next tick deletes them.
+    let cut = h.keyd.store().audit_last().unwrap().unwrap().seq - 1;
+    let store = h.keyd.store();
+    let doc = store.get(Table::Meta, "audit_segments").unwrap().unwrap();
+    let mut segs: Value = serde_json::from_slice(&doc).unwrap();
+    segs["pruned_through"] = json!(cut);
+    store
+        .commit(
+            keyd::store::Txn::default()
+                .guard(Table::Meta, "audit_segments", Some(doc))
+                .put(
+                    Table::Meta,
+                    "audit_segments",
+                    serde_json::to_vec(&segs).unwrap(),
+                ),
+        )
+        .unwrap();
+    assert!(store.audit_range(0, 1).unwrap()[0].seq <= cut);
+    h.keyd.tick().await.unwrap();
+    assert_eq!(store.audit_range(0, 1).unwrap()[0].seq, cut + 1);
 }
 
 #[tokio::test]

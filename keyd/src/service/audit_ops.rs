@@ -114,8 +114,41 @@ impl Keyd {
         Ok(Some(cp))
     }
 
+    /// Deletes what a recorded prune left (all of it, or the rest after a crash): the records
+    /// up to the segments' `pruned_through`. Returns how many it deleted.
+    async fn finish_prune(&self) -> Result<u64> {
+        let (_, segs) = self.segments_doc()?;
+        let through = segs.pruned_through;
+        let mut deleted = 0u64;
+        if through == 0 {
+            return Ok(0);
+        }
+        loop {
+            let store = Arc::clone(&self.store);
+            let n = blocking(move || store.audit_delete_through(through, PRUNE_BATCH)).await?;
+            deleted += n as u64;
+            if n < PRUNE_BATCH {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Checkpoints at the configured interval, and closes the segment when it is full or old.
     pub(super) async fn maintain_audit_log(&self, now: Timestamp) -> Result<()> {
+        let (_, segs) = self.segments_doc()?;
+        if self
+            .store
+            .audit_range(0, 1)?
+            .first()
+            .is_some_and(|r| r.seq <= segs.pruned_through)
+        {
+            let n = self.finish_prune().await?;
+            tracing::warn!(
+                records = n,
+                through_seq = segs.pruned_through,
+                "completed an interrupted audit prune"
+            );
+        }
         let store = Arc::clone(&self.store);
         let Some(last) = blocking(move || store.audit_last()).await? else {
             return Ok(());
@@ -189,6 +222,12 @@ impl Keyd {
         last_hash: &str,
     ) -> Result<u64> {
         let (doc, mut segs) = self.segments_doc()?;
+        if through_seq <= segs.pruned_through {
+            self.finish_prune().await?;
+            return Err(ServiceError::NotFound(format!(
+                "record {through_seq} was already pruned"
+            )));
+        }
         if !segs.ends.iter().any(|e| e.seq == through_seq) {
             return Err(ServiceError::Invalid(format!(
                 "record {through_seq} does not end a closed segment (see `keyctl audit segments`)"
@@ -213,17 +252,19 @@ impl Keyd {
             }
             Some(_) => {}
         }
-        let mut deleted = 0u64;
-        loop {
-            let store = Arc::clone(&self.store);
-            let n = blocking(move || store.audit_delete_through(through_seq, PRUNE_BATCH)).await?;
-            deleted += n as u64;
-            if n < PRUNE_BATCH {
-                break;
-            }
-        }
-        // Checkpoints before the anchor cover deleted records only.
+        // The record and the new segment bounds go first, in one transaction: the chain goes on
+        // from this record (which comes after `through_seq`, so it is never pruned and the log
+        // never restarts at sequence 1), and a crash during the deletions leaves a record of
+        // them that the next tick completes (`finish_prune`). The segment-end checkpoint at
+        // `through_seq` stays as the signed anchor of what remains.
+        let head = self
+            .store
+            .audit_range(0, 1)?
+            .first()
+            .map_or(through_seq, |r| r.seq);
+        let records = (through_seq + 1).saturating_sub(head);
         let mut txn = Txn::default();
+        // Checkpoints before the anchor cover deleted records only.
         for cp in audit::checkpoints_between(self.store.as_ref(), 0, through_seq.saturating_sub(1))?
         {
             txn = txn.delete(Table::Checkpoints, Checkpoint::store_key(cp.seq));
@@ -236,11 +277,12 @@ impl Keyd {
             .audit(AuditEvent::new(
                 "audit.pruned",
                 actor,
-                json!({ "through_seq": through_seq, "records": deleted }),
+                json!({ "through_seq": through_seq, "records": records }),
             ));
         txn.at = Some(self.clock.now());
         let store = Arc::clone(&self.store);
         blocking(move || store.commit(txn)).await?;
+        let deleted = self.finish_prune().await?;
         Ok(deleted)
     }
 
