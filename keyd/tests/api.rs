@@ -532,6 +532,42 @@ async fn import_follows_ciliums_rules() {
     );
 }
 
+/// A global key (no `+`: one key and salt for every tunnel) is refused unless a legacy import
+/// is configured, and the rotation after such an import is per-tunnel.
+#[tokio::test]
+async fn global_ipsec_keys_need_a_legacy_import_and_rotate_per_tunnel() {
+    let global = json!({ "keys": format!("3 rfc4106(gcm(aes)) {} 128", "a".repeat(40)) });
+    let h = Harness::start().await;
+    let r = h
+        .admin()
+        .await
+        .post_json("/v1/ipsec/import", &global)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let msg = error_of(&r).message;
+    assert!(
+        msg.contains("global") && msg.contains("'3+'") && msg.contains("allow_global_import"),
+        "{msg}"
+    );
+    assert!(h.keyd.ipsec_status().keys.is_empty());
+
+    let h = Harness::start_with_env(&[("KEYD_IPSEC_ALLOW_GLOBAL_IMPORT", "true")]).await;
+    let mut admin = h.admin().await;
+    let r = admin.post_json("/v1/ipsec/import", &global).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let s: IpsecStatus = serde_json::from_slice(&r.body).unwrap();
+    assert!(!s.keys[0].per_tunnel);
+    let r = admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let s: IpsecStatus = serde_json::from_slice(&r.body).unwrap();
+    let next = s.keys.iter().find(|k| k.spi == 4).unwrap();
+    assert!(next.per_tunnel, "{s:?}");
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
     let h = Harness::start().await;

@@ -62,6 +62,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
+    pub ipsec: RawIpsec,
+    #[serde(default)]
     pub bootstrap: Option<bootstrap::RawBootstrap>,
     #[serde(default)]
     pub policy: Option<policy::RawPolicy>,
@@ -73,6 +75,14 @@ pub struct RawRotation {
     pub node_liveness_timeout: Option<String>,
     pub rollout_stuck_after: Option<String>,
     pub scheduler_tick: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpsec {
+    /// Accept a Cilium key without `+` (one key and salt for every tunnel) in an import; the
+    /// next rotation makes it per-tunnel. Off by default.
+    pub allow_global_import: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +169,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("KEYD_AUDIT_SEGMENT_RECORDS", "audit.segment_records"),
     ("KEYD_AUDIT_SEGMENT_AGE", "audit.segment_age"),
+    (
+        "KEYD_IPSEC_ALLOW_GLOBAL_IMPORT",
+        "ipsec.allow_global_import",
+    ),
 ];
 
 impl RawConfig {
@@ -248,6 +262,14 @@ impl RawConfig {
             })?);
         }
         self.audit.segment_age = get("KEYD_AUDIT_SEGMENT_AGE").or(self.audit.segment_age.take());
+        if let Some(v) = get("KEYD_IPSEC_ALLOW_GLOBAL_IMPORT") {
+            self.ipsec.allow_global_import = Some(v.parse().map_err(|_| {
+                err(
+                    "KEYD_IPSEC_ALLOW_GLOBAL_IMPORT",
+                    format!("{v:?} is not true or false"),
+                )
+            })?);
+        }
         Ok(())
     }
 
@@ -330,6 +352,10 @@ impl RawConfig {
                 &self.audit.segment_age,
                 defaults.segment_age,
             )?,
+            allow_global_ipsec_import: self
+                .ipsec
+                .allow_global_import
+                .unwrap_or(defaults.allow_global_ipsec_import),
         };
         let scheduler_tick = dur(
             "rotation.scheduler_tick",

@@ -419,7 +419,9 @@ impl CiliumKey {
         }
     }
 
-    /// The key for the next rotation: next id, same form, fresh random bytes, same per_tunnel.
+    /// The key for the next rotation: next id, same form, fresh random bytes, always per-tunnel
+    /// (a global key, imported for a legacy cluster, is replaced by a per-tunnel one, as
+    /// Cilium's own migration does).
     pub fn rotated(&self) -> Result<CiliumKey, IpsecError> {
         let material = match &self.material {
             KeyMaterial::Gcm { key, icv_bits } => KeyMaterial::Gcm {
@@ -433,7 +435,7 @@ impl CiliumKey {
         };
         Ok(CiliumKey {
             id: self.id.next(),
-            per_tunnel: self.per_tunnel,
+            per_tunnel: true,
             material,
         })
     }

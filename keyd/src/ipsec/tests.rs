@@ -258,7 +258,8 @@ fn rotated_advances_the_id_and_keeps_the_form() {
     let next = icv96.rotated().unwrap();
     assert_eq!(
         (next.id, next.per_tunnel, next.spec().icv_bits),
-        (id(5), false, Some(96))
+        (id(5), true, Some(96)),
+        "a global key rotates to a per-tunnel one"
     );
 }
 

@@ -88,7 +88,7 @@ impl Keyd {
             )?,
             (Some((_, current)), None) => current.rotated()?,
             (Some((_, current)), Some(spec)) => {
-                let probe = CiliumKey::generate(current.id.next(), spec, current.per_tunnel)?;
+                let probe = CiliumKey::generate(current.id.next(), spec, true)?;
                 if probe.spec() != current.spec() {
                     return Err(ServiceError::Invalid(format!(
                         "the algorithm cannot change in a rotation (current: {} {} bits); \
@@ -112,6 +112,16 @@ impl Keyd {
         line: &str,
     ) -> Result<IpsecStatus> {
         let key = CiliumKey::parse_line(line)?;
+        if !key.per_tunnel && !self.config.allow_global_ipsec_import {
+            return Err(ServiceError::Invalid(format!(
+                "key {} is global (no '+' after its ID): every tunnel would share one key and \
+                 salt. Import it as '{}+' (per-tunnel, as Cilium recommends), or set \
+                 ipsec.allow_global_import = true for a legacy import; the next rotation \
+                 makes it per-tunnel",
+                key.id.get(),
+                key.id.get()
+            )));
+        }
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         if let Some(r) = &cache.ipsec_state.rollout {

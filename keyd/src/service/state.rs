@@ -47,6 +47,8 @@ pub struct ServiceConfig {
     pub segment_records: u64,
     /// ...or when its first record is this old.
     pub segment_age: Duration,
+    /// Import Cilium keys without `+` (one key and salt for every tunnel).
+    pub allow_global_ipsec_import: bool,
 }
 
 impl Default for ServiceConfig {
@@ -57,6 +59,7 @@ impl Default for ServiceConfig {
             checkpoint_interval: Duration::from_secs(60),
             segment_records: 100_000,
             segment_age: Duration::from_secs(86_400),
+            allow_global_ipsec_import: false,
         }
     }
 }
