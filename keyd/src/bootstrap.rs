@@ -93,7 +93,12 @@ pub enum KubeError {
     Status { what: &'static str, status: u16 },
     #[error("the Kubernetes API server's answer to {what} is not valid")]
     Decode { what: &'static str },
+    #[error("the Kubernetes API server did not answer {what} within {}s", KUBE_TIMEOUT.as_secs())]
+    Timeout { what: &'static str },
 }
+
+/// How long one call to the Kubernetes API server may take (connection, TLS and answer).
+const KUBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The two Kubernetes API calls bootstrap makes; a fake stands in for it in unit tests.
 #[async_trait::async_trait]
@@ -105,6 +110,8 @@ pub trait KubeAuth: Send + Sync + fmt::Debug {
     ) -> Result<TokenReviewStatus, KubeError>;
     /// `None` if there is no such pod.
     async fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodFacts>, KubeError>;
+    /// Whether the Node object `name` exists.
+    async fn node_exists(&self, name: &str) -> Result<bool, KubeError>;
 }
 
 /// The real API server, over HTTPS with keyd's bearer token.
@@ -124,6 +131,18 @@ impl KubeApi {
     }
 
     async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: &'static str,
+    ) -> Result<Option<bytes::Bytes>, KubeError> {
+        tokio::time::timeout(KUBE_TIMEOUT, self.call_once(method, path, body, what))
+            .await
+            .map_err(|_| KubeError::Timeout { what })?
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         path: &str,
@@ -243,10 +262,25 @@ impl KubeAuth for KubeApi {
             phase: pod.status.phase,
         }))
     }
+
+    async fn node_exists(&self, name: &str) -> Result<bool, KubeError> {
+        let found = self
+            .call(
+                Method::GET,
+                &format!("/api/v1/nodes/{name}"),
+                None,
+                "reading a node",
+            )
+            .await?;
+        Ok(found.is_some())
+    }
 }
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+/// Set by API servers from 1.30 on (ServiceAccountTokenPodNodeInfo): the node the pod was bound
+/// to when the token was issued.
+const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
 /// Who the token proved to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +289,8 @@ pub struct Attested {
     pub service_account: String,
     pub pod: String,
     pub pod_uid: String,
+    /// The node the token names, where the API server puts it in.
+    pub node: Option<String>,
 }
 
 /// The decision on the API server's answers: pure, so every refusal is unit-tested.
@@ -301,10 +337,16 @@ pub fn check_review(review: &TokenReviewStatus, cfg: &BootstrapConfig) -> Result
         service_account: service_account.to_owned(),
         pod,
         pod_uid,
+        node: one(NODE_NAME),
     })
 }
 
 pub fn check_pod(a: &Attested, pod: Option<&PodFacts>, node: &str) -> Result<(), String> {
+    if let Some(n) = a.node.as_deref().filter(|n| *n != node) {
+        return Err(format!(
+            "the token was issued for a pod on node {n:?}, not {node:?}"
+        ));
+    }
     let pod = pod.ok_or_else(|| format!("pod {}/{} does not exist", a.namespace, a.pod))?;
     if pod.uid != a.pod_uid {
         return Err(format!(
@@ -322,10 +364,19 @@ pub fn check_pod(a: &Attested, pod: Option<&PodFacts>, node: &str) -> Result<(),
         }
         None => return Err(format!("pod {}/{} is not scheduled", a.namespace, a.pod)),
     }
-    if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return Err(format!("pod {}/{} has terminated", a.namespace, a.pod));
+    match pod.phase.as_deref() {
+        Some("Succeeded" | "Failed") => {
+            Err(format!("pod {}/{} has terminated", a.namespace, a.pod))
+        }
+        Some("Running") => Ok(()),
+        // A pod whose containers have not started cannot be asking; its token is elsewhere.
+        other => Err(format!(
+            "pod {}/{} is not running (phase {})",
+            a.namespace,
+            a.pod,
+            other.unwrap_or("unknown")
+        )),
     }
-    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +389,9 @@ pub enum BootstrapError {
     Kube(#[source] KubeError),
     #[error("cannot issue the certificate")]
     Pki(#[source] crate::pki::PkiError),
+    /// The issuance could not be recorded, so the certificate is not handed out.
+    #[error("cannot record the issuance in the audit log")]
+    Audit(#[source] crate::service::ServiceError),
 }
 
 #[derive(Clone)]
@@ -392,6 +446,17 @@ impl Bootstrap {
             .await
             .map_err(BootstrapError::Kube)?;
         check_pod(&who, pod.as_ref(), &req.node).map_err(BootstrapError::Refused)?;
+        if !self
+            .kube
+            .node_exists(&req.node)
+            .await
+            .map_err(BootstrapError::Kube)?
+        {
+            return Err(BootstrapError::Refused(format!(
+                "node {:?} does not exist in Kubernetes",
+                req.node
+            )));
+        }
         let issued = self
             .ca
             .issue_client_for_csr(
@@ -408,8 +473,8 @@ impl Bootstrap {
                 ),
                 other => BootstrapError::Pki(other),
             })?;
-        let _ = self
-            .keyd
+        // Durable before the certificate leaves: an issuance nobody can audit does not happen.
+        self.keyd
             .audit(AuditEvent::new(
                 "node.certificate.issued",
                 Identity::Node(req.node.clone()),
@@ -417,7 +482,8 @@ impl Bootstrap {
                         "service_account": format!("{}/{}", who.namespace, who.service_account),
                         "not_after": issued.not_after.to_string(), "via": "bootstrap" }),
             ))
-            .await;
+            .await
+            .map_err(BootstrapError::Audit)?;
         Ok(BootstrapResponse {
             certificate: issued.cert_pem,
             not_before: issued.not_before,
@@ -466,6 +532,9 @@ async fn bootstrap_node(State(b): State<Bootstrap>, body: axum::body::Bytes) -> 
                 }
                 BootstrapError::Pki(_) => {
                     error(StatusCode::INTERNAL_SERVER_ERROR, "internal", text)
+                }
+                BootstrapError::Audit(_) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", text)
                 }
             }
         }
@@ -633,5 +702,20 @@ mod tests {
                 .unwrap_err()
                 .contains("terminated")
         );
+        assert!(
+            check_pod(&a, Some(&pod("uid-1", Some("w"), "Pending")), "w")
+                .unwrap_err()
+                .contains("not running (phase Pending)")
+        );
+        // A token that names its node (API servers from 1.30 on) must name this one.
+        let mut r = review();
+        r.user.extra.insert(NODE_NAME.into(), vec!["w2".into()]);
+        let a = check_review(&r, &c).unwrap();
+        assert!(
+            check_pod(&a, Some(&pod("uid-1", Some("w"), "Running")), "w")
+                .unwrap_err()
+                .contains("issued for a pod on node \"w2\"")
+        );
+        check_pod(&a, Some(&pod("uid-1", Some("w2"), "Running")), "w2").unwrap();
     }
 }

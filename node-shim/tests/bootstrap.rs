@@ -69,6 +69,10 @@ impl KubeAuth for FakeKube {
             phase: Some("Running".into()),
         }))
     }
+
+    async fn node_exists(&self, name: &str) -> Result<bool, KubeError> {
+        Ok(matches!(name, "node-a" | "node-b"))
+    }
 }
 
 fn bootstrapper(

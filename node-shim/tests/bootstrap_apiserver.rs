@@ -208,6 +208,14 @@ impl Apiserver {
         serde_json::from_slice(&r.body).unwrap()
     }
 
+    /// Sets a pod's phase to Running, as its kubelet would (there is no kubelet here).
+    async fn mark_running(&self, pod: &str) {
+        let path = format!("/api/v1/namespaces/keyd/pods/{pod}/status");
+        let mut p = self.call(Method::GET, &path, Value::Null).await;
+        p["status"]["phase"] = json!("Running");
+        self.call(Method::PUT, &path, p).await;
+    }
+
     /// A pod of `node-shim` on `node`, and a bound token for it as kubelet would project it.
     async fn pod_token(&self, pod: &str, node: &str, audience: &str) -> String {
         let created = self
@@ -223,6 +231,7 @@ impl Apiserver {
             )
             .await;
         let uid = created["metadata"]["uid"].as_str().unwrap().to_owned();
+        self.mark_running(pod).await;
         let tr = self
             .call(
                 Method::POST,
@@ -266,8 +275,15 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         )
         .await;
     }
+    // node-a is a Node; node-ghost, which a pod below names, is not.
+    api.call(
+        Method::POST,
+        "/api/v1/nodes",
+        json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a" } }),
+    )
+    .await;
     // keyd asks the API server with the admin token (system:masters may create TokenReviews and
-    // read pods; a real deployment grants exactly those two).
+    // read pods and nodes; a real deployment grants exactly those three).
     let keyd = KeydHarness::start_with_bootstrap_at(&api.url, &api.ca, &api.admin_token).await;
     let tokens = dir.path().join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
@@ -317,6 +333,44 @@ async fn bootstrap_against_a_real_kube_apiserver() {
     );
     assert_eq!(status, 403);
     assert!(why.contains("runs on node \"node-a\""), "{why}");
+    // A pod on a node that has no Node object.
+    let token_ghost = api.pod_token("shim-ghost", "node-ghost", "keyd").await;
+    let (status, why) = refused(
+        bootstrapper("node-ghost", &token_ghost, "ghost")
+            .obtain()
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 403);
+    assert!(why.contains("node \"node-ghost\" does not exist"), "{why}");
+    // A pod that has not started (Pending).
+    let created = api
+        .call(
+            Method::POST,
+            "/api/v1/namespaces/keyd/pods",
+            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "shim-pending" },
+                    "spec": { "serviceAccountName": "node-shim", "nodeName": "node-a",
+                              "containers": [{ "name": "c", "image": "x" }] } }),
+        )
+        .await;
+    let tr = api
+        .call(
+            Method::POST,
+            "/api/v1/namespaces/keyd/serviceaccounts/node-shim/token",
+            json!({ "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                    "spec": { "audiences": ["keyd"], "expirationSeconds": 600,
+                              "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": "shim-pending",
+                                                  "uid": created["metadata"]["uid"] } } }),
+        )
+        .await;
+    let (status, why) = refused(
+        bootstrapper("node-a", tr["status"]["token"].as_str().unwrap(), "pending")
+            .obtain()
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 403);
+    assert!(why.contains("not running (phase Pending)"), "{why}");
     // A token for another audience (the API server's own).
     let token_api = api
         .pod_token("shim-a2", "node-a", "https://kubernetes.default.svc")
