@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -30,8 +31,11 @@ use tokio::net::TcpListener;
 
 use crate::pki::CertificateAuthority;
 use crate::service::Keyd;
+use crate::source_limit::{Admit, SourceLimiter, capped};
 use crate::store::AuditEvent;
 use keyd_mtls::client::Connector;
+use keyd_mtls::server::RemoteAddr;
+use std::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapConfig {
@@ -45,7 +49,15 @@ pub struct BootstrapConfig {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub cert_validity: Duration,
+    /// Requests per source address and minute (see [`crate::source_limit`]).
+    pub max_requests_per_minute: u32,
 }
+
+/// Source addresses tracked at once by the rate limit.
+const MAX_SOURCES: usize = 10_000;
+/// The longest node name and reason a refusal record keeps.
+const MAX_RECORDED_NAME: usize = 253;
+const MAX_RECORDED_REASON: usize = 512;
 
 /// What the API server said about a token (`TokenReview.status`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -400,6 +412,7 @@ pub struct Bootstrap {
     ca: Arc<CertificateAuthority>,
     kube: Arc<dyn KubeAuth>,
     keyd: Arc<Keyd>,
+    limiter: Arc<SourceLimiter>,
 }
 
 impl fmt::Debug for Bootstrap {
@@ -418,6 +431,7 @@ impl Bootstrap {
     ) -> Result<Self, crate::pki::PkiError> {
         let ca = CertificateAuthority::load(&cfg.ca_cert, &cfg.ca_key)?;
         Ok(Self {
+            limiter: Arc::new(SourceLimiter::new(cfg.max_requests_per_minute, MAX_SOURCES)),
             cfg: Arc::new(cfg),
             ca: Arc::new(ca),
             kube,
@@ -503,7 +517,28 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-async fn bootstrap_node(State(b): State<Bootstrap>, body: axum::body::Bytes) -> Response {
+async fn bootstrap_node(
+    State(b): State<Bootstrap>,
+    remote: Option<Extension<RemoteAddr>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let source = remote.map(|Extension(RemoteAddr(a))| a.ip());
+    if let Some(ip) = source
+        && let Admit::Limited(wait) = b.limiter.admit(ip, Instant::now())
+    {
+        let secs = wait.as_secs().max(1);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "more than {} bootstrap requests a minute from {ip}; try again in {secs} s",
+                b.cfg.max_requests_per_minute
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return r;
+    }
     let req: BootstrapRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()),
@@ -515,15 +550,22 @@ async fn bootstrap_node(State(b): State<Bootstrap>, body: axum::body::Bytes) -> 
         }
         Err(e) => {
             let text = keyd_mtls::error_chain(&e);
-            tracing::warn!(node = %req.node, error = %text, "bootstrap refused");
-            let _ = b
-                .keyd
-                .audit(AuditEvent::new(
-                    "bootstrap.refused",
-                    "anonymous",
-                    json!({ "node": req.node, "reason": text }),
-                ))
-                .await;
+            let node = capped(&req.node, MAX_RECORDED_NAME);
+            let reason = capped(&text, MAX_RECORDED_REASON);
+            tracing::warn!(%node, error = %reason, source = ?source, "bootstrap refused");
+            // The first refusal of a source in a window is recorded in full; the rest of the
+            // window is summarised (see `summarise`), so a loop of bad requests cannot fill the
+            // disk.
+            if source.is_none_or(|ip| b.limiter.refused(ip, &reason, Instant::now())) {
+                let _ = b
+                    .keyd
+                    .audit(AuditEvent::new(
+                        "bootstrap.refused",
+                        "anonymous",
+                        json!({ "node": node, "reason": reason, "source": source }),
+                    ))
+                    .await;
+            }
             match e {
                 BootstrapError::Invalid(m) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
                 BootstrapError::Refused(m) => error(StatusCode::FORBIDDEN, "forbidden", m),
@@ -573,8 +615,10 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let metrics = keyd.metrics.clone();
     let b = Bootstrap::new(cfg, kube, keyd)?;
+    let limiter = Arc::clone(&b.limiter);
+    let audit_to = Arc::clone(&b.keyd);
     let fut = async move {
-        keyd_mtls::server::serve_tls_router(
+        let serve = keyd_mtls::server::serve_tls_router(
             listener,
             rx,
             router(b),
@@ -586,11 +630,37 @@ pub async fn start(
                     .inc();
             },
             shutdown,
-        )
-        .await;
+        );
+        tokio::select! {
+            () = serve => {}
+            () = async {
+                loop {
+                    tokio::time::sleep(crate::source_limit::WINDOW / 4).await;
+                    summarise(&limiter, &audit_to, false).await;
+                }
+            } => {}
+        }
+        summarise(&limiter, &audit_to, true).await;
         reloader.abort();
     };
     Ok((addr, Box::pin(fut)))
+}
+
+/// Records what the rate limit counted but did not record in full: one
+/// `bootstrap.refused.summary` per source and window that had more than its first refusal.
+async fn summarise(limiter: &SourceLimiter, keyd: &Keyd, flush: bool) {
+    for s in limiter.take_summaries(Instant::now(), flush) {
+        let _ = keyd
+            .audit(AuditEvent::new(
+                "bootstrap.refused.summary",
+                "anonymous",
+                json!({ "source": s.source.map_or_else(|| "other (table full)".to_owned(), |ip| ip.to_string()),
+                        "refusals": s.refusals, "rate_limited": s.rate_limited,
+                        "last_reason": s.last_reason,
+                        "window_secs": crate::source_limit::WINDOW.as_secs() }),
+            ))
+            .await;
+    }
 }
 
 #[cfg(test)]
@@ -608,6 +678,7 @@ mod tests {
             ca_cert: "/c".into(),
             ca_key: "/k".into(),
             cert_validity: Duration::from_secs(3600),
+            max_requests_per_minute: 30,
         }
     }
 

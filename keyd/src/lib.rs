@@ -25,6 +25,7 @@ pub mod rewrap;
 pub mod rotation;
 pub mod seal;
 pub mod service;
+pub mod source_limit;
 pub mod store;
 pub mod telemetry;
 pub mod wireguard;

@@ -102,6 +102,10 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The address a request's connection came from (a request extension of [`serve_tls_router`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteAddr(pub SocketAddr);
+
 /// Serves `router` over mTLS until `shutdown` resolves, then drains open connections. Every
 /// request carries the connection's [`PeerIdentity`] as an extension; `on_handshake` is told
 /// each handshake's outcome (`ok`, `failed`, `timeout`) for a metric.
@@ -136,6 +140,7 @@ pub async fn serve_tls_router(
                     .clone()
                     .map_request(move |mut req: Request<Incoming>| {
                         req.extensions_mut().insert(identity.clone());
+                        req.extensions_mut().insert(RemoteAddr(peer));
                         req
                     }),
             )

@@ -211,3 +211,97 @@ async fn a_restart_starts_on_the_certificate_it_already_has() {
     std::fs::write(&p.key, stranger.serialize_pem()).unwrap();
     assert_eq!(b.existing(), None, "the key does not match the certificate");
 }
+
+/// A loop of bad requests from one address: after `max_requests_per_minute` (30 by default)
+/// they get 429 with Retry-After, and the audit log holds one full refusal (the node name cut
+/// to a bounded length) plus one summary, written at the latest when keyd stops, not a record
+/// per request.
+#[tokio::test]
+async fn a_flood_of_bad_requests_is_limited_and_summarised() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let connector = keyd_mtls::client::Connector::new(
+        &format!("https://127.0.0.1:{}", keyd.bootstrap.unwrap().port()),
+        keyd_mtls::tls::server_auth_client_config(&keyd.setup.pki.ca).unwrap(),
+    )
+    .unwrap();
+    let long_name = "x".repeat(60_000);
+    let mut statuses: BTreeMap<u16, u32> = BTreeMap::new();
+    let mut retry_after = None;
+    for i in 0..40 {
+        let node = if i == 0 { long_name.as_str() } else { "node-a" };
+        let body = serde_json::json!({ "node": node, "token": "not-a-token", "csr": "x" });
+        let r = connector
+            .connect()
+            .await
+            .unwrap()
+            .send(
+                http::Method::POST,
+                "/v1/bootstrap/node",
+                Some(serde_json::to_vec(&body).unwrap()),
+                &[(http::header::CONTENT_TYPE, "application/json")],
+            )
+            .await
+            .unwrap();
+        *statuses.entry(r.status.as_u16()).or_default() += 1;
+        if r.status == 429 {
+            retry_after = r.headers.get(http::header::RETRY_AFTER).cloned();
+        }
+    }
+    assert_eq!(
+        statuses,
+        BTreeMap::from([(422, 1), (403, 29), (429, 10)]),
+        "{statuses:?}"
+    );
+    let wait: u64 = retry_after
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+
+    let records = |action: &str| {
+        keyd.keyd
+            .store()
+            .audit_range(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.event.action == action)
+            .collect::<Vec<_>>()
+    };
+    let full = records("bootstrap.refused");
+    assert_eq!(full.len(), 1, "one full record per source and window");
+    let node = full[0].event.details["node"].as_str().unwrap();
+    assert!(
+        node.len() < 300 && node.ends_with("(60000 bytes)"),
+        "{node:.80}"
+    );
+    assert!(full[0].event.details["reason"].as_str().unwrap().len() < 600);
+    assert_eq!(full[0].event.details["source"], "127.0.0.1");
+    assert!(
+        records("bootstrap.refused.summary").is_empty(),
+        "the window is still open"
+    );
+
+    // Stopping keyd writes the summary of the open window.
+    keyd.stop();
+    let mut summary = Vec::new();
+    for _ in 0..100 {
+        summary = records("bootstrap.refused.summary");
+        if !summary.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    let d = &summary[0].event.details;
+    assert_eq!(
+        (d["refusals"].as_u64(), d["rate_limited"].as_u64()),
+        (Some(29), Some(10))
+    );
+    assert_eq!(d["source"], "127.0.0.1");
+    assert!(
+        d["last_reason"].as_str().unwrap().contains("not valid"),
+        "{d}"
+    );
+}

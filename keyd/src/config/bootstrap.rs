@@ -31,6 +31,8 @@ pub struct RawBootstrap {
     pub ca_key: Option<PathBuf>,
     /// Lifetime of issued certificates (default 1h, at most 24h); agents renew at 2/3.
     pub cert_validity: Option<String>,
+    /// Requests one source address may make per minute (default 30); more get 429.
+    pub max_requests_per_minute: Option<u32>,
 }
 
 fn cerr(field: &str, message: impl Into<String>) -> ConfigError {
@@ -119,7 +121,15 @@ impl RawBootstrap {
         {
             return Err(cerr("cert_validity", "must be between 1m and 24h"));
         }
+        let max_requests_per_minute = self.max_requests_per_minute.unwrap_or(30);
+        if !(1..=100_000).contains(&max_requests_per_minute) {
+            return Err(cerr(
+                "max_requests_per_minute",
+                "must be between 1 and 100000",
+            ));
+        }
         Ok(BootstrapConfig {
+            max_requests_per_minute,
             listen,
             kube_api: kube.api,
             kube_ca: kube.ca,
