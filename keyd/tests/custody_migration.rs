@@ -109,6 +109,95 @@ async fn a_target_that_fails_its_check_changes_nothing() {
     v.cleanup().await;
 }
 
+/// A migration naming a file outside `kek.credential_dirs` (a secret id file pointed at the
+/// CA's key, which would go out in a login body) is refused before keyd reads it, and the
+/// refusal is audited.
+#[tokio::test]
+async fn a_spec_naming_files_outside_the_credential_dirs_is_refused_and_audited() {
+    let local = Backend::new(Kind::Local).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let allowed = tempfile::tempdir().unwrap();
+    let settings = keyd::custody::CustodySettings {
+        credential_dirs: vec![allowed.path().to_owned()],
+        ..settings()
+    };
+    let custody = keyd::custody::bootstrap(&local.spec(), &settings, &store)
+        .await
+        .unwrap();
+    let keyd = Keyd::open_with_custody(
+        Arc::clone(&store),
+        Arc::clone(&custody),
+        keyd::service::ServiceConfig::default(),
+        keyd::clock::Clock::default(),
+    )
+    .await
+    .unwrap();
+    let secret = dir.path().join("ca-key.pem");
+    std::fs::write(&secret, "not for Vault").unwrap();
+    // Through a symbolic link inside the allowed directory: still outside once resolved.
+    let link = allowed.path().join("secret-id");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    for secret_id_file in [secret.clone(), link] {
+        let to = KekSpec::VaultTransit(keyd_proto::kek::VaultTransitSpec {
+            address: "http://127.0.0.1:1".into(),
+            namespace: None,
+            mount: "transit".into(),
+            key: "keyd".into(),
+            ca_file: None,
+            auth: VaultAuth::Approle {
+                mount: "approle".into(),
+                role_id: "r".into(),
+                secret_id_file,
+            },
+        });
+        let e = keyd::service::migrate_kek(&keyd, "admin/test", to)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not under kek.credential_dirs")
+                || keyd_mtls::error_chain(&e).contains("not under kek.credential_dirs"),
+            "{}",
+            keyd_mtls::error_chain(&e)
+        );
+    }
+    // A new local key in a directory outside: refused too.
+    let e = keyd::service::migrate_kek(
+        &keyd,
+        "admin/test",
+        KekSpec::Local {
+            path: dir.path().join("elsewhere.key"),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(keyd_mtls::error_chain(&e).contains("not under kek.credential_dirs"));
+    let refused: Vec<_> = store
+        .audit_range(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.event.action == "kek.migration.refused")
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert_eq!(refused[0].event.actor, "admin/test");
+    assert_eq!(custody.active().wrapper.backend(), "local");
+    // Inside the directory: allowed past this check (the file is then used).
+    let ok = keyd::service::migrate_kek(
+        &keyd,
+        "admin/test",
+        KekSpec::Local {
+            path: allowed.path().join("kek-2.key"),
+        },
+    )
+    .await;
+    assert!(
+        ok.is_ok(),
+        "{:?}",
+        ok.err().map(|e| keyd_mtls::error_chain(&e))
+    );
+    support::wait_for_migration(&custody).await;
+}
+
 /// Runs keyctl on a blocking thread (keyd serves on this test's runtime meanwhile).
 async fn keyctl(k: &RunningKeyd, args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyctl"));

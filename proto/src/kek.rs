@@ -51,6 +51,34 @@ impl KekSpec {
         }
     }
 
+    /// Every file the spec names, with its field: what keyd would read (or, for a local key,
+    /// create) to use this custodian.
+    pub fn files(&self) -> Vec<(&'static str, &std::path::Path)> {
+        let mut out: Vec<(&'static str, &std::path::Path)> = Vec::new();
+        match self {
+            KekSpec::Local { path } => out.push(("local_path", path)),
+            KekSpec::AwsKms(a) => {
+                out.extend(
+                    a.credentials_file
+                        .as_deref()
+                        .map(|p| ("aws_kms.credentials_file", p)),
+                );
+                out.extend(a.config_file.as_deref().map(|p| ("aws_kms.config_file", p)));
+            }
+            KekSpec::VaultTransit(v) => {
+                out.extend(v.ca_file.as_deref().map(|p| ("vault.ca_file", p)));
+                out.push(match &v.auth {
+                    VaultAuth::Token { token_file } => ("vault.token_file", token_file),
+                    VaultAuth::Approle { secret_id_file, .. } => {
+                        ("vault.secret_id_file", secret_id_file)
+                    }
+                    VaultAuth::Kubernetes { jwt_file, .. } => ("vault.jwt_file", jwt_file),
+                });
+            }
+        }
+        out
+    }
+
     /// Whether both specs name the same key (connection details may differ).
     pub fn same_key(&self, other: &KekSpec) -> bool {
         match (self, other) {

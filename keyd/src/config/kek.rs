@@ -24,6 +24,8 @@ pub struct RawKek {
     pub call_timeout: Option<String>,
     pub verify_on_start: Option<bool>,
     pub concurrency: Option<usize>,
+    /// Directories under which `keyctl kek migrate` may name credential and key files.
+    pub credential_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub aws_kms: RawAwsKms,
     #[serde(default)]
@@ -182,7 +184,17 @@ impl RawKek {
             call_timeout: duration("kek.call_timeout", self.call_timeout, defaults.call_timeout)?,
             verify_on_start: self.verify_on_start.unwrap_or(defaults.verify_on_start),
             concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            credential_dirs: Vec::new(),
         };
+        let credential_dirs = self.credential_dirs.clone();
+        if let Some(dirs) = &credential_dirs
+            && let Some(d) = dirs.iter().find(|d| !d.is_absolute())
+        {
+            return Err(err(
+                "kek.credential_dirs",
+                format!("{} is not an absolute path", d.display()),
+            ));
+        }
         if !(1..=256).contains(&settings.concurrency) {
             return Err(err("kek.concurrency", "must be between 1 and 256"));
         }
@@ -278,7 +290,26 @@ impl RawKek {
             }
         };
         validate_spec(&spec, "kek")?;
-        Ok((spec, settings))
+        // By default: the data directory and the directories of the configured custodian's
+        // files, which the operator already trusts keyd to read.
+        let credential_dirs = credential_dirs.unwrap_or_else(|| {
+            let mut dirs = vec![data_dir.to_owned()];
+            for (_, f) in spec.files() {
+                if let Some(d) = f.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dirs.iter().any(|x| x == d)
+                {
+                    dirs.push(d.to_owned());
+                }
+            }
+            dirs
+        });
+        Ok((
+            spec,
+            CustodySettings {
+                credential_dirs,
+                ..settings
+            },
+        ))
     }
 }
 
@@ -396,7 +427,24 @@ mod tests {
                 path: "/data/kek.key".into()
             }
         );
-        assert_eq!(settings, CustodySettings::default());
+        assert_eq!(
+            settings,
+            CustodySettings {
+                credential_dirs: vec!["/data".into()],
+                ..CustodySettings::default()
+            }
+        );
+        let (_, settings) = parse("[kek]\ncredential_dirs = [\"/etc/keyd/vault\"]\n").unwrap();
+        assert_eq!(
+            settings.credential_dirs,
+            vec![std::path::PathBuf::from("/etc/keyd/vault")]
+        );
+        assert_eq!(
+            parse("[kek]\ncredential_dirs = [\"vault\"]\n")
+                .unwrap_err()
+                .field(),
+            "kek.credential_dirs"
+        );
     }
 
     #[cfg(feature = "aws-kms")]

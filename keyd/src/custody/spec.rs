@@ -3,7 +3,7 @@
 //! an admin asks for a KEK rotation or migration over the API.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyd_proto::kek::{KekSpec, VaultAuth};
@@ -24,6 +24,9 @@ pub struct CustodySettings {
     pub verify_on_start: bool,
     /// How many custodian calls a rewrap or a verification pass keeps in flight.
     pub concurrency: usize,
+    /// The directories under which a custodian spec given over the API (`keyctl kek migrate`)
+    /// may name files; see [`check_spec_files`].
+    pub credential_dirs: Vec<PathBuf>,
 }
 
 impl Default for CustodySettings {
@@ -34,6 +37,7 @@ impl Default for CustodySettings {
             call_timeout: Duration::from_secs(5),
             verify_on_start: true,
             concurrency: 16,
+            credential_dirs: Vec::new(),
         }
     }
 }
@@ -78,6 +82,49 @@ pub(crate) fn compiled(backend: &str) -> bool {
 
 /// Checks a spec completely (files exist, URLs are well formed, no plain HTTP off loopback).
 /// `prefix` names the spec in errors: `kek` for the configuration, `to` for an API request.
+/// Checks that every file `spec` names lies under one of `dirs` (after resolving symbolic
+/// links; a local key file that does not exist yet is judged by its directory). A spec from the
+/// API names files keyd reads and sends to the custodian it names (a Vault secret id goes out in
+/// a login body), so an admin request must not be able to point it at, say, the CA's key.
+pub fn check_spec_files(spec: &KekSpec, dirs: &[PathBuf], prefix: &str) -> Result<(), SpecError> {
+    let roots: Vec<PathBuf> = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
+    for (field, path) in spec.files() {
+        let resolved = path
+            .canonicalize()
+            .or_else(|e| match (path.parent(), path.file_name()) {
+                (Some(dir), Some(name)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let dir = if dir.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        dir
+                    };
+                    dir.canonicalize().map(|d| d.join(name))
+                }
+                _ => Err(e),
+            });
+        let ok = resolved
+            .as_ref()
+            .is_ok_and(|r| roots.iter().any(|root| r.starts_with(root)));
+        if !ok {
+            let listed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            return Err(err(
+                &format!("{prefix}.{field}"),
+                format!(
+                    "{} is not under kek.credential_dirs ({}); put the file there or add its \
+                     directory to kek.credential_dirs",
+                    path.display(),
+                    if listed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        listed.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn validate_spec(spec: &KekSpec, prefix: &str) -> Result<(), SpecError> {
     let f = |name: &str| format!("{prefix}.{name}");
     if !compiled(spec.backend()) {

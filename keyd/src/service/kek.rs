@@ -9,10 +9,12 @@ use keyd_proto::Timestamp;
 use keyd_proto::kek::{KekRotateRequest, KekSpec, MigrationStatus};
 
 use super::state::{Keyd, Result, ServiceError};
-use crate::custody::spec::validate_spec;
+use crate::custody::spec::{check_spec_files, validate_spec};
 use crate::custody::{Custody, Member};
 use crate::rewrap::{self, Kind, RewrapError, RunOptions};
 use crate::seal::SealError;
+use crate::store::AuditEvent;
+use serde_json::json;
 
 fn busy(custody: &Custody) -> Result<(), RewrapError> {
     match custody.migration() {
@@ -108,8 +110,31 @@ pub async fn rotate_kek(
     .await
 }
 
-/// Moves every record to the custodian `to`.
+/// Moves every record to the custodian `to`. A refusal (a busy custodian, a spec naming files
+/// outside `kek.credential_dirs`, a target that fails its check) is audited as
+/// `kek.migration.refused`.
 pub async fn migrate_kek(
+    keyd: &Keyd,
+    actor: &str,
+    to: KekSpec,
+) -> Result<MigrationStatus, RewrapError> {
+    let describe = to.describe();
+    let backend = to.backend();
+    let result = start_migration(keyd, actor, to).await;
+    if let Err(e) = &result {
+        let _ = keyd
+            .audit(AuditEvent::new(
+                "kek.migration.refused",
+                actor,
+                json!({ "to": describe, "backend": backend,
+                        "reason": keyd_mtls::error_chain(e) }),
+            ))
+            .await;
+    }
+    result
+}
+
+async fn start_migration(
     keyd: &Keyd,
     actor: &str,
     to: KekSpec,
@@ -117,6 +142,7 @@ pub async fn migrate_kek(
     let custody = Arc::clone(keyd.custody());
     busy(&custody)?;
     validate_spec(&to, "to")?;
+    check_spec_files(&to, &custody.settings().credential_dirs, "to")?;
     if custody
         .active()
         .spec

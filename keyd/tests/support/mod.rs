@@ -42,6 +42,8 @@ pub fn settings() -> CustodySettings {
         call_timeout: Duration::from_secs(2),
         verify_on_start: true,
         concurrency: 8,
+        // The tests' custodians keep their files in temporary directories.
+        credential_dirs: vec![std::env::temp_dir()],
     }
 }
 
