@@ -59,6 +59,9 @@ pub struct Dataplane {
     seen: BTreeMap<u32, Counters>,
     counting_since: Timestamp,
     shared: Shared,
+    /// The programs are not attached yet: the maps are of a new layout and still empty (see
+    /// [`Steering::replaces_another_layout`]).
+    attach_deferred: bool,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -129,11 +132,24 @@ impl Dataplane {
             seen: BTreeMap::new(),
             counting_since: Timestamp::now(),
             shared,
+            attach_deferred: false,
         };
         // Counters restart with this process (`counting_since`): policy slots are zeroed as
         // they are assigned, the all-mode slot here.
         dp.ebpf.reset_counters(ALL_SLOT)?;
-        dp.scan_devices();
+        // After an upgrade that changed the maps' layout, the new maps start empty while the
+        // earlier version's programs, still attached, enforce with the old ones: attaching now
+        // would leave a moment with no rules. The new programs go on once the first sync has
+        // filled the new maps.
+        dp.attach_deferred = dp.ebpf.replaces_another_layout();
+        if dp.attach_deferred {
+            tracing::warn!(
+                "the steering maps' layout changed: the earlier programs stay attached until the new maps hold the rules"
+            );
+        } else {
+            dp.scan_devices();
+            dp.ebpf.remove_stale_pins();
+        }
         Ok(dp)
     }
 
@@ -291,6 +307,11 @@ impl Dataplane {
         self.have = Some(want);
         self.ready_have = ready_want;
         self.record_slot_ids()?;
+        if self.attach_deferred {
+            self.attach_deferred = false;
+            self.scan_devices();
+            self.ebpf.remove_stale_pins();
+        }
         let problems: Vec<String> = problems.into_iter().map(|p| p.what).collect();
         if !problems.is_empty() {
             tracing::warn!(problems = ?problems, "some rules could not be loaded");
@@ -439,7 +460,9 @@ impl Dataplane {
                 }
                 _ = tick.tick() => {
                     ticks = ticks.wrapping_add(1);
-                    self.scan_devices();
+                    if !self.attach_deferred {
+                        self.scan_devices();
+                    }
                     let report = self.export();
                     if ticks.is_multiple_of(report_every) {
                         report_tx.send_replace(Some(report));

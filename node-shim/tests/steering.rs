@@ -770,6 +770,35 @@ fn restart_scenario(attach: AttachMode) {
     }
     send(&t.pod, "10.2.0.7", 5432, 2);
     assert_eq!(st.counters(db).unwrap().dropped_packets, 8);
+
+    // An upgrade whose maps have another layout: stand the current maps' folder in for an
+    // earlier version's. The new load does not reuse (and misread) them: it creates its own,
+    // empty, says it replaces another layout, and removes the old pins when told to.
+    let layout = pins.path().join("keyd-node-shim").join(format!(
+        "maps-{}",
+        keyd_node_shim::kernel::ebpf::map_layout()
+    ));
+    let old = pins
+        .path()
+        .join("keyd-node-shim")
+        .join("maps-0000000000000000");
+    std::fs::rename(&layout, &old).unwrap();
+    let s3 = settings.clone();
+    let mut upgraded = t.node.run(move || Steering::load(s3()).unwrap());
+    assert!(upgraded.replaces_another_layout());
+    assert_eq!(
+        upgraded.read().unwrap().settings.node_mode,
+        NodeMode::Off,
+        "new maps are empty"
+    );
+    // The attached program still enforces with the old maps meanwhile.
+    let clear = peer_udp(&t.peer);
+    send(&t.pod, "10.2.0.7", 5432, 2);
+    assert_eq!(st.counters(db).unwrap().dropped_packets, 10);
+    assert_eq!(peer_udp(&t.peer), clear);
+    upgraded.remove_stale_pins();
+    assert!(!old.exists());
+    drop(upgraded);
     t.node.run(move || {
         let mut st = st;
         st.detach("lxc0", Hook::PodIngress);

@@ -160,6 +160,11 @@ pub struct Steering {
     policy_ids: Array<MapData, SlotId>,
     node_ids: Array<MapData, SlotId>,
     attached: BTreeMap<(String, Hook), Attachment>,
+    /// The maps were created by this load (nothing was pinned for this layout).
+    fresh_maps: bool,
+    /// Pinned maps of another layout (an earlier version's), to remove once the programs use
+    /// the new ones.
+    stale_pins: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -182,19 +187,68 @@ const MAPS: [&str; 9] = [
     "keyd_node_ids",
 ];
 
+/// Bump when a map's meaning changes while its sizes stay the same (sizes, types and entry
+/// counts are in [`map_layout`] already).
+const LAYOUT_REVISION: u32 = 1;
+
+/// A name for the layout of the object's maps: their names, types, key and value sizes, entry
+/// counts and flags, and [`LAYOUT_REVISION`]. Pinned maps live in `maps-<layout>` under the pin
+/// directory, so a node-shim whose maps differ from an earlier version's never reuses (and
+/// misreads) that version's pinned maps.
+pub fn map_layout() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(LAYOUT_REVISION.to_le_bytes());
+    match aya_obj::Object::parse(OBJECT) {
+        Ok(obj) => {
+            for name in MAPS {
+                h.update(name.as_bytes());
+                if let Some(m) = obj.maps.get(name) {
+                    for v in [
+                        m.map_type(),
+                        m.key_size(),
+                        m.value_size(),
+                        m.max_entries(),
+                        m.map_flags(),
+                    ] {
+                        h.update(v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        // Unparsable here means the load fails anyway; any stable name will do.
+        Err(_) => h.update(OBJECT),
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
 impl Steering {
     /// Loads the program (reporting the verifier's log if the kernel refuses it) and opens or
-    /// creates its maps (pinned ones are reused, with what they hold).
+    /// creates its maps (pinned ones of the same layout are reused, with what they hold).
     pub fn load(settings: EbpfSettings) -> Result<Self, EbpfError> {
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+        let mut fresh_maps = true;
+        let mut stale_pins = Vec::new();
         if let Some(dir) = &settings.pin_dir {
-            std::fs::create_dir_all(dir).map_err(|e| EbpfError::Pin {
+            let pin_err = |e: std::io::Error| EbpfError::Pin {
                 path: dir.display().to_string(),
                 message: e.to_string(),
-            })?;
+            };
+            let maps_dir = dir.join(format!("maps-{}", map_layout()));
+            fresh_maps = !maps_dir.exists();
+            std::fs::create_dir_all(&maps_dir).map_err(pin_err)?;
+            for entry in std::fs::read_dir(dir).map_err(pin_err)? {
+                let path = entry.map_err(pin_err)?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                // Another layout's folder, or maps pinned straight in the folder (before
+                // layouts had folders).
+                if (name.starts_with("maps-") && path != maps_dir) || MAPS.contains(&name) {
+                    stale_pins.push(path);
+                }
+            }
             for m in MAPS {
-                loader.map_pin_path(m, dir.join(m));
+                loader.map_pin_path(m, maps_dir.join(m));
             }
         }
         let mut bpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
@@ -263,7 +317,35 @@ impl Steering {
             policy_ids,
             node_ids,
             attached: BTreeMap::new(),
+            fresh_maps,
+            stale_pins,
         })
+    }
+
+    /// Whether this load created the maps, and pinned maps of another layout remain: the
+    /// programs attached now (an earlier version's) still use those, so attaching the new
+    /// programs should wait until the new maps hold the rules.
+    pub fn replaces_another_layout(&self) -> bool {
+        self.fresh_maps && !self.stale_pins.is_empty()
+    }
+
+    /// Removes the pins of other layouts (the maps go once no program uses them).
+    pub fn remove_stale_pins(&mut self) {
+        for p in std::mem::take(&mut self.stale_pins) {
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), "removed the pinned maps of an earlier layout")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove old pinned maps")
+                }
+            }
+        }
     }
 
     /// Instructions the verifier processed for a program (its cost to verify).
