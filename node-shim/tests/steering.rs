@@ -722,6 +722,7 @@ fn restart_scenario(attach: AttachMode) {
     let st = t.node.run(move || {
         let mut st = Steering::load(s1()).unwrap();
         st.attach("lxc0", Hook::PodIngress).unwrap();
+        st.attach("ul0", Hook::UnderlayEgress).unwrap();
         st.apply(&steering::diff(None, &c1)).unwrap();
         st.write_slot_ids(false, &ids).unwrap();
         st.write_slot_ids(true, &node_ids).unwrap();
@@ -739,11 +740,24 @@ fn restart_scenario(attach: AttachMode) {
         "covered traffic leaked while node-shim was away"
     );
 
-    // The next start: same maps (rules and counters), program replaced in place.
+    // The next starts: same maps (rules and counters), programs replaced in place, on the pod
+    // device's ingress and on the underlay's egress alike (three starts: with netlink filters,
+    // each takes the priority the last one left free and removes the last one's filter).
+    for _ in 0..2 {
+        let s2 = settings.clone();
+        t.node.run(move || {
+            let mut st = Steering::load(s2()).unwrap();
+            st.attach("lxc0", Hook::PodIngress).unwrap();
+            st.attach("ul0", Hook::UnderlayEgress).unwrap();
+            // Exits without detaching (as a restart does).
+            drop(st);
+        });
+    }
     let s2 = settings.clone();
     let st = t.node.run(move || {
         let mut st = Steering::load(s2()).unwrap();
         st.attach("lxc0", Hook::PodIngress).unwrap();
+        st.attach("ul0", Hook::UnderlayEgress).unwrap();
         st
     });
     assert_eq!(st.read().unwrap(), c, "the pinned maps kept the rules");
@@ -766,6 +780,12 @@ fn restart_scenario(attach: AttachMode) {
             shown.lines().filter(|l| l.contains("keyd_steer")).count(),
             1,
             "the old filter was replaced, not doubled: {shown}"
+        );
+        let shown = t.node.sh("tc filter show dev ul0 egress");
+        assert_eq!(
+            shown.lines().filter(|l| l.contains("keyd_guard")).count(),
+            1,
+            "the old guard was replaced, not doubled: {shown}"
         );
     }
     send(&t.pod, "10.2.0.7", 5432, 2);
@@ -802,6 +822,7 @@ fn restart_scenario(attach: AttachMode) {
     t.node.run(move || {
         let mut st = st;
         st.detach("lxc0", Hook::PodIngress);
+        st.detach("ul0", Hook::UnderlayEgress);
     });
 }
 

@@ -502,7 +502,7 @@ impl Steering {
         };
         if let Ok(old) = SchedClassifierLink::attached(
             device,
-            TcAttachType::Ingress,
+            hook.attach_type(),
             other,
             TcHandle::new(0, 1),
             None,
