@@ -53,6 +53,19 @@ fn verify(file: &Path, key: Option<&str>) -> Output {
     cmd.output().unwrap()
 }
 
+/// Exports `query` to `file` and checks that `keyctl audit verify --public-key` passes it.
+async fn exported_and_verified(h: &Harness, query: &str, file: &Path, key: &str) -> Output {
+    std::fs::write(file, export(h, query).await).unwrap();
+    let out = verify(file, Some(key));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 async fn public_key(h: &Harness) -> String {
     let v: Value = serde_json::from_slice(
         &h.admin()
@@ -259,23 +272,11 @@ async fn closed_segments_export_prune_and_the_rest_still_verifies() {
     let key = public_key(&h).await;
 
     // Export the closed segment; it verifies and ends at its signed checkpoint.
-    let seg = export(
-        &h,
-        &format!(
-            "format=jsonl&from_seq={}&to_seq={}",
-            closed.first_seq, closed.last_seq
-        ),
-    )
-    .await;
-    let seg_file = dir.path().join("segment.jsonl");
-    std::fs::write(&seg_file, &seg).unwrap();
-    let out = verify(&seg_file, Some(&key));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let query = format!(
+        "format=jsonl&from_seq={}&to_seq={}",
+        closed.first_seq, closed.last_seq
     );
+    let out = exported_and_verified(&h, &query, &dir.path().join("segment.jsonl"), &key).await;
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("unsigned"),
         "{}",
@@ -284,24 +285,12 @@ async fn closed_segments_export_prune_and_the_rest_still_verifies() {
 
     // A range ending where no checkpoint is: keyd checks the stored chain on to the next
     // checkpoint and signs the range, so it verifies with the key too.
-    let part = export(
-        &h,
-        &format!(
-            "format=jsonl&from_seq={}&to_seq={}",
-            closed.first_seq,
-            closed.last_seq - 3
-        ),
-    )
-    .await;
-    let part_file = dir.path().join("part.jsonl");
-    std::fs::write(&part_file, &part).unwrap();
-    let out = verify(&part_file, Some(&key));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let query = format!(
+        "format=jsonl&from_seq={}&to_seq={}",
+        closed.first_seq,
+        closed.last_seq - 3
     );
+    exported_and_verified(&h, &query, &dir.path().join("part.jsonl"), &key).await;
 
     // Prune needs the segment's last hash: the wrong one is refused.
     let mut admin = h.admin().await;
@@ -340,16 +329,8 @@ async fn closed_segments_export_prune_and_the_rest_still_verifies() {
     );
 
     // What remains verifies, anchored to the kept segment-end checkpoint.
-    let rest = export(&h, "format=jsonl").await;
     let rest_file = dir.path().join("rest.jsonl");
-    std::fs::write(&rest_file, &rest).unwrap();
-    let out = verify(&rest_file, Some(&key));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exported_and_verified(&h, "format=jsonl", &rest_file, &key).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
         .args(["audit", "verify", "-o", "json", "--public-key", &key])
         .arg(&rest_file)
@@ -398,15 +379,8 @@ async fn pruning_the_newest_segment_keeps_the_chain_going() {
             .all(|w| w[1].seq == w[0].seq + 1 && w[1].prev_hash == w[0].hash)
     );
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rest.jsonl");
-    std::fs::write(&file, export(&h, "format=jsonl").await).unwrap();
-    let out = verify(&file, Some(&public_key(&h).await));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let key = public_key(&h).await;
+    exported_and_verified(&h, "format=jsonl", &dir.path().join("rest.jsonl"), &key).await;
     // Pruning the same range again: already done.
     assert!(
         h.keyd

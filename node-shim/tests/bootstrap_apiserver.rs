@@ -216,8 +216,23 @@ impl Apiserver {
         self.call(Method::PUT, &path, p).await;
     }
 
-    /// A pod of `node-shim` on `node`, and a bound token for it as kubelet would project it.
+    /// A running pod of `node-shim` on `node`, and a bound token for it as kubelet would
+    /// project it.
     async fn pod_token(&self, pod: &str, node: &str, audience: &str) -> String {
+        self.pod_token_of("node-shim", pod, node, audience, true)
+            .await
+    }
+
+    /// A pod of service account `sa` on `node` (Running, or left Pending), and a bound token
+    /// for it.
+    async fn pod_token_of(
+        &self,
+        sa: &str,
+        pod: &str,
+        node: &str,
+        audience: &str,
+        running: bool,
+    ) -> String {
         let created = self
             .call(
                 Method::POST,
@@ -225,17 +240,19 @@ impl Apiserver {
                 json!({
                     "apiVersion": "v1", "kind": "Pod",
                     "metadata": { "name": pod },
-                    "spec": { "serviceAccountName": "node-shim", "nodeName": node,
-                              "containers": [{ "name": "node-shim", "image": "keyd/node-shim" }] }
+                    "spec": { "serviceAccountName": sa, "nodeName": node,
+                              "containers": [{ "name": "c", "image": "keyd/node-shim" }] }
                 }),
             )
             .await;
         let uid = created["metadata"]["uid"].as_str().unwrap().to_owned();
-        self.mark_running(pod).await;
+        if running {
+            self.mark_running(pod).await;
+        }
         let tr = self
             .call(
                 Method::POST,
-                "/api/v1/namespaces/keyd/serviceaccounts/node-shim/token",
+                &format!("/api/v1/namespaces/keyd/serviceaccounts/{sa}/token"),
                 json!({
                     "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                     "spec": { "audiences": [audience], "expirationSeconds": 600,
@@ -344,27 +361,11 @@ async fn bootstrap_against_a_real_kube_apiserver() {
     assert_eq!(status, 403);
     assert!(why.contains("node \"node-ghost\" does not exist"), "{why}");
     // A pod that has not started (Pending).
-    let created = api
-        .call(
-            Method::POST,
-            "/api/v1/namespaces/keyd/pods",
-            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "shim-pending" },
-                    "spec": { "serviceAccountName": "node-shim", "nodeName": "node-a",
-                              "containers": [{ "name": "c", "image": "x" }] } }),
-        )
-        .await;
-    let tr = api
-        .call(
-            Method::POST,
-            "/api/v1/namespaces/keyd/serviceaccounts/node-shim/token",
-            json!({ "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                    "spec": { "audiences": ["keyd"], "expirationSeconds": 600,
-                              "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": "shim-pending",
-                                                  "uid": created["metadata"]["uid"] } } }),
-        )
+    let pending = api
+        .pod_token_of("node-shim", "shim-pending", "node-a", "keyd", false)
         .await;
     let (status, why) = refused(
-        bootstrapper("node-a", tr["status"]["token"].as_str().unwrap(), "pending")
+        bootstrapper("node-a", &pending, "pending")
             .obtain()
             .await
             .unwrap_err(),
@@ -387,34 +388,14 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         "{why}"
     );
     // A service account that is not allowed.
-    let created = api
-        .call(
-            Method::POST,
-            "/api/v1/namespaces/keyd/pods",
-            json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "intruder" },
-                    "spec": { "serviceAccountName": "intruder", "nodeName": "node-a",
-                              "containers": [{ "name": "c", "image": "x" }] } }),
-        )
-        .await;
-    let uid = created["metadata"]["uid"].as_str().unwrap();
-    let tr = api
-        .call(
-            Method::POST,
-            "/api/v1/namespaces/keyd/serviceaccounts/intruder/token",
-            json!({ "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                    "spec": { "audiences": ["keyd"], "expirationSeconds": 600,
-                              "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": "intruder", "uid": uid } } }),
-        )
+    let intruder = api
+        .pod_token_of("intruder", "intruder", "node-a", "keyd", true)
         .await;
     let (status, why) = refused(
-        bootstrapper(
-            "node-a",
-            tr["status"]["token"].as_str().unwrap(),
-            "intruder",
-        )
-        .obtain()
-        .await
-        .unwrap_err(),
+        bootstrapper("node-a", &intruder, "intruder")
+            .obtain()
+            .await
+            .unwrap_err(),
     );
     assert_eq!(status, 403);
     assert!(why.contains("may not bootstrap"), "{why}");
