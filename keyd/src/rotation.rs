@@ -32,6 +32,10 @@ pub struct Rollout {
     /// The stuck alarm fires once per phase.
     #[serde(default)]
     pub stuck_reported: bool,
+    /// Nodes an administrator excused from this rollout (`keyctl rollout skip`): it no longer
+    /// waits for them, in any phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,8 @@ pub enum RolloutError {
 pub struct Progress {
     pub waiting_for: Vec<String>,
     pub not_live: Vec<String>,
+    /// Live nodes not waited for because an administrator skipped them.
+    pub skipped: Vec<String>,
 }
 
 pub fn is_live(node: &NodeAcks, cfg: &RolloutConfig, now: Timestamp) -> bool {
@@ -125,6 +131,10 @@ pub fn progress(r: &Rollout, nodes: &[NodeAcks], cfg: &RolloutConfig, now: Times
     for n in nodes {
         if !is_live(n, cfg, now) {
             p.not_live.push(n.name.clone());
+            continue;
+        }
+        if r.skipped.contains(&n.name) {
+            p.skipped.push(n.name.clone());
             continue;
         }
         let done = match r.phase {
@@ -168,6 +178,7 @@ pub fn step(
                 started_at: now,
                 phase_since: now,
                 stuck_reported: false,
+                skipped: Vec::new(),
             };
             // With nobody to wait for, the rollout may advance at once.
             let (next, mut effects) = step(Some(&r), &Event::Tick, nodes, cfg, now)?;

@@ -216,6 +216,86 @@ async fn a_dead_node_stops_blocking_and_a_stuck_rollout_raises_the_alarm() {
     );
 }
 
+/// A live node that polls but never acknowledges holds a rollout forever; `keyctl rollout skip`
+/// (audited) stops waiting for it, and the rollout completes with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_can_skip_a_node_that_never_acknowledges() {
+    let h = Harness::start().await;
+    register(&h, "node-a", 1).await;
+    register(&h, "node-b", 2).await;
+    let mut admin = h.admin().await;
+    let skip = |node: &str| json!({ "node": node });
+    // No rollout yet.
+    let r = admin
+        .post_json("/v1/ipsec/rollout/skip", &skip("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.error_message());
+    for _ in 0..2 {
+        admin
+            .post_json("/v1/ipsec/rotate", &json!({}))
+            .await
+            .unwrap();
+    }
+    ack(&h, "node-a", &[1, 2], 1).await;
+    register(&h, "node-b", 2).await;
+    h.keyd.tick().await.unwrap();
+    let r = ipsec(&h).await.rollout.unwrap();
+    assert_eq!(
+        (r.phase.as_str(), r.waiting_for.clone()),
+        ("staged", vec!["node-b".to_owned()])
+    );
+    // Only a node it waits for; nodes cannot do it.
+    let r = admin
+        .post_json("/v1/ipsec/rollout/skip", &skip("node-a"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        r.error_message().contains("waiting for: node-b"),
+        "{}",
+        r.error_message()
+    );
+    let r = h
+        .node("node-b")
+        .await
+        .post_json("/v1/ipsec/rollout/skip", &skip("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let out = keyctl(&h, &["rollout", "skip", "node-b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no longer waiting for node-b")
+            && text.contains("skipped (keyctl rollout skip): node-b"),
+        "{text}"
+    );
+    // Staged -> active at once (node-a has key 2); then node-a switches and it retires.
+    let r = ipsec(&h).await.rollout.unwrap();
+    assert_eq!(r.phase, "active", "{r:?}");
+    assert_eq!(r.skipped, vec!["node-b"]);
+    drive_rollout(&h, &["node-a"]).await;
+    assert!(ipsec(&h).await.rollout.is_none());
+    let skipped: Vec<_> = h
+        .keyd
+        .store()
+        .audit_range(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.action == "ipsec.rollout.node_skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].event.details["node"], "node-b");
+    assert_eq!(skipped[0].event.details["phase"], "staged");
+    assert_eq!(skipped[0].event.actor, "admin/admin");
+}
+
 #[tokio::test]
 async fn schedules_rotate_when_due_and_never_twice() {
     let h = Harness::start().await;

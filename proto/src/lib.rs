@@ -236,6 +236,9 @@ pub struct RolloutStatus {
     pub waiting_for: Vec<String>,
     /// Nodes not seen within the liveness timeout: they no longer block the rollout.
     pub not_live: Vec<String>,
+    /// Nodes an administrator excused from this rollout (`keyctl rollout skip`).
+    #[serde(default)]
+    pub skipped: Vec<String>,
     /// Set when the rollout has waited longer than the configured limit.
     pub stuck: bool,
 }
@@ -382,6 +385,13 @@ pub struct Report {
     pub classes: Vec<ClassReport>,
     /// True when any class is overdue.
     pub overdue: bool,
+}
+
+/// `POST /v1/ipsec/rollout/skip`: stop waiting for a node in the rollout in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipRequest {
+    pub node: String,
 }
 
 /// `POST /v1/ipsec/rotate`.

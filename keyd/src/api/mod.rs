@@ -55,6 +55,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/ipsec", get(ipsec_show))
         .route("/v1/ipsec/rotate", post(ipsec_rotate))
         .route("/v1/ipsec/import", post(ipsec_import))
+        .route("/v1/ipsec/rollout/skip", post(ipsec_rollout_skip))
         .route("/v1/ipsec/cilium", get(ipsec_cilium))
         .route("/v1/enforcement", get(enforcement))
         .route("/v1/schedules", get(schedules_list))
@@ -268,6 +269,14 @@ async fn ipsec_rotate(
     ApiJson(req): ApiJson<RotateRequest>,
 ) -> Result<Response, ApiError> {
     Ok(Json(s.keyd.rotate_ipsec(&caller, req).await?).into_response())
+}
+
+async fn ipsec_rollout_skip(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    ApiJson(req): ApiJson<keyd_proto::SkipRequest>,
+) -> Result<Response, ApiError> {
+    Ok(Json(s.keyd.skip_rollout_node(&caller, &req.node).await?).into_response())
 }
 
 async fn ipsec_import(

@@ -47,6 +47,7 @@ pub(super) fn ipsec_status(
                 phase_since: r.phase_since,
                 waiting_for: p.waiting_for,
                 not_live: p.not_live,
+                skipped: p.skipped,
                 stuck: r.stuck_reported,
             }
         }),
@@ -259,6 +260,59 @@ impl Keyd {
             }
         }
         txn
+    }
+
+    /// Stops waiting for `node` in the rollout in progress: for a node that polls but never
+    /// acknowledges (a broken agent), which would otherwise hold the rollout forever. Audited.
+    /// Only a node the rollout is waiting for can be skipped; when the old key is retired, a
+    /// skipped node that never installed the new one can no longer talk to its peers.
+    pub async fn skip_rollout_node(
+        &self,
+        actor: &(dyn fmt::Display + Sync),
+        node: &str,
+    ) -> Result<IpsecStatus> {
+        {
+            let _w = self.write_lock.lock().await;
+            let cache = self.cache();
+            let Some(current) = cache.ipsec_state.rollout.clone() else {
+                return Err(ServiceError::Conflict(
+                    "no IPsec rollout is in progress".into(),
+                ));
+            };
+            let p = rotation::progress(
+                &current,
+                &node_acks(&cache, &self.pending_seen()),
+                &self.rollout_config(&cache),
+                self.clock.now(),
+            );
+            if !p.waiting_for.iter().any(|n| n == node) {
+                return Err(ServiceError::Invalid(format!(
+                    "the rollout is not waiting for node {node:?} (waiting for: {})",
+                    if p.waiting_for.is_empty() {
+                        "nobody".to_owned()
+                    } else {
+                        p.waiting_for.join(", ")
+                    }
+                )));
+            }
+            let mut state = cache.ipsec_state.clone();
+            if let Some(r) = state.rollout.as_mut() {
+                r.skipped.push(node.to_owned());
+            }
+            let txn = Txn::default()
+                .guard(Table::Meta, IPSEC_DOC, cache.ipsec_doc.clone())
+                .put(Table::Meta, IPSEC_DOC, to_json(&state))
+                .audit(AuditEvent::new(
+                    "ipsec.rollout.node_skipped",
+                    actor,
+                    json!({ "node": node, "from_spi": current.from_spi, "to_spi": current.to_spi,
+                            "phase": current.phase.as_str() }),
+                ));
+            self.commit(txn).await?;
+        }
+        // Without it, the rollout may move on now.
+        self.advance_rollout().await?;
+        Ok(self.ipsec_status())
     }
 
     /// Moves the rollout on if the nodes' acknowledgements and the time allow it.

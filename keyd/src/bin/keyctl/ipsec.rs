@@ -47,6 +47,31 @@ pub enum IpsecCommand {
     },
 }
 
+/// `keyctl rollout`: the IPsec rollout in progress.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Stop waiting for NODE (one that polls but never acknowledges). Audited. When the old key
+    /// is retired, a skipped node that never installed the new one loses its tunnels.
+    Skip {
+        node: String,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+pub async fn run_rollout(conn: &mut Connection, cmd: RolloutCommand) -> Result<(), Failure> {
+    match cmd {
+        RolloutCommand::Skip { node, out } => {
+            let body = to_body(&keyd_proto::SkipRequest { node: node.clone() })?;
+            let s: IpsecStatus = call(conn, "POST", "/v1/ipsec/rollout/skip", Some(body)).await?;
+            print(out.json(), &s, || {
+                format!("no longer waiting for {node}\n\n{}", ipsec_table(&s))
+            });
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Algorithm {
     /// rfc4106(gcm(aes)), 128-bit key, ICV 128 (the default).
@@ -197,6 +222,12 @@ fn ipsec_table(s: &IpsecStatus) -> String {
         }
         if !r.not_live.is_empty() {
             out += &format!("  not live (not waited for): {}\n", r.not_live.join(", "));
+        }
+        if !r.skipped.is_empty() {
+            out += &format!(
+                "  skipped (keyctl rollout skip): {}\n",
+                r.skipped.join(", ")
+            );
         }
     }
     out

@@ -87,6 +87,9 @@ enum Command {
     /// IPsec PSKs in Cilium's format.
     #[command(subcommand)]
     Ipsec(ipsec::IpsecCommand),
+    /// The IPsec rollout in progress: `skip NODE` stops waiting for a node.
+    #[command(subcommand)]
+    Rollout(ipsec::RolloutCommand),
     /// Rotation schedules per key class: ipsec, wireguard-node-keys, wireguard-psk, kek.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
@@ -167,6 +170,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Nodes(out) => status::nodes(&mut conn, out).await,
         Command::Rules { node, out } => status::rules(&mut conn, &node, out).await,
         Command::Ipsec(cmd) => ipsec::run(&mut conn, cmd).await,
+        Command::Rollout(cmd) => ipsec::run_rollout(&mut conn, cmd).await,
         Command::Schedule(cmd) => schedule::run(&mut conn, cmd).await,
         Command::Rotate { class, out } => schedule::rotate(&mut conn, &class, out).await,
         Command::Report(out) => status::report(&mut conn, out).await,
