@@ -309,12 +309,16 @@ impl CertificateAuthority {
 
     /// A node client certificate (as [`issue_client`](Self::issue_client)) for the public key
     /// of `csr_pem`, a PKCS#10 request whose signature proves its sender holds the key. The
-    /// names the request asks for are ignored: the certificate names `identity` only.
+    /// names the request asks for are ignored: the certificate names `identity` only. Its
+    /// `notBefore` is backdated for clock skew, but never before `not_before_floor` (unix
+    /// seconds, not in the future): a readmitted node's new certificate must not predate its
+    /// removal.
     pub fn issue_client_for_csr(
         &self,
         identity: &Identity,
         csr_pem: &str,
         validity: Duration,
+        not_before_floor: Option<u64>,
     ) -> Result<IssuedForCsr, PkiError> {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(rcgen_err("parsing the CSR"))?;
@@ -325,6 +329,13 @@ impl CertificateAuthority {
             Ia5String::try_from(identity.uri()).map_err(rcgen_err("encoding the identity URI"))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if let Some(floor) = not_before_floor {
+            let want = i64::try_from(floor).unwrap_or(i64::MAX);
+            let have = params.not_before.unix_timestamp();
+            if have < want {
+                params.not_before += Duration::from_secs(want.abs_diff(have));
+            }
+        }
         let not_before = keyd_proto::Timestamp(params.not_before.unix_timestamp().max(0) as u64);
         let not_after = keyd_proto::Timestamp(params.not_after.unix_timestamp().max(0) as u64);
         let cert = params

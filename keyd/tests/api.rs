@@ -189,6 +189,44 @@ async fn wrong_ca_and_no_certificate_fail_the_handshake() {
 
 use rustls_pki_types::pem::PemObject as _;
 
+/// A connection outlives its handshake: once its client certificate has expired, requests on
+/// it are refused (and audited), even though the connection stays open.
+#[tokio::test]
+async fn a_connection_whose_certificate_expired_is_refused() {
+    let h = Harness::start().await;
+    let ca =
+        CertificateAuthority::load(&h.setup.pki.ca, &h.setup.pki.dir.join("ca-key.pem")).unwrap();
+    let cert = ca
+        .issue_client(
+            &Identity::Admin("admin".into()),
+            std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    cert.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
+        .unwrap();
+    let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
+        ca: h.setup.pki.ca.clone(),
+        cert: dir.path().join("c.pem"),
+        key: dir.path().join("k.pem"),
+    })
+    .unwrap();
+    let mut c = Connector::new(&h.server_url(), tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(c.get("/v1/status").await.unwrap().status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let r = c.get("/v1/status").await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.error_message().contains("has expired"),
+        "{}",
+        r.error_message()
+    );
+}
+
 #[tokio::test]
 async fn restart_keeps_every_key() {
     let h = Harness::start().await;
@@ -634,7 +672,7 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(error_of(&r).error, "not_found");
     let r = a
-        .send(Method::DELETE, "/v1/nodes/node-a", None, &[])
+        .send(Method::PATCH, "/v1/nodes/node-a", None, &[])
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
@@ -772,6 +810,99 @@ async fn a_node_cannot_claim_another_nodes_address_or_pod_cidrs() {
         .collect();
     let r = b.put_json("/v1/nodes/node-b", &reg).await.unwrap();
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// `keyctl nodes remove`: the node leaves every bundle, its certificate is refused at once (on
+/// a connection it already holds too), a new IPsec key and preshared-key epoch follow, all
+/// audited; readmitting it does not revive a certificate from before the removal.
+async fn bundle(c: &mut keyd_mtls::client::Connection, name: &str) -> Response {
+    c.get(&format!("/v1/nodes/{name}/bundle")).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_removed_node_leaves_the_bundles_and_its_certificate_is_refused() {
+    let h = Harness::start().await;
+    register_both(&h).await;
+    let mut admin = h.admin().await;
+    admin
+        .post_json("/v1/ipsec/rotate", &json!({}))
+        .await
+        .unwrap();
+    let mut a = h.node("node-a").await;
+    let mut b = h.node("node-b").await;
+    assert_eq!(bundle(&mut b, "node-b").await.status, StatusCode::OK);
+    // Only an admin removes.
+    let r = a
+        .send(Method::DELETE, "/v1/nodes/node-b", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let r = admin
+        .send(Method::DELETE, "/v1/nodes/node-b", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let removal: keyd_proto::NodeRemoval = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(removal.ipsec, "rollout to key 2 started");
+    assert_eq!(removal.wireguard_psk_epoch, Some(2));
+
+    // node-b's open connection and a new one are refused; so is registering again.
+    let r = bundle(&mut b, "node-b").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.error_message().contains("certificate revoked"),
+        "{}",
+        r.error_message()
+    );
+    let mut b2 = h.node("node-b").await;
+    assert_eq!(
+        bundle(&mut b2, "node-b").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let r = b2
+        .put_json(
+            "/v1/nodes/node-b",
+            &registration("192.0.2.2", "10.0.2.0/24", 2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // node-a no longer has node-b as a peer.
+    let ba: NodeBundle = serde_json::from_slice(&bundle(&mut a, "node-a").await.body).unwrap();
+    assert!(ba.wireguard.peers.iter().all(|p| p.node != "node-b"));
+    assert!(ba.ipsec.unwrap().peers.iter().all(|p| p.node != "node-b"));
+    assert_eq!(ba.wireguard.epoch, 2);
+    let actions: Vec<_> = h
+        .keyd
+        .store()
+        .audit_range(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event.action, r.event.actor))
+        .collect();
+    assert!(actions.contains(&("node.removed".into(), "admin/admin".into())));
+    assert!(actions.contains(&("request.refused".into(), "node/node-b".into())));
+
+    // Readmitted: this certificate is from before the removal, so it stays refused.
+    let r = admin
+        .send(Method::POST, "/v1/nodes/node-b/readmit", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.error_message());
+    let r = bundle(&mut b2, "node-b").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.error_message().contains("from before the removal"),
+        "{}",
+        r.error_message()
+    );
+    // Removing a node that is not registered.
+    let r = admin
+        .send(Method::DELETE, "/v1/nodes/node-z", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 async fn wireguard(webhook: &mut keyd_mtls::client::Connection) -> keyd_proto::ModeStatus {

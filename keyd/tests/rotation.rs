@@ -296,6 +296,40 @@ async fn an_admin_can_skip_a_node_that_never_acknowledges() {
     assert_eq!(skipped[0].event.actor, "admin/admin");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyctl_removes_and_readmits_a_node() {
+    let h = Harness::start().await;
+    register(&h, "node-a", 1).await;
+    register(&h, "node-b", 2).await;
+    let out = keyctl(&h, &["nodes", "remove", "node-b", "--no-rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed node-b") && text.contains("IPsec: not rotated"),
+        "{text}"
+    );
+    let out = keyctl(&h, &["nodes", "-o", "json"]);
+    let nodes: Vec<keyd_proto::NodeInfo> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["node-a"]
+    );
+    let out = keyctl(&h, &["nodes", "readmit", "node-b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("readmitted node-b"));
+    let out = keyctl(&h, &["nodes", "readmit", "node-x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was not removed"));
+}
+
 #[tokio::test]
 async fn schedules_rotate_when_due_and_never_twice() {
     let h = Harness::start().await;

@@ -61,3 +61,21 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, PeerIdent
         _ => Err(PeerIdentityError::Ambiguous(found)),
     }
 }
+
+/// The validity of a verified peer's end-entity certificate (seconds since the epoch), which the
+/// accept loop attaches to every request next to its [`PeerIdentity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerValidity {
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+/// [`PeerValidity`] of `chain[0]`, if it parses.
+pub fn peer_validity(chain: &[CertificateDer<'_>]) -> Option<PeerValidity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+    let v = cert.validity();
+    Some(PeerValidity {
+        not_before: u64::try_from(v.not_before.timestamp()).ok()?,
+        not_after: u64::try_from(v.not_after.timestamp()).ok()?,
+    })
+}

@@ -133,14 +133,18 @@ pub async fn serve_tls_router(
                 }
             };
             on_handshake("ok");
-            let identity: PeerIdentity =
-                peer_identity(stream.get_ref().1.peer_certificates().unwrap_or_default());
+            let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+            let identity: PeerIdentity = peer_identity(chain);
+            let validity = crate::identity::peer_validity(chain);
             Some(
                 router
                     .clone()
                     .map_request(move |mut req: Request<Incoming>| {
                         req.extensions_mut().insert(identity.clone());
                         req.extensions_mut().insert(RemoteAddr(peer));
+                        if let Some(v) = validity {
+                            req.extensions_mut().insert(v);
+                        }
                         req
                     }),
             )

@@ -158,6 +158,65 @@ async fn refusals_name_the_reason() {
     }
 }
 
+/// A removed node gets no certificate from bootstrap until an admin readmits it.
+#[tokio::test]
+async fn a_removed_node_cannot_bootstrap_until_readmitted() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    keyd.keyd
+        .register_node(
+            &keyd_proto::identity::Identity::Node("node-a".into()),
+            "node-a",
+            NodeRegistration {
+                endpoint: "192.168.0.1".parse().unwrap(),
+                pod_cidrs: vec![],
+                wireguard_public_key: None,
+                wireguard_key_epoch: None,
+                boot_id: None,
+            },
+        )
+        .await
+        .unwrap();
+    keyd.keyd
+        .remove_node(&"admin/test", "node-a", false)
+        .await
+        .unwrap();
+    let e = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a")
+        .obtain()
+        .await
+        .unwrap_err();
+    match &e {
+        BootstrapError::Refused { status, message } => {
+            assert_eq!(*status, 403);
+            assert!(message.contains("was removed"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+    keyd.keyd
+        .readmit_node(&"admin/test", "node-a")
+        .await
+        .unwrap();
+    let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
+    b.obtain().await.unwrap();
+    // The new certificate postdates the removal (bootstrap backdates no further), so the mTLS
+    // API accepts it.
+    let mut client = KeydClient::new(
+        &keyd_url(&keyd),
+        "node-a",
+        bootstrap::paths(&b.cert_dir, &b.ca),
+    );
+    client
+        .register(&NodeRegistration {
+            endpoint: "192.168.0.1".parse().unwrap(),
+            pod_cidrs: vec![],
+            wireguard_public_key: None,
+            wireguard_key_epoch: None,
+            boot_id: None,
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn renews_before_expiry() {
     let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;

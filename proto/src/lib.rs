@@ -387,6 +387,16 @@ pub struct Report {
     pub overdue: bool,
 }
 
+/// The answer to `DELETE /v1/nodes/{name}`: what followed the removal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRemoval {
+    pub node: String,
+    /// What happened to the IPsec key the node held (a rollout started, or why not).
+    pub ipsec: String,
+    /// The new WireGuard preshared-key epoch, if one was started.
+    pub wireguard_psk_epoch: Option<u64>,
+}
+
 /// `POST /v1/ipsec/rollout/skip`: stop waiting for a node in the rollout in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

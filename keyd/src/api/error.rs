@@ -71,6 +71,9 @@ impl From<ServiceError> for ApiError {
                 e.to_string(),
             ),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m.clone()),
+            ServiceError::Forbidden(m) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", m.clone())
+            }
             ServiceError::PolicyNotConfigured => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "policy_not_configured",

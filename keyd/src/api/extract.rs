@@ -21,7 +21,40 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A connection outlives the handshake: a certificate that has expired since is no
+        // longer an identity, whatever the connection.
+        if let Some(v) = parts.extensions.get::<keyd_mtls::identity::PeerValidity>()
+            && keyd_proto::Timestamp::now().0 > v.not_after
+        {
+            let who = match parts.extensions.get::<PeerIdentity>() {
+                Some(Ok(id)) => id.to_string(),
+                _ => "unidentified".to_owned(),
+            };
+            return Err(refuse(
+                state,
+                &who,
+                parts,
+                "the client certificate has expired since this connection was opened; reconnect with a current one",
+            )
+            .await);
+        }
         match parts.extensions.get::<PeerIdentity>() {
+            Some(Ok(Identity::Node(n))) => {
+                let not_before = parts
+                    .extensions
+                    .get::<keyd_mtls::identity::PeerValidity>()
+                    .map(|v| v.not_before);
+                match state.keyd.node_certificate_refused(n, not_before) {
+                    Some(why) => Err(refuse(
+                        state,
+                        &Identity::Node(n.clone()).to_string(),
+                        parts,
+                        &format!("certificate revoked: {why}"),
+                    )
+                    .await),
+                    None => Ok(Caller(Identity::Node(n.clone()))),
+                }
+            }
             Some(Ok(id)) => Ok(Caller(id.clone())),
             Some(Err(e)) => Err(refuse(
                 state,

@@ -38,7 +38,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
     let metrics_state = state.clone();
     Router::new()
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", put(register_node))
+        .route("/v1/nodes/{name}", put(register_node).delete(remove_node))
+        .route("/v1/nodes/{name}/readmit", post(readmit_node))
         .route("/v1/nodes/{name}/bundle", get(bundle))
         .route("/v1/nodes/{name}/rules", get(rules))
         // A report may name every policy of a node's rules (up to 1024, each with its counters),
@@ -172,6 +173,37 @@ async fn register_node(
 ) -> Result<Response, ApiError> {
     let info = s.keyd.register_node(&caller, &name, reg).await?;
     Ok(Json(info).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    /// Rotate the IPsec key and start a preshared-key epoch afterwards (default true).
+    rotate: Option<bool>,
+}
+
+async fn remove_node(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    query: Result<Query<RemoveQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let out = s
+        .keyd
+        .remove_node(&caller, &name, q.rotate.unwrap_or(true))
+        .await?;
+    Ok(Json(out).into_response())
+}
+
+async fn readmit_node(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.keyd.readmit_node(&caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn bundle(

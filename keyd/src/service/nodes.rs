@@ -6,6 +6,7 @@ use super::state::{
     Cache, Keyd, LAST_SEEN_WRITE_INTERVAL, RenderedBundle, Result, ServiceError, from_json,
     not_registered, to_json,
 };
+use super::state::{REMOVED_DOC, RemovedNode};
 use crate::rotation::NodeAcks;
 use crate::store::{AuditEvent, Table, Txn};
 use crate::wireguard;
@@ -172,6 +173,12 @@ impl Keyd {
         }
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
+        if let Some(r) = cache.removed.get(name).filter(|r| !r.readmitted) {
+            return Err(ServiceError::Forbidden(format!(
+                "node {name:?} was removed at {} by {}; an admin can readmit it (keyctl nodes readmit)",
+                r.at, r.by
+            )));
+        }
         // A node describes only itself: an address or pod CIDR another node holds would take
         // that node's traffic (a more specific WireGuard route wins; two IPsec peers with one
         // endpoint cannot both be programmed). Refused, audited, naming the holder.
@@ -262,6 +269,141 @@ impl Keyd {
         }
         self.commit_node(txn, info.clone()).await?;
         Ok(info)
+    }
+
+    /// Whether a certificate of node `name` issued at `not_before` (seconds) is refused
+    /// because the node was removed: all of them until it is readmitted, and those issued
+    /// before the removal for ever.
+    pub fn node_certificate_refused(&self, name: &str, not_before: Option<u64>) -> Option<String> {
+        let cache = self.cache();
+        let r = cache.removed.get(name)?;
+        // Second resolution: a certificate from the second of the removal counts as after it
+        // (bootstrap refuses a removed node, and issues a readmitted one's from that second).
+        let old_cert = not_before.is_none_or(|nb| nb < r.at.0);
+        (!r.readmitted || old_cert).then(|| {
+            format!(
+                "node {name:?} was removed at {} by {}{}",
+                r.at,
+                r.by,
+                if r.readmitted {
+                    "; it was readmitted, but this certificate is from before the removal"
+                } else {
+                    "; an admin can readmit it (keyctl nodes readmit)"
+                }
+            )
+        })
+    }
+
+    /// When node `name` was last removed (unix seconds), if ever: certificates issued for it
+    /// must postdate this.
+    pub fn node_removed_at(&self, name: &str) -> Option<u64> {
+        self.cache().removed.get(name).map(|r| r.at.0)
+    }
+
+    /// Whether node `name` was removed and then readmitted.
+    pub fn node_readmitted(&self, name: &str) -> bool {
+        self.cache().removed.get(name).is_some_and(|r| r.readmitted)
+    }
+
+    /// Removes node `name`: it leaves every bundle, its certificates are refused from now on
+    /// (until it is readmitted, and those issued before now for ever), and, with `rotate`, a new
+    /// IPsec key and a new WireGuard preshared-key epoch follow, so that no key the node held
+    /// stays in use. Audited as `node.removed`. Returns what followed, for the caller.
+    pub async fn remove_node(
+        &self,
+        actor: &(dyn std::fmt::Display + Sync),
+        name: &str,
+        rotate: bool,
+    ) -> Result<keyd_proto::NodeRemoval> {
+        {
+            let _w = self.write_lock.lock().await;
+            let cache = self.cache();
+            let Some(node) = cache.nodes.get(name).cloned() else {
+                return Err(ServiceError::NotFound(format!(
+                    "no node {name:?} is registered"
+                )));
+            };
+            let mut removed = cache.removed.clone();
+            removed.insert(
+                name.to_owned(),
+                RemovedNode {
+                    at: self.clock.now(),
+                    by: actor.to_string(),
+                    readmitted: false,
+                },
+            );
+            let previous = self.store.get(Table::Nodes, name)?;
+            let txn = Txn::default()
+                .guard(Table::Nodes, name, previous)
+                .delete(Table::Nodes, name)
+                .guard(Table::Meta, REMOVED_DOC, cache.removed_doc.clone())
+                .put(Table::Meta, REMOVED_DOC, to_json(&removed))
+                .audit(AuditEvent::new(
+                    "node.removed",
+                    actor,
+                    json!({ "node": name, "endpoint": node.endpoint, "pod_cidrs": node.pod_cidrs,
+                            "rotate": rotate }),
+                ));
+            self.commit(txn).await?;
+        }
+        let mut out = keyd_proto::NodeRemoval {
+            node: name.to_owned(),
+            ipsec: "not rotated".into(),
+            wireguard_psk_epoch: None,
+        };
+        if !rotate {
+            return Ok(out);
+        }
+        let cache = self.cache();
+        out.ipsec = match (&cache.ipsec_state.rollout, cache.ipsec.is_empty()) {
+            (_, true) => "no IPsec key to rotate".into(),
+            (Some(r), _) => format!(
+                "a rollout ({} -> {}) is in progress: rotate again once it completes \
+                 (keyctl ipsec rotate), the node knows key {}",
+                r.from_spi, r.to_spi, r.to_spi
+            ),
+            (None, false) => {
+                let s = self
+                    .rotate_ipsec(actor, keyd_proto::RotateRequest::default())
+                    .await?;
+                let to = s
+                    .rollout
+                    .map_or_else(|| "-".to_owned(), |r| r.to_spi.to_string());
+                format!("rollout to key {to} started")
+            }
+        };
+        out.wireguard_psk_epoch = Some(self.bump_wireguard(actor, false).await?);
+        Ok(out)
+    }
+
+    /// Readmits a removed node: certificates issued after its removal are accepted again, and
+    /// bootstrap issues it new ones. Audited as `node.readmitted`.
+    pub async fn readmit_node(
+        &self,
+        actor: &(dyn std::fmt::Display + Sync),
+        name: &str,
+    ) -> Result<()> {
+        let _w = self.write_lock.lock().await;
+        let cache = self.cache();
+        let mut removed = cache.removed.clone();
+        let Some(r) = removed.get_mut(name) else {
+            return Err(ServiceError::NotFound(format!(
+                "node {name:?} was not removed"
+            )));
+        };
+        if r.readmitted {
+            return Ok(());
+        }
+        r.readmitted = true;
+        let txn = Txn::default()
+            .guard(Table::Meta, REMOVED_DOC, cache.removed_doc.clone())
+            .put(Table::Meta, REMOVED_DOC, to_json(&removed))
+            .audit(AuditEvent::new(
+                "node.readmitted",
+                actor,
+                json!({ "node": name }),
+            ));
+        self.commit(txn).await
     }
 
     /// Every registered node, with liveness not yet flushed to the store applied.

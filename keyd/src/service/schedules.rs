@@ -140,7 +140,7 @@ impl Keyd {
     }
 
     /// Starts a new preshared-key epoch (`node_keys == false`) or node-key epoch.
-    async fn bump_wireguard(
+    pub(super) async fn bump_wireguard(
         &self,
         actor: &(dyn fmt::Display + Sync),
         node_keys: bool,

@@ -163,6 +163,23 @@ pub(super) struct Cache {
     /// Bumped whenever something that bundles carry changes; rendered bundles of an older
     /// generation are stale.
     pub(super) generation: u64,
+    pub(super) removed_doc: Option<Vec<u8>>,
+    /// Nodes an administrator removed: their certificates are refused (see
+    /// [`Keyd::node_certificate_refused`]).
+    pub(super) removed: BTreeMap<String, RemovedNode>,
+}
+
+pub(super) const REMOVED_DOC: &str = "removed_nodes";
+
+/// A node an administrator removed (`keyctl nodes remove`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    pub at: Timestamp,
+    pub by: String,
+    /// Readmitted (`keyctl nodes readmit`): certificates issued after the removal are accepted
+    /// again; those from before stay refused.
+    #[serde(default)]
+    pub readmitted: bool,
 }
 
 /// A serialized bundle, kept until the state changes. The body holds key bytes: it is zeroized
@@ -243,6 +260,9 @@ pub enum ServiceError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// Refused for who the caller is (a removed node).
+    #[error("{0}")]
+    Forbidden(String),
     /// `GET /v1/nodes/{name}/rules` on a keyd without a `[policy]` section.
     #[error(
         "this keyd does not compile data-plane rules: its configuration has no [policy] section \
@@ -321,6 +341,11 @@ pub(super) async fn load_cache(
                 .ok_or_else(|| corrupt(&wg.master_ctx().record_id, "master secret length"))?
         }
     };
+    let removed_doc = store.get(Table::Meta, REMOVED_DOC)?;
+    let removed = match &removed_doc {
+        Some(doc) => from_json(doc, "removed nodes")?,
+        None => BTreeMap::new(),
+    };
     let mut nodes = BTreeMap::new();
     for (name, bytes) in store.scan(Table::Nodes)? {
         nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
@@ -337,6 +362,8 @@ pub(super) async fn load_cache(
         wg_master,
         nodes,
         generation,
+        removed_doc,
+        removed,
     })
 }
 

@@ -76,8 +76,13 @@ impl Out {
 enum Command {
     /// keyd's version, store, KEK custodian and key summary.
     Status(Out),
-    /// Registered nodes and what each acknowledged.
-    Nodes(Out),
+    /// Registered nodes and what each acknowledged; `remove NAME`, `readmit NAME`.
+    Nodes {
+        #[command(subcommand)]
+        cmd: Option<status::NodesCommand>,
+        #[command(flatten)]
+        out: Out,
+    },
     /// A node's compiled data-plane rules (keyd with `[policy]`): its policies and endpoints.
     Rules {
         node: String,
@@ -167,7 +172,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let mut conn = http::connect(&settings).await?;
     match cli.command {
         Command::Status(out) => status::status(&mut conn, out).await,
-        Command::Nodes(out) => status::nodes(&mut conn, out).await,
+        Command::Nodes { cmd: None, out } => status::nodes(&mut conn, out).await,
+        Command::Nodes { cmd: Some(cmd), .. } => status::nodes_command(&mut conn, cmd).await,
         Command::Rules { node, out } => status::rules(&mut conn, &node, out).await,
         Command::Ipsec(cmd) => ipsec::run(&mut conn, cmd).await,
         Command::Rollout(cmd) => ipsec::run_rollout(&mut conn, cmd).await,

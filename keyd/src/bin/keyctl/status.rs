@@ -1,4 +1,4 @@
-//! `keyctl status`, `nodes` and `report`: read-only overviews.
+//! `keyctl status`, `nodes` and `report`: overviews; and `nodes remove` / `nodes readmit`.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use keyd_proto::rules::{DataplaneSummary, NodeRules};
 use keyd_proto::time::format_duration;
 use keyd_proto::{NodeInfo, Report, Status};
 
-use crate::http::call;
+use crate::http::{call, send};
 use crate::table::{print, table, ts};
 use crate::{EXIT_FINDING, EXIT_INVALID, Failure, Out, fail};
 
@@ -20,6 +20,55 @@ pub async fn status(conn: &mut Connection, out: Out) -> Result<(), Failure> {
 pub async fn nodes(conn: &mut Connection, out: Out) -> Result<(), Failure> {
     let nodes: Vec<NodeInfo> = call(conn, "GET", "/v1/nodes", None).await?;
     print(out.json(), &nodes, || nodes_table(&nodes));
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NodesCommand {
+    /// Remove a node: it leaves every bundle, its certificates are refused, and a new IPsec key
+    /// and WireGuard preshared-key epoch follow (unless --no-rotate). Audited.
+    Remove {
+        node: String,
+        /// Do not rotate the keys the node held (rotate them yourself soon).
+        #[arg(long)]
+        no_rotate: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Let a removed node back in: certificates issued after its removal are accepted again.
+    Readmit { node: String },
+}
+
+pub async fn nodes_command(conn: &mut Connection, cmd: NodesCommand) -> Result<(), Failure> {
+    match cmd {
+        NodesCommand::Remove {
+            node,
+            no_rotate,
+            out,
+        } => {
+            keyd_proto::identity::validate_name(&node)
+                .map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
+            let path = format!("/v1/nodes/{node}?rotate={}", !no_rotate);
+            let r: keyd_proto::NodeRemoval = call(conn, "DELETE", &path, None).await?;
+            print(out.json(), &r, || {
+                format!(
+                    "removed {}\nIPsec: {}\nWireGuard preshared keys: {}\n",
+                    r.node,
+                    r.ipsec,
+                    r.wireguard_psk_epoch.map_or_else(
+                        || "not rotated".to_owned(),
+                        |e| format!("epoch {e} started")
+                    )
+                )
+            });
+        }
+        NodesCommand::Readmit { node } => {
+            keyd_proto::identity::validate_name(&node)
+                .map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
+            send(conn, "POST", &format!("/v1/nodes/{node}/readmit"), None).await?;
+            println!("readmitted {node}");
+        }
+    }
     Ok(())
 }
 
