@@ -190,7 +190,8 @@ async fn wrong_ca_and_no_certificate_fail_the_handshake() {
 use rustls_pki_types::pem::PemObject as _;
 
 /// A connection outlives its handshake: once its client certificate has expired, requests on
-/// it are refused (and audited), even though the connection stays open.
+/// it are refused (and audited), even though the connection stays open, and a long poll started
+/// while it was valid ends when it expires.
 #[tokio::test]
 async fn a_connection_whose_certificate_expired_is_refused() {
     let h = Harness::start().await;
@@ -198,8 +199,8 @@ async fn a_connection_whose_certificate_expired_is_refused() {
         CertificateAuthority::load(&h.setup.pki.ca, &h.setup.pki.dir.join("ca-key.pem")).unwrap();
     let cert = ca
         .issue_client(
-            &Identity::Admin("admin".into()),
-            std::time::Duration::from_secs(2),
+            &Identity::Node("node-a".into()),
+            std::time::Duration::from_secs(3),
         )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -216,9 +217,34 @@ async fn a_connection_whose_certificate_expired_is_refused() {
         .connect()
         .await
         .unwrap();
-    assert_eq!(c.get("/v1/status").await.unwrap().status, StatusCode::OK);
-    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
-    let r = c.get("/v1/status").await.unwrap();
+    let r = c
+        .put_json(
+            "/v1/nodes/node-a",
+            &registration("192.0.2.1", "10.0.1.0/24", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let r = c.get("/v1/nodes/node-a/bundle").await.unwrap();
+    let etag = r.headers[header::ETAG].to_str().unwrap().to_owned();
+    let t = std::time::Instant::now();
+    let r = c
+        .send(
+            Method::GET,
+            "/v1/nodes/node-a/bundle?wait=60s",
+            None,
+            &[(header::IF_NONE_MATCH, etag.as_str())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "the long poll outlived the certificate: {:?}",
+        t.elapsed()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = c.get("/v1/nodes/node-a/bundle").await.unwrap();
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(
         r.error_message().contains("has expired"),

@@ -6,7 +6,7 @@
 //! certificate. Every refusal is a JSON [`ErrorBody`], and every authorization refusal is
 //! audited.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
@@ -14,7 +14,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use keyd_mtls::identity::PeerValidity;
 use keyd_proto::{Ack, ImportRequest, NodeRegistration, RotateRequest};
 use serde::Deserialize;
 use serde_json::json;
@@ -206,16 +207,30 @@ async fn readmit_node(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// A long poll ends when the caller's certificate expires at the latest: an identity is not
+/// kept alive by a request it started while it was valid.
+fn within_certificate(wait: Duration, validity: Option<&PeerValidity>) -> Duration {
+    match validity {
+        Some(v) => wait.min(Duration::from_secs(
+            v.not_after.saturating_sub(keyd_proto::Timestamp::now().0),
+        )),
+        None => wait,
+    }
+}
+
 async fn bundle(
     State(s): State<AppState>,
     OwnNode { name, .. }: OwnNode,
+    validity: Option<Extension<PeerValidity>>,
     headers: HeaderMap,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let c = Conditional::parse(&headers, query)?;
-    let waited = c
-        .long_poll()
-        .map(|(etag, wait)| s.keyd.bundle_wait(&name, etag, wait));
+    let validity = validity.map(|Extension(v)| v);
+    let waited = c.long_poll().map(|(etag, wait)| {
+        s.keyd
+            .bundle_wait(&name, etag, within_certificate(wait, validity.as_ref()))
+    });
     let b = fetch(waited, s.keyd.bundle(&name)).await?;
     let outcome = if c.holds(&b.etag) {
         "not_modified"
