@@ -142,28 +142,40 @@ async fn assert_refused_in_tls(connector: Connector) {
     }
 }
 
+/// A connector to `h` with a client certificate `ca` issues for `id` (files under `dir`).
+fn connector_with(
+    h: &Harness,
+    ca: &CertificateAuthority,
+    id: &Identity,
+    validity: std::time::Duration,
+    dir: &std::path::Path,
+) -> Connector {
+    let cert = ca.issue_client(id, validity).unwrap();
+    cert.write(&dir.join("c.pem"), &dir.join("k.pem")).unwrap();
+    let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
+        ca: h.setup.pki.ca.clone(),
+        cert: dir.join("c.pem"),
+        key: dir.join("k.pem"),
+    })
+    .unwrap();
+    Connector::new(&h.server_url(), tls).unwrap()
+}
+
 #[tokio::test]
 async fn wrong_ca_and_no_certificate_fail_the_handshake() {
     let h = Harness::start().await;
     let failed_before = h.keyd.metrics.encode();
     // A client certificate from another CA, claiming to be the admin.
     let rogue = CertificateAuthority::generate("rogue").unwrap();
-    let cert = rogue
-        .issue_client(
-            &Identity::Admin("admin".into()),
-            std::time::Duration::from_secs(3600),
-        )
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    cert.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
-        .unwrap();
-    let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
-        ca: h.setup.pki.ca.clone(),
-        cert: dir.path().join("c.pem"),
-        key: dir.path().join("k.pem"),
-    })
-    .unwrap();
-    assert_refused_in_tls(Connector::new(&h.server_url(), tls).unwrap()).await;
+    let connector = connector_with(
+        &h,
+        &rogue,
+        &Identity::Admin("admin".into()),
+        std::time::Duration::from_secs(3600),
+        dir.path(),
+    );
+    assert_refused_in_tls(connector).await;
 
     // No client certificate at all.
     let mut roots = rustls::RootCertStore::empty();
@@ -197,26 +209,17 @@ async fn a_connection_whose_certificate_expired_is_refused() {
     let h = Harness::start().await;
     let ca =
         CertificateAuthority::load(&h.setup.pki.ca, &h.setup.pki.dir.join("ca-key.pem")).unwrap();
-    let cert = ca
-        .issue_client(
-            &Identity::Node("node-a".into()),
-            std::time::Duration::from_secs(3),
-        )
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    cert.write(&dir.path().join("c.pem"), &dir.path().join("k.pem"))
-        .unwrap();
-    let tls = keyd_mtls::tls::client_config(&keyd_mtls::tls::TlsPaths {
-        ca: h.setup.pki.ca.clone(),
-        cert: dir.path().join("c.pem"),
-        key: dir.path().join("k.pem"),
-    })
+    let mut c = connector_with(
+        &h,
+        &ca,
+        &Identity::Node("node-a".into()),
+        std::time::Duration::from_secs(3),
+        dir.path(),
+    )
+    .connect()
+    .await
     .unwrap();
-    let mut c = Connector::new(&h.server_url(), tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let r = c
         .put_json(
             "/v1/nodes/node-a",

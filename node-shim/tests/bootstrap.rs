@@ -110,22 +110,24 @@ async fn a_projected_token_buys_a_short_lived_node_certificate() {
 
     // The certificate is node-a's identity on the mTLS API, and only node-a's.
     let mut client = KeydClient::new(&keyd_url(&keyd), "node-a", paths.clone());
-    client
-        .register(&NodeRegistration {
-            endpoint: "192.168.0.1".parse().unwrap(),
-            pod_cidrs: vec![],
-            wireguard_public_key: None,
-            wireguard_key_epoch: None,
-            boot_id: None,
-        })
-        .await
-        .unwrap();
+    client.register(&a_registration()).await.unwrap();
     let mut as_b = KeydClient::new(&keyd_url(&keyd), "node-b", paths);
     let e = as_b.fetch_bundle(None, None).await.unwrap_err();
     assert!(
         matches!(&e, KeydError::Status { status, .. } if status.as_u16() == 403),
         "{e}"
     );
+}
+
+/// node-a's registration (an address, nothing else).
+fn a_registration() -> NodeRegistration {
+    NodeRegistration {
+        endpoint: "192.168.0.1".parse().unwrap(),
+        pod_cidrs: vec![],
+        wireguard_public_key: None,
+        wireguard_key_epoch: None,
+        boot_id: None,
+    }
 }
 
 fn keyd_url(k: &KeydHarness) -> String {
@@ -167,13 +169,7 @@ async fn a_removed_node_cannot_bootstrap_until_readmitted() {
         .register_node(
             &keyd_proto::identity::Identity::Node("node-a".into()),
             "node-a",
-            NodeRegistration {
-                endpoint: "192.168.0.1".parse().unwrap(),
-                pod_cidrs: vec![],
-                wireguard_public_key: None,
-                wireguard_key_epoch: None,
-                boot_id: None,
-            },
+            a_registration(),
         )
         .await
         .unwrap();
@@ -205,16 +201,7 @@ async fn a_removed_node_cannot_bootstrap_until_readmitted() {
         "node-a",
         bootstrap::paths(&b.cert_dir, &b.ca),
     );
-    client
-        .register(&NodeRegistration {
-            endpoint: "192.168.0.1".parse().unwrap(),
-            pod_cidrs: vec![],
-            wireguard_public_key: None,
-            wireguard_key_epoch: None,
-            boot_id: None,
-        })
-        .await
-        .unwrap();
+    client.register(&a_registration()).await.unwrap();
 }
 
 #[tokio::test]
