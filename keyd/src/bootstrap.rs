@@ -445,11 +445,11 @@ impl Bootstrap {
         req: &BootstrapRequest,
     ) -> Result<BootstrapResponse, BootstrapError> {
         validate_name(&req.node).map_err(|e| BootstrapError::Invalid(format!("node: {e}")))?;
-        // A removed node gets no new certificate until an admin readmits it.
-        if let Some(why) = self.keyd.node_certificate_refused(&req.node, None)
-            && !self.keyd.node_readmitted(&req.node)
-        {
-            return Err(BootstrapError::Refused(why));
+        // A removed node gets no new certificate until an admin readmits it, and a readmitted
+        // one none that predates its removal.
+        let removal = self.keyd.node_removal(&req.node);
+        if let Some(r) = removal.as_ref().filter(|r| !r.readmitted) {
+            return Err(BootstrapError::Refused(r.refusal(&req.node)));
         }
         if req.token.expose().is_empty() || req.token.expose().len() > 16 * 1024 {
             return Err(BootstrapError::Invalid("token: empty or too long".into()));
@@ -483,7 +483,7 @@ impl Bootstrap {
                 &Identity::Node(req.node.clone()),
                 &req.csr,
                 self.cfg.cert_validity,
-                self.keyd.node_removed_at(&req.node),
+                removal.map(|r| r.at.0),
             )
             .map_err(|e| match e {
                 crate::pki::PkiError::Rcgen {

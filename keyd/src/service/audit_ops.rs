@@ -158,7 +158,6 @@ impl Keyd {
             .last(Table::Checkpoints)?
             .map(|(_, v)| from_json(&v, "checkpoint"))
             .transpose()?;
-        let (_, segs) = self.segments_doc()?;
         let segment_start = segs.ends.last().map_or(segs.pruned_through, |e| e.seq) + 1;
         let first_at = self
             .store

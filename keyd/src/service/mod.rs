@@ -21,4 +21,4 @@ mod status;
 pub use audit_ops::{Export, ExportRange, Segment};
 pub use kek::{migrate_kek, rotate_kek};
 pub use rules_view::RenderedRules;
-pub use state::{Keyd, RenderedBundle, ServiceConfig, ServiceError, StoredSchedules};
+pub use state::{Keyd, RemovedNode, RenderedBundle, ServiceConfig, ServiceError, StoredSchedules};

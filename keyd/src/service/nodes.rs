@@ -174,10 +174,7 @@ impl Keyd {
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         if let Some(r) = cache.removed.get(name).filter(|r| !r.readmitted) {
-            return Err(ServiceError::Forbidden(format!(
-                "node {name:?} was removed at {} by {}; an admin can readmit it (keyctl nodes readmit)",
-                r.at, r.by
-            )));
+            return Err(ServiceError::Forbidden(r.refusal(name)));
         }
         // A node describes only itself: an address or pod CIDR another node holds would take
         // that node's traffic (a more specific WireGuard route wins; two IPsec peers with one
@@ -280,29 +277,12 @@ impl Keyd {
         // Second resolution: a certificate from the second of the removal counts as after it
         // (bootstrap refuses a removed node, and issues a readmitted one's from that second).
         let old_cert = not_before.is_none_or(|nb| nb < r.at.0);
-        (!r.readmitted || old_cert).then(|| {
-            format!(
-                "node {name:?} was removed at {} by {}{}",
-                r.at,
-                r.by,
-                if r.readmitted {
-                    "; it was readmitted, but this certificate is from before the removal"
-                } else {
-                    "; an admin can readmit it (keyctl nodes readmit)"
-                }
-            )
-        })
+        (!r.readmitted || old_cert).then(|| r.refusal(name))
     }
 
-    /// When node `name` was last removed (unix seconds), if ever: certificates issued for it
-    /// must postdate this.
-    pub fn node_removed_at(&self, name: &str) -> Option<u64> {
-        self.cache().removed.get(name).map(|r| r.at.0)
-    }
-
-    /// Whether node `name` was removed and then readmitted.
-    pub fn node_readmitted(&self, name: &str) -> bool {
-        self.cache().removed.get(name).is_some_and(|r| r.readmitted)
+    /// The record of node `name`'s removal, if it was ever removed.
+    pub fn node_removal(&self, name: &str) -> Option<RemovedNode> {
+        self.cache().removed.get(name).cloned()
     }
 
     /// Removes node `name`: it leaves every bundle, its certificates are refused from now on

@@ -182,6 +182,22 @@ pub struct RemovedNode {
     pub readmitted: bool,
 }
 
+impl RemovedNode {
+    /// Why node `name`'s certificate or request is refused, for the caller.
+    pub fn refusal(&self, name: &str) -> String {
+        format!(
+            "node {name:?} was removed at {} by {}{}",
+            self.at,
+            self.by,
+            if self.readmitted {
+                "; it was readmitted, but this certificate is from before the removal"
+            } else {
+                "; an admin can readmit it (keyctl nodes readmit)"
+            }
+        )
+    }
+}
+
 /// A serialized bundle, kept until the state changes. The body holds key bytes: it is zeroized
 /// when the last response referring to it is dropped.
 pub struct RenderedBundle {
