@@ -126,6 +126,7 @@ async fn start_with(
                         .context("setting up the Kubernetes client for node bootstrap")?,
                 ),
             };
+            keyd.set_node_directory(Arc::new(crate::bootstrap::KubeNodes(Arc::clone(&kube))));
             let (addr, fut) = crate::bootstrap::start(
                 b.clone(),
                 &config.tls,
@@ -265,7 +266,10 @@ pub fn prepare_dev(data_dir: &Path, listen: &str, ops_listen: &str) -> anyhow::R
     let text = format!(
         "# Written by `keyd dev`; rewritten at every start.\n\
          data_dir = {dir:?}\nlisten = {listen:?}\nops_listen = {ops_listen:?}\n\n\
-         [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n[kek]\nbackend = \"local\"\n\n[log]\nformat = \"text\"\n",
+         [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n[kek]\nbackend = \"local\"\n\n[log]\nformat = \"text\"\n\n\
+         # A trial on one machine: a node may claim any address and pod CIDR no other node holds.\n\
+         # Production checks claims against Node objects or allocations (docs/configuration.md).\n\
+         [nodes]\nclaims = \"open\"\n",
         dir = data_dir.display().to_string(),
         ca = pki.ca.display().to_string(),
         cert = pki.server.cert.display().to_string(),

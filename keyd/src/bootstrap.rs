@@ -30,7 +30,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::pki::CertificateAuthority;
-use crate::service::Keyd;
+pub use crate::service::NodeFacts;
+use crate::service::{Keyd, NodeDirectory};
 use crate::source_limit::{Admit, SourceLimiter, capped};
 use crate::store::AuditEvent;
 use keyd_mtls::client::Connector;
@@ -122,8 +123,20 @@ pub trait KubeAuth: Send + Sync + fmt::Debug {
     ) -> Result<TokenReviewStatus, KubeError>;
     /// `None` if there is no such pod.
     async fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodFacts>, KubeError>;
-    /// Whether the Node object `name` exists.
-    async fn node_exists(&self, name: &str) -> Result<bool, KubeError>;
+    /// The Node object `name`'s addresses and pod CIDRs; `None` if there is no such node.
+    async fn node(&self, name: &str) -> Result<Option<NodeFacts>, KubeError>;
+}
+
+/// Bootstrap's Kubernetes client as the service's source of Node objects, against which nodes'
+/// claims are checked (`[nodes] claims = "node-object"`).
+#[derive(Debug)]
+pub struct KubeNodes(pub Arc<dyn KubeAuth>);
+
+#[async_trait::async_trait]
+impl NodeDirectory for KubeNodes {
+    async fn node(&self, name: &str) -> Result<Option<NodeFacts>, String> {
+        self.0.node(name).await.map_err(|e| e.to_string())
+    }
 }
 
 /// The real API server, over HTTPS with keyd's bearer token.
@@ -275,17 +288,64 @@ impl KubeAuth for KubeApi {
         }))
     }
 
-    async fn node_exists(&self, name: &str) -> Result<bool, KubeError> {
-        let found = self
-            .call(
-                Method::GET,
-                &format!("/api/v1/nodes/{name}"),
-                None,
-                "reading a node",
-            )
-            .await?;
-        Ok(found.is_some())
+    async fn node(&self, name: &str) -> Result<Option<NodeFacts>, KubeError> {
+        let what = "reading a node";
+        let Some(body) = self
+            .call(Method::GET, &format!("/api/v1/nodes/{name}"), None, what)
+            .await?
+        else {
+            return Ok(None);
+        };
+        node_facts(&body)
+            .map(Some)
+            .ok_or(KubeError::Decode { what })
     }
+}
+
+/// A Node object's IP addresses (`status.addresses` of type InternalIP or ExternalIP) and pod
+/// CIDRs (`spec.podCIDRs`, else `spec.podCIDR`); `None` if `body` is not a Node.
+pub fn node_facts(body: &[u8]) -> Option<NodeFacts> {
+    #[derive(Deserialize)]
+    struct Node {
+        #[serde(default)]
+        spec: Spec,
+        #[serde(default)]
+        status: Status,
+    }
+    #[derive(Deserialize, Default)]
+    struct Spec {
+        #[serde(rename = "podCIDR")]
+        pod_cidr: Option<String>,
+        #[serde(rename = "podCIDRs", default)]
+        pod_cidrs: Vec<String>,
+    }
+    #[derive(Deserialize, Default)]
+    struct Status {
+        #[serde(default)]
+        addresses: Vec<Address>,
+    }
+    #[derive(Deserialize)]
+    struct Address {
+        #[serde(rename = "type")]
+        kind: String,
+        address: String,
+    }
+    let node: Node = serde_json::from_slice(body).ok()?;
+    let mut cidrs = node.spec.pod_cidrs;
+    if cidrs.is_empty() {
+        cidrs.extend(node.spec.pod_cidr);
+    }
+    Some(NodeFacts {
+        addresses: node
+            .status
+            .addresses
+            .iter()
+            .filter(|a| matches!(a.kind.as_str(), "InternalIP" | "ExternalIP"))
+            .filter_map(|a| a.address.parse().ok())
+            .collect(),
+        // A CIDR the API server accepted but that does not parse here allows nothing.
+        pod_cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+    })
 }
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -466,11 +526,12 @@ impl Bootstrap {
             .await
             .map_err(BootstrapError::Kube)?;
         check_pod(&who, pod.as_ref(), &req.node).map_err(BootstrapError::Refused)?;
-        if !self
+        if self
             .kube
-            .node_exists(&req.node)
+            .node(&req.node)
             .await
             .map_err(BootstrapError::Kube)?
+            .is_none()
         {
             return Err(BootstrapError::Refused(format!(
                 "node {:?} does not exist in Kubernetes",
@@ -715,6 +776,36 @@ mod tests {
             phase: Some("Running".into()),
         };
         check_pod(&a, Some(&pod), "worker-1").unwrap();
+    }
+
+    #[test]
+    fn a_node_object_gives_its_ip_addresses_and_pod_cidrs() {
+        let body = json!({
+            "kind": "Node",
+            "metadata": { "name": "node-a" },
+            "spec": { "podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"] },
+            "status": { "addresses": [
+                { "type": "InternalIP", "address": "192.168.0.1" },
+                { "type": "ExternalIP", "address": "2001:db8::1" },
+                { "type": "Hostname", "address": "node-a" },
+                { "type": "InternalDNS", "address": "10.9.9.9" } ] }
+        });
+        let facts = node_facts(body.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            facts.addresses,
+            vec![
+                "192.168.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(facts.pod_cidrs.len(), 2);
+        // An older API server's single podCIDR; a Node without status or spec allows nothing.
+        let old = json!({ "spec": { "podCIDR": "10.2.0.0/24" } });
+        let facts = node_facts(old.to_string().as_bytes()).unwrap();
+        assert_eq!(facts.pod_cidrs, vec!["10.2.0.0/24".parse().unwrap()]);
+        assert!(facts.addresses.is_empty());
+        assert_eq!(node_facts(b"{}").unwrap(), NodeFacts::default());
+        assert_eq!(node_facts(b"[1]"), None);
     }
 
     #[test]

@@ -1033,3 +1033,132 @@ async fn the_webhook_reads_enforcement_and_reports_decisions() {
         .unwrap();
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn with_allocations_a_node_claims_only_what_an_admin_allowed() {
+    let h = Harness::start_with_env(&[("KEYD_NODE_CLAIMS", "allocation")]).await;
+    let mut a = h.node("node-a").await;
+    let mut admin = h.admin().await;
+    let audited = |action: &str| {
+        h.keyd
+            .store()
+            .audit_range(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.event.action == action)
+            .collect::<Vec<_>>()
+    };
+
+    // No allocation: refused, with what to do, and audited.
+    let reg = registration("192.0.2.1", "10.0.1.0/24", 1);
+    let r = a.put_json("/v1/nodes/node-a", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let msg = error_of(&r).message;
+    assert!(
+        msg.contains("has no allocation") && msg.contains("keyctl nodes allow node-a"),
+        "{msg}"
+    );
+    assert_eq!(audited("node.claim_refused").len(), 1);
+    assert!(h.keyd.list_nodes().is_empty());
+
+    // Only an admin allocates.
+    let allocation = json!({ "endpoints": ["192.0.2.1"], "pod_cidrs": ["10.0.1.0/24"] });
+    let r = a
+        .put_json("/v1/nodes/node-a/allocation", &allocation)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = admin
+        .put_json("/v1/nodes/node-a/allocation", &allocation)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    assert_eq!(audited("node.allocated").len(), 1);
+
+    // Inside it: fine (a part of the CIDR too); outside: refused, naming what and where from.
+    let r = a.put_json("/v1/nodes/node-a", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    let part = registration("192.0.2.1", "10.0.1.128/25", 1);
+    let r = a.put_json("/v1/nodes/node-a", &part).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    for (endpoint, cidr, what) in [
+        ("192.0.2.9", "10.0.1.0/24", "endpoint 192.0.2.9"),
+        ("192.0.2.1", "10.0.0.0/23", "pod CIDR 10.0.0.0/23"),
+    ] {
+        let r = a
+            .put_json("/v1/nodes/node-a", &registration(endpoint, cidr, 1))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{endpoint} {cidr}");
+        let msg = error_of(&r).message;
+        assert!(msg.starts_with(what) && msg.contains("allocation"), "{msg}");
+    }
+    assert_eq!(h.keyd.list_nodes()[0].pod_cidrs, part.pod_cidrs);
+
+    // Another node's allocation may not overlap this one.
+    for body in [
+        json!({ "endpoints": ["192.0.2.1"] }),
+        json!({ "endpoints": ["192.0.2.2"], "pod_cidrs": ["10.0.0.0/16"] }),
+    ] {
+        let r = admin
+            .put_json("/v1/nodes/node-b/allocation", &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::CONFLICT, "{body}");
+        assert!(error_of(&r).message.contains("node-a"));
+    }
+    let r = admin
+        .put_json("/v1/nodes/node-b/allocation", &json!({ "endpoints": [] }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Moving node-a's allocation away from its registration warns.
+    let moved = json!({ "endpoints": ["192.0.2.3"], "pod_cidrs": ["10.0.1.0/24"] });
+    let r = admin
+        .put_json("/v1/nodes/node-a/allocation", &moved)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let set: keyd_proto::AllocationSet = serde_json::from_slice(&r.body).unwrap();
+    let warning = set.warning.expect("a warning");
+    assert!(warning.contains("endpoint 192.0.2.1"), "{warning}");
+    assert_eq!(set.allocation.set_by.as_deref(), Some("admin/admin"));
+
+    // The list shows it; removing it refuses the node again (no allocation).
+    let r = admin.get("/v1/allocations").await.unwrap();
+    let all: std::collections::BTreeMap<String, keyd_proto::NodeAllocation> =
+        serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        all["node-a"].endpoints,
+        vec!["192.0.2.3".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let r = admin
+        .send(Method::DELETE, "/v1/nodes/node-a/allocation", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = a.put_json("/v1/nodes/node-a", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(audited("node.allocation_removed").len(), 1);
+    // Allocations survive a restart (they are in the store, not in memory), and bind in every
+    // mode: the restarted keyd runs `keyd dev`'s "open".
+    let r = admin
+        .put_json("/v1/nodes/node-a/allocation", &allocation)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let h = h.restart().await;
+    assert_eq!(h.keyd.allocations().len(), 1);
+    let mut a = h.node("node-a").await;
+    let r = a
+        .put_json(
+            "/v1/nodes/node-a",
+            &registration("192.0.2.9", "10.0.1.0/24", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a.put_json("/v1/nodes/node-a", &reg).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+}

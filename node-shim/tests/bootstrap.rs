@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use keyd::bootstrap::{KubeAuth, KubeError, PodFacts, ReviewedUser, TokenReviewStatus};
+use keyd::bootstrap::{KubeAuth, KubeError, NodeFacts, PodFacts, ReviewedUser, TokenReviewStatus};
 use keyd_node_shim::bootstrap::{self, BootstrapError, Bootstrapper, Issued};
 use keyd_node_shim::keyd_client::{KeydClient, KeydError};
 use keyd_proto::{NodeRegistration, SecretString, Timestamp};
@@ -70,8 +70,21 @@ impl KubeAuth for FakeKube {
         }))
     }
 
-    async fn node_exists(&self, name: &str) -> Result<bool, KubeError> {
-        Ok(matches!(name, "node-a" | "node-b"))
+    async fn node(&self, name: &str) -> Result<Option<NodeFacts>, KubeError> {
+        let (address, cidr) = match name {
+            "node-a" => ("192.168.0.1", "10.1.0.0/24"),
+            "node-b" => ("192.168.0.2", "10.2.0.0/24"),
+            "node-unreachable" => {
+                return Err(KubeError::Timeout {
+                    what: "reading a node",
+                });
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(NodeFacts {
+            addresses: vec![address.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+        }))
     }
 }
 
@@ -116,6 +129,75 @@ async fn a_projected_token_buys_a_short_lived_node_certificate() {
     assert!(
         matches!(&e, KeydError::Status { status, .. } if status.as_u16() == 403),
         "{e}"
+    );
+}
+
+/// With the Kubernetes API, a node registers only the addresses and pod CIDRs of its Node object;
+/// a node without one registers nothing, and an unreachable API server refuses for now (503),
+/// never accepts.
+#[tokio::test]
+async fn a_node_registers_only_what_its_node_object_says() {
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
+    b.obtain().await.unwrap();
+    let mut client = KeydClient::new(
+        &keyd_url(&keyd),
+        "node-a",
+        bootstrap::paths(&b.cert_dir, &b.ca),
+    );
+    let mut reg = a_registration();
+    reg.pod_cidrs = vec!["10.1.0.0/25".parse().unwrap()];
+    client.register(&reg).await.unwrap();
+    for (endpoint, cidr, why) in [
+        (
+            "192.168.0.2",
+            "10.1.0.0/24",
+            "endpoint 192.168.0.2 is not among",
+        ),
+        (
+            "192.168.0.1",
+            "10.2.0.0/24",
+            "pod CIDR 10.2.0.0/24 does not lie inside",
+        ),
+    ] {
+        reg.endpoint = endpoint.parse().unwrap();
+        reg.pod_cidrs = vec![cidr.parse().unwrap()];
+        let e = client.register(&reg).await.unwrap_err();
+        match &e {
+            KeydError::Status { status, message } => {
+                assert_eq!(status.as_u16(), 403, "{e}");
+                assert!(
+                    message.contains(why) && message.contains("Node object"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(
+        keyd.keyd.list_nodes()[0].pod_cidrs,
+        vec!["10.1.0.0/25".parse::<ipnet::IpNet>().unwrap()]
+    );
+    let register = |name: &'static str| {
+        let k = Arc::clone(&keyd.keyd);
+        async move {
+            k.register_node(
+                &keyd_proto::identity::Identity::Node(name.into()),
+                name,
+                a_registration(),
+            )
+            .await
+            .unwrap_err()
+            .to_string()
+        }
+    };
+    let why = register("node-ghost").await;
+    assert!(why.contains("no Node object \"node-ghost\""), "{why}");
+    let why = register("node-unreachable").await;
+    assert!(
+        why.contains("cannot check node \"node-unreachable\""),
+        "{why}"
     );
 }
 

@@ -296,7 +296,13 @@ async fn bootstrap_against_a_real_kube_apiserver() {
     api.call(
         Method::POST,
         "/api/v1/nodes",
-        json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a" } }),
+        // As kubelet registers it: its addresses in the status, its pod CIDR (node IPAM) in the
+        // spec. keyd checks node-a's registration against them.
+        json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a" },
+                "spec": { "podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24"] },
+                "status": { "addresses": [
+                    { "type": "InternalIP", "address": "192.168.0.1" },
+                    { "type": "Hostname", "address": "node-a" } ] } }),
     )
     .await;
     // keyd asks the API server with the admin token (system:masters may create TokenReviews and
@@ -326,16 +332,22 @@ async fn bootstrap_against_a_real_kube_apiserver() {
         "node-a",
         keyd_node_shim::bootstrap::paths(&b.cert_dir, &b.ca),
     );
-    client
-        .register(&NodeRegistration {
-            endpoint: "192.168.0.1".parse().unwrap(),
-            pod_cidrs: vec![],
-            wireguard_public_key: None,
-            wireguard_key_epoch: None,
-            boot_id: None,
-        })
-        .await
-        .unwrap();
+    let mut reg = NodeRegistration {
+        endpoint: "192.168.0.1".parse().unwrap(),
+        pod_cidrs: vec!["10.1.0.0/24".parse().unwrap()],
+        wireguard_public_key: None,
+        wireguard_key_epoch: None,
+        boot_id: None,
+    };
+    client.register(&reg).await.unwrap();
+    // An address the Node object does not have is refused (read from the real API server).
+    reg.endpoint = "192.168.0.9".parse().unwrap();
+    let e = client.register(&reg).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not among the node's addresses in its Node object"),
+        "{e}"
+    );
 
     let refused = |e: BootstrapError| match e {
         BootstrapError::Refused { status, message } => (status, message),

@@ -397,6 +397,35 @@ pub struct NodeRemoval {
     pub wireguard_psk_epoch: Option<u64>,
 }
 
+/// An administrator's allocation for one node (`PUT /v1/nodes/{name}/allocation`, `keyctl
+/// nodes allow`): the only endpoint addresses and pod CIDRs the node may register. Where keyd has
+/// no Kubernetes API to read the Node object from, this is what a node's claims are checked
+/// against; where it has one, an allocation takes precedence over the Node object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAllocation {
+    /// Addresses the node may register as its endpoint (at least one).
+    pub endpoints: Vec<IpAddr>,
+    /// CIDRs the node's registered pod CIDRs must lie inside (none: it may claim no pod CIDR).
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Who set it and when (filled in by keyd; ignored in a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_at: Option<Timestamp>,
+}
+
+/// The answer to `PUT /v1/nodes/{name}/allocation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationSet {
+    pub node: String,
+    pub allocation: NodeAllocation,
+    /// Set when the node's current registration lies outside the new allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
 /// `POST /v1/ipsec/rollout/skip`: stop waiting for a node in the rollout in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -74,6 +74,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::Forbidden(m) => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden", m.clone())
             }
+            ServiceError::ClaimsUnverifiable(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "claims_unverifiable",
+                m.clone(),
+            ),
             ServiceError::PolicyNotConfigured => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "policy_not_configured",

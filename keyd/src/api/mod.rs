@@ -41,6 +41,11 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", put(register_node).delete(remove_node))
         .route("/v1/nodes/{name}/readmit", post(readmit_node))
+        .route(
+            "/v1/nodes/{name}/allocation",
+            put(allocate_node).delete(remove_allocation),
+        )
+        .route("/v1/allocations", get(list_allocations))
         .route("/v1/nodes/{name}/bundle", get(bundle))
         .route("/v1/nodes/{name}/rules", get(rules))
         // A report may name every policy of a node's rules (up to 1024, each with its counters),
@@ -296,6 +301,36 @@ async fn ack(
     ApiJson(ack): ApiJson<Ack>,
 ) -> Result<Response, ApiError> {
     Ok(Json(s.keyd.ack(&caller, &name, ack).await?).into_response())
+}
+
+async fn allocate_node(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+    ApiJson(allocation): ApiJson<keyd_proto::NodeAllocation>,
+) -> Result<Response, ApiError> {
+    keyd_proto::identity::validate_name(&name)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?;
+    let (allocation, warning) = s.keyd.allocate_node(&caller, &name, allocation).await?;
+    Ok(Json(keyd_proto::AllocationSet {
+        node: name,
+        allocation,
+        warning,
+    })
+    .into_response())
+}
+
+async fn remove_allocation(
+    State(s): State<AppState>,
+    Admin(caller): Admin,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.keyd.remove_allocation(&caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_allocations(State(s): State<AppState>, Admin(_): Admin) -> Response {
+    Json(s.keyd.allocations()).into_response()
 }
 
 async fn list_nodes(State(s): State<AppState>, Admin(_): Admin) -> Response {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use keyd_mtls::ops::LogFormat;
 use keyd_mtls::tls::TlsPaths;
 
+use crate::service::ClaimCheck;
 use keyd_mtls::ops::parse_addr;
 pub use keyd_mtls::ops::{ConfigError, EXIT_CONFIG};
 
@@ -64,6 +65,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub ipsec: RawIpsec,
     #[serde(default)]
+    pub nodes: RawNodes,
+    #[serde(default)]
     pub bootstrap: Option<bootstrap::RawBootstrap>,
     #[serde(default)]
     pub policy: Option<policy::RawPolicy>,
@@ -83,6 +86,15 @@ pub struct RawIpsec {
     /// Accept a Cilium key without `+` (one key and salt for every tunnel) in an import; the
     /// next rotation makes it per-tunnel. Off by default.
     pub allow_global_import: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodes {
+    /// What a node's endpoint and pod CIDRs are checked against when it registers:
+    /// `node-object` (its Node object; needs `[bootstrap]`, and is then the default),
+    /// `allocation` (only `keyctl nodes allow`; the default without `[bootstrap]`) or `open`.
+    pub claims: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +185,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "KEYD_IPSEC_ALLOW_GLOBAL_IMPORT",
         "ipsec.allow_global_import",
     ),
+    ("KEYD_NODE_CLAIMS", "nodes.claims"),
 ];
 
 impl RawConfig {
@@ -262,6 +275,7 @@ impl RawConfig {
             })?);
         }
         self.audit.segment_age = get("KEYD_AUDIT_SEGMENT_AGE").or(self.audit.segment_age.take());
+        self.nodes.claims = get("KEYD_NODE_CLAIMS").or(self.nodes.claims.take());
         if let Some(v) = get("KEYD_IPSEC_ALLOW_GLOBAL_IMPORT") {
             self.ipsec.allow_global_import = Some(v.parse().map_err(|_| {
                 err(
@@ -326,6 +340,23 @@ impl RawConfig {
             Some(v) => parse_duration(field, v),
             None => Ok(d),
         };
+        let claims = match self.nodes.claims.as_deref() {
+            None if self.bootstrap.is_some() => ClaimCheck::NodeObject,
+            None => ClaimCheck::Allocation,
+            Some(v) => ClaimCheck::parse(v).ok_or_else(|| {
+                err(
+                    "nodes.claims",
+                    format!("{v:?} is not one of {}", ClaimCheck::NAMES),
+                )
+            })?,
+        };
+        if claims == ClaimCheck::NodeObject && self.bootstrap.is_none() {
+            return Err(err(
+                "nodes.claims",
+                "\"node-object\" reads Node objects through the Kubernetes API that [bootstrap] \
+                 configures; add [bootstrap] or use \"allocation\"",
+            ));
+        }
         let service = crate::service::ServiceConfig {
             node_liveness_timeout: dur(
                 "rotation.node_liveness_timeout",
@@ -356,6 +387,7 @@ impl RawConfig {
                 .ipsec
                 .allow_global_import
                 .unwrap_or(defaults.allow_global_ipsec_import),
+            claims,
         };
         let scheduler_tick = dur(
             "rotation.scheduler_tick",
@@ -478,6 +510,28 @@ mod tests {
             }
         );
         assert_eq!(c.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn claims_default_to_allocations_without_the_kubernetes_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = format!("data_dir = \"/d\"\n{}", tls_files(dir.path()));
+        let load = |extra: &str| RawConfig::from_toml(&format!("{base}{extra}"))?.validate();
+        assert_eq!(load("").unwrap().service.claims, ClaimCheck::Allocation);
+        assert_eq!(
+            load("[nodes]\nclaims = \"open\"\n").unwrap().service.claims,
+            ClaimCheck::Open
+        );
+        // Node objects are read through [bootstrap]'s client: without it, refused at start.
+        let e = load("[nodes]\nclaims = \"node-object\"\n").unwrap_err();
+        assert_eq!(e.field(), "nodes.claims");
+        assert!(e.message().contains("[bootstrap]"), "{e}");
+        let e = load("[nodes]\nclaims = \"trust\"\n").unwrap_err();
+        assert_eq!(e.field(), "nodes.claims");
+        let mut raw = RawConfig::from_toml(&base).unwrap();
+        raw.apply_env(&HashMap::from([("KEYD_NODE_CLAIMS".into(), "open".into())]))
+            .unwrap();
+        assert_eq!(raw.validate().unwrap().service.claims, ClaimCheck::Open);
     }
 
     #[test]

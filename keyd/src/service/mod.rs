@@ -7,6 +7,7 @@
 //! A replicated backend will additionally need a store watch to refresh it on other replicas.
 
 mod audit_ops;
+mod claims;
 mod dataplane;
 mod ipsec;
 mod kek;
@@ -21,4 +22,7 @@ mod status;
 pub use audit_ops::{Export, ExportRange, Segment};
 pub use kek::{migrate_kek, rotate_kek};
 pub use rules_view::RenderedRules;
-pub use state::{Keyd, RemovedNode, RenderedBundle, ServiceConfig, ServiceError, StoredSchedules};
+pub use state::{
+    ClaimCheck, Keyd, NodeDirectory, NodeFacts, RemovedNode, RenderedBundle, ServiceConfig,
+    ServiceError, StoredSchedules,
+};

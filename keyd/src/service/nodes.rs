@@ -171,6 +171,7 @@ impl Keyd {
                 reg.pod_cidrs.len()
             )));
         }
+        self.check_claims(actor, name, &reg).await?;
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         if let Some(r) = cache.removed.get(name).filter(|r| !r.readmitted) {

@@ -49,6 +49,59 @@ pub struct ServiceConfig {
     pub segment_age: Duration,
     /// Import Cilium keys without `+` (one key and salt for every tunnel).
     pub allow_global_ipsec_import: bool,
+    /// What a node's endpoint and pod CIDRs are checked against when it registers.
+    pub claims: ClaimCheck,
+}
+
+/// What a node's registration (its endpoint and pod CIDRs) is checked against (`[nodes] claims`).
+/// An administrator's allocation (`keyctl nodes allow`), where one exists, binds in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimCheck {
+    /// The Node object: an address in `status.addresses`, pod CIDRs inside `spec.podCIDRs`. The
+    /// default where keyd has the Kubernetes API (`[bootstrap]`).
+    NodeObject,
+    /// Only an allocation: a node without one cannot register. The default elsewhere.
+    Allocation,
+    /// Any claim no other node holds (`keyd dev`, tests): a node's certificate alone lets it
+    /// claim a free address or CIDR.
+    Open,
+}
+
+impl ClaimCheck {
+    pub const NAMES: &'static str = "\"node-object\", \"allocation\" or \"open\"";
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "node-object" => Some(Self::NodeObject),
+            "allocation" => Some(Self::Allocation),
+            "open" => Some(Self::Open),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NodeObject => "node-object",
+            Self::Allocation => "allocation",
+            Self::Open => "open",
+        }
+    }
+}
+
+/// What the cluster says a node has: its Node object's addresses and pod CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// `status.addresses` that are IP addresses (InternalIP, ExternalIP).
+    pub addresses: Vec<std::net::IpAddr>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+}
+
+/// Where Node objects are read from (the Kubernetes API, through bootstrap's client).
+#[async_trait::async_trait]
+pub trait NodeDirectory: Send + Sync + fmt::Debug {
+    /// The Node object `name`, `None` if there is none; `Err` names why it could not be read.
+    async fn node(&self, name: &str) -> std::result::Result<Option<NodeFacts>, String>;
 }
 
 impl Default for ServiceConfig {
@@ -60,6 +113,7 @@ impl Default for ServiceConfig {
             segment_records: 100_000,
             segment_age: Duration::from_secs(86_400),
             allow_global_ipsec_import: false,
+            claims: ClaimCheck::Open,
         }
     }
 }
@@ -167,7 +221,12 @@ pub(super) struct Cache {
     /// Nodes an administrator removed: their certificates are refused (see
     /// [`Keyd::node_certificate_refused`]).
     pub(super) removed: BTreeMap<String, RemovedNode>,
+    /// Administrators' allocations, by node name (Meta `allocation/NAME`).
+    pub(super) allocations: BTreeMap<String, keyd_proto::NodeAllocation>,
 }
+
+/// The Meta key prefix of allocations: one key per node, so that setting one writes one record.
+pub(super) const ALLOCATION_PREFIX: &str = "allocation/";
 
 pub(super) const REMOVED_DOC: &str = "removed_nodes";
 
@@ -257,6 +316,9 @@ pub struct Keyd {
     /// Each node's compiled data-plane rules, published by the policy watcher; its receivers are
     /// the rules' long polls.
     pub(super) rules: tokio::sync::watch::Sender<super::rules_view::RulesView>,
+    /// Where Node objects are read from, for [`ClaimCheck::NodeObject`] (set at start when
+    /// `[bootstrap]` gives keyd the Kubernetes API).
+    pub(super) node_directory: std::sync::OnceLock<Arc<dyn NodeDirectory>>,
 }
 
 impl fmt::Debug for Keyd {
@@ -279,6 +341,9 @@ pub enum ServiceError {
     /// Refused for who the caller is (a removed node).
     #[error("{0}")]
     Forbidden(String),
+    /// A node's claims could not be checked (the Kubernetes API is unreachable): 503.
+    #[error("{0}")]
+    ClaimsUnverifiable(String),
     /// `GET /v1/nodes/{name}/rules` on a keyd without a `[policy]` section.
     #[error(
         "this keyd does not compile data-plane rules: its configuration has no [policy] section \
@@ -362,6 +427,13 @@ pub(super) async fn load_cache(
         Some(doc) => from_json(doc, "removed nodes")?,
         None => BTreeMap::new(),
     };
+    let mut allocations = BTreeMap::new();
+    for (key, bytes) in store.scan_from(Table::Meta, ALLOCATION_PREFIX, usize::MAX)? {
+        let Some(name) = key.strip_prefix(ALLOCATION_PREFIX) else {
+            break;
+        };
+        allocations.insert(name.to_owned(), from_json(&bytes, "node allocation")?);
+    }
     let mut nodes = BTreeMap::new();
     for (name, bytes) in store.scan(Table::Nodes)? {
         nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
@@ -380,6 +452,7 @@ pub(super) async fn load_cache(
         generation,
         removed_doc,
         removed,
+        allocations,
     })
 }
 
@@ -517,6 +590,7 @@ impl Keyd {
             failed_rotations: Mutex::new(HashMap::new()),
             pending_seen: Mutex::new(HashMap::new()),
             rules: tokio::sync::watch::Sender::new(super::rules_view::RulesView::default()),
+            node_directory: std::sync::OnceLock::new(),
         })
     }
 

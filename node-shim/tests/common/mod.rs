@@ -253,7 +253,13 @@ impl KeydHarness {
             ops_listen: Some("127.0.0.1:0".into()),
             ..Flags::default()
         };
-        let config = keyd::config::load(Some(&setup.keyd_toml), &HashMap::new(), &flags).unwrap();
+        // With the Kubernetes API, nodes' claims are checked against their Node objects, as in a
+        // cluster (`keyd dev` alone accepts any free claim).
+        let env = match kube {
+            Some(_) => HashMap::from([("KEYD_NODE_CLAIMS".to_owned(), "node-object".to_owned())]),
+            None => HashMap::new(),
+        };
+        let config = keyd::config::load(Some(&setup.keyd_toml), &env, &flags).unwrap();
         let (stop, rx) = watch::channel(false);
         let running = match kube {
             Some(Kube::Fake(k)) => keyd::app::start_with_kube(config, rx, k).await.unwrap(),

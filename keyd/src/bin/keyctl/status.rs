@@ -7,7 +7,7 @@ use keyd_proto::rules::{DataplaneSummary, NodeRules};
 use keyd_proto::time::format_duration;
 use keyd_proto::{NodeInfo, Report, Status};
 
-use crate::http::{call, send};
+use crate::http::{call, send, to_body};
 use crate::table::{print, table, ts};
 use crate::{EXIT_FINDING, EXIT_INVALID, Failure, Out, fail};
 
@@ -37,6 +37,26 @@ pub enum NodesCommand {
     },
     /// Let a removed node back in: certificates issued after its removal are accepted again.
     Readmit { node: String },
+    /// Allocate a node's endpoint addresses and pod CIDRs: it may register only these. Binds
+    /// whatever `[nodes] claims` says; needed for every node where it is "allocation". Audited.
+    Allow {
+        node: String,
+        /// An address the node may register as its endpoint (repeat for more).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<std::net::IpAddr>,
+        /// A CIDR its pod CIDRs must lie inside (repeat for more; none: no pod CIDR).
+        #[arg(long = "pod-cidr")]
+        pod_cidrs: Vec<ipnet::IpNet>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Remove a node's allocation: its claims are then checked as `[nodes] claims` says.
+    Disallow { node: String },
+    /// List the allocations.
+    Allocations {
+        #[command(flatten)]
+        out: Out,
+    },
 }
 
 pub async fn nodes_command(conn: &mut Connection, cmd: NodesCommand) -> Result<(), Failure> {
@@ -62,6 +82,66 @@ pub async fn nodes_command(conn: &mut Connection, cmd: NodesCommand) -> Result<(
                 )
             });
         }
+        NodesCommand::Allow {
+            node,
+            endpoints,
+            pod_cidrs,
+            out,
+        } => {
+            keyd_proto::identity::validate_name(&node)
+                .map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
+            let body = keyd_proto::NodeAllocation {
+                endpoints,
+                pod_cidrs,
+                set_by: None,
+                set_at: None,
+            };
+            let body = to_body(&body)?;
+            let path = format!("/v1/nodes/{node}/allocation");
+            let r: keyd_proto::AllocationSet = call(conn, "PUT", &path, Some(body)).await?;
+            print(out.json(), &r, || {
+                let mut text = format!(
+                    "allocated to {}: endpoints {}; pod CIDRs {}\n",
+                    r.node,
+                    join(&r.allocation.endpoints),
+                    join(&r.allocation.pod_cidrs)
+                );
+                if let Some(w) = &r.warning {
+                    text.push_str(&format!("warning: {w}\n"));
+                }
+                text
+            });
+        }
+        NodesCommand::Disallow { node } => {
+            keyd_proto::identity::validate_name(&node)
+                .map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
+            send(
+                conn,
+                "DELETE",
+                &format!("/v1/nodes/{node}/allocation"),
+                None,
+            )
+            .await?;
+            println!("removed the allocation of {node}");
+        }
+        NodesCommand::Allocations { out } => {
+            let all: std::collections::BTreeMap<String, keyd_proto::NodeAllocation> =
+                call(conn, "GET", "/v1/allocations", None).await?;
+            print(out.json(), &all, || {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|(name, a)| {
+                        vec![
+                            name.clone(),
+                            join(&a.endpoints),
+                            join(&a.pod_cidrs),
+                            a.set_by.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(&["NODE", "ENDPOINTS", "POD CIDRS", "SET BY"], &rows)
+            });
+        }
         NodesCommand::Readmit { node } => {
             keyd_proto::identity::validate_name(&node)
                 .map_err(|e| fail(EXIT_INVALID, e.to_string()))?;
@@ -70,6 +150,18 @@ pub async fn nodes_command(conn: &mut Connection, cmd: NodesCommand) -> Result<(
         }
     }
     Ok(())
+}
+
+/// `items` separated by commas, `-` for none.
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "-".to_owned();
+    }
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn rules(conn: &mut Connection, node: &str, out: Out) -> Result<(), Failure> {
