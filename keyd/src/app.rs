@@ -57,6 +57,27 @@ pub async fn start_with_clock(
 
 /// [`start`], with `kube` standing in for the Kubernetes API server that node bootstrap asks
 /// (tests).
+/// The certificates of removed nodes, refused at the TLS handshake. Weak: the TLS configuration
+/// does not keep the service alive.
+#[derive(Debug)]
+struct RemovedNodes(std::sync::Weak<Keyd>);
+
+impl keyd_mtls::identity::DenyList for RemovedNodes {
+    fn refused(
+        &self,
+        identity: &keyd_proto::identity::Identity,
+        not_before: u64,
+    ) -> Option<String> {
+        match identity {
+            keyd_proto::identity::Identity::Node(name) => self
+                .0
+                .upgrade()?
+                .node_certificate_refused(name, Some(not_before)),
+            _ => None,
+        }
+    }
+}
+
 pub async fn start_with_kube(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -97,9 +118,12 @@ async fn start_with(
     )
     .await
     .context("resuming the KEK migration")?;
-    let (tls_rx, _reloader) =
-        keyd_mtls::tls::watch_server_config(config.tls.clone(), config.tls_reload_interval)
-            .context("loading the server certificate")?;
+    let (tls_rx, _reloader) = keyd_mtls::tls::watch_server_config_denying(
+        config.tls.clone(),
+        config.tls_reload_interval,
+        Some(Arc::new(RemovedNodes(Arc::downgrade(&keyd)))),
+    )
+    .context("loading the server certificate")?;
     let api_listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding listen {}", config.listen))?;

@@ -79,3 +79,13 @@ pub fn peer_validity(chain: &[CertificateDer<'_>]) -> Option<PeerValidity> {
         not_after: u64::try_from(v.not_after.timestamp()).ok()?,
     })
 }
+
+/// Certificates refused although they chain to the CA: keyd's removed nodes. Asked during the
+/// TLS handshake, after the chain verified, so a refused certificate never gets a connection
+/// (the client sees the `certificate_revoked` alert); requests on connections opened before a
+/// refusal are checked again by the service.
+pub trait DenyList: Send + Sync + std::fmt::Debug {
+    /// Why the certificate of `identity` issued at `not_before` (seconds since the epoch) is
+    /// refused, or `None`.
+    fn refused(&self, identity: &Identity, not_before: u64) -> Option<String>;
+}

@@ -18,12 +18,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::UnixTime;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
+
+use crate::identity::{DenyList, peer_identity, peer_validity};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use zeroize::Zeroizing;
@@ -149,6 +155,14 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
 /// A server config serving `paths.cert`/`paths.key` with ALPN `h2` then `http/1.1`. With
 /// `paths.client_ca`, a client certificate chained to it is required; without, none is asked for.
 pub fn serving_config(paths: &ServerTlsPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    serving_config_denying(paths, None)
+}
+
+/// [`serving_config`], refusing during the handshake the client certificates `deny` names.
+pub fn serving_config_denying(
+    paths: &ServerTlsPaths,
+    deny: Option<&Arc<dyn DenyList>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ProtocolVersions)?;
@@ -163,7 +177,13 @@ pub fn serving_config(paths: &ServerTlsPaths) -> Result<Arc<ServerConfig>, TlsEr
                     path: ca.clone(),
                     source,
                 })?;
-            builder.with_client_cert_verifier(verifier)
+            match deny {
+                Some(deny) => builder.with_client_cert_verifier(Arc::new(DenyingVerifier {
+                    inner: verifier,
+                    deny: Arc::clone(deny),
+                })),
+                None => builder.with_client_cert_verifier(verifier),
+            }
         }
         None => builder.with_no_client_auth(),
     };
@@ -178,6 +198,70 @@ pub fn serving_config(paths: &ServerTlsPaths) -> Result<Arc<ServerConfig>, TlsEr
             })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The CA's verifier, then the deny list: a certificate that verifies but is denied fails the
+/// handshake as revoked. One that names no identity is left to the request's own checks (which
+/// refuse it), so that the refusal says why.
+#[derive(Debug)]
+struct DenyingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    deny: Arc<dyn DenyList>,
+}
+
+impl ClientCertVerifier for DenyingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let chain = std::slice::from_ref(end_entity);
+        if let (Ok(id), Some(validity)) = (peer_identity(chain), peer_validity(chain))
+            && let Some(why) = self.deny.refused(&id, validity.not_before)
+        {
+            tracing::warn!(peer = %id, reason = %why, "refused a denied client certificate at the TLS handshake");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A client config presenting `paths.cert`/`paths.key` and trusting only `paths.ca`; ALPN
@@ -227,6 +311,16 @@ pub fn watch_server_config(
     paths: impl Into<ServerTlsPaths>,
     interval: Duration,
 ) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
+    watch_server_config_denying(paths, interval, None)
+}
+
+/// [`watch_server_config`], every config refusing the client certificates `deny` names at the
+/// handshake ([`serving_config_denying`]).
+pub fn watch_server_config_denying(
+    paths: impl Into<ServerTlsPaths>,
+    interval: Duration,
+    deny: Option<Arc<dyn DenyList>>,
+) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
     let paths = paths.into();
     if interval.is_zero() {
         return Err(TlsError::ZeroInterval);
@@ -234,7 +328,7 @@ pub fn watch_server_config(
     // Fingerprint before reading: a change that lands during the read shows up as a difference
     // at the next poll, so it is never missed.
     let mut seen = Fingerprint::of(&paths);
-    let (tx, rx) = watch::channel(serving_config(&paths)?);
+    let (tx, rx) = watch::channel(serving_config_denying(&paths, deny.as_ref())?);
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -245,8 +339,11 @@ pub fn watch_server_config(
             }
             let poll_paths = paths.clone();
             let previous = seen.clone();
-            let polled =
-                tokio::task::spawn_blocking(move || poll_once(&poll_paths, &previous)).await;
+            let poll_deny = deny.clone();
+            let polled = tokio::task::spawn_blocking(move || {
+                poll_once(&poll_paths, &previous, poll_deny.as_ref())
+            })
+            .await;
             match polled {
                 Ok(None) => {}
                 Ok(Some((fingerprint, Ok(config)))) => {
@@ -276,12 +373,13 @@ pub fn watch_server_config(
 fn poll_once(
     paths: &ServerTlsPaths,
     previous: &Fingerprint,
+    deny: Option<&Arc<dyn DenyList>>,
 ) -> Option<(Fingerprint, Result<Arc<ServerConfig>, TlsError>)> {
     let now = Fingerprint::of(paths);
     if now == *previous {
         return None;
     }
-    Some((now, serving_config(paths)))
+    Some((now, serving_config_denying(paths, deny)))
 }
 
 /// What the poller compares: certificate, key and client CA (`None` when there is none). A
