@@ -738,6 +738,7 @@ impl<K: Kernel> Agent<K> {
             s.ipsec_pending_outbound = pending;
             s.peers = peers;
             s.skipped = skipped;
+            s.dropped_cidrs = computed.dropped.iter().map(ToString::to_string).collect();
         });
         Ok(())
     }

@@ -64,6 +64,9 @@ pub struct Skipped {
 pub struct Computed {
     pub desired: Desired,
     pub skipped: Vec<Skipped>,
+    /// Pod CIDRs of skipped peers whose traffic is dropped rather than sent in the clear (see
+    /// [`fail_closed`]).
+    pub dropped: Vec<IpNet>,
     /// IPsec mode: the SPIs of the bundle's keys.
     pub spis: Vec<u8>,
     pub outbound_spi: Option<u8>,
@@ -284,6 +287,89 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
             out.desired.states.insert(s.id, s);
         }
     }
+    // A skipped peer's pod CIDRs get policies whose template no state matches: the kernel drops
+    // that traffic instead of sending it in the clear. One priority step below the peers' own
+    // policies, so a more specific CIDR a programmed peer holds keeps its policies.
+    let skipped_cidrs = skipped_peers(
+        &out.skipped,
+        ipsec.peers.iter().map(|p| (&p.node, &p.pod_cidrs)),
+    );
+    let mut peer_endpoints: Vec<IpAddr> = ipsec.peers.iter().map(|p| p.endpoint).collect();
+    peer_endpoints.push(local);
+    out.dropped = fail_closed(&skipped_cidrs, &claimed, &facts.pod_cidrs, &peer_endpoints);
+    for n in &out.dropped {
+        for lc in facts
+            .pod_cidrs
+            .iter()
+            .filter(|lc| lc.addr().is_ipv4() == n.addr().is_ipv4())
+        {
+            let tmpl = |src, dst| Template {
+                src,
+                dst,
+                spi: 0,
+                reqid: cfg.reqid,
+                optional: false,
+            };
+            let out_policy = PolicySpec {
+                id: PolicyId {
+                    src: *lc,
+                    dst: *n,
+                    dir: PolicyDir::Out,
+                    mark: out_mark,
+                },
+                priority: cfg.policy_priority.saturating_add(1),
+                tmpl: tmpl(local, n.network()),
+            };
+            out.desired.policies.insert(out_policy.id, out_policy);
+            for dir in [PolicyDir::In, PolicyDir::Fwd] {
+                let p = PolicySpec {
+                    id: PolicyId {
+                        src: *n,
+                        dst: *lc,
+                        dir,
+                        mark: None,
+                    },
+                    priority: cfg.policy_priority.saturating_add(1),
+                    tmpl: tmpl(n.network(), local),
+                };
+                out.desired.policies.insert(p.id, p);
+            }
+        }
+    }
+    out
+}
+
+/// The pod CIDRs of the peers in `skipped`, from `(node, cidrs)` of every peer.
+fn skipped_peers<'a>(
+    skipped: &[Skipped],
+    peers: impl Iterator<Item = (&'a String, &'a Vec<IpNet>)>,
+) -> Vec<IpNet> {
+    let names: BTreeSet<&str> = skipped.iter().map(|s| s.node.as_str()).collect();
+    peers
+        .filter(|(node, _)| names.contains(node.as_str()))
+        .flat_map(|(_, cidrs)| cidrs.iter().map(IpNet::trunc))
+        .collect()
+}
+
+/// Which of skipped peers' `cidrs` to drop traffic to (fail closed) rather than leave to the
+/// underlay in the clear: all but those inside a CIDR a programmed peer holds (that traffic is
+/// encrypted to that peer), those overlapping this node's own pod CIDRs (local traffic is never
+/// touched), and those holding a node's endpoint (the tunnels themselves run there).
+pub(crate) fn fail_closed(
+    cidrs: &[IpNet],
+    claimed: &BTreeSet<IpNet>,
+    local: &[IpNet],
+    endpoints: &[IpAddr],
+) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = cidrs
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|n| !claimed.iter().any(|c| c.contains(n)))
+        .filter(|n| !local.iter().any(|l| l.contains(n) || n.contains(l)))
+        .filter(|n| !endpoints.iter().any(|e| n.contains(e)))
+        .collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -410,6 +496,34 @@ fn desired_wireguard(inputs: &Inputs<'_>) -> Computed {
                 keepalive: cfg.persistent_keepalive,
             },
         );
+    }
+    // A skipped peer's allowed IPs are routed into the device all the same: with no peer to
+    // take them, WireGuard drops the packets, which would otherwise leave in the clear.
+    let skipped_cidrs = skipped_peers(
+        &out.skipped,
+        inputs
+            .bundle
+            .wireguard
+            .peers
+            .iter()
+            .map(|p| (&p.node, &p.allowed_ips)),
+    );
+    let mut endpoints: Vec<IpAddr> = inputs
+        .bundle
+        .wireguard
+        .peers
+        .iter()
+        .map(|p| p.endpoint)
+        .collect();
+    endpoints.push(inputs.facts.endpoint);
+    out.dropped = fail_closed(
+        &skipped_cidrs,
+        &claimed,
+        &inputs.facts.pod_cidrs,
+        &endpoints,
+    );
+    for n in &out.dropped {
+        routes.insert(RouteSpec::new(*n, cfg.route_table, cfg.route_metric));
     }
     out.desired.wg = Some(DesiredWg {
         config: WgDeviceConfig {

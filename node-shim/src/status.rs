@@ -55,6 +55,8 @@ pub struct Status {
     pub wireguard_public_key: Option<String>,
     pub peers: usize,
     pub skipped: Vec<SkippedPeer>,
+    /// Skipped peers' pod CIDRs whose traffic is dropped, not sent in the clear.
+    pub dropped_cidrs: Vec<String>,
     pub ready: bool,
     /// The eBPF data plane (empty when `[steering]` attaches nothing).
     pub steering: SteeringStatus,

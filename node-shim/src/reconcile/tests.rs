@@ -522,6 +522,77 @@ fn overlapping_pod_cidr_is_skipped() {
     assert!(c.skipped[0].reason.contains("overlaps"), "{:?}", c.skipped);
 }
 
+/// A peer skipped for a claim around another's: the part of its CIDR no programmed peer holds is
+/// dropped by policies that no state answers, one priority step below the peers' own; the
+/// programmed peer's more specific CIDR keeps its policies.
+#[test]
+fn a_skipped_peers_traffic_is_dropped_not_sent_in_the_clear() {
+    let mut ctx = Ctx::ipsec();
+    let mut peers = peers_bc();
+    peers[2].pod_cidrs = vec!["10.2.0.0/16".parse().unwrap()];
+    let (c, _) = ctx.sync(
+        &ipsec_bundle("a", vec![gcm_key(1, KeyRole::Current, 1)], peers),
+        None,
+        true,
+    );
+    assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+    let wide: IpNet = "10.2.0.0/16".parse().unwrap();
+    assert_eq!(c.dropped, vec![wide]);
+    let observed = ctx.kernel.observe().unwrap();
+    let priority = ctx.config.ipsec.policy_priority;
+    let drop_out = observed
+        .policies
+        .values()
+        .find(|p| p.id.dst == wide && p.id.dir == PolicyDir::Out)
+        .expect("an outbound policy for the skipped CIDR");
+    assert_eq!(drop_out.priority, priority + 1);
+    assert!(!drop_out.tmpl.optional);
+    // No state answers its template: the kernel drops what it matches.
+    assert!(
+        observed
+            .states
+            .keys()
+            .all(|s| s.dst != drop_out.tmpl.dst && s.src != drop_out.tmpl.dst)
+    );
+    for dir in [PolicyDir::In, PolicyDir::Fwd] {
+        assert!(
+            observed
+                .policies
+                .values()
+                .any(|p| p.id.src == wide && p.id.dir == dir && !p.tmpl.optional),
+            "{dir:?}"
+        );
+    }
+    let b_out = observed
+        .policies
+        .values()
+        .find(|p| p.id.dst == "10.2.0.0/24".parse::<IpNet>().unwrap() && p.id.dir == PolicyDir::Out)
+        .unwrap();
+    assert_eq!(b_out.priority, priority);
+}
+
+#[test]
+fn fail_closed_never_touches_local_traffic_or_the_tunnels() {
+    let claimed: BTreeSet<IpNet> = ["10.2.0.0/24".parse().unwrap()].into();
+    let local: Vec<IpNet> = vec!["10.1.0.0/24".parse().unwrap()];
+    let endpoints: Vec<IpAddr> = vec!["192.168.0.1".parse().unwrap()];
+    let cidrs: Vec<IpNet> = [
+        "10.2.0.128/25",  // inside a programmed peer's: encrypted to that peer
+        "10.1.0.0/25",    // this node's own pods
+        "10.0.0.0/8",     // around this node's own pods
+        "192.168.0.0/16", // holds a node's endpoint
+        "10.5.0.7/24",    // dropped (as its network)
+        "10.5.0.0/24",
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
+    assert_eq!(
+        fail_closed(&cidrs, &claimed, &local, &endpoints),
+        vec!["10.5.0.0/24".parse::<IpNet>().unwrap()]
+    );
+}
+
 // ---- WireGuard ---------------------------------------------------------------------------------
 
 fn wg_peer(node: &str, key: &Key32, ip: &str, cidr: &str, psk: u8) -> WireguardPeer {
@@ -595,6 +666,36 @@ fn wireguard_overlapping_allowed_ips_are_skipped() {
     let w = k.observe().unwrap().wg.unwrap();
     assert_eq!(w.peers.len(), 1);
     assert!(w.peers.contains_key(&kb.public_key()));
+}
+
+/// WireGuard: a skipped peer's CIDR (here around another's) is routed into the device with no
+/// peer to take it, so WireGuard drops it; the programmed peer keeps its more specific part.
+#[test]
+fn wireguard_drops_a_skipped_peers_traffic() {
+    let cfg = config("wireguard", "a");
+    let mut k = FakeKernel::new();
+    let own = Key32::from_bytes([1; 32]);
+    let kb = Key32::from_bytes([2; 32]);
+    let kc = Key32::from_bytes([3; 32]);
+    let b = wg_bundle(
+        1,
+        vec![
+            wg_peer("b", &kb, "192.168.0.2", "10.2.0.0/24", 0x11),
+            wg_peer("c", &kc, "192.168.0.3", "10.2.0.0/16", 0x12),
+        ],
+    );
+    let (c, _) = wg_sync(&mut k, &cfg, &own, &b);
+    let wide: IpNet = "10.2.0.0/16".parse().unwrap();
+    assert_eq!(c.dropped, vec![wide]);
+    let o = k.observe().unwrap();
+    let w = o.wg.unwrap();
+    assert_eq!(w.peers.len(), 1);
+    assert!(w.peers.values().all(|p| !p.allowed_ips.contains(&wide)));
+    let dsts: Vec<IpNet> = w.routes.iter().map(|r| r.dst).collect();
+    assert!(
+        dsts.contains(&wide) && dsts.contains(&"10.2.0.0/24".parse().unwrap()),
+        "{dsts:?}"
+    );
 }
 
 #[test]
