@@ -194,7 +194,13 @@ pub async fn serve_tls<F, S>(
                 }
             };
             if let Some(svc) = connection(peer, Ok(&stream)) {
-                ctx.serve(stream, svc, peer).await;
+                let expires = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(crate::identity::peer_validity)
+                    .map(|v| instant_of(v.not_after));
+                ctx.serve(stream, svc, peer, expires).await;
             }
         }
     };
@@ -215,7 +221,7 @@ pub async fn serve_plain(
     };
     let open = move |tcp: TcpStream, peer: SocketAddr, ctx: ConnCtx| {
         let router = router.clone();
-        async move { ctx.serve(tcp, router, peer).await }
+        async move { ctx.serve(tcp, router, peer, None).await }
     };
     accept_loop(listener, limits, shutdown, "ops accept failed", open).await;
 }
@@ -300,9 +306,10 @@ async fn accept_loop<F, Fut>(
 }
 
 impl ConnCtx {
-    /// HTTP on one established connection until it ends, it is idle for `idle_timeout`, or the
-    /// listener shuts down (both close it gracefully: requests in flight finish first).
-    async fn serve<I, S>(self, io: I, svc: S, peer: SocketAddr)
+    /// HTTP on one established connection until it ends, it is idle for `idle_timeout`, its
+    /// client certificate expires (`expires`), or the listener shuts down (all close it
+    /// gracefully: requests in flight finish first).
+    async fn serve<I, S>(self, io: I, svc: S, peer: SocketAddr, expires: Option<Instant>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible>
@@ -346,6 +353,11 @@ impl ConnCtx {
                         closing = true;
                     }
                 }
+                () = sleep_until_or_never(expires), if !closing => {
+                    tracing::debug!(%peer, "closing a connection whose client certificate expired");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
                 changed = shutdown.changed(), if !closing => {
                     if changed.is_err() || *shutdown.borrow() {
                         conn.as_mut().graceful_shutdown();
@@ -354,6 +366,21 @@ impl ConnCtx {
                 }
             }
         }
+    }
+}
+
+/// The monotonic instant of `unix_seconds` (now, if that has passed).
+fn instant_of(unix_seconds: u64) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Instant::now() + Duration::from_secs(unix_seconds).saturating_sub(now)
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
