@@ -588,6 +588,13 @@ fn validate_ipsec(raw: RawIpsec, poll_interval: Duration) -> Result<IpsecSetting
         raw.outbound_switch_delay.as_deref(),
         poll_interval * 2,
     )?;
+    // Skipped peers' drop policies sit one step below (see reconcile::fail_closed).
+    if raw.policy_priority == Some(u32::MAX) {
+        return Err(ConfigError::new(
+            "ipsec.policy_priority",
+            "must be below 4294967295 (skipped peers' drop policies take the next value)",
+        ));
+    }
     Ok(IpsecSettings {
         reqid,
         replay_window,

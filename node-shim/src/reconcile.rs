@@ -101,6 +101,8 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
     });
     let mut endpoints = BTreeSet::new();
     let mut claimed: BTreeSet<IpNet> = BTreeSet::new();
+    // The CIDRs that got policies: traffic to them is encrypted (or, keyless, dropped).
+    let mut programmed: BTreeSet<IpNet> = BTreeSet::new();
     for peer in &ipsec.peers {
         if peer.node == facts.name {
             continue;
@@ -209,6 +211,7 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
         for p in policies {
             out.desired.policies.insert(p.id, p);
         }
+        programmed.extend(peer.pod_cidrs.iter().map(IpNet::trunc));
 
         let mut states = Vec::new();
         let mut failure = None;
@@ -296,7 +299,21 @@ fn desired_ipsec(inputs: &Inputs<'_>) -> Computed {
     );
     let mut peer_endpoints: Vec<IpAddr> = ipsec.peers.iter().map(|p| p.endpoint).collect();
     peer_endpoints.push(local);
-    out.dropped = fail_closed(&skipped_cidrs, &claimed, &facts.pod_cidrs, &peer_endpoints);
+    out.dropped = fail_closed(
+        &skipped_cidrs,
+        &programmed,
+        &facts.pod_cidrs,
+        &peer_endpoints,
+    )
+    .into_iter()
+    // Drop policies go from this node's pod CIDRs of the same family; with none, nothing is.
+    .filter(|n| {
+        facts
+            .pod_cidrs
+            .iter()
+            .any(|lc| lc.addr().is_ipv4() == n.addr().is_ipv4())
+    })
+    .collect();
     for n in &out.dropped {
         for lc in facts
             .pod_cidrs
@@ -354,7 +371,9 @@ fn skipped_peers<'a>(
 /// Which of skipped peers' `cidrs` to drop traffic to (fail closed) rather than leave to the
 /// underlay in the clear: all but those inside a CIDR a programmed peer holds (that traffic is
 /// encrypted to that peer), those overlapping this node's own pod CIDRs (local traffic is never
-/// touched), and those holding a node's endpoint (the tunnels themselves run there).
+/// touched), and those holding a node's endpoint (the tunnels themselves run there). The last two
+/// are left whole, not split around the excepted part: such a claim is a misconfiguration or an
+/// attack, and is reported.
 pub(crate) fn fail_closed(
     cidrs: &[IpNet],
     claimed: &BTreeSet<IpNet>,

@@ -571,6 +571,41 @@ fn a_skipped_peers_traffic_is_dropped_not_sent_in_the_clear() {
     assert_eq!(b_out.priority, priority);
 }
 
+/// Out of mark indexes: the peer that got none is skipped and its traffic dropped (a peer skipped
+/// after its CIDRs were claimed must not count as programmed).
+#[test]
+fn a_peer_without_a_mark_index_is_dropped() {
+    let mut ctx = Ctx::ipsec();
+    // One bit: one index, which node a's own entry in the peer list takes first.
+    ctx.config.ipsec.mark_mask = 0x100;
+    let (c, _) = ctx.sync(
+        &ipsec_bundle("a", vec![gcm_key(1, KeyRole::Current, 1)], peers_bc()),
+        None,
+        true,
+    );
+    assert_eq!(c.skipped.len(), 2, "{:?}", c.skipped);
+    assert!(
+        c.skipped.iter().all(|s| s.reason.contains("mark index")),
+        "{:?}",
+        c.skipped
+    );
+    let both: Vec<IpNet> = vec![
+        "10.2.0.0/24".parse().unwrap(),
+        "10.3.0.0/24".parse().unwrap(),
+    ];
+    assert_eq!(c.dropped, both);
+    let observed = ctx.kernel.observe().unwrap();
+    for n in both {
+        assert!(
+            observed
+                .policies
+                .values()
+                .any(|p| p.id.dst == n && p.id.dir == PolicyDir::Out),
+            "{n}"
+        );
+    }
+}
+
 #[test]
 fn fail_closed_never_touches_local_traffic_or_the_tunnels() {
     let claimed: BTreeSet<IpNet> = ["10.2.0.0/24".parse().unwrap()].into();
