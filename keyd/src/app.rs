@@ -55,8 +55,6 @@ pub async fn start_with_clock(
     start_with(config, shutdown, clock, None).await
 }
 
-/// [`start`], with `kube` standing in for the Kubernetes API server that node bootstrap asks
-/// (tests).
 /// The certificates of removed nodes, refused at the TLS handshake. Weak: the TLS configuration
 /// does not keep the service alive.
 #[derive(Debug)]
@@ -78,6 +76,8 @@ impl keyd_mtls::identity::DenyList for RemovedNodes {
     }
 }
 
+/// [`start`], with `kube` standing in for the Kubernetes API server that node bootstrap asks
+/// (tests).
 pub async fn start_with_kube(
     config: Config,
     shutdown: tokio::sync::watch::Receiver<bool>,

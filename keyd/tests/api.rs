@@ -843,8 +843,17 @@ async fn bundle(c: &mut keyd_mtls::client::Connection, name: &str) -> Response {
 /// handshake, or (TLS 1.3 sends the server's verdict on the client certificate after the client
 /// finished) at the first request.
 async fn handshake_refused(h: &Harness, name: &str) -> String {
+    refused_by(&node_connector(h, name), name).await
+}
+
+/// A connector with node `name`'s certificate; it keeps the TLS sessions it is given, so it
+/// resumes when the server allows it.
+fn node_connector(h: &Harness, name: &str) -> Connector {
     let tls = keyd_mtls::tls::client_config(&h.paths_for(&Identity::Node(name.into()))).unwrap();
-    let connector = keyd_mtls::client::Connector::new(&h.server_url(), tls).unwrap();
+    Connector::new(&h.server_url(), tls).unwrap()
+}
+
+async fn refused_by(connector: &Connector, name: &str) -> String {
     let e = match connector.connect().await {
         Err(e) => e,
         Ok(mut c) => c
@@ -867,6 +876,11 @@ async fn a_removed_node_leaves_the_bundles_and_its_certificate_is_refused() {
     let mut a = h.node("node-a").await;
     let mut b = h.node("node-b").await;
     assert_eq!(bundle(&mut b, "node-b").await.status, StatusCode::OK);
+    // A connector that has had a session: it would resume one if keyd offered resumption.
+    let resuming = node_connector(&h, "node-b");
+    let mut c = resuming.connect().await.unwrap();
+    assert_eq!(bundle(&mut c, "node-b").await.status, StatusCode::OK);
+    drop(c);
     // Only an admin removes.
     let r = a
         .send(Method::DELETE, "/v1/nodes/node-b", None, &[])
@@ -891,8 +905,11 @@ async fn a_removed_node_leaves_the_bundles_and_its_certificate_is_refused() {
         "{}",
         r.error_message()
     );
-    // A new connection fails at the TLS handshake: the certificate is revoked.
+    // A new connection fails at the TLS handshake: the certificate is revoked; also for a
+    // client that would resume an earlier session.
     let why = handshake_refused(&h, "node-b").await;
+    assert!(why.contains("CertificateRevoked"), "{why}");
+    let why = refused_by(&resuming, "node-b").await;
     assert!(why.contains("CertificateRevoked"), "{why}");
     // node-a no longer has node-b as a peer.
     let ba: NodeBundle = serde_json::from_slice(&bundle(&mut a, "node-a").await.body).unwrap();

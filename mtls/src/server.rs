@@ -199,7 +199,7 @@ pub async fn serve_tls<F, S>(
                     .1
                     .peer_certificates()
                     .and_then(crate::identity::peer_validity)
-                    .map(|v| instant_of(v.not_after));
+                    .and_then(|v| instant_of(v.not_after));
                 ctx.serve(stream, svc, peer, expires).await;
             }
         }
@@ -358,6 +358,12 @@ impl ConnCtx {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
+                // A request still in flight gets a moment to finish, not the certificate's
+                // identity for ever.
+                () = sleep_until_or_never(expires.map(|e| e + EXPIRED_GRACE)) => {
+                    tracing::debug!(%peer, "dropping a connection whose client certificate expired");
+                    return;
+                }
                 changed = shutdown.changed(), if !closing => {
                     if changed.is_err() || *shutdown.borrow() {
                         conn.as_mut().graceful_shutdown();
@@ -369,12 +375,20 @@ impl ConnCtx {
     }
 }
 
-/// The monotonic instant of `unix_seconds` (now, if that has passed).
-fn instant_of(unix_seconds: u64) -> Instant {
+/// How long a request in flight may finish after its connection's client certificate expired;
+/// then the connection is dropped.
+const EXPIRED_GRACE: Duration = Duration::from_secs(10);
+
+/// The monotonic instant of `unix_seconds` (now, if that has passed; `None` if it is too far
+/// ahead to represent, which is never).
+fn instant_of(unix_seconds: u64) -> Option<Instant> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    Instant::now() + Duration::from_secs(unix_seconds).saturating_sub(now)
+    Instant::now()
+        .checked_add(Duration::from_secs(unix_seconds).saturating_sub(now))?
+        .checked_add(EXPIRED_GRACE)
+        .map(|t| t - EXPIRED_GRACE)
 }
 
 async fn sleep_until_or_never(at: Option<Instant>) {

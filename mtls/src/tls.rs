@@ -197,6 +197,12 @@ pub fn serving_config_denying(
                 source,
             })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if deny.is_some() {
+        // A resumed session restores the client's certificate without verifying it again, so
+        // a certificate denied since would get through: no resumption where a deny list applies.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 

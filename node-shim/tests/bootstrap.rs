@@ -18,8 +18,11 @@ use keyd_proto::{NodeRegistration, SecretString, Timestamp};
 
 /// Tokens `token-<pod>` are valid bound tokens of keyd/node-shim for pod `<pod>`; pod
 /// `shim-on-a` runs on node-a, `shim-on-b` on node-b; anything else is invalid.
-#[derive(Debug)]
-struct FakeKube;
+/// `nodes_down`: reading a Node object fails, as with an API server that is away.
+#[derive(Debug, Default)]
+struct FakeKube {
+    nodes_down: std::sync::atomic::AtomicBool,
+}
 
 #[async_trait::async_trait]
 impl KubeAuth for FakeKube {
@@ -71,6 +74,11 @@ impl KubeAuth for FakeKube {
     }
 
     async fn node(&self, name: &str) -> Result<Option<NodeFacts>, KubeError> {
+        if self.nodes_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(KubeError::Timeout {
+                what: "reading a node",
+            });
+        }
         let (address, cidr) = match name {
             "node-a" => ("192.168.0.1", "10.1.0.0/24"),
             "node-b" => ("192.168.0.2", "10.2.0.0/24"),
@@ -107,7 +115,7 @@ fn bootstrapper(
 
 #[tokio::test]
 async fn a_projected_token_buys_a_short_lived_node_certificate() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let dir = tempfile::tempdir().unwrap();
     let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
     let issued = b.obtain().await.unwrap();
@@ -137,7 +145,8 @@ async fn a_projected_token_buys_a_short_lived_node_certificate() {
 /// never accepts.
 #[tokio::test]
 async fn a_node_registers_only_what_its_node_object_says() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let kube = Arc::new(FakeKube::default());
+    let keyd = KeydHarness::start_with_bootstrap(Arc::clone(&kube) as Arc<dyn KubeAuth>).await;
     let dir = tempfile::tempdir().unwrap();
     let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
     b.obtain().await.unwrap();
@@ -192,6 +201,23 @@ async fn a_node_registers_only_what_its_node_object_says() {
             .to_string()
         }
     };
+    // With the API server away, the registration keyd holds is accepted again (a restarting
+    // node), a changed one is not (503), and nothing is accepted on the node's word alone.
+    kube.nodes_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    reg.endpoint = "192.168.0.1".parse().unwrap();
+    reg.pod_cidrs = vec!["10.1.0.0/25".parse().unwrap()];
+    client.register(&reg).await.unwrap();
+    reg.pod_cidrs = vec!["10.1.0.0/24".parse().unwrap()];
+    let e = client.register(&reg).await.unwrap_err();
+    assert!(
+        matches!(&e, KeydError::Status { status, message }
+            if status.as_u16() == 503 && message.contains("cannot check")),
+        "{e}"
+    );
+    kube.nodes_down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    client.register(&reg).await.unwrap();
     let why = register("node-ghost").await;
     assert!(why.contains("no Node object \"node-ghost\""), "{why}");
     let why = register("node-unreachable").await;
@@ -218,7 +244,7 @@ fn keyd_url(k: &KeydHarness) -> String {
 
 #[tokio::test]
 async fn refusals_name_the_reason() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("node-a", "not-a-token", "not valid"),
@@ -245,7 +271,7 @@ async fn refusals_name_the_reason() {
 /// A removed node gets no certificate from bootstrap until an admin readmits it.
 #[tokio::test]
 async fn a_removed_node_cannot_bootstrap_until_readmitted() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let dir = tempfile::tempdir().unwrap();
     keyd.keyd
         .register_node(
@@ -288,7 +314,7 @@ async fn a_removed_node_cannot_bootstrap_until_readmitted() {
 
 #[tokio::test]
 async fn renews_before_expiry() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let dir = tempfile::tempdir().unwrap();
     let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
     b.obtain().await.unwrap();
@@ -317,7 +343,7 @@ async fn renews_before_expiry() {
 
 #[tokio::test]
 async fn a_restart_starts_on_the_certificate_it_already_has() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let dir = tempfile::tempdir().unwrap();
     let b = bootstrapper(&keyd, dir.path(), "node-a", "token-shim-on-a");
     assert_eq!(b.existing(), None, "nothing obtained yet");
@@ -346,7 +372,7 @@ async fn a_restart_starts_on_the_certificate_it_already_has() {
 /// per request.
 #[tokio::test]
 async fn a_flood_of_bad_requests_is_limited_and_summarised() {
-    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube)).await;
+    let keyd = KeydHarness::start_with_bootstrap(Arc::new(FakeKube::default())).await;
     let connector = keyd_mtls::client::Connector::new(
         &format!("https://127.0.0.1:{}", keyd.bootstrap.unwrap().port()),
         keyd_mtls::tls::server_auth_client_config(&keyd.setup.pki.ca).unwrap(),

@@ -69,15 +69,18 @@ impl Keyd {
     }
 
     /// Refuses `reg` for node `name` unless its endpoint and pod CIDRs are the node's own (see
-    /// the module documentation). Against a Node object, a registration that repeats what is
-    /// stored was checked when it was stored and is not read again, so a node restarting while
-    /// the API server is away still registers. Refusals are audited as `node.claim_refused`.
+    /// the module documentation). Against a Node object: when the API server cannot be asked, a
+    /// registration that repeats what is stored is accepted (so that nodes restarting during an
+    /// outage still register), any other gets 503. Refusals are audited as `node.claim_refused`.
+    ///
+    /// Returns the allocation the check used, which the caller compares with the current one
+    /// under its write lock (an admin may change it meanwhile).
     pub(super) async fn check_claims(
         &self,
         actor: &Identity,
         name: &str,
         reg: &NodeRegistration,
-    ) -> Result<()> {
+    ) -> Result<Option<NodeAllocation>> {
         let cache = self.cache();
         let allocation = cache.allocations.get(name).cloned();
         let unchanged = cache
@@ -85,14 +88,13 @@ impl Keyd {
             .get(name)
             .is_some_and(|n| n.endpoint == reg.endpoint && n.pod_cidrs == reg.pod_cidrs);
         drop(cache);
-        let allowance = match (allocation, self.config.claims) {
+        let allowance = match (&allocation, self.config.claims) {
             (Some(a), _) => Allowance {
                 source: "its allocation (keyctl nodes allow)".to_owned(),
-                endpoints: a.endpoints,
-                pod_cidrs: a.pod_cidrs,
+                endpoints: a.endpoints.clone(),
+                pod_cidrs: a.pod_cidrs.clone(),
             },
-            (None, ClaimCheck::Open) => return Ok(()),
-            (None, ClaimCheck::NodeObject) if unchanged => return Ok(()),
+            (None, ClaimCheck::Open) => return Ok(None),
             (None, ClaimCheck::Allocation) => {
                 return self
                     .refuse_claim(
@@ -134,6 +136,11 @@ impl Keyd {
                             )
                             .await;
                     }
+                    Err(why) if unchanged => {
+                        tracing::warn!(node = name, error = %why,
+                            "cannot read the Node object; accepting the registration keyd already holds");
+                        return Ok(None);
+                    }
                     Err(why) => {
                         return Err(ServiceError::ClaimsUnverifiable(format!(
                             "cannot check node {name:?}'s endpoint and pod CIDRs against its \
@@ -145,17 +152,18 @@ impl Keyd {
         };
         match allowance.refusal(reg) {
             Some(why) => self.refuse_claim(actor, name, reg, why).await,
-            None => Ok(()),
+            None => Ok(allocation),
         }
     }
 
-    async fn refuse_claim(
+    /// Audits and refuses (never returns `Ok`).
+    async fn refuse_claim<T>(
         &self,
         actor: &Identity,
         name: &str,
         reg: &NodeRegistration,
         why: String,
-    ) -> Result<()> {
+    ) -> Result<T> {
         self.audit(AuditEvent::new(
             "node.claim_refused",
             actor,
@@ -243,6 +251,22 @@ impl Keyd {
                      it out of the bundles now"
                 )
             })
+        });
+        let warning = warning.or_else(|| {
+            let held = cache.nodes.values().filter(|n| n.name != name).find(|n| {
+                allocation.endpoints.contains(&n.endpoint)
+                    || n.pod_cidrs.iter().any(|c| {
+                        allocation
+                            .pod_cidrs
+                            .iter()
+                            .any(|a| a.contains(c) || c.contains(a))
+                    })
+            })?;
+            Some(format!(
+                "node {:?} is registered with an endpoint or pod CIDR inside this allocation; \
+                 {name} cannot register it until that node is removed (keyctl nodes remove {})",
+                held.name, held.name
+            ))
         });
         let key = format!("{ALLOCATION_PREFIX}{name}");
         let previous = self.store.get(Table::Meta, &key)?;

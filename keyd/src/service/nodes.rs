@@ -171,9 +171,14 @@ impl Keyd {
                 reg.pod_cidrs.len()
             )));
         }
-        self.check_claims(actor, name, &reg).await?;
+        let checked = self.check_claims(actor, name, &reg).await?;
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
+        if cache.allocations.get(name) != checked.as_ref() {
+            return Err(ServiceError::Conflict(format!(
+                "node {name:?}'s allocation changed while it registered; register again"
+            )));
+        }
         if let Some(r) = cache.removed.get(name).filter(|r| !r.readmitted) {
             return Err(ServiceError::Forbidden(r.refusal(name)));
         }

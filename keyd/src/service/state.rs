@@ -113,7 +113,8 @@ impl Default for ServiceConfig {
             segment_records: 100_000,
             segment_age: Duration::from_secs(86_400),
             allow_global_ipsec_import: false,
-            claims: ClaimCheck::Open,
+            // What `[nodes] claims` defaults to without `[bootstrap]`: never fail open.
+            claims: ClaimCheck::Allocation,
         }
     }
 }
