@@ -214,10 +214,7 @@ pub enum StoreError {
     },
     /// The filesystem holding the store has no space left (ENOSPC or a quota). keyd reopens
     /// the store on the next operation; writes succeed again once space is freed.
-    #[error(
-        "store {op} failed: no space left on the filesystem holding the store; nothing was \
-         written, free space there and retry"
-    )]
+    #[error("store {op} failed: no space left on the filesystem holding the store")]
     Full {
         op: &'static str,
         #[source]

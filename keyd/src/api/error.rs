@@ -124,6 +124,15 @@ fn rewrap_error(e: &RewrapError) -> ApiError {
         RewrapError::Spec(c) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
         }
+        RewrapError::TargetCheck(s) if s.is_no_space() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_full",
+            format!(
+                "{}: no space left on that filesystem; nothing was changed. Free space there \
+                 and retry",
+                keyd_mtls::error_chain(s)
+            ),
+        ),
         RewrapError::TargetCheck(s) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "custodian_check_failed",
@@ -152,8 +161,8 @@ pub fn store_unavailable(e: &crate::store::StoreError) -> ApiError {
             StatusCode::INSUFFICIENT_STORAGE,
             "store_full",
             format!(
-                "{e}. keyd keeps serving the keys it holds; writes succeed again once the \
-                 filesystem has space"
+                "{e}; nothing was changed. keyd keeps serving the keys it holds; writes succeed \
+                 again once the filesystem has space, without a restart"
             ),
         )
     } else {
