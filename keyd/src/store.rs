@@ -731,6 +731,44 @@ mod tests {
     }
 
     #[test]
+    fn io_failures_are_told_apart_from_a_full_disk() {
+        let full = backend("commit")(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(full.is_full() && full.is_unavailable(), "{full:?}");
+        assert!(full.to_string().contains("no space left"), "{full}");
+        let quota = backend("commit")(redb::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::QuotaExceeded,
+        )));
+        assert!(quota.is_full());
+        let eio = backend("commit")(redb::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert!(!eio.is_full() && eio.is_unavailable(), "{eio:?}");
+        // After an I/O error redb answers PreviousIo to everything until reopened.
+        let previous = backend("get")(redb::Error::PreviousIo);
+        assert!(previous.is_unavailable() && !previous.is_full());
+        assert!(previous.source_redb().is_some());
+        let other = backend("get")(redb::Error::TableDoesNotExist("x".into()));
+        assert!(!other.is_unavailable());
+    }
+
+    #[test]
+    fn a_closed_store_reopens_on_the_next_operation() {
+        let (_d, s) = open();
+        s.commit(Txn::default().put(Table::Meta, "a", b"1".to_vec()))
+            .unwrap();
+        // What a failed reopen leaves: no database. The next operation opens the file again.
+        drop(s.db.write().unwrap().take());
+        assert_eq!(s.get(Table::Meta, "a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.generation.load(Ordering::Acquire), 1);
+        // A reopen asked for by an operation that saw an older generation is skipped.
+        s.reopen(0).unwrap();
+        assert_eq!(s.generation.load(Ordering::Acquire), 1);
+        s.reopen(1).unwrap();
+        assert_eq!(s.generation.load(Ordering::Acquire), 2);
+        s.commit(Txn::default().put(Table::Meta, "b", b"2".to_vec()))
+            .unwrap();
+        assert_eq!(s.scan(Table::Meta).unwrap().len(), 2);
+    }
+
+    #[test]
     fn audit_is_chained_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyd.redb");
