@@ -326,7 +326,7 @@ impl RedbStore {
             };
             match io {
                 Some(true) => StoreError::Full {
-                    op: "reopen",
+                    op: "open",
                     source: Box::new(e),
                 },
                 _ => StoreError::Open {
