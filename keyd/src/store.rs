@@ -413,7 +413,14 @@ impl RedbStore {
         }
         // redb releases the file (and its lock) only when the old `Database` is dropped.
         drop(guard.take());
-        let db = Self::open_db(&self.path)?;
+        // Still failing is an I/O condition to retry (503 or 507), not a broken configuration.
+        let db = Self::open_db(&self.path).map_err(|e| match e {
+            StoreError::Open { source, .. } => StoreError::Io {
+                op: "reopen",
+                source,
+            },
+            other => other,
+        })?;
         *guard = Some(db);
         self.generation.fetch_add(1, Ordering::AcqRel);
         tracing::info!(store = %self.path.display(), "store reopened");
