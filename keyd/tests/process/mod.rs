@@ -24,6 +24,8 @@ pub struct Keyd {
     pub child: Child,
     pub data: PathBuf,
     pub api: u16,
+    /// The ops listener (plain HTTP: `/healthz`, `/readyz`, `/metrics`).
+    pub ops: u16,
     log: PathBuf,
 }
 
@@ -37,7 +39,7 @@ impl Keyd {
 
     /// With its log in `log_dir` (not on a filesystem the test fills up).
     pub fn spawn_logging_to(data: &Path, log_dir: &Path, env: &[(&str, String)]) -> Self {
-        let api = free_port();
+        let (api, ops) = (free_port(), free_port());
         let log = log_dir.join(format!("keyd-{api}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keyd"))
@@ -47,7 +49,7 @@ impl Keyd {
                 "--listen",
                 &format!("127.0.0.1:{api}"),
                 "--ops-listen",
-                &format!("127.0.0.1:{}", free_port()),
+                &format!("127.0.0.1:{ops}"),
             ])
             .env("KEYD_SCHEDULER_TICK", "100ms")
             .env("KEYD_LOG_LEVEL", "info")
@@ -61,6 +63,7 @@ impl Keyd {
             child,
             data: data.to_owned(),
             api,
+            ops,
             log,
         }
     }
