@@ -216,7 +216,8 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
                 .await
                 .unwrap_or_else(|_| panic!("keyd went away: {}", k.log()));
             if status.is_success() {
-                // (Checked with the rest after the restart below.) A rotation that succeeded starts a rollout; the next one is refused for that.
+                // Acknowledged, so durable: the restart below checks the state it leaves. An
+                // IPsec rotation that succeeded would start a rollout and refuse the next one.
                 assert_ne!(path, "/v1/ipsec/rotate", "{what} succeeded on a full disk");
                 continue;
             }
