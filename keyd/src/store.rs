@@ -394,9 +394,12 @@ impl RedbStore {
                     }
                     e
                 };
-                tracing::warn!(store = %self.path.display(), error = %keyd_mtls::error_chain(&e), "store I/O failure; reopening the store");
+                let store = self.path.display();
+                tracing::warn!(%store, error = %keyd_mtls::error_chain(&e),
+                    "store I/O failure; reopening the store");
                 if let Err(again) = self.reopen(generation) {
-                    tracing::warn!(store = %self.path.display(), error = %keyd_mtls::error_chain(&again), "the store cannot be reopened yet; retrying on the next operation");
+                    tracing::warn!(%store, error = %keyd_mtls::error_chain(&again),
+                        "the store cannot be reopened yet; retrying on the next operation");
                 }
                 Err(e)
             }

@@ -17,6 +17,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use http::{Method, StatusCode};
 use keyd_proto::{IpsecAlgorithm, IpsecStatus, NodeBundle};
 use serde_json::{Value, json};
@@ -193,8 +195,9 @@ impl Scenario {
                 Identity::Node(name),
                 Method::PUT,
                 &format!("/v1/nodes/{name}"),
-                Some(json!({ "endpoint": format!("192.0.2.{}", i + 1), "pod_cidrs": [format!("10.0.{i}.0/24")],
-                             "wireguard_public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wg.as_bytes()) })),
+                Some(json!({ "endpoint": format!("192.0.2.{}", i + 1),
+                             "pod_cidrs": [format!("10.0.{i}.0/24")],
+                             "wireguard_public_key": STANDARD.encode(wg.as_bytes()) })),
             )
             .await?;
         }
@@ -655,7 +658,8 @@ async fn keyd_survives_a_crash_at_every_commit_point() {
         }
     }
     println!(
-        "crash points: {survived} of {total} crashes survived (no key lost, operation completed, audit verified) in {:.0?}",
+        "crash points: {survived} of {total} crashes survived \
+         (no key lost, operation completed, audit verified) in {:.0?}",
         started.elapsed()
     );
 }

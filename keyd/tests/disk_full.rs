@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use http::{Method, StatusCode};
 use keyd_proto::{IpsecAlgorithm, NodeBundle};
 use process::{Identity, Keyd, call, request};
@@ -106,7 +108,7 @@ fn keys(b: &Value) -> Vec<(u8, String)> {
 fn register_body(i: u8) -> Value {
     let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([i + 1; 32]));
     json!({ "endpoint": format!("192.0.2.{}", i + 1), "pod_cidrs": [format!("10.0.{i}.0/24")],
-            "wireguard_public_key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wg.as_bytes()) })
+            "wireguard_public_key": STANDARD.encode(wg.as_bytes()) })
 }
 
 /// The writes the test makes while the disk is full and again once it has space.
