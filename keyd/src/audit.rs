@@ -150,7 +150,26 @@ pub fn key_id(public_key: &[u8]) -> String {
 
 // ---- group commit ------------------------------------------------------------------------------
 
-type Pending = (AuditEvent, oneshot::Sender<Result<(), String>>);
+type Pending = (AuditEvent, oneshot::Sender<Result<(), Failure>>);
+
+/// A failed group commit, as each waiter of the batch receives it: the message and whether the
+/// store's disk was full or failed, so that each caller can answer as for its own commit.
+#[derive(Debug, Clone)]
+struct Failure {
+    full: bool,
+    io: bool,
+    why: String,
+}
+
+impl From<&StoreError> for Failure {
+    fn from(e: &StoreError) -> Self {
+        Self {
+            full: e.is_full(),
+            io: e.is_unavailable(),
+            why: keyd_mtls::error_chain(e),
+        }
+    }
+}
 
 /// Appends audit events with group commit: events arriving while a transaction is being written
 /// go into the next one together.
@@ -190,7 +209,7 @@ impl AuditWriter {
                             at: Some(clock.now()),
                             ..Txn::default()
                         })
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| Failure::from(&e));
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
@@ -216,7 +235,25 @@ impl AuditWriter {
             .map_err(|_| failed("the audit writer has stopped".into()))?;
         wait.await
             .map_err(|_| failed("the audit writer has stopped".into()))?
-            .map_err(failed)
+            .map_err(|f| {
+                let source = f.why.into();
+                if f.full {
+                    StoreError::Full {
+                        op: "audit append",
+                        source,
+                    }
+                } else if f.io {
+                    StoreError::Io {
+                        op: "audit append",
+                        source,
+                    }
+                } else {
+                    StoreError::Backend {
+                        op: "audit append",
+                        source,
+                    }
+                }
+            })
     }
 }
 

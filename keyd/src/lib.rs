@@ -17,6 +17,8 @@ pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod custody;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod fsutil;
 pub mod ipsec;
 pub mod pki;

@@ -423,10 +423,10 @@ impl LocalKek {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let kek = Key256::random()?;
                 let encoded = Zeroizing::new(STANDARD.encode(kek.expose()) + "\n");
-                crate::fsutil::write_private(path, encoded.as_bytes()).map_err(|e| {
-                    SealError::KekFile {
+                crate::fsutil::write_private(path, encoded.as_bytes()).map_err(|source| {
+                    SealError::KekFileWrite {
                         path: path.to_owned(),
-                        why: e.to_string(),
+                        source,
                     }
                 })?;
                 tracing::info!(path = %path.display(), "created a new local key-encryption key");
@@ -525,6 +525,13 @@ pub enum SealError {
     },
     #[error("local KEK file {path}: {why}")]
     KekFile { path: PathBuf, why: String },
+    /// A new local KEK file could not be written (nothing is left behind: the write is atomic).
+    #[error("cannot write the new local KEK file {path}")]
+    KekFileWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A remote custodian refused or failed a call; `kind` says which way.
     #[error("{backend} key {key_id}: {op} failed: {kind}: {detail}")]
     Custodian {
@@ -545,6 +552,14 @@ pub enum SealError {
 impl SealError {
     /// How a custodian failure should be handled; `None` for errors that are not about the
     /// custodian (randomness, corrupt records).
+    /// The filesystem had no space (ENOSPC or a quota) for a file keyd writes.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SealError::KekFileWrite { source, .. } if matches!(
+            source.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ))
+    }
+
     pub fn kind(&self) -> Option<FailureKind> {
         match self {
             SealError::Custodian { kind, .. } => Some(*kind),
@@ -552,7 +567,9 @@ impl SealError {
                 Some(FailureKind::ContextMismatch)
             }
             SealError::NoCustodian { .. } => Some(FailureKind::KeyNotFound),
-            SealError::KekFile { .. } => Some(FailureKind::KeyNotFound),
+            SealError::KekFile { .. } | SealError::KekFileWrite { .. } => {
+                Some(FailureKind::KeyNotFound)
+            }
             _ => None,
         }
     }

@@ -8,6 +8,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use keyd_proto::Timestamp;
 use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
@@ -210,22 +212,90 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The filesystem holding the store has no space left (ENOSPC or a quota). keyd reopens
+    /// the store on the next operation; writes succeed again once space is freed.
+    #[error("store {op} failed: no space left on the filesystem holding the store")]
+    Full {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Any other I/O error from the store's file; keyd reopens the store on the next operation.
+    #[error("store {op} failed with an I/O error; the store is reopened on the next request")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{table:?}/{key} changed concurrently; retry")]
     Conflict { table: Table, key: String },
     #[error("stored {what} is corrupt: {why}")]
     Corrupt { what: String, why: String },
 }
 
+impl StoreError {
+    /// The store could not be written for lack of space (a 507 to API clients).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. })
+    }
+
+    /// The store's file failed (a 503: the request may succeed later, unchanged).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Full { .. } | StoreError::Io { .. })
+    }
+}
+
+/// Whether an I/O error means "no space": ENOSPC or EDQUOT.
+fn io_is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// What a redb error says about the file: `Some(full)` when it is an I/O failure, after which
+/// redb refuses every operation of that `Database` (`PreviousIo`) until it is reopened.
+fn io_failure(e: &redb::Error) -> Option<bool> {
+    match e {
+        redb::Error::Io(io) => Some(io_is_full(io)),
+        redb::Error::PreviousIo => Some(false),
+        _ => None,
+    }
+}
+
 fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError::Backend {
-        op,
-        source: Box::new(e),
+    move |e| match io_failure(&e) {
+        Some(true) => StoreError::Full {
+            op,
+            source: Box::new(e),
+        },
+        Some(false) => StoreError::Io {
+            op,
+            source: Box::new(e),
+        },
+        None => StoreError::Backend {
+            op,
+            source: Box::new(e),
+        },
     }
 }
 
 /// The embedded default: one redb file in the data directory.
+///
+/// After an I/O error (a full disk, typically) redb poisons its `Database`: every later read or
+/// write fails with `PreviousIo`. The store then drops it and opens the file again, which runs
+/// redb's recovery back to the last committed transaction; nothing committed is lost and the
+/// failed transaction was never acknowledged. If reopening fails too (recovery needs to write,
+/// and the disk may still be full), every operation tries again until it succeeds.
 pub struct RedbStore {
-    db: redb::Database,
+    /// `None` while the file could not be reopened. Operations hold the read lock for their
+    /// whole duration, so a reopen (write lock) waits until no transaction of the old `Database`
+    /// is alive and redb has released the file.
+    db: RwLock<Option<redb::Database>>,
+    /// Bumped by every reopen, so that several operations failing together reopen once.
+    generation: AtomicU64,
+    /// The last I/O failure was "no space": a later `PreviousIo` is reported as that.
+    full: AtomicBool,
     path: PathBuf,
 }
 
@@ -239,9 +309,31 @@ impl fmt::Debug for RedbStore {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| StoreError::Open {
+        let db = Self::open_db(path)?;
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            generation: AtomicU64::new(0),
+            full: AtomicBool::new(false),
             path: path.to_owned(),
-            source: Box::new(e),
+        })
+    }
+
+    fn open_db(path: &Path) -> Result<redb::Database, StoreError> {
+        let db = redb::Database::create(path).map_err(|e| {
+            let io = match &e {
+                redb::DatabaseError::Storage(redb::StorageError::Io(io)) => Some(io_is_full(io)),
+                _ => None,
+            };
+            match io {
+                Some(true) => StoreError::Full {
+                    op: "open",
+                    source: Box::new(e),
+                },
+                _ => StoreError::Open {
+                    path: path.to_owned(),
+                    source: Box::new(e),
+                },
+            }
         })?;
         // Create every table once so that reads never meet a missing table.
         let w = db.begin_write().map_err(|e| backend("begin")(e.into()))?;
@@ -252,36 +344,244 @@ impl RedbStore {
         w.open_table(AUDIT)
             .map_err(|e| backend("open table")(e.into()))?;
         w.commit().map_err(|e| backend("commit")(e.into()))?;
-        Ok(Self {
-            db,
-            path: path.to_owned(),
-        })
+        Ok(db)
+    }
+
+    /// Runs `f` on the database, reopening it first if an earlier I/O error poisoned it, and
+    /// after `f` if `f` met one.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = guard.as_ref() else {
+            drop(guard);
+            self.reopen(generation)?;
+            return self.with_db_open(f);
+        };
+        let result = f(db);
+        drop(guard);
+        self.after(result, generation)
+    }
+
+    /// [`Self::with_db`] once a reopen has succeeded: no second reopen before `f`.
+    fn with_db_open<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let result = match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(self.unavailable()),
+        };
+        drop(guard);
+        self.after(result, generation)
+    }
+
+    fn after<T>(&self, result: Result<T, StoreError>, generation: u64) -> Result<T, StoreError> {
+        match result {
+            Err(e @ (StoreError::Full { .. } | StoreError::Io { .. })) => {
+                let previous = e
+                    .source_redb()
+                    .is_some_and(|r| matches!(r, redb::Error::PreviousIo));
+                let e = if previous && self.full.load(Ordering::Acquire) {
+                    e.into_full()
+                } else {
+                    if !previous {
+                        self.full.store(e.is_full(), Ordering::Release);
+                    }
+                    e
+                };
+                let store = self.path.display();
+                tracing::warn!(%store, error = %keyd_mtls::error_chain(&e),
+                    "store I/O failure; reopening the store");
+                if let Err(again) = self.reopen(generation) {
+                    tracing::warn!(%store, error = %keyd_mtls::error_chain(&again),
+                        "the store cannot be reopened yet; retrying on the next operation");
+                }
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Drops the (poisoned) database and opens the file again, unless another operation
+    /// already did since `seen`. On failure the store stays closed until the next attempt.
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::Acquire) != seen && guard.is_some() {
+            return Ok(());
+        }
+        // redb releases the file (and its lock) only when the old `Database` is dropped.
+        drop(guard.take());
+        // Still failing is an I/O condition to retry (503 or 507), not a broken configuration.
+        let db = Self::open_db(&self.path).map_err(|e| match e {
+            StoreError::Open { source, .. } => StoreError::Io {
+                op: "reopen",
+                source,
+            },
+            other => other,
+        })?;
+        *guard = Some(db);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(store = %self.path.display(), "store reopened");
+        Ok(())
+    }
+
+    fn unavailable(&self) -> StoreError {
+        let why = "the store is closed after an I/O error and could not be reopened yet";
+        if self.full.load(Ordering::Acquire) {
+            StoreError::Full {
+                op: "reopen",
+                source: why.into(),
+            }
+        } else {
+            StoreError::Io {
+                op: "reopen",
+                source: why.into(),
+            }
+        }
     }
 }
 
-impl RedbStore {
-    /// A table as of now. redb's read-only tables keep their own snapshot alive, so the
-    /// transaction need not outlive this call.
-    fn read(
-        &self,
-        table: Table,
-    ) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        r.open_table(table.def())
-            .map_err(|e| backend("open table")(e.into()))
+impl StoreError {
+    fn source_redb(&self) -> Option<&redb::Error> {
+        match self {
+            StoreError::Full { source, .. } | StoreError::Io { source, .. } => {
+                source.downcast_ref::<redb::Error>()
+            }
+            _ => None,
+        }
     }
 
-    fn read_audit(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, StoreError> {
-        let r = self
-            .db
-            .begin_read()
-            .map_err(|e| backend("begin read")(e.into()))?;
-        r.open_table(AUDIT)
-            .map_err(|e| backend("open table")(e.into()))
+    fn into_full(self) -> StoreError {
+        match self {
+            StoreError::Io { op, source } => StoreError::Full { op, source },
+            other => other,
+        }
     }
+}
+
+/// A table as of now. redb's read-only tables keep their own snapshot alive, so the
+/// transaction need not outlive this call.
+fn read(
+    db: &redb::Database,
+    table: Table,
+) -> Result<redb::ReadOnlyTable<&'static str, &'static [u8]>, StoreError> {
+    let r = db
+        .begin_read()
+        .map_err(|e| backend("begin read")(e.into()))?;
+    r.open_table(table.def())
+        .map_err(|e| backend("open table")(e.into()))
+}
+
+fn read_audit(db: &redb::Database) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, StoreError> {
+    let r = db
+        .begin_read()
+        .map_err(|e| backend("begin read")(e.into()))?;
+    r.open_table(AUDIT)
+        .map_err(|e| backend("open table")(e.into()))
+}
+
+/// What a commit point calls this transaction (see [`crate::faults`]).
+#[cfg(feature = "fault-injection")]
+fn point_label(txn: &Txn) -> String {
+    if let Some(a) = txn.audit.first() {
+        a.action.clone()
+    } else if let Some((t, _, _)) = txn.puts.first() {
+        format!("put:{t:?}")
+    } else if let Some((t, _)) = txn.deletes.first() {
+        format!("delete:{t:?}")
+    } else {
+        "empty".to_owned()
+    }
+}
+
+/// Commits `w`, passing the transaction's two crash points when fault injection is built in.
+fn commit_write(w: redb::WriteTransaction, label: &dyn Fn() -> String) -> Result<(), StoreError> {
+    #[cfg(feature = "fault-injection")]
+    let (label, n) = {
+        let label = label();
+        let n = crate::faults::begin(&label);
+        crate::faults::reached(&label, n, crate::faults::Stage::Before);
+        (label, n)
+    };
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = label;
+    w.commit().map_err(|e| backend("commit")(e.into()))?;
+    #[cfg(feature = "fault-injection")]
+    crate::faults::reached(&label, n, crate::faults::Stage::After);
+    Ok(())
+}
+
+fn commit_txn(db: &redb::Database, txn: Txn) -> Result<(), StoreError> {
+    #[cfg(feature = "fault-injection")]
+    let label = point_label(&txn);
+    #[cfg(not(feature = "fault-injection"))]
+    let label = String::new();
+    let w = db
+        .begin_write()
+        .map_err(|e| backend("begin write")(e.into()))?;
+    {
+        for (table, key, expected) in &txn.guards {
+            let t = w
+                .open_table(table.def())
+                .map_err(|e| backend("open table")(e.into()))?;
+            let current = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
+            if current.as_ref().map(|v| v.value()) != expected.as_deref() {
+                // Dropping `w` without commit aborts the transaction.
+                return Err(StoreError::Conflict {
+                    table: *table,
+                    key: key.clone(),
+                });
+            }
+        }
+        for (table, key, value) in &txn.puts {
+            let mut t = w
+                .open_table(table.def())
+                .map_err(|e| backend("open table")(e.into()))?;
+            t.insert(key.as_str(), value.as_slice())
+                .map_err(|e| backend("insert")(e.into()))?;
+        }
+        for (table, key) in &txn.deletes {
+            let mut t = w
+                .open_table(table.def())
+                .map_err(|e| backend("open table")(e.into()))?;
+            t.remove(key.as_str())
+                .map_err(|e| backend("remove")(e.into()))?;
+        }
+        if !txn.audit.is_empty() {
+            let mut t = w
+                .open_table(AUDIT)
+                .map_err(|e| backend("open table")(e.into()))?;
+            let (mut seq, mut prev) = match t.last().map_err(|e| backend("audit tail")(e.into()))? {
+                Some((k, v)) => {
+                    let rec: AuditRecord =
+                        serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                            what: format!("audit record {}", k.value()),
+                            why: e.to_string(),
+                        })?;
+                    (rec.seq + 1, rec.hash)
+                }
+                None => (1, GENESIS_HASH.to_owned()),
+            };
+            let at = txn.at.unwrap_or_else(Timestamp::now);
+            for event in txn.audit {
+                let rec = AuditRecord::chain(seq, at, event, prev);
+                let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend {
+                    op: "encode audit record",
+                    source: Box::new(e),
+                })?;
+                t.insert(seq, bytes.as_slice())
+                    .map_err(|e| backend("audit append")(e.into()))?;
+                prev = rec.hash;
+                seq += 1;
+            }
+        }
+    }
+    commit_write(w, &|| label.clone())
 }
 
 impl Store for RedbStore {
@@ -290,87 +590,31 @@ impl Store for RedbStore {
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let t = self.read(table)?;
-        let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
-        Ok(v.map(|v| v.value().to_vec()))
+        self.with_db(|db| {
+            let t = read(db, table)?;
+            let v = t.get(key).map_err(|e| backend("get")(e.into()))?;
+            Ok(v.map(|v| v.value().to_vec()))
+        })
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let t = self.read(table)?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
-            let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let t = read(db, table)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(|e| backend("scan")(e.into()))? {
+                let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        let w = self
-            .db
-            .begin_write()
-            .map_err(|e| backend("begin write")(e.into()))?;
-        {
-            for (table, key, expected) in &txn.guards {
-                let t = w
-                    .open_table(table.def())
-                    .map_err(|e| backend("open table")(e.into()))?;
-                let current = t.get(key.as_str()).map_err(|e| backend("get")(e.into()))?;
-                if current.as_ref().map(|v| v.value()) != expected.as_deref() {
-                    // Dropping `w` without commit aborts the transaction.
-                    return Err(StoreError::Conflict {
-                        table: *table,
-                        key: key.clone(),
-                    });
-                }
-            }
-            for (table, key, value) in &txn.puts {
-                let mut t = w
-                    .open_table(table.def())
-                    .map_err(|e| backend("open table")(e.into()))?;
-                t.insert(key.as_str(), value.as_slice())
-                    .map_err(|e| backend("insert")(e.into()))?;
-            }
-            for (table, key) in &txn.deletes {
-                let mut t = w
-                    .open_table(table.def())
-                    .map_err(|e| backend("open table")(e.into()))?;
-                t.remove(key.as_str())
-                    .map_err(|e| backend("remove")(e.into()))?;
-            }
-            if !txn.audit.is_empty() {
-                let mut t = w
-                    .open_table(AUDIT)
-                    .map_err(|e| backend("open table")(e.into()))?;
-                let (mut seq, mut prev) = match t
-                    .last()
-                    .map_err(|e| backend("audit tail")(e.into()))?
-                {
-                    Some((k, v)) => {
-                        let rec: AuditRecord =
-                            serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                                what: format!("audit record {}", k.value()),
-                                why: e.to_string(),
-                            })?;
-                        (rec.seq + 1, rec.hash)
-                    }
-                    None => (1, GENESIS_HASH.to_owned()),
-                };
-                let at = txn.at.unwrap_or_else(Timestamp::now);
-                for event in txn.audit {
-                    let rec = AuditRecord::chain(seq, at, event, prev);
-                    let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend {
-                        op: "encode audit record",
-                        source: Box::new(e),
-                    })?;
-                    t.insert(seq, bytes.as_slice())
-                        .map_err(|e| backend("audit append")(e.into()))?;
-                    prev = rec.hash;
-                    seq += 1;
-                }
-            }
+        let result = self.with_db(|db| commit_txn(db, txn));
+        if result.is_ok() {
+            self.full.store(false, Ordering::Release);
         }
-        w.commit().map_err(|e| backend("commit")(e.into()))
+        result
     }
 
     fn scan_from(
@@ -379,75 +623,79 @@ impl Store for RedbStore {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let t = self.read(table)?;
-        let mut out = Vec::new();
-        for entry in t
-            .range(from..)
-            .map_err(|e| backend("scan")(e.into()))?
-            .take(limit)
-        {
-            let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let t = read(db, table)?;
+            let mut out = Vec::new();
+            for entry in t
+                .range(from..)
+                .map_err(|e| backend("scan")(e.into()))?
+                .take(limit)
+            {
+                let (k, v) = entry.map_err(|e| backend("scan")(e.into()))?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        let t = self.read(table)?;
-        let last = t.last().map_err(|e| backend("last")(e.into()))?;
-        Ok(last.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+        self.with_db(|db| {
+            let t = read(db, table)?;
+            let last = t.last().map_err(|e| backend("last")(e.into()))?;
+            Ok(last.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
+        })
     }
 
     fn audit_last(&self) -> Result<Option<AuditRecord>, StoreError> {
-        let t = self.read_audit()?;
-        match t.last().map_err(|e| backend("audit tail")(e.into()))? {
-            Some((k, v)) => Ok(Some(decode_audit(k.value(), v.value())?)),
-            None => Ok(None),
-        }
+        self.with_db(|db| {
+            let t = read_audit(db)?;
+            match t.last().map_err(|e| backend("audit tail")(e.into()))? {
+                Some((k, v)) => Ok(Some(decode_audit(k.value(), v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn audit_delete_through(&self, through: u64, limit: usize) -> Result<usize, StoreError> {
-        let w = self
-            .db
-            .begin_write()
-            .map_err(|e| backend("begin write")(e.into()))?;
-        let n = {
-            let mut t = w
-                .open_table(AUDIT)
-                .map_err(|e| backend("open table")(e.into()))?;
-            let keys: Vec<u64> = t
-                .range(..=through)
-                .map_err(|e| backend("audit range")(e.into()))?
-                .take(limit)
-                .map(|e| e.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| backend("audit range")(e.into()))?;
-            for k in &keys {
-                t.remove(k).map_err(|e| backend("audit delete")(e.into()))?;
-            }
-            keys.len()
-        };
-        w.commit().map_err(|e| backend("commit")(e.into()))?;
-        Ok(n)
+        self.with_db(|db| {
+            let w = db
+                .begin_write()
+                .map_err(|e| backend("begin write")(e.into()))?;
+            let n = {
+                let mut t = w
+                    .open_table(AUDIT)
+                    .map_err(|e| backend("open table")(e.into()))?;
+                let keys: Vec<u64> = t
+                    .range(..=through)
+                    .map_err(|e| backend("audit range")(e.into()))?
+                    .take(limit)
+                    .map(|e| e.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| backend("audit range")(e.into()))?;
+                for k in &keys {
+                    t.remove(k).map_err(|e| backend("audit delete")(e.into()))?;
+                }
+                keys.len()
+            };
+            commit_write(w, &|| "audit.prune".to_owned())?;
+            Ok(n)
+        })
     }
 
     fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let t = self.read_audit()?;
-        let mut out = Vec::new();
-        for entry in t
-            .range(from..)
-            .map_err(|e| backend("audit range")(e.into()))?
-            .take(limit)
-        {
-            let (k, v) = entry.map_err(|e| backend("audit range")(e.into()))?;
-            out.push(
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    what: format!("audit record {}", k.value()),
-                    why: e.to_string(),
-                })?,
-            );
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let t = read_audit(db)?;
+            let mut out = Vec::new();
+            for entry in t
+                .range(from..)
+                .map_err(|e| backend("audit range")(e.into()))?
+                .take(limit)
+            {
+                let (k, v) = entry.map_err(|e| backend("audit range")(e.into()))?;
+                out.push(decode_audit(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -490,6 +738,44 @@ mod tests {
             s.scan(Table::Meta).unwrap(),
             vec![("b".to_owned(), b"2".to_vec())]
         );
+    }
+
+    #[test]
+    fn io_failures_are_told_apart_from_a_full_disk() {
+        let full = backend("commit")(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(full.is_full() && full.is_unavailable(), "{full:?}");
+        assert!(full.to_string().contains("no space left"), "{full}");
+        let quota = backend("commit")(redb::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::QuotaExceeded,
+        )));
+        assert!(quota.is_full());
+        let eio = backend("commit")(redb::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert!(!eio.is_full() && eio.is_unavailable(), "{eio:?}");
+        // After an I/O error redb answers PreviousIo to everything until reopened.
+        let previous = backend("get")(redb::Error::PreviousIo);
+        assert!(previous.is_unavailable() && !previous.is_full());
+        assert!(previous.source_redb().is_some());
+        let other = backend("get")(redb::Error::TableDoesNotExist("x".into()));
+        assert!(!other.is_unavailable());
+    }
+
+    #[test]
+    fn a_closed_store_reopens_on_the_next_operation() {
+        let (_d, s) = open();
+        s.commit(Txn::default().put(Table::Meta, "a", b"1".to_vec()))
+            .unwrap();
+        // What a failed reopen leaves: no database. The next operation opens the file again.
+        drop(s.db.write().unwrap().take());
+        assert_eq!(s.get(Table::Meta, "a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.generation.load(Ordering::Acquire), 1);
+        // A reopen asked for by an operation that saw an older generation is skipped.
+        s.reopen(0).unwrap();
+        assert_eq!(s.generation.load(Ordering::Acquire), 1);
+        s.reopen(1).unwrap();
+        assert_eq!(s.generation.load(Ordering::Acquire), 2);
+        s.commit(Txn::default().put(Table::Meta, "b", b"2".to_vec()))
+            .unwrap();
+        assert_eq!(s.scan(Table::Meta).unwrap().len(), 2);
     }
 
     #[test]

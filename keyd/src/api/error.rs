@@ -99,6 +99,7 @@ impl From<ServiceError> for ApiError {
             ),
             ServiceError::Seal(s) => custodian_error(s),
             ServiceError::Kek(k) => rewrap_error(k),
+            ServiceError::Store(s) if s.is_unavailable() => store_unavailable(s),
             ServiceError::Store(_) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(
@@ -128,12 +129,22 @@ fn rewrap_error(e: &RewrapError) -> ApiError {
         RewrapError::Spec(c) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", c.to_string())
         }
+        RewrapError::TargetCheck(s) if s.is_no_space() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_full",
+            format!(
+                "{}: no space left on that filesystem; nothing was changed. Free space there \
+                 and retry",
+                keyd_mtls::error_chain(s)
+            ),
+        ),
         RewrapError::TargetCheck(s) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "custodian_check_failed",
             format!("the new custodian failed its wrap and unwrap check: {s}; nothing was changed"),
         ),
         RewrapError::Seal(s) => custodian_error(s),
+        RewrapError::Store(s) if s.is_unavailable() => store_unavailable(s),
         RewrapError::Store(_) => {
             tracing::error!(error = %e, "internal error");
             ApiError::new(
@@ -142,6 +153,29 @@ fn rewrap_error(e: &RewrapError) -> ApiError {
                 format!("{e}; nothing was changed"),
             )
         }
+    }
+}
+
+/// The store's disk is full (507 `store_full`) or failed (503 `store_unavailable`): nothing was
+/// changed, keyd keeps serving what it holds, and the same request succeeds once the disk has
+/// space again (keyd reopens its store by itself, no restart).
+pub fn store_unavailable(e: &crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %keyd_mtls::error_chain(e), "store write failed");
+    if e.is_full() {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_full",
+            format!(
+                "{e}; nothing was changed. keyd keeps serving the keys it holds; writes succeed \
+                 again once the filesystem has space, without a restart"
+            ),
+        )
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e}; nothing was changed"),
+        )
     }
 }
 

@@ -130,6 +130,16 @@ async fn readyz(State(s): State<AppState>) -> Response {
             "not ready: store not initialised\n",
         )
             .into_response(),
+        // A full or failing disk: keyd still serves every key it holds from memory, so it stays
+        // in the Service's endpoints; writes are refused (507/503) until the store is back.
+        Err(e) if e.is_unavailable() => (
+            StatusCode::OK,
+            format!(
+                "ready (degraded: {e}; serving held keys; writes are refused until the store can \
+                 be written)\n"
+            ),
+        )
+            .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
     }
 }

@@ -211,9 +211,15 @@ impl RawConfig {
 
     /// Overlays `KEYD_*` variables from `env` (a map, so tests need not touch the process env).
     pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        #[cfg(feature = "fault-injection")]
+        let faults = crate::faults::ENV_VARS;
+        // Without the feature the crash-point variables are unknown like any other.
+        #[cfg(not(feature = "fault-injection"))]
+        let faults: &[(&str, &str)] = &[];
         let known: std::collections::HashSet<&str> = ENV_VARS
             .iter()
             .chain(kek::ENV_VARS)
+            .chain(faults)
             .map(|(k, _)| *k)
             .collect();
         for k in env.keys() {

@@ -6,7 +6,7 @@ use super::state::{
     Cache, Keyd, LAST_SEEN_WRITE_INTERVAL, RenderedBundle, Result, ServiceError, from_json,
     not_registered, to_json,
 };
-use super::state::{REMOVED_DOC, RemovedNode};
+use super::state::{HeldKeys, REMOVED_DOC, RemovedNode};
 use crate::rotation::NodeAcks;
 use crate::store::{AuditEvent, Table, Txn};
 use crate::wireguard;
@@ -295,6 +295,10 @@ impl Keyd {
     /// (until it is readmitted, and those issued before now for ever), and, with `rotate`, a new
     /// IPsec key and a new WireGuard preshared-key epoch follow, so that no key the node held
     /// stays in use. Audited as `node.removed`. Returns what followed, for the caller.
+    ///
+    /// The removal records which keys the node held ([`HeldKeys`]) in the same transaction, so
+    /// that a crash before the rotations does not leave them in use: the next tick finishes them
+    /// ([`Keyd::finish_removals`]), as it does when a rollout was in progress at the removal.
     pub async fn remove_node(
         &self,
         actor: &(dyn std::fmt::Display + Sync),
@@ -309,6 +313,12 @@ impl Keyd {
                     "no node {name:?} is registered"
                 )));
             };
+            let newest_spi = cache
+                .ipsec_state
+                .rollout
+                .as_ref()
+                .map(|r| r.to_spi)
+                .or_else(|| self.ipsec_status().outbound_spi);
             let mut removed = cache.removed.clone();
             removed.insert(
                 name.to_owned(),
@@ -316,6 +326,10 @@ impl Keyd {
                     at: self.clock.now(),
                     by: actor.to_string(),
                     readmitted: false,
+                    held: rotate.then(|| HeldKeys {
+                        ipsec_spi: newest_spi,
+                        psk_epoch: cache.wg.psk_epoch,
+                    }),
                 },
             );
             let previous = self.store.get(Table::Nodes, name)?;
@@ -340,15 +354,61 @@ impl Keyd {
         if !rotate {
             return Ok(out);
         }
+        let (ipsec, epoch) = self.replace_held_keys(actor, name).await?;
+        out.ipsec = ipsec;
+        out.wireguard_psk_epoch = epoch;
+        Ok(out)
+    }
+
+    /// Replaces the keys removed nodes held where that is still to do: after a crash between a
+    /// removal and its rotations, or once the rollout in progress at the removal has completed.
+    /// Called by the scheduler tick.
+    pub(super) async fn finish_removals(&self) -> Result<()> {
+        let names: Vec<String> = self
+            .cache()
+            .removed
+            .iter()
+            .filter(|(_, r)| !r.readmitted && r.held.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.replace_held_keys(&"keyd/scheduler", &name).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts an IPsec rollout if node `name`'s newest key is still the newest, and a new
+    /// WireGuard PSK epoch if its epoch is still current. Returns what happened to each.
+    async fn replace_held_keys(
+        &self,
+        actor: &(dyn std::fmt::Display + Sync),
+        name: &str,
+    ) -> Result<(String, Option<u64>)> {
+        let _one = self.removals.lock().await;
         let cache = self.cache();
-        out.ipsec = match (&cache.ipsec_state.rollout, cache.ipsec.is_empty()) {
-            (_, true) => "no IPsec key to rotate".into(),
-            (Some(r), _) => format!(
-                "a rollout ({} -> {}) is in progress: rotate again once it completes \
-                 (keyctl ipsec rotate), the node knows key {}",
-                r.from_spi, r.to_spi, r.to_spi
+        let Some(held) = cache
+            .removed
+            .get(name)
+            .filter(|r| !r.readmitted)
+            .and_then(|r| r.held.clone())
+        else {
+            return Ok(("not rotated".into(), None));
+        };
+        let status = self.ipsec_status();
+        let newest = status
+            .rollout
+            .as_ref()
+            .map(|r| r.to_spi)
+            .or(status.outbound_spi);
+        let ipsec = match (&status.rollout, held.ipsec_spi) {
+            (_, None) => "no IPsec key to rotate".into(),
+            (_, Some(spi)) if newest != Some(spi) => "already rotated".into(),
+            (Some(r), Some(spi)) => format!(
+                "a rollout ({} -> {}) is in progress: keyd rotates again once it completes, \
+                 the node knows key {spi}",
+                r.from_spi, r.to_spi
             ),
-            (None, false) => {
+            (None, Some(_)) => {
                 let s = self
                     .rotate_ipsec(actor, keyd_proto::RotateRequest::default())
                     .await?;
@@ -358,8 +418,12 @@ impl Keyd {
                 format!("rollout to key {to} started")
             }
         };
-        out.wireguard_psk_epoch = Some(self.bump_wireguard(actor, false).await?);
-        Ok(out)
+        let epoch = if cache.wg.psk_epoch == held.psk_epoch {
+            Some(self.bump_wireguard(actor, false).await?)
+        } else {
+            None
+        };
+        Ok((ipsec, epoch))
     }
 
     /// Readmits a removed node: certificates issued after its removal are accepted again, and

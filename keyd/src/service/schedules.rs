@@ -297,6 +297,10 @@ impl Keyd {
             self.metrics.liveness_write_failures.inc();
         }
         self.advance_rollout().await?;
+        // A removal's rotations that a crash cut short, or that waited for a rollout.
+        if let Err(e) = self.finish_removals().await {
+            tracing::warn!(error = %e, "cannot replace a removed node's keys; retrying on the next pass");
+        }
         for class in KeyClass::ALL {
             let cs = self.cache().schedules.get(class);
             let (last, _) = self.class_times(class, now);

@@ -240,6 +240,18 @@ pub struct RemovedNode {
     /// again; those from before stay refused.
     #[serde(default)]
     pub readmitted: bool,
+    /// What the node held when it was removed with `rotate`; keyd replaces these keys (and
+    /// finishes doing so after a crash, on its next tick) while they are still the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<HeldKeys>,
+}
+
+/// The newest keys a removed node knew: the IPsec SPI (the target of a rollout in progress,
+/// else the outbound key) and the WireGuard preshared-key epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldKeys {
+    pub ipsec_spi: Option<u8>,
+    pub psk_epoch: u64,
 }
 
 impl RemovedNode {
@@ -297,6 +309,8 @@ pub struct Keyd {
     pub(super) bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
     /// Serializes this replica's writers so they do not race each other's CAS guards.
     pub(super) write_lock: tokio::sync::Mutex<()>,
+    /// Serialises replacing removed nodes' keys (a removal and the tick may both try).
+    pub(super) removals: tokio::sync::Mutex<()>,
     pub metrics: crate::telemetry::Metrics,
     pub(super) config: ServiceConfig,
     pub(super) clock: Clock,
@@ -581,6 +595,7 @@ impl Keyd {
             cache: RwLock::new(Arc::new(cache)),
             bundles: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
+            removals: tokio::sync::Mutex::new(()),
             metrics,
             config,
             clock,

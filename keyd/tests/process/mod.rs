@@ -1,0 +1,208 @@
+//! A real `keyd` process (`keyd dev` on a data directory) and an mTLS client for it, for the
+//! tests that kill keyd or starve its disk.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use keyd_mtls::client::{Connection, Connector};
+use keyd_mtls::tls::TlsPaths;
+use serde_json::Value;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One keyd process on a data directory.
+pub struct Keyd {
+    pub child: Child,
+    pub data: PathBuf,
+    pub api: u16,
+    /// The ops listener (plain HTTP: `/healthz`, `/readyz`, `/metrics`).
+    pub ops: u16,
+    log: PathBuf,
+}
+
+impl Keyd {
+    /// `keyd dev` (dev PKI and local KEK, created once per data directory) with a short scheduler
+    /// tick, so that rollouts, rewraps and prunes resume within a fraction of a second.
+    /// Its log goes next to the data directory.
+    pub fn spawn(data: &Path, env: &[(&str, String)]) -> Self {
+        Self::spawn_logging_to(data, data.parent().unwrap(), env)
+    }
+
+    /// With its log in `log_dir` (not on a filesystem the test fills up).
+    pub fn spawn_logging_to(data: &Path, log_dir: &Path, env: &[(&str, String)]) -> Self {
+        let (api, ops) = (free_port(), free_port());
+        let log = log_dir.join(format!("keyd-{api}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keyd"))
+            .args(["dev", "--data-dir"])
+            .arg(data)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--ops-listen",
+                &format!("127.0.0.1:{ops}"),
+            ])
+            .env("KEYD_SCHEDULER_TICK", "100ms")
+            .env("KEYD_LOG_LEVEL", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            data: data.to_owned(),
+            api,
+            ops,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (up to 30 s) until keyd answers; `Err` with its exit status if it exits first.
+    pub async fn ready(&mut self) -> Result<(), ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(status);
+            }
+            if let Some(mut c) = self.connect(&Identity::Admin).await
+                && c.get("/v1/status")
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::OK)
+            {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyd did not come up: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn connect(&self, who: &Identity) -> Option<Connection> {
+        let pki = self.data.join("pki");
+        let name = match who {
+            Identity::Admin => "admin".to_owned(),
+            Identity::Node(n) => format!("node-{n}"),
+        };
+        let paths = TlsPaths {
+            ca: pki.join("ca.pem"),
+            cert: pki.join(format!("{name}.pem")),
+            key: pki.join(format!("{name}-key.pem")),
+        };
+        let tls = keyd_mtls::tls::client_config(&paths).ok()?;
+        Connector::new(&format!("https://127.0.0.1:{}", self.api), tls)
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    }
+
+    /// Waits (up to 10 s) for the process to end.
+    pub async fn exited(&mut self) -> Option<ExitStatus> {
+        for _ in 0..200 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Stops keyd the way an operator would (SIGTERM) and waits for it.
+    pub async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        if self.exited().await.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Keyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Admin,
+    Node(&'static str),
+}
+
+/// The request failed at the transport: keyd is gone (the crash the run is waiting for).
+#[derive(Debug)]
+pub struct Gone;
+
+/// Sends a request; a transport failure is [`Gone`], an HTTP error a test failure.
+pub async fn call(
+    k: &Keyd,
+    who: Identity,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Gone> {
+    let mut c = k.connect(&who).await.ok_or(Gone)?;
+    let r = c
+        .send(
+            method.clone(),
+            path,
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+            &[],
+        )
+        .await
+        .map_err(|_| Gone)?;
+    assert!(
+        r.status.is_success(),
+        "{method} {path}: {} {}",
+        r.status,
+        r.error_message()
+    );
+    Ok(serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+}
+
+/// Sends a request and returns the status and the JSON body (`Null` if none), whatever the
+/// status; `Gone` when keyd does not answer.
+pub async fn request(
+    k: &Keyd,
+    who: Identity,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value), Gone> {
+    let mut c = k.connect(&who).await.ok_or(Gone)?;
+    let r = c
+        .send(
+            method,
+            path,
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+            &[],
+        )
+        .await
+        .map_err(|_| Gone)?;
+    Ok((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    ))
+}
