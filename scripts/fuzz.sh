@@ -29,6 +29,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+log "cargo fmt --check (fuzz/, its own workspace)"
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+
 log "building the fuzz targets (cargo fuzz build ${build_flags[*]})"
 timeout 3600 cargo fuzz build "${build_flags[@]}"
 
