@@ -1,8 +1,8 @@
 //! Entry points over raw reply bytes for the fuzz targets (fuzz/): what the kernel or boringtun
 //! sends back is input node-shim does not control, and none of it may panic. Each function
-//! decodes one datagram as `NlSocket` does on receipt and then runs every
-//! parser `NetlinkKernel` runs on that kind of reply. The results
-//! are dropped: only the decoding is exercised.
+//! decodes one datagram as `NlSocket` does on receipt and then runs every parser
+//! `NetlinkKernel` runs on that kind of reply. The results are dropped: only the decoding is
+//! exercised.
 
 use std::hint::black_box;
 use std::net::IpAddr;
