@@ -120,3 +120,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --workspace --locked
+
+log "fuzzing (scripts/fuzz.sh: each target ${FUZZ_SECONDS:-20} s over its seed corpus)"
+./scripts/fuzz.sh

@@ -572,7 +572,7 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
                             report.anchored = true;
                         } else if let Some(a) = &anchor {
                             let k = key.as_deref().unwrap_or_default();
-                            if a.seq + 1 != rec.seq || !a.verify(k) {
+                            if a.seq.checked_add(1) != Some(rec.seq) || !a.verify(k) {
                                 return Err(bad(
                                     Some(rec.seq),
                                     "the anchor checkpoint is invalid or not for the record before"
@@ -590,7 +590,7 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
                         }
                     }
                     Some((pseq, phash)) => {
-                        if rec.seq != pseq + 1 {
+                        if pseq.checked_add(1) != Some(rec.seq) {
                             return Err(bad(
                                 Some(rec.seq),
                                 format!(
@@ -936,6 +936,41 @@ mod tests {
             write_record(&mut bad, Format::Jsonl, r);
         }
         assert!(verify(&bad[..], Some(signer.public_key())).is_err());
+    }
+
+    /// A crafted file (the record hash is unkeyed: anyone can write records that hash right)
+    /// with sequence numbers at `u64::MAX` is refused; `seq + 1` used to overflow, a panic in
+    /// a build with overflow checks (found reviewing what the audit_verify fuzz target reaches).
+    #[test]
+    fn sequence_numbers_at_the_end_of_u64_are_refused() {
+        let (_d, store, signer) = log(2);
+        let recs = store.audit_range(0, 10).unwrap();
+        // An anchor that claims the last sequence number, before a record other than the first.
+        let mut anchor = signer.sign(&recs[0], recs[0].at, true);
+        anchor.seq = u64::MAX;
+        let mut out = Vec::new();
+        write_json_line(
+            &mut out,
+            &ExportLine::Header(header(&signer, &recs[1..], Some(anchor))),
+        );
+        write_record(&mut out, Format::Jsonl, &recs[1]);
+        assert!(verify(&out[..], None).is_err());
+        // A record numbered u64::MAX, its hash recomputed, followed by another.
+        let mut last = recs[0].clone();
+        last.seq = u64::MAX;
+        last.prev_hash = recs[1].hash.clone();
+        last.hash = last.compute_hash();
+        let crafted = [last, recs[1].clone()];
+        let mut out = Vec::new();
+        write_json_line(
+            &mut out,
+            &ExportLine::Header(header(&signer, &crafted, None)),
+        );
+        for r in &crafted {
+            write_record(&mut out, Format::Jsonl, r);
+        }
+        let e = verify(&out[..], None).unwrap_err();
+        assert_eq!((e.line, e.seq), (3, Some(recs[1].seq)), "{}", e.reason);
     }
 
     #[test]

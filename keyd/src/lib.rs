@@ -31,3 +31,6 @@ pub mod source_limit;
 pub mod store;
 pub mod telemetry;
 pub mod wireguard;
+
+#[cfg(test)]
+mod fuzz_corpus;

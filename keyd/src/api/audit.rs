@@ -79,7 +79,7 @@ pub(super) async fn audit_segments(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PruneRequest {
+pub struct PruneRequest {
     through_seq: u64,
     last_hash: String,
 }

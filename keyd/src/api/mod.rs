@@ -26,7 +26,7 @@ mod error;
 mod extract;
 mod kek;
 
-pub use audit::RECORDS_HEADER;
+pub use audit::{PruneRequest, RECORDS_HEADER};
 pub use error::ApiError;
 pub use extract::{
     Admin, ApiJson, AppState, Caller, NodeOrAdmin, OwnNode, Webhook, WebhookOrAdmin,

@@ -61,6 +61,30 @@ fn list<T: std::fmt::Display>(items: &[T]) -> String {
 /// The most pod CIDRs and endpoints one allocation may hold.
 const MAX_ALLOCATED: usize = 8;
 
+/// `PUT /v1/nodes/{name}/allocation`'s body checked and put in canonical form (CIDRs cut to
+/// their network, endpoints sorted and unique): at least one endpoint, at most
+/// [`MAX_ALLOCATED`] of each.
+pub fn check_allocation(mut allocation: NodeAllocation) -> Result<NodeAllocation> {
+    if allocation.endpoints.is_empty() {
+        return Err(ServiceError::Invalid(
+            "an allocation needs at least one endpoint".into(),
+        ));
+    }
+    if allocation.endpoints.len() > MAX_ALLOCATED || allocation.pod_cidrs.len() > MAX_ALLOCATED {
+        return Err(ServiceError::Invalid(format!(
+            "an allocation holds at most {MAX_ALLOCATED} endpoints and {MAX_ALLOCATED} pod CIDRs"
+        )));
+    }
+    for n in &mut allocation.pod_cidrs {
+        *n = n.trunc();
+    }
+    allocation.pod_cidrs.sort();
+    allocation.pod_cidrs.dedup();
+    allocation.endpoints.sort();
+    allocation.endpoints.dedup();
+    Ok(allocation)
+}
+
 impl Keyd {
     /// Sets where Node objects are read from (bootstrap's Kubernetes client), once, at start.
     pub fn set_node_directory(&self, directory: Arc<dyn NodeDirectory>) {
@@ -187,24 +211,9 @@ impl Keyd {
         &self,
         actor: &(dyn std::fmt::Display + Sync),
         name: &str,
-        mut allocation: NodeAllocation,
+        allocation: NodeAllocation,
     ) -> Result<(NodeAllocation, Option<String>)> {
-        if allocation.endpoints.is_empty() {
-            return Err(ServiceError::Invalid(
-                "an allocation needs at least one endpoint".into(),
-            ));
-        }
-        if allocation.endpoints.len() > MAX_ALLOCATED || allocation.pod_cidrs.len() > MAX_ALLOCATED
-        {
-            return Err(ServiceError::Invalid(format!(
-                "an allocation holds at most {MAX_ALLOCATED} endpoints and {MAX_ALLOCATED} pod CIDRs"
-            )));
-        }
-        for n in &mut allocation.pod_cidrs {
-            *n = n.trunc();
-        }
-        allocation.endpoints.sort();
-        allocation.endpoints.dedup();
+        let mut allocation = check_allocation(allocation)?;
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         for (other, theirs) in cache.allocations.iter().filter(|(o, _)| *o != name) {

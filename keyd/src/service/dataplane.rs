@@ -36,7 +36,7 @@ fn quote(s: &str) -> String {
 
 /// Checks a report against the policies of the node's current rules (`None`: keyd has none to
 /// check against). Every problem names what is wrong.
-fn validate(report: &DataplaneReport, current: Option<&[String]>) -> Result<()> {
+pub fn validate_report(report: &DataplaneReport, current: Option<&[String]>) -> Result<()> {
     let invalid = |m: String| Err(ServiceError::Invalid(m));
     if report.node_mode != "all" && report.node_mode != "policy" {
         return invalid(format!(
@@ -145,7 +145,7 @@ impl Keyd {
             Err(ServiceError::PolicyNotConfigured) => None,
             Err(e) => return Err(e),
         };
-        validate(&report, current.as_deref())?;
+        validate_report(&report, current.as_deref())?;
         let _w = self.write_lock.lock().await;
         let previous = self.store.get(Table::Dataplane, name)?;
         let prev: Option<StoredReport> = previous
@@ -279,7 +279,7 @@ mod tests {
             ),
         ];
         for (name, r, current, error) in cases {
-            match (validate(&r, current), error) {
+            match (validate_report(&r, current), error) {
                 (Ok(()), None) => {}
                 (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{name}: {e}"),
                 (got, want) => panic!("{name}: got {got:?}, wanted an error saying {want:?}"),

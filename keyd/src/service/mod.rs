@@ -20,8 +20,12 @@ mod state;
 mod status;
 
 pub use audit_ops::{Export, ExportRange, Segment};
+pub use claims::check_allocation;
+pub use dataplane::validate_report;
 pub use kek::{migrate_kek, rotate_kek};
+pub use nodes::check_registration;
 pub use rules_view::RenderedRules;
+pub use schedules::updated_schedule;
 pub use state::{
     ClaimCheck, Keyd, NodeDirectory, NodeFacts, RemovedNode, RenderedBundle, ServiceConfig,
     ServiceError, StoredSchedules,

@@ -107,6 +107,37 @@ struct Clash {
 
 /// The first of `reg`'s endpoint and pod CIDRs that another node than `name` holds: the same
 /// endpoint, or a pod CIDR that contains or lies inside one of its pod CIDRs.
+/// The checks a registration passes before keyd looks at other nodes: its own fields, as the
+/// node sent them. The WireGuard key comes back in its one canonical spelling, so that the
+/// uniqueness check compares keys, not strings.
+pub fn check_registration(mut reg: NodeRegistration) -> Result<NodeRegistration> {
+    reg.wireguard_public_key = reg
+        .wireguard_public_key
+        .as_deref()
+        .map(wireguard::canonical_public_key)
+        .transpose()
+        .map_err(ServiceError::Invalid)?;
+    if reg.wireguard_key_epoch.is_some() && reg.wireguard_public_key.is_none() {
+        return Err(ServiceError::Invalid(
+            "wireguard_key_epoch needs wireguard_public_key".into(),
+        ));
+    }
+    if let Some(boot_id) = &reg.boot_id
+        && (boot_id.is_empty() || boot_id.len() > 64)
+    {
+        return Err(ServiceError::Invalid(
+            "boot_id must be 1 to 64 characters".into(),
+        ));
+    }
+    if reg.pod_cidrs.len() > MAX_POD_CIDRS {
+        return Err(ServiceError::Invalid(format!(
+            "{} pod CIDRs; a node has at most {MAX_POD_CIDRS}",
+            reg.pod_cidrs.len()
+        )));
+    }
+    Ok(reg)
+}
+
 fn claim_conflict<'a>(
     name: &str,
     reg: &NodeRegistration,
@@ -144,33 +175,9 @@ impl Keyd {
         &self,
         actor: &Identity,
         name: &str,
-        mut reg: NodeRegistration,
+        reg: NodeRegistration,
     ) -> Result<NodeInfo> {
-        // One spelling per key, so that the uniqueness check below compares keys, not strings.
-        reg.wireguard_public_key = reg
-            .wireguard_public_key
-            .as_deref()
-            .map(wireguard::canonical_public_key)
-            .transpose()
-            .map_err(ServiceError::Invalid)?;
-        if reg.wireguard_key_epoch.is_some() && reg.wireguard_public_key.is_none() {
-            return Err(ServiceError::Invalid(
-                "wireguard_key_epoch needs wireguard_public_key".into(),
-            ));
-        }
-        if let Some(boot_id) = &reg.boot_id
-            && (boot_id.is_empty() || boot_id.len() > 64)
-        {
-            return Err(ServiceError::Invalid(
-                "boot_id must be 1 to 64 characters".into(),
-            ));
-        }
-        if reg.pod_cidrs.len() > MAX_POD_CIDRS {
-            return Err(ServiceError::Invalid(format!(
-                "{} pod CIDRs; a node has at most {MAX_POD_CIDRS}",
-                reg.pod_cidrs.len()
-            )));
-        }
+        let reg = check_registration(reg)?;
         let checked = self.check_claims(actor, name, &reg).await?;
         let _w = self.write_lock.lock().await;
         let cache = self.cache();

@@ -34,21 +34,7 @@ impl Keyd {
         let _w = self.write_lock.lock().await;
         let cache = self.cache();
         let before = cache.schedules.get(class);
-        let mut after = before.clone();
-        if let Some(p) = update.period {
-            after.schedule.period = p;
-        }
-        if let Some(o) = update.overlap {
-            after.schedule.overlap = o;
-        }
-        if let Some(w) = update.window {
-            after.schedule.window = w;
-        }
-        if let Some(p) = update.paused {
-            after.schedule.paused = p;
-        }
-        rotation::validate_schedule(class, &after.schedule, &after.bounds)
-            .map_err(ServiceError::Invalid)?;
+        let after = updated_schedule(class, &before, update)?;
         let action = match (before.schedule.paused, after.schedule.paused) {
             (false, true) => "schedule.paused",
             (true, false) => "schedule.resumed",
@@ -357,6 +343,30 @@ impl Keyd {
             }
         }
     }
+}
+
+/// `before` with the fields `update` gives, checked against the class's bounds.
+pub fn updated_schedule(
+    class: KeyClass,
+    before: &ClassSchedule,
+    update: ScheduleUpdate,
+) -> Result<ClassSchedule> {
+    let mut after = before.clone();
+    if let Some(p) = update.period {
+        after.schedule.period = p;
+    }
+    if let Some(o) = update.overlap {
+        after.schedule.overlap = o;
+    }
+    if let Some(w) = update.window {
+        after.schedule.window = w;
+    }
+    if let Some(p) = update.paused {
+        after.schedule.paused = p;
+    }
+    rotation::validate_schedule(class, &after.schedule, &after.bounds)
+        .map_err(ServiceError::Invalid)?;
+    Ok(after)
 }
 
 fn fmt_secs(s: u64) -> String {

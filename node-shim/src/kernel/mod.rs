@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod fake;
 pub mod netlink;
 mod nl;
+pub mod replies;
 mod route;
 mod tc;
 mod userspace;

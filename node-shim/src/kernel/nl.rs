@@ -24,6 +24,7 @@ const BATCH_BYTES: usize = 32 * 1024;
 const BATCH_MESSAGES: usize = 128;
 /// A reply datagram is at most this long (the kernel sizes dump skbs well below it).
 const RECV_BYTES: usize = 256 * 1024;
+const EINVAL: i32 = 22;
 
 pub(crate) struct NlSocket {
     sock: Socket,
@@ -185,7 +186,8 @@ impl NlSocket {
                         pending.iter().find(|(s, _)| *s == header.sequence_number)
                 {
                     if code != 0 {
-                        results[idx] = Err(-code);
+                        // An error code of i32::MIN has no errno: the request failed all the same.
+                        results[idx] = Err(code.checked_neg().unwrap_or(EINVAL));
                     }
                     if header.sequence_number == last_seq {
                         done = true;
@@ -231,32 +233,8 @@ impl NlSocket {
         let mut out = Vec::new();
         loop {
             let data = self.recv(what)?;
-            let mut offset = 0;
-            while offset < data.len() {
-                let len = NetlinkBuffer::new_checked(&data[offset..])
-                    .map_err(|_| KernelError::Decode { what })?
-                    .length() as usize;
-                if len < 16 || offset + len > data.len() {
-                    return Err(KernelError::Decode { what });
-                }
-                let msg = NetlinkMessage::<T>::deserialize(&data[offset..offset + len])
-                    .map_err(|_| KernelError::Decode { what })?;
-                offset += len.div_ceil(4) * 4;
-                if msg.header.sequence_number != seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => {
-                        let code = e.raw_code();
-                        if code == 0 {
-                            return Ok(out);
-                        }
-                        return Err(KernelError::netlink(what, -code));
-                    }
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
-                    _ => {}
-                }
+            if decode_replies(&data, seq, what, &mut out)? {
+                return Ok(out);
             }
         }
     }
@@ -278,9 +256,66 @@ impl NlSocket {
     }
 }
 
+/// Decodes one datagram of replies to request `seq` into `out` (messages of other requests are
+/// skipped) and says whether it ended the answer (`NLMSG_DONE` or an acknowledgement). The
+/// datagram comes from the kernel, so nothing in it may panic: a malformed one is an error.
+pub(crate) fn decode_replies<T: NetlinkDeserializable>(
+    data: &[u8],
+    seq: u32,
+    what: &'static str,
+    out: &mut Vec<T>,
+) -> Result<bool, KernelError> {
+    let mut offset = 0;
+    while offset < data.len() {
+        let len = NetlinkBuffer::new_checked(&data[offset..])
+            .map_err(|_| KernelError::Decode { what })?
+            .length() as usize;
+        if len < 16 || offset + len > data.len() {
+            return Err(KernelError::Decode { what });
+        }
+        let msg = deserialize::<T>(&data[offset..offset + len], what)?;
+        offset += len.div_ceil(4) * 4;
+        if msg.header.sequence_number != seq {
+            continue;
+        }
+        match msg.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) => {
+                let code = e.raw_code();
+                if code == 0 {
+                    return Ok(true);
+                }
+                return Err(KernelError::netlink(what, errno(code, what)?));
+            }
+            NetlinkPayload::InnerMessage(m) => out.push(m),
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+/// The errno of an error reply's (negative) code; `i32::MIN` has none.
+fn errno(code: i32, what: &'static str) -> Result<i32, KernelError> {
+    code.checked_neg().ok_or(KernelError::Decode { what })
+}
+
+/// One message of a reply. The netlink-packet crates index their buffers unchecked in places
+/// (netlink-packet-core 0.9's NLA value, netlink-packet-xfrm 0.5's fixed-size headers) and panic
+/// on a message shorter than its type promises; such a message is a decode error here, not a
+/// crash of the agent.
+fn deserialize<T: NetlinkDeserializable>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<NetlinkMessage<T>, KernelError> {
+    std::panic::catch_unwind(|| NetlinkMessage::<T>::deserialize(bytes))
+        .ok()
+        .and_then(Result::ok)
+        .ok_or(KernelError::Decode { what })
+}
+
 /// Calls `f(header, Some(code))` for error/ack messages (code 0 = ack) and `f(header, None)` for
 /// others, without decoding payloads (which may be of any type).
-fn for_each_message(
+pub(crate) fn for_each_message(
     data: &[u8],
     what: &'static str,
     mut f: impl FnMut(&NetlinkHeader, Option<i32>),
@@ -313,4 +348,82 @@ fn for_each_message(
         offset += len.div_ceil(4) * 4;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_generic::GenlMessage;
+    use netlink_packet_generic::ctrl::GenlCtrl;
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_xfrm::XfrmMessage;
+
+    use super::*;
+
+    // Reply datagrams to request 7 the fuzz targets found (fuzz/corpus/netlink_*/crash-*).
+    /// A generic netlink family reply with an attribute longer than its message.
+    const GENL: &str = concat!(
+        "2c000000100002001100000000000000010200000e0008007769726567756172640000000600010015000000",
+        "1400000002000200071000000000000000000000",
+    );
+    /// An XFRM policy dump reply holding a message shorter than its type's header.
+    const XFRM: &str = concat!(
+        "080100001300020007000000000000000a0200000000000000000000000000000a0100000000000000000000",
+        "000000000000000000000000020018a4000000000000000000000000ffffffffffffffffffffffffffffffff",
+        "ffffffffffffffffffffffffffffffff00000000000000000000000000000000000000000000000000000000",
+        "000000000000000000000000000000000000000000000000000000000000000000000000e803000000000000",
+        "010000000000000044000500c0000202000000000000000000000000000000033200000002000000c0000201",
+        "000000000000000000000000656b000001000000ffffffffffffffffffffffff0c001500000d000000ff0000",
+        "080100001700020007000000000000000a0200000000000000000000000000000a0100000000000000000000",
+        "00000000000000000000000002001810000000000000000000000000ffffffffffffffffffffffffffffffff",
+        "ffffffffffffffffffffffffffffffff00000000000000000000000000000000000000000000000000000000",
+        "000000000000000000000000000000000000000000000000000000000000000000000000e803000000000000",
+        "000000000000000044000500c0000202000000000000000000000000000000033200000002000000c0000201",
+        "000000000000000000000000656b000001000100ffffffffffffffffffffffff0c001500000d000000ff0000",
+        "080100001300020007000000000000000a0200000000000000000000000000000a0100000000000000000000",
+        "00000000000000000000000002001810000000000000000000000000ffffffffffffffffffffffffffffffff",
+        "ffffffffffffffffffffffffffffffff00000000000000000000000000000000000000000000000000000000",
+        "000000000000000000000000000000000000000000000000000000000000000000000000e803000000000000",
+        "020000000000000044000500c0000202000000000000000000000000000000033200000002000000c0000201",
+        "000000000000000000000000656b000001000100ffffffffffffffffffffffff0c001500000d000000ff0000",
+        "1400000003000200070000000000000000000000",
+    );
+
+    fn decode<T: NetlinkDeserializable>(reply: &[u8]) -> Result<bool, KernelError> {
+        decode_replies(reply, 7, "a test reply", &mut Vec::<T>::new())
+    }
+
+    /// fuzz/fuzz_targets/netlink_route.rs: an error code of `i32::MIN` has no errno, and
+    /// negating it overflowed (a panic with overflow checks).
+    #[test]
+    fn an_error_reply_whose_code_has_no_errno_is_a_decode_error() {
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&36u32.to_ne_bytes());
+        reply.extend_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        reply.extend_from_slice(&0u16.to_ne_bytes());
+        reply.extend_from_slice(&7u32.to_ne_bytes());
+        reply.extend_from_slice(&0u32.to_ne_bytes());
+        reply.extend_from_slice(&i32::MIN.to_ne_bytes());
+        reply.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            decode::<RouteNetlinkMessage>(&reply),
+            Err(KernelError::Decode { .. })
+        ));
+        assert_eq!(errno(-95, "x").ok(), Some(95));
+    }
+
+    /// fuzz/fuzz_targets/netlink_wireguard.rs and netlink_xfrm.rs: netlink-packet-core and
+    /// netlink-packet-xfrm panicked on these (slice indexes past the buffer).
+    #[test]
+    fn messages_the_netlink_crates_cannot_parse_are_decode_errors() {
+        let genl = hex::decode(GENL).expect("hex");
+        assert!(matches!(
+            decode::<GenlMessage<GenlCtrl>>(&genl),
+            Err(KernelError::Decode { .. })
+        ));
+        let xfrm = hex::decode(XFRM).expect("hex");
+        assert!(matches!(
+            decode::<XfrmMessage>(&xfrm),
+            Err(KernelError::Decode { .. })
+        ));
+    }
 }

@@ -51,20 +51,25 @@ pub(crate) fn link_details(
         RouteNetlinkMessage::GetLink(m),
         NLM_F_ACK,
     ) {
-        Ok(replies) => Ok(replies.into_iter().find_map(|r| match r {
-            RouteNetlinkMessage::NewLink(l) => Some(LinkDetails {
-                index: l.header.index,
-                up: l.header.flags.contains(LinkFlags::Up),
-                alias: l.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfAlias(s) => Some(s),
-                    _ => None,
-                }),
-            }),
-            _ => None,
-        })),
+        Ok(replies) => Ok(link_details_from(replies)),
         Err(e) if e.errno() == Some(ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The link a `GetLink` request was answered with.
+pub(crate) fn link_details_from(replies: Vec<RouteNetlinkMessage>) -> Option<LinkDetails> {
+    replies.into_iter().find_map(|r| match r {
+        RouteNetlinkMessage::NewLink(l) => Some(LinkDetails {
+            index: l.header.index,
+            up: l.header.flags.contains(LinkFlags::Up),
+            alias: l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(s) => Some(s),
+                _ => None,
+            }),
+        }),
+        _ => None,
+    })
 }
 
 /// Sets a link's alias (`ip link set DEV alias TEXT`).
@@ -147,17 +152,25 @@ pub(crate) fn link_with_address(
         "listing addresses",
         RouteNetlinkMessage::GetAddress(AddressMessage::default()),
     )?;
-    Ok(replies.into_iter().find_map(|r| match r {
+    Ok(link_with_address_from(replies, addr))
+}
+
+/// The index of the link that holds `addr`, among the messages of an address dump.
+pub(crate) fn link_with_address_from(
+    replies: Vec<RouteNetlinkMessage>,
+    addr: IpAddr,
+) -> Option<u32> {
+    replies.into_iter().find_map(|r| match r {
         RouteNetlinkMessage::NewAddress(a) => a
             .attributes
             .iter()
             .any(|x| matches!(x, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if *ip == addr))
             .then_some(a.header.index),
         _ => None,
-    }))
+    })
 }
 
-fn route_msg(spec: &RouteSpec, oif: u32) -> RouteMessage {
+pub(crate) fn route_msg(spec: &RouteSpec, oif: u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     let (family, dst) = match spec.dst {
         IpNet::V4(n) => (AddressFamily::Inet, RouteAddress::Inet(n.addr())),
@@ -219,48 +232,55 @@ pub(crate) fn routes(sock: &mut NlSocket, oif: u32) -> Result<BTreeSet<RouteSpec
         let mut req = RouteMessage::default();
         req.header.address_family = family;
         let replies = sock.dump("listing routes", RouteNetlinkMessage::GetRoute(req))?;
-        for r in replies {
-            let RouteNetlinkMessage::NewRoute(m) = r else {
-                continue;
-            };
-            if m.header.protocol != RouteProtocol::Other(RTPROT_NODE_SHIM) {
-                continue;
-            }
-            let mut dst = None;
-            let mut route_oif = None;
-            let mut table = u32::from(m.header.table);
-            let mut metric = 0;
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
-                        dst = Some(IpAddr::V4(*v4))
-                    }
-                    RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
-                        dst = Some(IpAddr::V6(*v6))
-                    }
-                    RouteAttribute::Oif(o) => route_oif = Some(*o),
-                    RouteAttribute::Table(t) => table = *t,
-                    RouteAttribute::Priority(p) => metric = *p,
-                    _ => {}
-                }
-            }
-            if route_oif != Some(oif) {
-                continue;
-            }
-            let addr = dst.unwrap_or(match family {
-                AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            });
-            if let Ok(net) = IpNet::new(addr, m.header.destination_prefix_length) {
-                out.insert(RouteSpec {
-                    dst: net,
-                    table,
-                    metric,
-                });
-            }
-        }
+        routes_from(replies, family, oif, &mut out);
     }
     Ok(out)
+}
+
+/// The routes through `oif` that node-shim added, among the messages of a route dump of
+/// `family`, into `out`.
+pub(crate) fn routes_from(
+    replies: Vec<RouteNetlinkMessage>,
+    family: AddressFamily,
+    oif: u32,
+    out: &mut BTreeSet<RouteSpec>,
+) {
+    for r in replies {
+        let RouteNetlinkMessage::NewRoute(m) = r else {
+            continue;
+        };
+        if m.header.protocol != RouteProtocol::Other(RTPROT_NODE_SHIM) {
+            continue;
+        }
+        let mut dst = None;
+        let mut route_oif = None;
+        let mut table = u32::from(m.header.table);
+        let mut metric = 0;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+                RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+                RouteAttribute::Oif(o) => route_oif = Some(*o),
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Priority(p) => metric = *p,
+                _ => {}
+            }
+        }
+        if route_oif != Some(oif) {
+            continue;
+        }
+        let addr = dst.unwrap_or(match family {
+            AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        });
+        if let Ok(net) = IpNet::new(addr, m.header.destination_prefix_length) {
+            out.insert(RouteSpec {
+                dst: net,
+                table,
+                metric,
+            });
+        }
+    }
 }
 
 /// Every link's index and name (to find the devices local pods send on, and the underlay).
@@ -269,7 +289,12 @@ pub(crate) fn links(sock: &mut NlSocket) -> Result<Vec<(u32, String)>, KernelErr
         "listing links",
         RouteNetlinkMessage::GetLink(LinkMessage::default()),
     )?;
-    Ok(replies
+    Ok(links_from(replies))
+}
+
+/// Every link's index and name among the messages of a link dump.
+pub(crate) fn links_from(replies: Vec<RouteNetlinkMessage>) -> Vec<(u32, String)> {
+    replies
         .into_iter()
         .filter_map(|r| match r {
             RouteNetlinkMessage::NewLink(l) => {
@@ -281,7 +306,7 @@ pub(crate) fn links(sock: &mut NlSocket) -> Result<Vec<(u32, String)>, KernelErr
             }
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 /// Policy routing for steered WireGuard traffic, IPv4 and IPv6: packets whose mark matches look

@@ -107,7 +107,7 @@ fn skbedit(mark: Mark) -> TcAction {
     action
 }
 
-fn filter_msg(ifindex: u32, prio: u16, f: &MarkFilter, with_options: bool) -> TcMessage {
+pub(crate) fn filter_msg(ifindex: u32, prio: u16, f: &MarkFilter, with_options: bool) -> TcMessage {
     let mut m = TcMessage::default();
     m.header = TcHeader {
         index: ifindex as i32,
@@ -202,6 +202,14 @@ pub(crate) fn dump_filters(
         Err(e) if matches!(e.errno(), Some(22) | Some(2)) => return Ok(BTreeMap::new()),
         Err(e) => Err(e)?,
     };
+    Ok(filters_from(replies, prio))
+}
+
+/// node-shim's filters (priority `prio`) among the messages of a filter dump, by handle.
+pub(crate) fn filters_from(
+    replies: Vec<RouteNetlinkMessage>,
+    prio: u16,
+) -> BTreeMap<u32, MarkFilter> {
     let mut out = BTreeMap::new();
     for r in replies {
         if let RouteNetlinkMessage::NewTrafficFilter(m) = r
@@ -210,7 +218,7 @@ pub(crate) fn dump_filters(
             out.insert(f.handle, f);
         }
     }
-    Ok(out)
+    out
 }
 
 /// One of node-shim's filters from a dump message (`None` for anyone else's, or the chain

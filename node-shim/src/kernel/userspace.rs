@@ -143,28 +143,7 @@ impl Userspace {
                 break;
             }
         }
-        let text = String::from_utf8(std::mem::take(&mut *reply)).map_err(|e| {
-            let mut bytes = e.into_bytes();
-            zeroize::Zeroize::zeroize(&mut bytes);
-            KernelError::Decode {
-                what: "a UAPI reply",
-            }
-        })?;
-        let text = Zeroizing::new(text);
-        let errno = text
-            .lines()
-            .find_map(|l| l.strip_prefix("errno="))
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .ok_or(KernelError::Decode {
-                what: "a UAPI reply",
-            })?;
-        if errno != 0 {
-            return Err(KernelError::Userspace {
-                what: "a UAPI request".into(),
-                source: std::io::Error::from_raw_os_error(errno),
-            });
-        }
-        Ok(text)
+        decode_reply(std::mem::take(&mut *reply))
     }
 
     pub fn get(&mut self) -> Result<UapiDevice, KernelError> {
@@ -243,7 +222,34 @@ impl Userspace {
     }
 }
 
-fn find_errno_end(buf: &[u8]) -> Option<usize> {
+/// A complete UAPI reply (through its `errno=N` line) as text, or the error it reports. It comes
+/// from boringtun, over a socket: malformed text is an error, never a panic.
+pub(crate) fn decode_reply(reply: Vec<u8>) -> Result<Zeroizing<String>, KernelError> {
+    let text = String::from_utf8(reply).map_err(|e| {
+        let mut bytes = e.into_bytes();
+        zeroize::Zeroize::zeroize(&mut bytes);
+        KernelError::Decode {
+            what: "a UAPI reply",
+        }
+    })?;
+    let text = Zeroizing::new(text);
+    let errno = text
+        .lines()
+        .find_map(|l| l.strip_prefix("errno="))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or(KernelError::Decode {
+            what: "a UAPI reply",
+        })?;
+    if errno != 0 {
+        return Err(KernelError::Userspace {
+            what: "a UAPI request".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        });
+    }
+    Ok(text)
+}
+
+pub(crate) fn find_errno_end(buf: &[u8]) -> Option<usize> {
     // The reply ends with "errno=N\n\n".
     let start = buf.windows(6).position(|w| w == b"errno=")?;
     let rest = &buf[start..];
@@ -252,7 +258,7 @@ fn find_errno_end(buf: &[u8]) -> Option<usize> {
         .map(|p| start + p + 2)
 }
 
-fn parse_get(text: &str) -> UapiDevice {
+pub(crate) fn parse_get(text: &str) -> UapiDevice {
     let mut dev = UapiDevice {
         public_key: None,
         listen_port: 0,

@@ -26,7 +26,7 @@ use crate::secret::{Key32, PublicKey};
 /// Peers per `SET_DEVICE` message: keeps each message near 16 KiB, as wg(8) splits its own.
 const PEERS_PER_MESSAGE: usize = 96;
 
-type WgMsg = GenlMessage<WireguardMessage>;
+pub(crate) type WgMsg = GenlMessage<WireguardMessage>;
 
 /// The generic netlink family id of `wireguard`, or `None` when the kernel has no WireGuard.
 pub(crate) fn family_id(sock: &mut NlSocket) -> Result<Option<u16>, KernelError> {
@@ -35,19 +35,24 @@ pub(crate) fn family_id(sock: &mut NlSocket) -> Result<Option<u16>, KernelError>
         nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".to_owned())],
     });
     match sock.fetch("resolving the wireguard netlink family", req, NLM_F_ACK) {
-        Ok(replies) => Ok(replies.iter().find_map(|m| {
-            m.payload.nlas.iter().find_map(|a| match a {
-                GenlCtrlAttrs::FamilyId(id) => Some(*id),
-                _ => None,
-            })
-        })),
+        Ok(replies) => Ok(family_id_from(&replies)),
         // ENOENT: no such family (no module, or it cannot be loaded).
         Err(e) if e.errno() == Some(2) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-fn msg(family: u16, cmd: WireguardCmd, attributes: Vec<WireguardAttribute>) -> WgMsg {
+/// The family id a `GetFamily` request was answered with.
+pub(crate) fn family_id_from(replies: &[GenlMessage<GenlCtrl>]) -> Option<u16> {
+    replies.iter().find_map(|m| {
+        m.payload.nlas.iter().find_map(|a| match a {
+            GenlCtrlAttrs::FamilyId(id) => Some(*id),
+            _ => None,
+        })
+    })
+}
+
+pub(crate) fn msg(family: u16, cmd: WireguardCmd, attributes: Vec<WireguardAttribute>) -> WgMsg {
     let mut m = GenlMessage::from_payload(WireguardMessage { cmd, attributes });
     m.set_resolved_family_id(family);
     m
@@ -100,7 +105,7 @@ pub(crate) fn configure(
     run(sock, "configuring the WireGuard device", vec![m])
 }
 
-fn peer_attrs(p: &WgPeerSpec) -> WireguardPeer {
+pub(crate) fn peer_attrs(p: &WgPeerSpec) -> WireguardPeer {
     let allowed = p
         .allowed_ips
         .iter()
@@ -201,7 +206,13 @@ pub(crate) fn get_device(
         WireguardCmd::GetDevice,
         vec![WireguardAttribute::IfName(device.to_owned())],
     );
-    let mut replies = sock.dump("reading the WireGuard device", req)?;
+    let replies = sock.dump("reading the WireGuard device", req)?;
+    Ok(device_from(replies))
+}
+
+/// The device as the messages of a `GetDevice` dump describe it; their keys are zeroed once
+/// read.
+pub(crate) fn device_from(mut replies: Vec<WgMsg>) -> DeviceDump {
     let mut out = DeviceDump {
         private_key: None,
         public_key: None,
@@ -234,7 +245,7 @@ pub(crate) fn get_device(
         p.allowed_ips.sort();
         p.allowed_ips.dedup();
     }
-    Ok(out)
+    out
 }
 
 /// A peer may span several dump messages (its allowed IPs continue in the next one).

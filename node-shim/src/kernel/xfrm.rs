@@ -255,10 +255,19 @@ pub(crate) fn dump_states(
     sock: &mut NlSocket,
     reqid: u32,
 ) -> Result<BTreeMap<StateId, ObservedState>, KernelError> {
-    let mut replies = sock.dump(
+    let replies = sock.dump(
         "dumping XFRM states",
         XfrmMessage::GetDumpSa(state::GetDumpMessage::default()),
     )?;
+    Ok(states_from(replies, reqid))
+}
+
+/// The ESP states carrying `reqid` among the messages of a state dump, whose keys are zeroed
+/// once read.
+pub(crate) fn states_from(
+    mut replies: Vec<XfrmMessage>,
+    reqid: u32,
+) -> BTreeMap<StateId, ObservedState> {
     let mut out = BTreeMap::new();
     for msg in &mut replies {
         if let XfrmMessage::AddSa(m) = msg {
@@ -270,7 +279,7 @@ pub(crate) fn dump_states(
         }
         scrub(msg);
     }
-    Ok(out)
+    out
 }
 
 fn observe_state(m: &state::ModifyMessage) -> ObservedState {
@@ -349,6 +358,14 @@ pub(crate) fn dump_policies(
         "dumping XFRM policies",
         XfrmMessage::GetPolicy(policy::DelGetMessage::default()),
     )?;
+    Ok(policies_from(replies, reqid))
+}
+
+/// The policies whose (first) template carries `reqid` among the messages of a policy dump.
+pub(crate) fn policies_from(
+    replies: Vec<XfrmMessage>,
+    reqid: u32,
+) -> BTreeMap<PolicyId, PolicySpec> {
     let mut out = BTreeMap::new();
     for msg in replies {
         let XfrmMessage::AddPolicy(m) = msg else {
@@ -405,5 +422,5 @@ pub(crate) fn dump_policies(
             },
         );
     }
-    Ok(out)
+    out
 }
