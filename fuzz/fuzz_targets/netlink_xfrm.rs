@@ -3,21 +3,9 @@
 //! reqid node-shim filters on; the rest is the datagram.
 #![no_main]
 
+use keyd_fuzz::contained_panics;
 use keyd_node_shim::kernel::replies;
 use libfuzzer_sys::fuzz_target;
-
-/// node-shim contains panics of the netlink crates on malformed messages (a decode error, see
-/// `kernel::nl`), so the hook must not abort as libfuzzer-sys's does. It prints the first few
-/// (one line each); a panic nothing catches still reaches libfuzzer-sys's `catch_unwind`, which
-/// aborts: a crash, with its input saved.
-fn contained_panics() {
-    static SHOWN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    std::panic::set_hook(Box::new(|info| {
-        if SHOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
-            eprintln!("panic: {info}");
-        }
-    }));
-}
 
 fuzz_target!(init: contained_panics(), |data: &[u8]| {
     let Some((head, datagram)) = data.split_first_chunk::<8>() else {

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -27,7 +26,7 @@ const NODES: [&str; 2] = ["node-a", "node-b"];
 const SIGABRT: i32 = 6;
 
 mod process;
-use process::{Gone, Identity, Keyd, call};
+use process::{Gone, Identity, Keyd, audit_verifies, call, export};
 
 /// Every IPsec key a node was served, by SPI (hex of the key bytes), newest first as served.
 type Keys = Vec<(u8, String)>;
@@ -396,16 +395,6 @@ async fn closed_segment(k: &Keyd) -> Result<Option<(u64, String)>, Gone> {
         }))
 }
 
-async fn export(k: &Keyd) -> Result<String, Gone> {
-    let mut c = k.connect(&Identity::Admin).await.ok_or(Gone)?;
-    let r = c
-        .get("/v1/audit/export?format=jsonl")
-        .await
-        .map_err(|_| Gone)?;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
-    Ok(String::from_utf8(r.body.to_vec()).unwrap())
-}
-
 fn first_seq(log: &str) -> u64 {
     log.lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -433,38 +422,6 @@ async fn wait_pruned(k: &Keyd, through: u64) -> Result<(), Gone> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("records up to {through} were not pruned");
-}
-
-/// Exports the audit log and verifies it offline with `keyctl audit verify`.
-async fn audit_verifies(k: &Keyd, dir: &Path) {
-    let key = call(
-        k,
-        Identity::Admin,
-        Method::GET,
-        "/v1/audit/public-key",
-        None,
-    )
-    .await
-    .unwrap();
-    let file = dir.join("audit.jsonl");
-    std::fs::write(&file, export(k).await.unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keyctl"))
-        .args([
-            "audit",
-            "verify",
-            "--public-key",
-            key["public_key"].as_str().unwrap(),
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "audit verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The keys keyd had handed out are still there with the same bytes: the newest key each node

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::{Method, StatusCode};
 use keyd_proto::{IpsecAlgorithm, NodeBundle};
-use process::{Identity, Keyd, call, request};
+use process::{Identity, Keyd, audit_verifies, call, request};
 use serde_json::{Value, json};
 
 fn is_root() -> bool {
@@ -88,6 +88,20 @@ fn fill(path: &Path) -> u64 {
     while f.write(&[0u8; 512]).is_ok_and(|n| n > 0) {}
     let _ = f.sync_all();
     written
+}
+
+/// node-a's IPsec keys as its bundle serves them now.
+async fn node_a_keys(k: &Keyd) -> Vec<(u8, String)> {
+    let bundle = call(
+        k,
+        Identity::Node("node-a"),
+        Method::GET,
+        "/v1/nodes/node-a/bundle",
+        None,
+    )
+    .await
+    .unwrap();
+    keys(&bundle)
 }
 
 fn keys(b: &Value) -> Vec<(u8, String)> {
@@ -186,17 +200,7 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
     )
     .await
     .unwrap();
-    let before = keys(
-        &call(
-            &k,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap(),
-    );
+    let before = node_a_keys(&k).await;
     assert_eq!(before.len(), 1);
 
     let filler = fs.dir.join("filler");
@@ -237,17 +241,7 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
     }
 
     // Reads go on: node-a's bundle, unchanged, and the status.
-    let during = keys(
-        &call(
-            &k,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap(),
-    );
+    let during = node_a_keys(&k).await;
     assert_eq!(during, before);
     call(&k, Identity::Admin, Method::GET, "/v1/status", None)
         .await
@@ -278,17 +272,7 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
             k.log()
         );
     }
-    let after = keys(
-        &call(
-            &k,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap(),
-    );
+    let after = node_a_keys(&k).await;
     assert_eq!(
         after.last(),
         before.last(),
@@ -302,17 +286,7 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
     k.stop().await;
     let mut k = Keyd::spawn_logging_to(&data, &logs, &[]);
     k.ready().await.unwrap();
-    let restarted = keys(
-        &call(
-            &k,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap(),
-    );
+    let restarted = node_a_keys(&k).await;
     assert_eq!(restarted, after);
     let nodes = call(&k, Identity::Admin, Method::GET, "/v1/nodes", None)
         .await
@@ -325,36 +299,7 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
         schedules.to_string().contains("3h"),
         "the schedule set after recovery: {schedules}"
     );
-    let key = call(
-        &k,
-        Identity::Admin,
-        Method::GET,
-        "/v1/audit/public-key",
-        None,
-    )
-    .await
-    .unwrap();
-    let mut c = k.connect(&Identity::Admin).await.unwrap();
-    let export = c.get("/v1/audit/export?format=jsonl").await.unwrap();
-    assert_eq!(export.status, StatusCode::OK);
-    let file = logs.join("audit.jsonl");
-    std::fs::write(&file, &export.body).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keyctl"))
-        .args([
-            "audit",
-            "verify",
-            "--public-key",
-            key["public_key"].as_str().unwrap(),
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    audit_verifies(&k, &logs).await;
     k.stop().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     drop(fs);

@@ -112,71 +112,56 @@ impl Keyd {
             .get(name)
             .is_some_and(|n| n.endpoint == reg.endpoint && n.pod_cidrs == reg.pod_cidrs);
         drop(cache);
-        let allowance = match (&allocation, self.config.claims) {
-            (Some(a), _) => Allowance {
+        // The node's own addresses, or why it has none to claim.
+        let allowance: std::result::Result<Allowance, String> = match (
+            &allocation,
+            self.config.claims,
+        ) {
+            (Some(a), _) => Ok(Allowance {
                 source: "its allocation (keyctl nodes allow)".to_owned(),
                 endpoints: a.endpoints.clone(),
                 pod_cidrs: a.pod_cidrs.clone(),
-            },
+            }),
             (None, ClaimCheck::Open) => return Ok(None),
-            (None, ClaimCheck::Allocation) => {
-                return self
-                    .refuse_claim(
-                        actor,
-                        name,
-                        reg,
-                        format!(
-                            "node {name:?} has no allocation: an admin must allow its endpoint \
-                             and pod CIDRs first (keyctl nodes allow {name} --endpoint IP \
-                             --pod-cidr CIDR)"
-                        ),
-                    )
-                    .await;
-            }
+            (None, ClaimCheck::Allocation) => Err(format!(
+                "node {name:?} has no allocation: an admin must allow its endpoint and pod \
+                     CIDRs first (keyctl nodes allow {name} --endpoint IP --pod-cidr CIDR)"
+            )),
             (None, ClaimCheck::NodeObject) => {
                 let directory = self.node_directory.get().cloned().ok_or_else(|| {
                     ServiceError::ClaimsUnverifiable(
-                        "this keyd checks claims against Node objects but has no Kubernetes \
-                         API client"
+                        "this keyd checks claims against Node objects but has no \
+                             Kubernetes API client"
                             .to_owned(),
                     )
                 })?;
                 match directory.node(name).await {
-                    Ok(Some(facts)) => Allowance {
+                    Ok(Some(facts)) => Ok(Allowance {
                         source: format!("its Node object {name:?}"),
                         endpoints: facts.addresses,
                         pod_cidrs: facts.pod_cidrs,
-                    },
-                    Ok(None) => {
-                        return self
-                            .refuse_claim(
-                                actor,
-                                name,
-                                reg,
-                                format!(
-                                    "there is no Node object {name:?} to check its endpoint and \
-                                     pod CIDRs against (or allocate them: keyctl nodes allow)"
-                                ),
-                            )
-                            .await;
-                    }
+                    }),
+                    Ok(None) => Err(format!(
+                        "there is no Node object {name:?} to check its endpoint and pod \
+                             CIDRs against (or allocate them: keyctl nodes allow)"
+                    )),
                     Err(why) if unchanged => {
                         tracing::warn!(node = name, error = %why,
-                            "cannot read the Node object; accepting the registration keyd already holds");
+                                "cannot read the Node object; accepting the registration keyd already holds");
                         return Ok(None);
                     }
                     Err(why) => {
                         return Err(ServiceError::ClaimsUnverifiable(format!(
-                            "cannot check node {name:?}'s endpoint and pod CIDRs against its \
-                             Node object: {why}"
+                            "cannot check node {name:?}'s endpoint and pod CIDRs against \
+                                 its Node object: {why}"
                         )));
                     }
                 }
             }
         };
-        match allowance.refusal(reg) {
-            Some(why) => self.refuse_claim(actor, name, reg, why).await,
-            None => Ok(allocation),
+        match allowance.map(|a| a.refusal(reg)) {
+            Ok(None) => Ok(allocation),
+            Ok(Some(why)) | Err(why) => self.refuse_claim(actor, name, reg, why).await,
         }
     }
 

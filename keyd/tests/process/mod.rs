@@ -206,3 +206,47 @@ pub async fn request(
         serde_json::from_slice(&r.body).unwrap_or(Value::Null),
     ))
 }
+
+/// The audit log as `keyctl audit export` gets it (JSON lines).
+pub async fn export(k: &Keyd) -> Result<String, Gone> {
+    let mut c = k.connect(&Identity::Admin).await.ok_or(Gone)?;
+    let r = c
+        .get("/v1/audit/export?format=jsonl")
+        .await
+        .map_err(|_| Gone)?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    Ok(String::from_utf8(r.body.to_vec()).unwrap())
+}
+
+/// Exports the audit log into `dir` and verifies it offline with `keyctl audit verify
+/// --public-key`, as an auditor would.
+pub async fn audit_verifies(k: &Keyd, dir: &Path) {
+    let key = call(
+        k,
+        Identity::Admin,
+        Method::GET,
+        "/v1/audit/public-key",
+        None,
+    )
+    .await
+    .unwrap();
+    let file = dir.join("audit.jsonl");
+    std::fs::write(&file, export(k).await.unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyctl"))
+        .args([
+            "audit",
+            "verify",
+            "--public-key",
+            key["public_key"].as_str().unwrap(),
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
