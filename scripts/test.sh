@@ -24,6 +24,8 @@ fi
 # aws-lc-sys (rustls' crypto provider) builds C with cc; keep the compiler present.
 apt_needed=()
 command -v cc >/dev/null 2>&1 || apt_needed+=(build-essential)
+# libfuzzer-sys (the fuzz targets) compiles libFuzzer, which is C++.
+command -v c++ >/dev/null 2>&1 || apt_needed+=(g++)
 command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
 # node-shim's build.rs compiles the eBPF steering program (bpf/steer.c) with clang against
 # libbpf's headers (<bpf/bpf_helpers.h>).
