@@ -20,17 +20,6 @@ use keyd_proto::{IpsecAlgorithm, NodeBundle};
 use process::{Identity, Keyd, audit_verifies, call, request};
 use serde_json::{Value, json};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop (also when the test
 /// panics).
 struct Tmpfs {
@@ -163,7 +152,7 @@ fn writes() -> Vec<(&'static str, Identity, Method, &'static str, Option<Value>)
 async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without_restart() {
     if !keyd_tests::prereq::require(
         "root (to mount a size-limited tmpfs for keyd's data directory)",
-        if is_root() {
+        if keyd_tests::prereq::is_root() {
             Ok(())
         } else {
             Err("not running as root".into())

@@ -12,7 +12,8 @@ use keyd_proto::{NodeAllocation, NodeRegistration};
 use serde_json::json;
 
 use super::state::{
-    ALLOCATION_PREFIX, ClaimCheck, Keyd, NodeDirectory, Result, ServiceError, to_json,
+    ALLOCATION_PREFIX, ClaimCheck, Keyd, NodeDirectory, Result, ServiceError, cidrs_overlap,
+    to_json,
 };
 use crate::store::{AuditEvent, Table, Txn};
 
@@ -215,7 +216,7 @@ impl Keyd {
                 theirs
                     .pod_cidrs
                     .iter()
-                    .find(|t| t.contains(m) || m.contains(*t))
+                    .find(|t| cidrs_overlap(t, m))
                     .map(|t| (m, t))
             }) {
                 return Err(ServiceError::Conflict(format!(
@@ -249,12 +250,9 @@ impl Keyd {
         let warning = warning.or_else(|| {
             let held = cache.nodes.values().filter(|n| n.name != name).find(|n| {
                 allocation.endpoints.contains(&n.endpoint)
-                    || n.pod_cidrs.iter().any(|c| {
-                        allocation
-                            .pod_cidrs
-                            .iter()
-                            .any(|a| a.contains(c) || c.contains(a))
-                    })
+                    || n.pod_cidrs
+                        .iter()
+                        .any(|c| allocation.pod_cidrs.iter().any(|a| cidrs_overlap(a, c)))
             })?;
             Some(format!(
                 "node {:?} is registered with an endpoint or pod CIDR inside this allocation; \

@@ -3,10 +3,9 @@
 
 use super::poll::long_poll;
 use super::state::{
-    Cache, Keyd, LAST_SEEN_WRITE_INTERVAL, RenderedBundle, Result, ServiceError, from_json,
-    not_registered, to_json,
+    Cache, HeldKeys, Keyd, LAST_SEEN_WRITE_INTERVAL, REMOVED_DOC, RemovedNode, RenderedBundle,
+    Result, ServiceError, cidrs_overlap, from_json, not_registered, to_json,
 };
-use super::state::{HeldKeys, REMOVED_DOC, RemovedNode};
 use crate::rotation::NodeAcks;
 use crate::store::{AuditEvent, Table, Txn};
 use crate::wireguard;
@@ -154,11 +153,7 @@ fn claim_conflict<'a>(
             return clash(format!("endpoint {}", reg.endpoint));
         }
         for mine in &reg.pod_cidrs {
-            if let Some(theirs) = other
-                .pod_cidrs
-                .iter()
-                .find(|t| t.contains(mine) || mine.contains(*t))
-            {
+            if let Some(theirs) = other.pod_cidrs.iter().find(|t| cidrs_overlap(t, mine)) {
                 return clash(if theirs == mine {
                     format!("pod CIDR {mine}")
                 } else {

@@ -490,6 +490,11 @@ pub(super) fn ignore_lost_race(r: Result<(), StoreError>) -> Result<()> {
     }
 }
 
+/// Whether two CIDRs share an address: one is, or lies inside, the other.
+pub(super) fn cidrs_overlap(a: &ipnet::IpNet, b: &ipnet::IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
 pub(super) fn not_registered(name: &str) -> ServiceError {
     ServiceError::NotFound(format!(
         "node {name:?} is not registered: PUT /v1/nodes/{name} first"

@@ -675,22 +675,29 @@ fn wg_sync(
     (c, p)
 }
 
-#[test]
-fn wireguard_overlapping_allowed_ips_are_skipped() {
+/// One WireGuard sync of node a with peers b (10.2.0.0/24) and then c (`c_cidr`): the kernel,
+/// b's key and what was computed.
+fn wg_b_then_c(c_cidr: &str) -> (FakeKernel, Key32, Computed) {
     let cfg = config("wireguard", "a");
     let mut k = FakeKernel::new();
     let own = Key32::from_bytes([1; 32]);
     let kb = Key32::from_bytes([2; 32]);
     let kc = Key32::from_bytes([3; 32]);
-    // c claims a more specific part of b's CIDR: as an allowed IP it would take that traffic.
     let b = wg_bundle(
         1,
         vec![
             wg_peer("b", &kb, "192.168.0.2", "10.2.0.0/24", 0x11),
-            wg_peer("c", &kc, "192.168.0.3", "10.2.0.128/25", 0x12),
+            wg_peer("c", &kc, "192.168.0.3", c_cidr, 0x12),
         ],
     );
     let (c, _) = wg_sync(&mut k, &cfg, &own, &b);
+    (k, kb, c)
+}
+
+#[test]
+fn wireguard_overlapping_allowed_ips_are_skipped() {
+    // c claims a more specific part of b's CIDR: as an allowed IP it would take that traffic.
+    let (mut k, kb, c) = wg_b_then_c("10.2.0.128/25");
     assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
     assert_eq!(c.skipped[0].node, "c");
     assert!(
@@ -707,19 +714,7 @@ fn wireguard_overlapping_allowed_ips_are_skipped() {
 /// peer to take it, so WireGuard drops it; the programmed peer keeps its more specific part.
 #[test]
 fn wireguard_drops_a_skipped_peers_traffic() {
-    let cfg = config("wireguard", "a");
-    let mut k = FakeKernel::new();
-    let own = Key32::from_bytes([1; 32]);
-    let kb = Key32::from_bytes([2; 32]);
-    let kc = Key32::from_bytes([3; 32]);
-    let b = wg_bundle(
-        1,
-        vec![
-            wg_peer("b", &kb, "192.168.0.2", "10.2.0.0/24", 0x11),
-            wg_peer("c", &kc, "192.168.0.3", "10.2.0.0/16", 0x12),
-        ],
-    );
-    let (c, _) = wg_sync(&mut k, &cfg, &own, &b);
+    let (mut k, _, c) = wg_b_then_c("10.2.0.0/16");
     let wide: IpNet = "10.2.0.0/16".parse().unwrap();
     assert_eq!(c.dropped, vec![wide]);
     let o = k.observe().unwrap();
