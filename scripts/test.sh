@@ -109,6 +109,9 @@ fi
 if [ "$(id -u)" = 0 ]; then
     export CI="${CI:-true}"
 fi
+# A fresh checkout compiles everything once: incremental caches would only add gigabytes to
+# the target directory (a full run's peak is in docs/testing.md).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
