@@ -1,9 +1,11 @@
 //! Crash consistency: the real `keyd` binary, built with its `fault-injection` crash points (a
 //! dev-dependency of keyd on itself turns them on for `cargo test` only; see keyd/Cargo.toml),
-//! is killed with `SIGABRT` at every store commit point of five operations in turn: an IPsec
+//! is killed with `SIGABRT` at every store commit point of six operations in turn: an IPsec
 //! rollout with two simulated nodes, a KEK rotation on the local-file custodian, an audit prune,
 //! keyd's first start (the bootstrap of its store: WireGuard master, KEK document, audit
-//! signing key) and a node removal. A first clean run of each records the points it passes
+//! signing key), a node removal, and a node's bootstrap (a certificate for its projected
+//! service account token, checked against a stand-in Kubernetes API server) and first
+//! registration. A first clean run of each records the points it passes
 //! (`KEYD_FAULT_TRACE`); then each point gets a run of its own that aborts there
 //! (`KEYD_FAULT_ABORT_AT`), a restart without it, and the checks: every key keyd had handed out
 //! is still served with the same bytes (keyd opens every sealed record before it listens), the
@@ -13,20 +15,25 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use axum::Json;
+use axum::extract::Path as UrlPath;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::{Method, StatusCode};
-use keyd_proto::{IpsecAlgorithm, IpsecStatus, NodeBundle};
+use keyd_mtls::client::Connector;
+use keyd_proto::{BootstrapResponse, IpsecAlgorithm, IpsecStatus, NodeBundle};
 use serde_json::{Value, json};
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const SIGABRT: i32 = 6;
 
 mod process;
-use process::{Gone, Identity, Keyd, audit_verifies, call, export};
+use process::{Gone, Identity, Keyd, audit_verifies, call, export, prepare_dev};
 
 /// Every IPsec key a node was served, by SPI (hex of the key bytes), newest first as served.
 type Keys = Vec<(u8, String)>;
@@ -62,6 +69,8 @@ struct Seen {
     nodes: Vec<String>,
     /// The WireGuard PSK epoch after the setup.
     psk_epoch: u64,
+    /// `not_after` of each certificate the bootstrap listener handed out.
+    certificates: Vec<String>,
 }
 
 /// Each node fetches its bundle and acknowledges what it would program (as the node shim does).
@@ -152,15 +161,17 @@ enum Scenario {
     Prune,
     Bootstrap,
     NodeRemoval,
+    NodeBootstrap,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Bootstrap,
         Scenario::Rollout,
         Scenario::KekRotation,
         Scenario::Prune,
         Scenario::NodeRemoval,
+        Scenario::NodeBootstrap,
     ];
 
     fn env(self) -> Vec<(&'static str, String)> {
@@ -174,7 +185,7 @@ impl Scenario {
     /// Brings keyd to the state the operation starts from: two registered nodes holding the
     /// first IPsec key, no overlap (so a rollout waits for acknowledgements only).
     async fn setup(self, k: &Keyd, seen: &mut Seen) -> Result<(), Gone> {
-        if self == Scenario::Bootstrap {
+        if matches!(self, Scenario::Bootstrap | Scenario::NodeBootstrap) {
             return Ok(());
         }
         call(
@@ -225,9 +236,19 @@ impl Scenario {
     }
 
     /// The operation under test, up to where keyd has acknowledged all of it (or is gone).
-    async fn drive(self, k: &Keyd, seen: &mut Seen) -> Result<(), Gone> {
+    async fn drive(
+        self,
+        k: &Keyd,
+        seen: &mut Seen,
+        nb: Option<&NodeBootstrap>,
+    ) -> Result<(), Gone> {
         match self {
             Scenario::Bootstrap => Ok(()),
+            Scenario::NodeBootstrap => {
+                let nb = nb.unwrap();
+                nb.bootstrap(seen).await?;
+                nb.register(k).await
+            }
             Scenario::Rollout => {
                 rotate_ipsec(k, seen).await?;
                 drive_rollout(k, seen, &NODES).await
@@ -256,10 +277,20 @@ impl Scenario {
 
     /// After the restart: the operation completes, resumed by keyd or (when it was never
     /// acknowledged) retried as a client would.
-    async fn complete(self, k: &Keyd, seen: &mut Seen) {
+    async fn complete(self, k: &Keyd, seen: &mut Seen, nb: Option<&NodeBootstrap>) {
         let done = async {
             match self {
                 Scenario::Bootstrap => Ok(()),
+                Scenario::NodeBootstrap => {
+                    let nb = nb.unwrap();
+                    // The agent retries until it has a certificate, then registers (again).
+                    if seen.certificates.is_empty() {
+                        nb.bootstrap(seen).await?;
+                    }
+                    nb.register(k).await?;
+                    certificates_audited(&export(k).await?, seen);
+                    Ok(())
+                }
                 Scenario::Rollout => {
                     let s = ipsec(k).await?;
                     let resumed =
@@ -520,7 +551,12 @@ async fn run(scenario: Scenario, abort_at: Option<&str>) -> Vec<String> {
     if let Some(p) = abort_at {
         env.push(("KEYD_FAULT_ABORT_AT", p.to_owned()));
     }
-    let mut k = Keyd::spawn(&data, &env);
+    let nb = (scenario == Scenario::NodeBootstrap).then(|| NodeBootstrap::prepare(&data));
+    let spawn = |env: &[(&str, String)]| match &nb {
+        None => Keyd::spawn(&data, env),
+        Some(nb) => Keyd::spawn_serving(&data, &nb.config, env),
+    };
+    let mut k = spawn(&env);
     let mut seen = Seen::default();
     let started = k.ready().await;
     let mut setup_points = 0;
@@ -534,7 +570,7 @@ async fn run(scenario: Scenario, abort_at: Option<&str>) -> Vec<String> {
             if scenario != Scenario::Bootstrap {
                 setup_points = points(&trace).len();
             }
-            match scenario.drive(&k, &mut seen).await {
+            match scenario.drive(&k, &mut seen, nb.as_ref()).await {
                 Ok(()) => Ok(()),
                 Err(Gone) => Err(k
                     .exited()
@@ -573,7 +609,7 @@ async fn run(scenario: Scenario, abort_at: Option<&str>) -> Vec<String> {
     );
     drop(k);
 
-    let mut k = Keyd::spawn(&data, &scenario.env());
+    let mut k = spawn(&scenario.env());
     k.ready().await.unwrap_or_else(|s| {
         panic!(
             "{scenario:?} at {point}: keyd did not restart ({s}): {}",
@@ -581,10 +617,255 @@ async fn run(scenario: Scenario, abort_at: Option<&str>) -> Vec<String> {
         )
     });
     keys_survived(&k, &seen, scenario).await;
-    scenario.complete(&k, &mut seen).await;
+    scenario.complete(&k, &mut seen, nb.as_ref()).await;
     audit_verifies(&k, dir.path()).await;
     k.stop().await;
     passed
+}
+
+/// The node the bootstrap scenario's agent runs on. `keyd dev` made it no certificate: the one
+/// from the bootstrap listener is its only way in.
+const NEW_NODE: &str = "node-c";
+/// The agent's projected service account token, as the stand-in API server knows it.
+const SHIM_TOKEN: &str = "projected-token-of-keyd-node-shim-on-node-c";
+/// keyd's own service account token, which the stand-in API server requires.
+const KEYD_TOKEN: &str = "token-of-keyd";
+
+/// The node bootstrap scenario's world: `keyd serve` with `[bootstrap]` (and `[nodes] claims =
+/// "node-object"`) against a stand-in Kubernetes API server over HTTPS that answers TokenReview,
+/// the agent's pod and its Node object in the API's own shapes, and only to keyd's token.
+struct NodeBootstrap {
+    config: PathBuf,
+    /// The bootstrap listener.
+    listen: u16,
+    /// The CA of keyd's (and the stand-in's) server certificate.
+    ca: PathBuf,
+    /// Where [`Keyd::connect`] finds the node's certificate and key.
+    pki: PathBuf,
+    kube: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeBootstrap {
+    fn drop(&mut self) {
+        self.kube.abort();
+    }
+}
+
+impl NodeBootstrap {
+    /// Prepares `data` as `keyd dev` does, starts the stand-in API server and writes keyd's
+    /// configuration next to `data`.
+    fn prepare(data: &Path) -> Self {
+        let setup = prepare_dev(data);
+        let dir = data.parent().unwrap();
+        let token = dir.join("kube-token");
+        std::fs::write(&token, KEYD_TOKEN).unwrap();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let kube_port = std_listener.local_addr().unwrap().port();
+        std_listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        // The stand-in serves keyd's dev server certificate (localhost, 127.0.0.1).
+        let tls = keyd_mtls::tls::serving_config(&keyd_mtls::tls::ServerTlsPaths {
+            cert: setup.pki.server.cert.clone(),
+            key: setup.pki.server.key.clone(),
+            client_ca: None,
+        })
+        .unwrap();
+        let kube = tokio::spawn(async move {
+            let (_keep, rx) = tokio::sync::watch::channel(tls);
+            keyd_mtls::server::serve_tls_router(
+                listener,
+                rx,
+                stand_in_kube(),
+                keyd_mtls::server::Limits::default(),
+                |_| {},
+                std::future::pending(),
+            )
+            .await;
+        });
+        let listen = process::free_port();
+        let keyd_toml = std::fs::read_to_string(&setup.keyd_toml).unwrap();
+        let open = "claims = \"open\"";
+        assert!(keyd_toml.contains(open), "{keyd_toml}");
+        let text = format!(
+            "{}\n[bootstrap]\nlisten = \"127.0.0.1:{listen}\"\n\
+             kube_api = \"https://127.0.0.1:{kube_port}\"\nkube_ca = {ca:?}\n\
+             kube_token_file = {token:?}\nservice_accounts = [\"keyd/node-shim\"]\n\
+             ca_key = {ca_key:?}\n",
+            keyd_toml.replace(open, "claims = \"node-object\""),
+            ca = setup.pki.ca,
+            ca_key = setup.pki.dir.join("ca-key.pem"),
+        );
+        let config = dir.join("keyd-serve.toml");
+        std::fs::write(&config, text).unwrap();
+        Self {
+            config,
+            listen,
+            ca: setup.pki.ca.clone(),
+            pki: setup.pki.dir.clone(),
+            kube,
+        }
+    }
+
+    /// What node-shim does without a certificate: a fresh key, a CSR and the token to the
+    /// bootstrap listener (server-authenticated TLS only). The certificate and key go where
+    /// [`Keyd::connect`] looks for `Identity::Node(NEW_NODE)`.
+    async fn bootstrap(&self, seen: &mut Seen) -> Result<(), Gone> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let tls = keyd_mtls::tls::server_auth_client_config(&self.ca).unwrap();
+        let url = format!("https://127.0.0.1:{}", self.listen);
+        let mut c = Connector::new(&url, tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|_| Gone)?;
+        let r = c
+            .post_json(
+                "/v1/bootstrap/node",
+                &json!({ "node": NEW_NODE, "token": SHIM_TOKEN, "csr": csr }),
+            )
+            .await
+            .map_err(|_| Gone)?;
+        assert_eq!(r.status, StatusCode::OK, "bootstrap: {}", r.error_message());
+        let issued: BootstrapResponse = serde_json::from_slice(&r.body).unwrap();
+        let name = format!("node-{NEW_NODE}");
+        std::fs::write(self.pki.join(format!("{name}.pem")), &issued.certificate).unwrap();
+        std::fs::write(
+            self.pki.join(format!("{name}-key.pem")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+        seen.certificates.push(issued.not_after.to_string());
+        Ok(())
+    }
+
+    /// With its new certificate the node registers what its Node object says and fetches its
+    /// bundle.
+    async fn register(&self, k: &Keyd) -> Result<(), Gone> {
+        let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([3; 32]));
+        let who = || Identity::Node(NEW_NODE);
+        call(
+            k,
+            who(),
+            Method::PUT,
+            &format!("/v1/nodes/{NEW_NODE}"),
+            Some(
+                json!({ "endpoint": "192.0.2.3", "pod_cidrs": ["10.0.2.0/24"],
+                         "wireguard_public_key": STANDARD.encode(wg.as_bytes()) }),
+            ),
+        )
+        .await?;
+        let b = call(
+            k,
+            who(),
+            Method::GET,
+            &format!("/v1/nodes/{NEW_NODE}/bundle"),
+            None,
+        )
+        .await?;
+        serde_json::from_value::<NodeBundle>(b).unwrap();
+        Ok(())
+    }
+}
+
+/// Every certificate that left keyd has its `node.certificate.issued` record: an issuance
+/// nobody can audit does not happen. (A record without a certificate is a crash between the
+/// commit and the answer; the agent asked again.)
+fn certificates_audited(log: &str, seen: &Seen) {
+    let recorded: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| {
+            v["type"] == "record"
+                && v["action"] == "node.certificate.issued"
+                && v["details"]["node"] == NEW_NODE
+        })
+        .map(|v| v["details"]["not_after"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!seen.certificates.is_empty());
+    for c in &seen.certificates {
+        assert!(
+            recorded.contains(c),
+            "a certificate (not after {c}) was handed out unaudited: {recorded:?}"
+        );
+    }
+}
+
+/// The stand-in Kubernetes API server: the agent's pod `keyd/shim-on-c` runs on node-c, whose
+/// Node object gives 192.0.2.3 and 10.0.2.0/24; [`SHIM_TOKEN`] is its bound token for audience
+/// `keyd`. Without keyd's bearer token every call is 401, as with a real API server.
+fn stand_in_kube() -> axum::Router {
+    fn authorized(h: &HeaderMap) -> Result<(), StatusCode> {
+        let want = format!("Bearer {KEYD_TOKEN}");
+        (h.get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            == Some(&want))
+        .then_some(())
+        .ok_or(StatusCode::UNAUTHORIZED)
+    }
+    fn not_found(kind: &str, name: &str) -> (StatusCode, Json<Value>) {
+        (
+            StatusCode::NOT_FOUND,
+            Json(
+                json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                         "reason": "NotFound", "code": 404,
+                         "message": format!("{kind} \"{name}\" not found") }),
+            ),
+        )
+    }
+    let review = |h: HeaderMap, Json(body): Json<Value>| async move {
+        authorized(&h)?;
+        let valid = body["spec"]["token"] == SHIM_TOKEN
+            && body["spec"]["audiences"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "keyd"));
+        let status = if valid {
+            json!({ "authenticated": true, "audiences": ["keyd"],
+                    "user": { "username": "system:serviceaccount:keyd:node-shim",
+                              "uid": "uid-of-node-shim-sa",
+                              "extra": {
+                                  "authentication.kubernetes.io/pod-name": ["shim-on-c"],
+                                  "authentication.kubernetes.io/pod-uid": ["uid-of-shim-on-c"],
+                                  "authentication.kubernetes.io/node-name": [NEW_NODE] } } })
+        } else {
+            json!({ "authenticated": false, "error": "invalid bearer token" })
+        };
+        Ok::<_, StatusCode>(Json(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": body["spec"], "status": status })))
+    };
+    let pod = |h: HeaderMap, UrlPath((ns, name)): UrlPath<(String, String)>| async move {
+        authorized(&h).map_err(|s| (s, Json(Value::Null)))?;
+        if (ns.as_str(), name.as_str()) != ("keyd", "shim-on-c") {
+            return Err(not_found("pods", &name));
+        }
+        Ok(Json(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "namespace": ns, "name": name, "uid": "uid-of-shim-on-c" },
+            "spec": { "nodeName": NEW_NODE, "serviceAccountName": "node-shim" },
+            "status": { "phase": "Running" } })))
+    };
+    let node = |h: HeaderMap, UrlPath(name): UrlPath<String>| async move {
+        authorized(&h).map_err(|s| (s, Json(Value::Null)))?;
+        if name != NEW_NODE {
+            return Err(not_found("nodes", &name));
+        }
+        Ok(Json(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": { "name": name },
+            "spec": { "podCIDR": "10.0.2.0/24", "podCIDRs": ["10.0.2.0/24"] },
+            "status": { "addresses": [
+                { "type": "InternalIP", "address": "192.0.2.3" },
+                { "type": "Hostname", "address": NEW_NODE } ] } })))
+    };
+    axum::Router::new()
+        .route("/apis/authentication.k8s.io/v1/tokenreviews", post(review))
+        .route("/api/v1/namespaces/{ns}/pods/{name}", get(pod))
+        .route("/api/v1/nodes/{name}", get(node))
 }
 
 fn points(trace: &Path) -> Vec<String> {

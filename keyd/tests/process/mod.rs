@@ -1,5 +1,6 @@
-//! A real `keyd` process (`keyd dev` on a data directory) and an mTLS client for it, for the
-//! tests that kill keyd or starve its disk.
+//! A real `keyd` process (`keyd dev` on a data directory, or `keyd serve` on a configuration
+//! written next to it) and an mTLS client for it, for the tests that kill keyd or starve its
+//! disk.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -39,12 +40,25 @@ impl Keyd {
 
     /// With its log in `log_dir` (not on a filesystem the test fills up).
     pub fn spawn_logging_to(data: &Path, log_dir: &Path, env: &[(&str, String)]) -> Self {
+        Self::launch(data, log_dir, None, env)
+    }
+
+    /// `keyd serve --config CONFIG` on `data`, which [`prepare_dev`] set up (its dev PKI and
+    /// `keyd.toml`, whose text `CONFIG` extends), with the same tick and log as [`Self::spawn`].
+    pub fn spawn_serving(data: &Path, config: &Path, env: &[(&str, String)]) -> Self {
+        Self::launch(data, data.parent().unwrap(), Some(config), env)
+    }
+
+    fn launch(data: &Path, log_dir: &Path, config: Option<&Path>, env: &[(&str, String)]) -> Self {
         let (api, ops) = (free_port(), free_port());
         let log = log_dir.join(format!("keyd-{api}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keyd"))
-            .args(["dev", "--data-dir"])
-            .arg(data)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyd"));
+        match config {
+            None => cmd.args(["dev", "--data-dir"]).arg(data),
+            Some(c) => cmd.args(["serve", "--config"]).arg(c),
+        };
+        let child = cmd
             .args([
                 "--listen",
                 &format!("127.0.0.1:{api}"),
@@ -136,6 +150,12 @@ impl Keyd {
             let _ = self.child.wait();
         }
     }
+}
+
+/// What `keyd dev` prepares on `data` before it serves (dev PKI, local KEK, `keyd.toml`),
+/// without serving: for a test that runs `keyd serve` with more configuration.
+pub fn prepare_dev(data: &Path) -> keyd::app::DevSetup {
+    keyd::app::prepare_dev(data, "127.0.0.1:8443", "127.0.0.1:9443").unwrap()
 }
 
 impl Drop for Keyd {
