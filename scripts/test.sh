@@ -47,6 +47,8 @@ command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
 # The VM benchmark's throughput through the tunnels with and without steering.
 command -v iperf3 >/dev/null 2>&1 || apt_needed+=(iperf3)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
+# promtool checks and unit-tests the alerting rules in deploy/monitoring/.
+command -v promtool >/dev/null 2>&1 || apt_needed+=(prometheus)
 # procps: the tests run the `kill` program (keyd/tests/no_secrets_in_logs.rs, node-shim's
 # capture helper) and the VM guest runs `sysctl`; a minimal Debian (debootstrap minbase, the
 # debian:12 image) has neither. `type -P`: the file on PATH, not bash's kill builtin.
@@ -119,6 +121,10 @@ log "module layering (scripts/module-cycles.py: no import cycle between a crate'
 for crate in proto mtls policy keyd webhook node-shim; do
     python3 scripts/module-cycles.py "${crate}/src"
 done
+
+log "alerting rules (promtool check rules, promtool test rules: deploy/monitoring/)"
+promtool check rules deploy/monitoring/alerts.yaml
+promtool test rules deploy/monitoring/alerts.test.yaml
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -177,6 +177,92 @@ impl RulesMetrics {
 }
 
 #[derive(Clone)]
+/// A key class (`ipsec`, `wireguard-psk`, ...): five values, bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: &'static str,
+}
+
+/// What alerting rules ask about keys (deploy/monitoring/): per key class the age of the oldest
+/// key in use against its schedule and its compliance bound, and the IPsec rollout's progress.
+/// Set from the same report `keyctl report` prints, on every scheduler pass.
+#[derive(Debug, Default, Clone)]
+pub struct KeyMetrics {
+    /// Age of the oldest key of the class still in use.
+    pub age: Family<ClassLabel, Gauge>,
+    /// The age past which the class is overdue: period + overlap + the rollout's allowed wait.
+    pub overdue_after: Family<ClassLabel, Gauge>,
+    /// The compliance bound: `max_period` + overlap + the rollout's allowed wait; only for a
+    /// class whose bounds set `max_period`.
+    pub max_age: Family<ClassLabel, Gauge>,
+    pub overdue: Family<ClassLabel, Gauge>,
+    pub within_bounds: Family<ClassLabel, Gauge>,
+    pub paused: Family<ClassLabel, Gauge>,
+    /// Live nodes the current IPsec rollout phase waits for (0 without a rollout).
+    pub rollout_waiting_nodes: Gauge,
+    /// How long the current IPsec rollout phase has lasted (0 without a rollout).
+    pub rollout_phase_seconds: Gauge,
+    /// 1 while the current IPsec rollout phase has waited past the limit.
+    pub rollout_stuck: Gauge,
+    /// Unix time of the last scheduler pass that completed.
+    pub scheduler_last_pass: Gauge,
+}
+
+impl KeyMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "key_age_seconds",
+            "Age of the oldest key of the class still in use",
+            self.age.clone(),
+        );
+        r.register(
+            "key_overdue_after_seconds",
+            "Key age past which the class is overdue (period + overlap + allowed rollout wait)",
+            self.overdue_after.clone(),
+        );
+        r.register(
+            "key_max_age_seconds",
+            "Key age the class's compliance bound allows (max_period + overlap + allowed rollout wait)",
+            self.max_age.clone(),
+        );
+        r.register(
+            "key_rotation_overdue",
+            "1 while the class is overdue for rotation (keyctl report exits 7)",
+            self.overdue.clone(),
+        );
+        r.register(
+            "key_within_bounds",
+            "1 while the class's schedule and keys are within its compliance bounds",
+            self.within_bounds.clone(),
+        );
+        r.register(
+            "key_schedule_paused",
+            "1 while the class's schedule is paused",
+            self.paused.clone(),
+        );
+        r.register(
+            "ipsec_rollout_waiting_nodes",
+            "Live nodes the current IPsec rollout phase waits for",
+            self.rollout_waiting_nodes.clone(),
+        );
+        r.register(
+            "ipsec_rollout_phase_seconds",
+            "How long the current IPsec rollout phase has lasted (0: no rollout)",
+            self.rollout_phase_seconds.clone(),
+        );
+        r.register(
+            "ipsec_rollout_stuck",
+            "1 while the current IPsec rollout phase has waited past the limit",
+            self.rollout_stuck.clone(),
+        );
+        r.register(
+            "scheduler_last_pass_timestamp_seconds",
+            "Unix time of the last scheduler pass that completed",
+            self.scheduler_last_pass.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Arc<Registry>,
     pub http_requests: Family<RouteLabels, Counter>,
@@ -192,6 +278,7 @@ pub struct Metrics {
     pub audit_checkpoints: Counter,
     pub custody: CustodyMetrics,
     pub rules: RulesMetrics,
+    pub keys: KeyMetrics,
 }
 
 impl fmt::Debug for Metrics {
@@ -279,6 +366,8 @@ impl Metrics {
         custody.register(&mut r);
         let rules = RulesMetrics::default();
         rules.register(&mut r);
+        let keys = KeyMetrics::default();
+        keys.register(&mut r);
         Self {
             registry: Arc::new(r),
             http_requests,
@@ -294,6 +383,7 @@ impl Metrics {
             audit_checkpoints,
             custody,
             rules,
+            keys,
         }
     }
 

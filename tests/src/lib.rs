@@ -5,12 +5,14 @@
 //! `VAULT_ADDR` and `VAULT_TOKEN` are set), and [`moto`] (moto's KMS server on loopback).
 //! [`loadgen`] is the keyd benchmark behind `cargo run --release -p keyd-tests --bin loadgen`
 //! (results and method in `docs/benchmarks.md`); its scenario code is also run briefly by
-//! `tests/loadgen_smoke.rs` so that the harness cannot silently rot.
+//! `tests/loadgen_smoke.rs` so that the harness cannot silently rot. [`monitoring`] reads the
+//! metric names the shipped alerting rules and dashboard query.
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod http;
 pub mod loadgen;
+pub mod monitoring;
 pub mod moto;
 pub mod prereq;
 pub mod vault_admin;

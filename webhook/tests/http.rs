@@ -338,6 +338,12 @@ async fn http_metrics_count_decisions_by_outcome_and_mode_and_dry_runs_are_not_r
     }
     // No label carries a name.
     assert!(!text.contains("blog") && !text.contains("alice"), "{text}");
+    // Every keyd_webhook_* metric the shipped alerting rules and dashboard query is served.
+    let missing = keyd_tests::monitoring::missing(&text, "keyd_webhook_", &[]);
+    assert!(
+        missing.is_empty(),
+        "deploy/monitoring/ queries {missing:?}:\n{text}"
+    );
     let _ = s.stop.send(true);
 }
 

@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use keyd_proto::time::format_duration;
 use keyd_proto::{Bounds, ClassReport, ClassSchedule, KeyClass, Report, ScheduleUpdate, Timestamp};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 
 use super::state::{Keyd, Result, SCHEDULES_DOC, ServiceError, WIREGUARD_DOC, to_json};
 use crate::rotation;
 use crate::store::{AuditEvent, Table, Txn};
+use crate::telemetry::ClassLabel;
 
 /// How long the scheduler waits before retrying a scheduled rotation that failed.
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(3600);
@@ -202,9 +205,24 @@ impl Keyd {
     /// bounds.
     pub fn report(&self) -> Report {
         let now = self.clock.now();
+        let classes: Vec<ClassReport> = self
+            .class_reports(now)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let overdue = classes.iter().any(|c| c.overdue);
+        Report {
+            at: now,
+            classes,
+            overdue,
+        }
+    }
+
+    /// [`Self::report`]'s classes, each with the ages its verdicts compare against.
+    fn class_reports(&self, now: Timestamp) -> Vec<(ClassReport, AgeLimits)> {
         let cache = self.cache();
         let grace = self.config.rollout_stuck_after;
-        let classes: Vec<ClassReport> = KeyClass::ALL
+        KeyClass::ALL
             .iter()
             .map(|&class| {
                 let cs = cache.schedules.get(class);
@@ -216,6 +234,14 @@ impl Keyd {
                     due.0.saturating_sub(last.0) + cs.schedule.overlap.as_secs() + grace.as_secs()
                 };
                 let mut problems = Vec::new();
+                let max_age = cs
+                    .bounds
+                    .max_period
+                    .map(|max| max.as_secs() + cs.schedule.overlap.as_secs() + grace.as_secs());
+                let limits = AgeLimits {
+                    overdue_after: last.zip(next_due).map(|(l, d)| limit(l, d)),
+                    max_age,
+                };
                 let overdue = match (last, next_due) {
                     (Some(l), Some(d)) => {
                         let lim = limit(l, d);
@@ -237,8 +263,8 @@ impl Keyd {
                     rotation::validate_schedule(class, &cs.schedule, &cs.bounds)
                         .map_err(|e| problems.push(e))
                         .is_ok();
-                if let (Some(max), Some(age)) = (cs.bounds.max_period, oldest)
-                    && age > max.as_secs() + cs.schedule.overlap.as_secs() + grace.as_secs()
+                if let (Some(max), Some(bound), Some(age)) = (cs.bounds.max_period, max_age, oldest)
+                    && age > bound
                 {
                     within_bounds = false;
                     problems.push(format!(
@@ -250,7 +276,7 @@ impl Keyd {
                 if last.is_none() {
                     problems.push("no key yet".into());
                 }
-                ClassReport {
+                let report = ClassReport {
                     class,
                     last_rotation: last,
                     next_due,
@@ -260,15 +286,47 @@ impl Keyd {
                     within_bounds,
                     overdue,
                     detail: (!problems.is_empty()).then(|| problems.join("; ")),
-                }
+                };
+                (report, limits)
             })
-            .collect();
-        let overdue = classes.iter().any(|c| c.overdue);
-        Report {
-            at: now,
-            classes,
-            overdue,
+            .collect()
+    }
+
+    /// Sets the key metrics (`keyd_key_*`, `keyd_ipsec_rollout_*`) from the report and the
+    /// rollout: what the alerting rules in deploy/monitoring/ read.
+    pub fn update_key_metrics(&self) {
+        let now = self.clock.now();
+        let m = &self.metrics.keys;
+        let secs = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (c, limits) in self.class_reports(now) {
+            let label = ClassLabel {
+                class: c.class.as_str(),
+            };
+            let set = |family: &Family<ClassLabel, Gauge>, v: Option<u64>| match v {
+                Some(v) => {
+                    family.get_or_create(&label).set(secs(v));
+                }
+                None => {
+                    family.remove(&label);
+                }
+            };
+            set(&m.age, c.oldest_key_age_secs);
+            set(&m.overdue_after, limits.overdue_after);
+            set(&m.max_age, limits.max_age);
+            set(&m.overdue, Some(u64::from(c.overdue)));
+            set(&m.within_bounds, Some(u64::from(c.within_bounds)));
+            set(&m.paused, Some(u64::from(c.paused)));
         }
+        let rollout = self.ipsec_status().rollout;
+        m.rollout_waiting_nodes
+            .set(rollout.as_ref().map_or(0, |r| r.waiting_for.len() as i64));
+        m.rollout_phase_seconds.set(
+            rollout
+                .as_ref()
+                .map_or(0, |r| secs(now.0.saturating_sub(r.phase_since.0))),
+        );
+        m.rollout_stuck
+            .set(i64::from(rollout.as_ref().is_some_and(|r| r.stuck)));
     }
 
     /// One pass of the scheduler: starts every due rotation, moves the rollout on, and keeps the
@@ -324,7 +382,18 @@ impl Keyd {
         }
         self.maintain_audit_log(now).await
     }
+}
 
+/// The ages a class's verdicts compare its oldest key against.
+#[derive(Debug, Clone, Copy)]
+struct AgeLimits {
+    /// Past this the class is overdue (period + overlap + the rollout's allowed wait).
+    overdue_after: Option<u64>,
+    /// The compliance bound (`max_period` + overlap + the rollout's allowed wait), if set.
+    max_age: Option<u64>,
+}
+
+impl Keyd {
     /// Runs [`Keyd::tick`] every `every` until `stop` turns true.
     pub async fn run_scheduler(
         &self,
@@ -338,9 +407,15 @@ impl Keyd {
                 _ = interval.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            if let Err(e) = self.tick().await {
-                tracing::error!(error = %e, "scheduler pass failed");
+            match self.tick().await {
+                Ok(()) => self
+                    .metrics
+                    .keys
+                    .scheduler_last_pass
+                    .set(i64::try_from(self.clock.now().0).unwrap_or(i64::MAX)),
+                Err(e) => tracing::error!(error = %e, "scheduler pass failed"),
             }
+            self.update_key_metrics();
         }
     }
 }
