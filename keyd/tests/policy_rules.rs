@@ -296,6 +296,21 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         "{stdout}"
     );
 
+    // The webhook learns from keyd's enforcement status that the policy covers nothing.
+    let r = h.admin().await.get("/v1/enforcement").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let status: keyd_proto::EnforcementStatus = serde_json::from_slice(&r.body).unwrap();
+    let why = status
+        .rejection("EncryptionPolicy a/bad")
+        .unwrap_or_else(|| {
+            panic!("{:?}", status.rejected_policies);
+        });
+    assert!(
+        why.contains("podSelector") && why.ends_with("(left out on 2 nodes)"),
+        "{why}"
+    );
+    assert_eq!(status.rejected_policies.len(), 1, "{status:?}");
+
     // The watcher's metrics: ready, compiled, the rejected policy counted.
     let (status, body) = keyd_tests::http::request(h.ops, "GET", "/metrics", &[], vec![])
         .await

@@ -499,6 +499,12 @@ pub struct EnforcementStatus {
     pub at: Timestamp,
     pub ipsec: ModeStatus,
     pub wireguard: ModeStatus,
+    /// Policies keyd's rule compiler left out of at least one node's rules (a malformed selector,
+    /// more policies concerning a node than its maps hold), by name (`EncryptionPolicy NS/NAME`,
+    /// `ClusterEncryptionPolicy NAME`), with why: the data plane does not enforce them there, so
+    /// they cover no pod. Empty without a `[policy]` section (keyd then compiles no rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_policies: Vec<rules::RejectedPolicy>,
 }
 
 impl EnforcementStatus {
@@ -507,6 +513,14 @@ impl EnforcementStatus {
             EncryptionMode::Ipsec => &self.ipsec,
             EncryptionMode::Wireguard => &self.wireguard,
         }
+    }
+
+    /// Why keyd's rules leave out the policy named `name`, if they do.
+    pub fn rejection(&self, name: &str) -> Option<&str> {
+        self.rejected_policies
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.reason.as_str())
     }
 }
 

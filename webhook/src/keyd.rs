@@ -515,6 +515,7 @@ mod tests {
             at: Timestamp::now(),
             ipsec: m.clone(),
             wireguard: m,
+            rejected_policies: Vec::new(),
         }
     }
 

@@ -258,6 +258,7 @@ async fn run_scan(config: Option<Config>, offline: bool, output: Output) -> anyh
                 at: Timestamp::now(),
                 ipsec: ready.clone(),
                 wireguard: ready,
+                rejected_policies: Vec::new(),
             }))
         }
     };

@@ -27,7 +27,7 @@ pub struct LivePod {
 pub struct Finding {
     pub namespace: String,
     pub pod: String,
-    /// `no_policy`, `mode_not_ready`, `keyd_unavailable` or `namespace_unknown`.
+    /// `no_policy`, `mode_not_ready`, `policy_rejected`, `keyd_unavailable` or `namespace_unknown`.
     pub reason: &'static str,
     /// Policies that select it (whose mode is not ready).
     pub policies: Vec<String>,
@@ -150,6 +150,7 @@ mod tests {
             at: Timestamp::now(),
             ipsec: ready.clone(),
             wireguard: ready,
+            rejected_policies: Vec::new(),
         }));
         let s = ("keyd.io/sensitive", "true");
         let pods = [

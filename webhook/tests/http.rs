@@ -111,6 +111,7 @@ fn fixed_state(decision: DecisionConfig) -> AppState {
             at: keyd_proto::Timestamp::now(),
             ipsec: ready.clone(),
             wireguard: ready,
+            rejected_policies: Vec::new(),
         })),
         audit: Arc::new(AuditQueue::new(100, metrics.clone())),
         decision: Arc::new(decision),

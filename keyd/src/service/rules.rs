@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyd_proto::rules::NodeRules;
+use keyd_proto::rules::{NodeRules, RejectedPolicy};
 
 use super::poll::long_poll;
 use super::state::{Keyd, Result, ServiceError};
@@ -66,6 +66,31 @@ impl Keyd {
             self.rules.send_replace(RulesView::Ready(next));
         }
         changed
+    }
+
+    /// Every policy some node's rules leave out, once, with the first node's reason and on how
+    /// many nodes (for the webhook: such a policy covers no pod). Empty until the watcher has
+    /// published, and without a `[policy]` section.
+    pub fn rejected_policies(&self) -> Vec<RejectedPolicy> {
+        let mut by_name: BTreeMap<&str, (&str, usize)> = BTreeMap::new();
+        let view = self.rules.borrow();
+        let RulesView::Ready(nodes) = &*view else {
+            return Vec::new();
+        };
+        for r in nodes.values().flat_map(|n| n.rejected.iter()) {
+            by_name.entry(&r.name).or_insert((&r.reason, 0)).1 += 1;
+        }
+        by_name
+            .into_iter()
+            .map(|(name, (reason, nodes))| RejectedPolicy {
+                name: name.to_owned(),
+                reason: if nodes > 1 {
+                    format!("{reason} (left out on {nodes} nodes)")
+                } else {
+                    reason.to_owned()
+                },
+            })
+            .collect()
     }
 
     /// The node's current rules.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keyd_proto::rules::NodeRules;
+use keyd_proto::rules::{NodeRules, RejectedPolicy};
 
 /// One node's rules, rendered once per change and shared between fetches.
 #[derive(Debug, PartialEq, Eq)]
@@ -14,6 +14,8 @@ pub struct RenderedRules {
     pub body: Bytes,
     /// The policies' names, by index (what a node's data-plane report may name).
     pub policies: Vec<String>,
+    /// The policies left out of this node's rules, and why.
+    pub rejected: Vec<RejectedPolicy>,
 }
 
 /// What the watcher last published.
@@ -33,5 +35,6 @@ pub(super) fn render(rules: &NodeRules) -> RenderedRules {
         // Serializing plain strings, numbers and prefixes cannot fail.
         body: Bytes::from(serde_json::to_vec(rules).unwrap_or_default()),
         policies: rules.policies.iter().map(|p| p.name.clone()).collect(),
+        rejected: rules.rejected.clone(),
     }
 }

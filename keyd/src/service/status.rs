@@ -102,6 +102,7 @@ impl Keyd {
                     KeyClass::Kek,
                 ],
             ),
+            rejected_policies: self.rejected_policies(),
         }
     }
 

@@ -115,6 +115,7 @@ pub fn keyd_status() -> EnforcementStatus {
             within_schedule: false,
             reason: Some("no node has registered a WireGuard public key".into()),
         },
+        rejected_policies: Vec::new(),
     }
 }
 

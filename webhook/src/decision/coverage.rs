@@ -1,5 +1,6 @@
-//! Rule 5: a sensitive pod is covered when a policy selects it and keyd reports that policy's
-//! mode ready. Otherwise this says what is missing, as a [`Violation`].
+//! Rule 5: a sensitive pod is covered when a policy selects it, keyd reports that policy's
+//! mode ready, and keyd's rule compiler did not leave the policy out of any node's rules.
+//! Otherwise this says what is missing, as a [`Violation`].
 
 use std::sync::Arc;
 
@@ -48,12 +49,29 @@ pub(super) fn check(
     let owned = || -> Vec<CompiledPolicy> { selecting.iter().map(|p| (*p).clone()).collect() };
     match keyd {
         KeydView::Known(status) => {
-            if selecting.iter().any(|p| mode_ready(status, p.mode)) {
+            // A policy keyd's rules leave out of some node is not enforced there: it covers no
+            // pod (the pod may be scheduled on that node, or talk to one).
+            let (enforced, rejected): (Vec<&CompiledPolicy>, Vec<&CompiledPolicy>) = selecting
+                .iter()
+                .partition(|p| status.rejection(&p.id.to_string()).is_none());
+            if enforced.iter().any(|p| mode_ready(status, p.mode)) {
                 return Ok(());
+            }
+            if enforced.is_empty() {
+                return Err(Violation::PolicyRejected {
+                    rejected: rejected
+                        .iter()
+                        .map(|p| {
+                            let id = p.id.to_string();
+                            let why = status.rejection(&id).unwrap_or_default().to_owned();
+                            (id, why)
+                        })
+                        .collect(),
+                });
             }
             Err(Violation::ModeNotReady {
                 status: Arc::clone(status),
-                selecting: owned(),
+                selecting: enforced.into_iter().cloned().collect(),
             })
         }
         KeydView::Unknown(why) => Err(Violation::KeydUnavailable {

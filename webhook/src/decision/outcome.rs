@@ -44,6 +44,9 @@ pub enum Reason {
     NoPolicy,
     /// Selected, but keyd reports none of the selecting policies' modes ready.
     ModeNotReady,
+    /// Selected only by policies keyd's rule compiler left out of some node's rules (the data
+    /// plane would not enforce them there).
+    PolicyRejected,
     /// Selected, and keyd's status is unknown.
     KeydUnavailable,
     /// The namespace is not known, so namespace sensitivity cannot be ruled out.
@@ -51,13 +54,14 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Exempt,
         Reason::Unchanged,
         Reason::NotSensitive,
         Reason::Covered,
         Reason::NoPolicy,
         Reason::ModeNotReady,
+        Reason::PolicyRejected,
         Reason::KeydUnavailable,
         Reason::NamespaceUnknown,
     ];
@@ -70,6 +74,7 @@ impl Reason {
             Reason::Covered => "covered",
             Reason::NoPolicy => "no_policy",
             Reason::ModeNotReady => "mode_not_ready",
+            Reason::PolicyRejected => "policy_rejected",
             Reason::KeydUnavailable => "keyd_unavailable",
             Reason::NamespaceUnknown => "namespace_unknown",
         }
@@ -81,6 +86,7 @@ impl Reason {
             self,
             Reason::NoPolicy
                 | Reason::ModeNotReady
+                | Reason::PolicyRejected
                 | Reason::KeydUnavailable
                 | Reason::NamespaceUnknown
         )

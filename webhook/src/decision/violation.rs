@@ -22,6 +22,10 @@ pub(super) enum Violation {
         status: Arc<EnforcementStatus>,
         selecting: Vec<CompiledPolicy>,
     },
+    /// Every selecting policy is left out of some node's rules: (policy, keyd's reason).
+    PolicyRejected {
+        rejected: Vec<(String, String)>,
+    },
     KeydUnavailable {
         why: Arc<str>,
         selecting: Vec<CompiledPolicy>,
@@ -34,6 +38,7 @@ impl Violation {
         match self {
             Violation::NoPolicy { .. } => Reason::NoPolicy,
             Violation::ModeNotReady { .. } => Reason::ModeNotReady,
+            Violation::PolicyRejected { .. } => Reason::PolicyRejected,
             Violation::KeydUnavailable { .. } => Reason::KeydUnavailable,
             Violation::NamespaceUnknown => Reason::NamespaceUnknown,
         }
@@ -65,6 +70,20 @@ impl Violation {
                     parts.join("; ")
                 )
             }
+            Violation::PolicyRejected { rejected } => format!(
+                "sensitive ({}) and selected, but keyd does not enforce the selecting {}: {}",
+                ctx.why_sensitive,
+                if rejected.len() == 1 {
+                    "policy"
+                } else {
+                    "policies"
+                },
+                rejected
+                    .iter()
+                    .map(|(id, why)| format!("{id} ({why})"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
             Violation::KeydUnavailable { why, selecting } => format!(
                 "sensitive ({}) and selected by {}, but keyd's status is unknown: {why}",
                 ctx.why_sensitive,
@@ -101,6 +120,14 @@ impl Violation {
             }
             Violation::ModeNotReady { status, selecting } => {
                 mode_not_ready_fix(&mut m, status, selecting);
+            }
+            Violation::PolicyRejected { .. } => {
+                let _ = writeln!(
+                    m,
+                    "Fix: make the policy enforceable on every node, as the reason says (fix its \
+                     selector, or merge policies so that no node is concerned by more than its \
+                     maps hold); `keyctl rules NODE` lists what each node's rules leave out."
+                );
             }
             Violation::KeydUnavailable { .. } => {
                 let _ = writeln!(

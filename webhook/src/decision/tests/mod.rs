@@ -31,6 +31,24 @@ fn ready(active: bool, within: bool, reason: Option<&str>) -> ModeStatus {
     }
 }
 
+/// keyd with both modes ready, its rules leaving `names` out of node n7 (over its limit).
+fn rejecting(names: &[&str]) -> KeydView {
+    KeydView::Known(Arc::new(EnforcementStatus {
+        at: Timestamp::now(),
+        ipsec: ready(true, true, None),
+        wireguard: ready(true, true, None),
+        rejected_policies: names
+            .iter()
+            .map(|n| keyd_proto::rules::RejectedPolicy {
+                name: (*n).to_owned(),
+                reason: "node \"n7\" is concerned by more than 1024 policies, the most its maps \
+                         hold; this one is past the limit"
+                    .to_owned(),
+            })
+            .collect(),
+    }))
+}
+
 /// keyd with IPsec ready and WireGuard not.
 fn keyd_ipsec_only() -> KeydView {
     KeydView::Known(Arc::new(EnforcementStatus {
@@ -41,6 +59,7 @@ fn keyd_ipsec_only() -> KeydView {
             false,
             Some("no node has registered a WireGuard public key"),
         ),
+        rejected_policies: Vec::new(),
     }))
 }
 

@@ -235,6 +235,7 @@ fn policy_coverage() {
                 at: Timestamp::now(),
                 ipsec: ready(true, false, Some("key 3 is 40 days old")),
                 wireguard: ready(true, false, None),
+                rejected_policies: Vec::new(),
             })),
             message: &[
                 Text::Has("keys overdue for rotation: key 3 is 40 days old"),
@@ -258,6 +259,39 @@ fn policy_coverage() {
             policy_names: Some(&["EncryptionPolicy team-a/ip", "EncryptionPolicy team-a/wg"]),
             ..Case::new(
                 "any one ready selecting policy is enough",
+                pod(),
+                Outcome::Allowed,
+                Reason::Covered,
+            )
+        },
+        Case {
+            policies: one_policy("team-a", "ip", Mode::Ipsec, LabelSelector::default()),
+            keyd: rejecting(&["EncryptionPolicy team-a/ip"]),
+            message: &[
+                Text::Has(
+                    "keyd does not enforce the selecting policy: EncryptionPolicy team-a/ip \
+                     (node \"n7\" is concerned by more than 1024 policies",
+                ),
+                Text::Has("keyctl rules NODE"),
+            ],
+            ..Case::new(
+                "a policy keyd's rules leave out of a node covers nothing, with keyd's reason",
+                pod(),
+                Outcome::Denied,
+                Reason::PolicyRejected,
+            )
+        },
+        Case {
+            policies: PolicySet::from_resources(
+                [
+                    &ns_policy("team-a", "ip", Mode::Ipsec, LabelSelector::default()),
+                    &ns_policy("team-a", "ip2", Mode::Ipsec, match_labels(&[("app", "x")])),
+                ],
+                [],
+            ),
+            keyd: rejecting(&["EncryptionPolicy team-a/ip"]),
+            ..Case::new(
+                "another selecting policy that keyd enforces still covers the pod",
                 pod(),
                 Outcome::Allowed,
                 Reason::Covered,
