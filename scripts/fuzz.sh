@@ -24,6 +24,15 @@ case "$seconds" in
     '' | *[!0-9]*) echo "FUZZ_SECONDS must be a whole number of seconds, not '$seconds'" >&2; exit 64 ;;
 esac
 export CARGO_TARGET_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/fuzz-target"
+# Cargo never removes the artifacts of earlier sources, so a long-lived cache only grows (by
+# ~0.5 GB per changed build); past FUZZ_CACHE_MAX_GB (default 12) it is started afresh.
+if [ -d "$CARGO_TARGET_DIR" ]; then
+    cache_gb=$(( $(du -sk "$CARGO_TARGET_DIR" | cut -f1) / 1024 / 1024 ))
+    if [ "$cache_gb" -ge "${FUZZ_CACHE_MAX_GB:-12}" ]; then
+        echo "fuzz build cache $CARGO_TARGET_DIR holds ${cache_gb} GB: removing it" >&2
+        rm -rf "$CARGO_TARGET_DIR"
+    fi
+fi
 # Stable Rust: no sanitizer (ASan needs nightly); debug assertions turn overflow into a panic.
 profile="${FUZZ_PROFILE:-release}"
 case "$profile" in

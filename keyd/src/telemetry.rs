@@ -176,8 +176,7 @@ impl RulesMetrics {
     }
 }
 
-#[derive(Clone)]
-/// A key class (`ipsec`, `wireguard-psk`, ...): five values, bounded.
+/// A key class (`ipsec`, `wireguard-psk`, `wireguard-node-keys`, `kek`): bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: &'static str,
@@ -263,6 +262,7 @@ impl KeyMetrics {
     }
 }
 
+#[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     pub http_requests: Family<RouteLabels, Counter>,

@@ -408,11 +408,10 @@ impl Keyd {
                 _ = stop.wait_for(|s| *s) => return,
             }
             match self.tick().await {
-                Ok(()) => self
-                    .metrics
-                    .keys
-                    .scheduler_last_pass
-                    .set(i64::try_from(self.clock.now().0).unwrap_or(i64::MAX)),
+                Ok(()) => {
+                    let now = i64::try_from(self.clock.now().0).unwrap_or(i64::MAX);
+                    self.metrics.keys.scheduler_last_pass.set(now);
+                }
                 Err(e) => tracing::error!(error = %e, "scheduler pass failed"),
             }
             self.update_key_metrics();
