@@ -26,8 +26,13 @@ esac
 export CARGO_TARGET_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/fuzz-target"
 # Cargo never removes the artifacts of earlier sources, so a long-lived cache only grows (by
 # ~0.5 GB per changed build); past FUZZ_CACHE_MAX_GB (default 12) it is started afresh.
+case "${FUZZ_CACHE_MAX_GB:-12}" in
+    ''|*[!0-9]*) echo "FUZZ_CACHE_MAX_GB must be a whole number of GB" >&2; exit 64 ;;
+esac
 if [ -d "$CARGO_TARGET_DIR" ]; then
-    cache_gb=$(( $(du -sk "$CARGO_TARGET_DIR" | cut -f1) / 1024 / 1024 ))
+    # du may meet a file that vanishes mid-walk; its total is still good enough here.
+    cache_kb=$(du -sk "$CARGO_TARGET_DIR" 2>/dev/null | cut -f1 || true)
+    cache_gb=$(( ${cache_kb:-0} / 1024 / 1024 ))
     if [ "$cache_gb" -ge "${FUZZ_CACHE_MAX_GB:-12}" ]; then
         echo "fuzz build cache $CARGO_TARGET_DIR holds ${cache_gb} GB: removing it" >&2
         rm -rf "$CARGO_TARGET_DIR"

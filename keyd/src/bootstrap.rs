@@ -562,6 +562,7 @@ impl Bootstrap {
                 Identity::Node(req.node.clone()),
                 json!({ "node": req.node, "pod": format!("{}/{}", who.namespace, who.pod),
                         "service_account": format!("{}/{}", who.namespace, who.service_account),
+                        "serial": issued.serial,
                         "not_after": issued.not_after.to_string(), "via": "bootstrap" }),
             ))
             .await

@@ -338,11 +338,17 @@ impl CertificateAuthority {
         }
         let not_before = keyd_proto::Timestamp(params.not_before.unix_timestamp().max(0) as u64);
         let not_after = keyd_proto::Timestamp(params.not_after.unix_timestamp().max(0) as u64);
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default();
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(rcgen_err("signing a certificate"))?;
         Ok(IssuedForCsr {
             cert_pem: cert.pem(),
+            serial,
             not_before,
             not_after,
         })
@@ -365,6 +371,8 @@ impl CertificateAuthority {
 #[derive(Debug, Clone)]
 pub struct IssuedForCsr {
     pub cert_pem: String,
+    /// The certificate's serial number, in hex: what the audit record names it by.
+    pub serial: String,
     pub not_before: keyd_proto::Timestamp,
     pub not_after: keyd_proto::Timestamp,
 }

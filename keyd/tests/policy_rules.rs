@@ -310,6 +310,7 @@ async fn nodes_get_their_rules_from_the_kubernetes_api_and_changes_reach_a_long_
         "{why}"
     );
     assert_eq!(status.rejected_policies.len(), 1, "{status:?}");
+    assert!(!status.rules_pending, "{status:?}");
 
     // The watcher's metrics: ready, compiled, the rejected policy counted.
     let (status, body) = keyd_tests::http::request(h.ops, "GET", "/metrics", &[], vec![])

@@ -670,6 +670,13 @@ format = "text"
             )),
             "{metrics}"
         );
+        // Every node_shim_* metric the shipped alerting rules and dashboard query is served by
+        // an agent and data plane at work (deploy/monitoring/).
+        let missing = keyd_tests::monitoring::missing(&metrics, "node_shim_", &[]);
+        assert!(
+            missing.is_empty(),
+            "deploy/monitoring/ queries metrics node-shim does not serve: {missing:?}"
+        );
         drop(dp);
         drop(dp_b);
         agent_a.kernel_mut().delete_wg_device().unwrap();

@@ -505,6 +505,10 @@ pub struct EnforcementStatus {
     /// they cover no pod. Empty without a `[policy]` section (keyd then compiles no rules).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected_policies: Vec<rules::RejectedPolicy>,
+    /// keyd compiles rules (`[policy]`) but has not yet since it started, so it cannot say yet
+    /// which policies it leaves out: the webhook treats its status as unknown meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rules_pending: bool,
 }
 
 impl EnforcementStatus {

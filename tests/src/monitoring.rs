@@ -58,8 +58,9 @@ pub fn queried_metrics(prefix: &str, except: &[&str]) -> BTreeSet<String> {
 }
 
 /// The sample names a Prometheus text exposition offers: every sample's, and those its `# TYPE`
-/// lines promise even while a labelled family has no sample yet (a counter's `_total`, a
-/// histogram's `_bucket`, `_sum` and `_count`).
+/// lines promise (a counter's `_total`, a histogram's `_bucket`, `_sum` and `_count`).
+/// prometheus-client prints nothing for a labelled family without samples, so the callers
+/// scrape after the activity that creates them.
 pub fn exposed_names(exposition: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for line in exposition.lines() {

@@ -516,6 +516,7 @@ mod tests {
             ipsec: m.clone(),
             wireguard: m,
             rejected_policies: Vec::new(),
+            rules_pending: false,
         }
     }
 

@@ -259,6 +259,7 @@ async fn run_scan(config: Option<Config>, offline: bool, output: Output) -> anyh
                 ipsec: ready.clone(),
                 wireguard: ready,
                 rejected_policies: Vec::new(),
+                rules_pending: false,
             }))
         }
     };

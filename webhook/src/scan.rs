@@ -151,6 +151,7 @@ mod tests {
             ipsec: ready.clone(),
             wireguard: ready,
             rejected_policies: Vec::new(),
+            rules_pending: false,
         }));
         let s = ("keyd.io/sensitive", "true");
         let pods = [

@@ -112,6 +112,7 @@ fn fixed_state(decision: DecisionConfig) -> AppState {
             ipsec: ready.clone(),
             wireguard: ready,
             rejected_policies: Vec::new(),
+            rules_pending: false,
         })),
         audit: Arc::new(AuditQueue::new(100, metrics.clone())),
         decision: Arc::new(decision),

@@ -93,6 +93,11 @@ impl Keyd {
             .collect()
     }
 
+    /// Whether rules are expected (`[policy]`) and not yet compiled.
+    pub fn rules_pending(&self) -> bool {
+        matches!(&*self.rules.borrow(), RulesView::Pending)
+    }
+
     /// The node's current rules.
     pub fn node_rules(&self, name: &str) -> Result<Arc<RenderedRules>> {
         self.node_rules_if_ready(name)?.ok_or_else(|| {
@@ -162,5 +167,85 @@ impl Keyd {
     /// Whether the watcher has published rules at least once.
     pub fn rules_ready(&self) -> bool {
         matches!(&*self.rules.borrow(), RulesView::Ready(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::seal::{Key256, KeyWrapper, LocalKek};
+    use crate::service::ServiceConfig;
+    use crate::store::{RedbStore, Store};
+    use keyd_proto::rules::RejectedPolicy;
+
+    fn rules(node: &str, revision: &str, rejected: &[(&str, &str)]) -> NodeRules {
+        NodeRules {
+            node: node.into(),
+            revision: revision.into(),
+            policies: Vec::new(),
+            endpoints: Vec::new(),
+            rejected: rejected
+                .iter()
+                .map(|(name, reason)| RejectedPolicy {
+                    name: (*name).into(),
+                    reason: (*reason).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn enforcement_status_says_which_policies_the_rules_leave_out_and_when_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let kek: Arc<dyn KeyWrapper> = Arc::new(LocalKek::from_key(
+            Key256::random().unwrap(),
+            dir.path().join("kek"),
+        ));
+        let keyd = Keyd::open(store, kek, ServiceConfig::default(), Clock::default())
+            .await
+            .unwrap();
+        // No [policy]: nothing pending, nothing left out.
+        let s = keyd.enforcement_status();
+        assert!(!s.rules_pending && s.rejected_policies.is_empty(), "{s:?}");
+        keyd.expect_rules();
+        assert!(keyd.enforcement_status().rules_pending);
+
+        let bad = "EncryptionPolicy a/bad";
+        let many = "EncryptionPolicy a/many";
+        let compiled = BTreeMap::from([
+            (
+                "n1".to_owned(),
+                rules("n1", "r1", &[(bad, "podSelector: malformed")]),
+            ),
+            (
+                "n2".to_owned(),
+                rules(
+                    "n2",
+                    "r2",
+                    &[
+                        (bad, "podSelector: malformed"),
+                        (many, "node \"n2\" is concerned by too many policies"),
+                    ],
+                ),
+            ),
+        ]);
+        keyd.publish_rules(&compiled);
+        let s = keyd.enforcement_status();
+        assert!(!s.rules_pending);
+        assert_eq!(
+            s.rejection(bad),
+            Some("podSelector: malformed (left out on 2 nodes)")
+        );
+        assert_eq!(
+            s.rejection(many),
+            Some("node \"n2\" is concerned by too many policies")
+        );
+        assert_eq!(s.rejected_policies.len(), 2);
+
+        // Fixed everywhere: no longer listed.
+        keyd.publish_rules(&BTreeMap::from([("n1".to_owned(), rules("n1", "r3", &[]))]));
+        assert!(keyd.enforcement_status().rejected_policies.is_empty());
     }
 }

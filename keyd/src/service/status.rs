@@ -103,6 +103,7 @@ impl Keyd {
                 ],
             ),
             rejected_policies: self.rejected_policies(),
+            rules_pending: self.rules_pending(),
         }
     }
 

@@ -116,6 +116,7 @@ pub fn keyd_status() -> EnforcementStatus {
             reason: Some("no node has registered a WireGuard public key".into()),
         },
         rejected_policies: Vec::new(),
+        rules_pending: false,
     }
 }
 

@@ -48,6 +48,12 @@ pub(super) fn check(
     }
     let owned = || -> Vec<CompiledPolicy> { selecting.iter().map(|p| (*p).clone()).collect() };
     match keyd {
+        KeydView::Known(status) if status.rules_pending => Err(Violation::KeydUnavailable {
+            why: "keyd has not compiled its data-plane rules since it started, so it cannot say \
+                  yet which policies it enforces"
+                .into(),
+            selecting: owned(),
+        }),
         KeydView::Known(status) => {
             // A policy keyd's rules leave out of some node is not enforced there: it covers no
             // pod (the pod may be scheduled on that node, or talk to one).

@@ -46,6 +46,18 @@ fn rejecting(names: &[&str]) -> KeydView {
                     .to_owned(),
             })
             .collect(),
+        rules_pending: false,
+    }))
+}
+
+/// keyd with both modes ready that has not compiled its rules since it started.
+fn rules_pending() -> KeydView {
+    KeydView::Known(Arc::new(EnforcementStatus {
+        at: Timestamp::now(),
+        ipsec: ready(true, true, None),
+        wireguard: ready(true, true, None),
+        rejected_policies: Vec::new(),
+        rules_pending: true,
     }))
 }
 
@@ -60,6 +72,7 @@ fn keyd_ipsec_only() -> KeydView {
             Some("no node has registered a WireGuard public key"),
         ),
         rejected_policies: Vec::new(),
+        rules_pending: false,
     }))
 }
 

@@ -236,6 +236,7 @@ fn policy_coverage() {
                 ipsec: ready(true, false, Some("key 3 is 40 days old")),
                 wireguard: ready(true, false, None),
                 rejected_policies: Vec::new(),
+                rules_pending: false,
             })),
             message: &[
                 Text::Has("keys overdue for rotation: key 3 is 40 days old"),
@@ -279,6 +280,20 @@ fn policy_coverage() {
                 pod(),
                 Outcome::Denied,
                 Reason::PolicyRejected,
+            )
+        },
+        Case {
+            policies: one_policy("team-a", "ip", Mode::Ipsec, LabelSelector::default()),
+            keyd: rules_pending(),
+            message: &[Text::Has(
+                "keyd's status is unknown: keyd has not compiled its data-plane rules since it \
+                 started",
+            )],
+            ..Case::new(
+                "until keyd has compiled its rules, which policies it enforces is unknown",
+                pod(),
+                Outcome::Denied,
+                Reason::KeydUnavailable,
             )
         },
         Case {
