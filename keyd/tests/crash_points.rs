@@ -22,8 +22,6 @@ use axum::Json;
 use axum::extract::Path as UrlPath;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use http::{Method, StatusCode};
 use keyd_mtls::client::Connector;
 use keyd_proto::{BootstrapResponse, IpsecAlgorithm, IpsecStatus, NodeBundle};
@@ -33,7 +31,7 @@ const NODES: [&str; 2] = ["node-a", "node-b"];
 const SIGABRT: i32 = 6;
 
 mod process;
-use process::{Gone, Identity, Keyd, audit_verifies, call, export, prepare_dev};
+use process::{Gone, Identity, Keyd, audit_verifies, call, export, prepare_dev, register_dev_node};
 
 /// Every IPsec key a node was served, by SPI (hex of the key bytes), newest first as served.
 type Keys = Vec<(u8, String)>;
@@ -198,18 +196,7 @@ impl Scenario {
         .await?;
         rotate_ipsec(k, seen).await?;
         for (i, name) in NODES.iter().enumerate() {
-            let wg =
-                x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([i as u8 + 1; 32]));
-            call(
-                k,
-                Identity::Node(name),
-                Method::PUT,
-                &format!("/v1/nodes/{name}"),
-                Some(json!({ "endpoint": format!("192.0.2.{}", i + 1),
-                             "pod_cidrs": [format!("10.0.{i}.0/24")],
-                             "wireguard_public_key": STANDARD.encode(wg.as_bytes()) })),
-            )
-            .await?;
+            register_dev_node(k, name, i).await?;
         }
         nodes_fetch_and_ack(k, seen, &NODES).await?;
         seen.nodes = NODES.iter().map(|n| n.to_string()).collect();
@@ -749,22 +736,11 @@ impl NodeBootstrap {
     /// With its new certificate the node registers what its Node object says and fetches its
     /// bundle.
     async fn register(&self, k: &Keyd) -> Result<(), Gone> {
-        let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([3; 32]));
-        let who = || Identity::Node(NEW_NODE);
-        call(
-            k,
-            who(),
-            Method::PUT,
-            &format!("/v1/nodes/{NEW_NODE}"),
-            Some(
-                json!({ "endpoint": "192.0.2.3", "pod_cidrs": ["10.0.2.0/24"],
-                         "wireguard_public_key": STANDARD.encode(wg.as_bytes()) }),
-            ),
-        )
-        .await?;
+        // Node number 2: 192.0.2.3 and 10.0.2.0/24, as its Node object says.
+        register_dev_node(k, NEW_NODE, 2).await?;
         let b = call(
             k,
-            who(),
+            Identity::Node(NEW_NODE),
             Method::GET,
             &format!("/v1/nodes/{NEW_NODE}/bundle"),
             None,

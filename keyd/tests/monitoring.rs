@@ -6,13 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use http::Method;
 use serde_json::json;
 
 mod process;
-use process::{Identity, Keyd, call};
+use process::{Identity, Keyd, call, register_dev_node};
 
 /// Polls keyd's `/metrics` (plain HTTP on the ops listener) until every line of `want` is
 /// there, for up to 15 s; returns the exposition.
@@ -68,19 +66,7 @@ async fn alerting_rules_read_metrics_keyd_exposes_with_the_rollouts_state() {
     admin(Method::POST, "/v1/ipsec/rotate", json!({})).await;
     // Two live nodes (registered, fetching) that never acknowledge the next key.
     for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
-        let wg =
-            x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([i as u8 + 1; 32]));
-        call(
-            &k,
-            Identity::Node(name),
-            Method::PUT,
-            &format!("/v1/nodes/{name}"),
-            Some(json!({ "endpoint": format!("192.0.2.{}", i + 1),
-                         "pod_cidrs": [format!("10.0.{i}.0/24")],
-                         "wireguard_public_key": STANDARD.encode(wg.as_bytes()) })),
-        )
-        .await
-        .unwrap();
+        register_dev_node(&k, name, i).await.unwrap();
         call(
             &k,
             Identity::Node(name),

@@ -391,13 +391,14 @@ async fn schedules_rotate_when_due_and_never_twice() {
 async fn a_maintenance_window_defers_the_rotation() {
     let h = Harness::start().await;
     let now = h.keyd.clock().now().0;
-    // A window two hours from now, one hour wide.
+    // A window two hours from now, one hour wide (end_hour is 1..=24: 24 is midnight, so a
+    // window starting at 23:00 ends at 24, not 0, which keyd refuses).
     let start = ((now % 86_400) / 3600 + 2) % 24;
     let mut admin = h.admin().await;
     let r = admin
         .put_json(
             "/v1/schedules/wireguard-psk",
-            &json!({ "period": "1h", "window": { "days": [], "start_hour": start, "end_hour": (start + 1) % 24 } }),
+            &json!({ "period": "1h", "window": { "days": [], "start_hour": start, "end_hour": start + 1 } }),
         )
         .await
         .unwrap();

@@ -227,6 +227,27 @@ pub async fn request(
     ))
 }
 
+/// Registers node `name` (with its own certificate) as node number `i`: endpoint 192.0.2.(i+1),
+/// pod CIDR 10.0.i.0/24, a WireGuard key of its own.
+pub async fn register_dev_node(k: &Keyd, name: &'static str, i: usize) -> Result<(), Gone> {
+    use base64::Engine as _;
+    let seed = u8::try_from(i + 1).unwrap();
+    let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([seed; 32]));
+    call(
+        k,
+        Identity::Node(name),
+        Method::PUT,
+        &format!("/v1/nodes/{name}"),
+        Some(serde_json::json!({
+            "endpoint": format!("192.0.2.{}", i + 1),
+            "pod_cidrs": [format!("10.0.{i}.0/24")],
+            "wireguard_public_key":
+                base64::engine::general_purpose::STANDARD.encode(wg.as_bytes()) })),
+    )
+    .await
+    .map(drop)
+}
+
 /// The audit log as `keyctl audit export` gets it (JSON lines).
 pub async fn export(k: &Keyd) -> Result<String, Gone> {
     let mut c = k.connect(&Identity::Admin).await.ok_or(Gone)?;
