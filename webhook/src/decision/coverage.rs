@@ -63,21 +63,21 @@ pub(super) fn check(
             if enforced.iter().any(|p| mode_ready(status, p.mode)) {
                 return Ok(());
             }
+            let rejected: Vec<(String, String)> = rejected
+                .iter()
+                .map(|p| {
+                    let id = p.id.to_string();
+                    let why = status.rejection(&id).unwrap_or_default().to_owned();
+                    (id, why)
+                })
+                .collect();
             if enforced.is_empty() {
-                return Err(Violation::PolicyRejected {
-                    rejected: rejected
-                        .iter()
-                        .map(|p| {
-                            let id = p.id.to_string();
-                            let why = status.rejection(&id).unwrap_or_default().to_owned();
-                            (id, why)
-                        })
-                        .collect(),
-                });
+                return Err(Violation::PolicyRejected { rejected });
             }
             Err(Violation::ModeNotReady {
                 status: Arc::clone(status),
                 selecting: enforced.into_iter().cloned().collect(),
+                rejected,
             })
         }
         KeydView::Unknown(why) => Err(Violation::KeydUnavailable {

@@ -20,7 +20,10 @@ pub(super) enum Violation {
     },
     ModeNotReady {
         status: Arc<EnforcementStatus>,
+        /// The selecting policies keyd enforces.
         selecting: Vec<CompiledPolicy>,
+        /// The selecting policies keyd's rules leave out: (policy, keyd's reason).
+        rejected: Vec<(String, String)>,
     },
     /// Every selecting policy is left out of some node's rules: (policy, keyd's reason).
     PolicyRejected {
@@ -52,8 +55,12 @@ impl Violation {
                 ctx.why_sensitive,
                 ctx.subject()
             ),
-            Violation::ModeNotReady { status, selecting } => {
-                let parts: Vec<String> = selecting
+            Violation::ModeNotReady {
+                status,
+                selecting,
+                rejected,
+            } => {
+                let mut parts: Vec<String> = selecting
                     .iter()
                     .map(|p| {
                         format!(
@@ -64,6 +71,11 @@ impl Violation {
                         )
                     })
                     .collect();
+                parts.extend(
+                    rejected
+                        .iter()
+                        .map(|(id, why)| format!("{id} is not enforced by keyd ({why})")),
+                );
                 format!(
                     "sensitive ({}) and selected, but keyd reports no required mode ready: {}",
                     ctx.why_sensitive,
@@ -118,7 +130,9 @@ impl Violation {
                     let _ = writeln!(m, "Note: {i} selects nothing: its selector is malformed.");
                 }
             }
-            Violation::ModeNotReady { status, selecting } => {
+            Violation::ModeNotReady {
+                status, selecting, ..
+            } => {
                 mode_not_ready_fix(&mut m, status, selecting);
             }
             Violation::PolicyRejected { .. } => {

@@ -33,10 +33,22 @@ fn ready(active: bool, within: bool, reason: Option<&str>) -> ModeStatus {
 
 /// keyd with both modes ready, its rules leaving `names` out of node n7 (over its limit).
 fn rejecting(names: &[&str]) -> KeydView {
+    rejecting_in(names, ready(true, true, None))
+}
+
+/// [`rejecting`], with WireGuard not active.
+fn rejecting_with_wireguard_down(names: &[&str]) -> KeydView {
+    rejecting_in(
+        names,
+        ready(false, false, Some("no node has registered a key")),
+    )
+}
+
+fn rejecting_in(names: &[&str], wireguard: ModeStatus) -> KeydView {
     KeydView::Known(Arc::new(EnforcementStatus {
         at: Timestamp::now(),
         ipsec: ready(true, true, None),
-        wireguard: ready(true, true, None),
+        wireguard,
         rejected_policies: names
             .iter()
             .map(|n| keyd_proto::rules::RejectedPolicy {

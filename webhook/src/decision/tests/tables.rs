@@ -313,6 +313,34 @@ fn policy_coverage() {
             )
         },
         Case {
+            policies: PolicySet::from_resources(
+                [
+                    &ns_policy("team-a", "ip", Mode::Ipsec, LabelSelector::default()),
+                    &ns_policy(
+                        "team-a",
+                        "wg",
+                        Mode::Wireguard,
+                        match_labels(&[("app", "x")]),
+                    ),
+                ],
+                [],
+            ),
+            keyd: rejecting_with_wireguard_down(&["EncryptionPolicy team-a/ip"]),
+            message: &[
+                Text::Has("EncryptionPolicy team-a/wg requires wireguard (not active"),
+                Text::Has(
+                    "EncryptionPolicy team-a/ip is not enforced by keyd (node \"n7\" is \
+                     concerned by more than 1024 policies",
+                ),
+            ],
+            ..Case::new(
+                "a mode not ready and a policy left out: the denial names both",
+                pod(),
+                Outcome::Denied,
+                Reason::ModeNotReady,
+            )
+        },
+        Case {
             namespace: "shop",
             namespace_labels: Some(labels(&[("compliance", "pci")])),
             policies: cluster(),
