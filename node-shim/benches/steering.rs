@@ -343,7 +343,7 @@ fn throughput() {
 }
 
 fn main() {
-    if !nix_is_root() {
+    if !keyd_tests::prereq::is_root() {
         eprintln!("the steering benchmark needs root (BPF and network namespaces)");
         std::process::exit(1);
     }
@@ -355,15 +355,4 @@ fn main() {
     );
     maps();
     throughput();
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }

@@ -17,17 +17,6 @@ use keyd_node_shim::keyd_client::KeydClient;
 use keyd_node_shim::status::Shared;
 use tokio::sync::watch;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -40,7 +29,7 @@ fn have(tool: &str) -> bool {
 /// in CI (`CI=true`) it fails, so a misconfigured runner cannot pass silently.
 pub fn prerequisites(tools: &[&str]) -> bool {
     let mut missing = Vec::new();
-    if !is_root() {
+    if !keyd_tests::prereq::is_root() {
         missing.push("root (CAP_NET_ADMIN and namespaces)".to_owned());
     }
     for t in tools {
