@@ -109,6 +109,7 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
+    let _custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
     // Before anything binds: a Kubernetes client that cannot be built fails the start here.
     let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     crate::rewrap::resume(
@@ -330,5 +331,26 @@ pub fn prepare_dev(data_dir: &Path, listen: &str, ops_listen: &str) -> anyhow::R
         keyd_toml,
         keyctl_toml,
         pki,
+    })
+}
+
+/// Audits the KEK custodian's outages and recoveries as they happen (and once more at shutdown).
+fn spawn_custody_audit(
+    keyd: Arc<Keyd>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stopping = tokio::select! {
+                () = keyd.custody().transition_pending() => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            if let Err(e) = keyd.audit_custody_transitions().await {
+                tracing::error!(error = %e, "cannot audit the KEK custodian's health change");
+            }
+            if stopping {
+                return;
+            }
+        }
     })
 }

@@ -123,6 +123,12 @@ impl AuditSigner {
 }
 
 impl AuditSigner {
+    /// Signs a message of another kind (an evidence report's signature statement); every
+    /// message starts with its own format line, so no signature passes for another kind.
+    pub fn sign_message(&self, message: &[u8]) -> String {
+        STANDARD.encode(self.pair.sign(message).as_ref())
+    }
+
     /// Signs an export's range (see [`ExportHeader::range_signature`]).
     pub fn sign_range(
         &self,

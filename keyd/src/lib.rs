@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod ipsec;
 pub mod pki;
 pub mod policy_watch;
+pub mod report;
 pub mod rewrap;
 pub mod rotation;
 pub mod seal;

@@ -443,6 +443,39 @@ async fn keyd_keeps_serving_through_an_outage_and_refuses_rotations(b: Backend) 
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+    // The outage is in the audit log: when it began and, once over, how long it lasted (the
+    // evidence report's custody section reads these).
+    let mut actions = Vec::new();
+    for _ in 0..50 {
+        actions = k
+            .keyd
+            .store()
+            .audit_range(0, 100_000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.event.action.starts_with("kek.custodian."))
+            .map(|r| (r.event.action, r.event.details))
+            .collect::<Vec<_>>();
+        if actions.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let names: Vec<&str> = actions.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "kek.custodian.initialised",
+            "kek.custodian.unavailable",
+            "kek.custodian.recovered"
+        ]
+    );
+    assert_eq!(actions[1].1["kind"], "unavailable");
+    assert!(
+        actions[2].1["seconds"].as_u64().unwrap() >= 4,
+        "the outage outlasted max_unavailable: {}",
+        actions[2].1
+    );
     // A restart (which opens every record) proves nothing was lost or half-written.
     let spec = b.spec();
     let dir = k.stop().await;

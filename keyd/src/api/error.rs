@@ -33,8 +33,8 @@ pub(super) fn redact(msg: &str) -> String {
 
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    body: ErrorBody,
+    pub(super) status: StatusCode,
+    pub(super) body: ErrorBody,
 }
 
 impl ApiError {
@@ -89,6 +89,9 @@ impl From<ServiceError> for ApiError {
                 "rules_not_ready",
                 m.clone(),
             ),
+            ServiceError::PdfUnavailable(m) => {
+                ApiError::new(StatusCode::NOT_IMPLEMENTED, "pdf_unavailable", m.clone())
+            }
             ServiceError::Rollout(r) => {
                 ApiError::new(StatusCode::CONFLICT, "rollout_in_progress", r.to_string())
             }

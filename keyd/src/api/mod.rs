@@ -23,6 +23,7 @@ use serde_json::json;
 mod audit;
 mod conditional;
 mod error;
+mod evidence;
 mod extract;
 mod kek;
 
@@ -70,6 +71,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/schedules/{class}/bounds", put(schedule_bounds))
         .route("/v1/rotate/{class}", post(rotate_class))
         .route("/v1/report", get(report))
+        .route("/v1/report/evidence", get(evidence::evidence))
         .route("/v1/audit/export", get(audit::audit_export))
         .route("/v1/audit/public-key", get(audit::audit_public_key))
         .route("/v1/audit/segments", get(audit::audit_segments))

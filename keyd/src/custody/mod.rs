@@ -119,6 +119,23 @@ impl Ring {
     }
 }
 
+/// A change of the active custodian's health, for the audit log: keyd went from using the
+/// custodian to serving held keys without it, or back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// The custodian stopped answering; keyd serves the keys it holds.
+    Down {
+        since: Timestamp,
+        kind: FailureKind,
+        reason: String,
+    },
+    /// It answers again after an outage that began at `since` and lasted `seconds`.
+    Up { since: Timestamp, seconds: u64 },
+}
+
+/// Pending transitions kept for the audit task at most; beyond, the oldest are counted as lost.
+const TRANSITIONS_KEPT: usize = 256;
+
 /// The active custodian's health, as a small state machine over (mockable) time.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
@@ -220,6 +237,9 @@ pub struct Custody {
     /// Serializes KEK rotations and migrations (one at a time).
     pub(crate) migration_lock: tokio::sync::Mutex<()>,
     metrics: CustodyMetrics,
+    /// Health changes not yet audited, and how many were dropped because nobody drained them.
+    transitions: Mutex<(Vec<Transition>, u64)>,
+    transitions_ready: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Custody {
@@ -255,6 +275,60 @@ impl Custody {
             drained: Mutex::new(Vec::new()),
             migration_lock: tokio::sync::Mutex::new(()),
             metrics: CustodyMetrics::default(),
+            transitions: Mutex::new((Vec::new(), 0)),
+            transitions_ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Health changes since the last call (oldest first), and how many were lost in between
+    /// because more than a few hundred piled up undrained.
+    pub fn take_transitions(&self) -> (Vec<Transition>, u64) {
+        std::mem::take(&mut *lock(&self.transitions))
+    }
+
+    /// Puts back changes that could not be audited (the store failed), ahead of newer ones.
+    pub fn requeue_transitions(&self, mut older: Vec<Transition>, lost: u64) {
+        let mut q = lock(&self.transitions);
+        older.append(&mut q.0);
+        let excess = older.len().saturating_sub(TRANSITIONS_KEPT);
+        older.drain(..excess);
+        q.0 = older;
+        q.1 += lost + excess as u64;
+    }
+
+    /// Waits until a health change is pending (see [`Custody::take_transitions`]).
+    pub async fn transition_pending(&self) {
+        self.transitions_ready.notified().await;
+    }
+
+    /// Applies `f` to the health and queues the change if it went down or came back.
+    fn update_health(&self, f: impl FnOnce(&mut Health)) {
+        let mut h = lock(&self.health);
+        let before = h.down.as_ref().map(|d| (d.since, d.since_wall));
+        f(&mut h);
+        let change = match (before, &h.down) {
+            (None, Some(d)) => Some(Transition::Down {
+                since: d.since_wall,
+                kind: d.kind,
+                reason: d.reason.clone(),
+            }),
+            (Some((since, since_wall)), None) => Some(Transition::Up {
+                since: since_wall,
+                seconds: since.elapsed().as_secs(),
+            }),
+            _ => None,
+        };
+        self.metrics.custodian_up.set(i64::from(!h.is_down()));
+        drop(h);
+        if let Some(t) = change {
+            let mut q = lock(&self.transitions);
+            if q.0.len() >= TRANSITIONS_KEPT {
+                q.0.remove(0);
+                q.1 += 1;
+            }
+            q.0.push(t);
+            drop(q);
+            self.transitions_ready.notify_one();
         }
     }
 
@@ -299,7 +373,7 @@ impl Custody {
         });
         ring.others.insert(0, previous);
         drop(ring);
-        lock(&self.health).record_ok();
+        self.update_health(Health::record_ok);
     }
 
     /// Adds a custodian that only unwraps (a retired KEK some records may still be under).
@@ -406,18 +480,14 @@ impl Custody {
             Ok(r) => r,
             Err(_) => Err(self.timeout_error(&*active, "check")),
         };
-        {
-            let mut h = lock(&self.health);
+        self.update_health(|h| {
             h.last_check = Some(Timestamp::now());
             match &result {
                 Ok(()) => h.record_ok(),
                 Err(e) => h.record_failure(Instant::now(), e),
             }
-        }
+        });
         self.observe("check", &result);
-        self.metrics
-            .custodian_up
-            .set(i64::from(!lock(&self.health).is_down()));
         result
     }
 
@@ -501,14 +571,10 @@ impl Custody {
 
     /// Records the outcome of a call on the active custodian (health and metrics).
     fn after<T>(&self, op: &'static str, result: Result<T, SealError>) -> Result<T, SealError> {
-        {
-            let mut h = lock(&self.health);
-            match &result {
-                Ok(_) => h.record_ok(),
-                Err(e) => h.record_failure(Instant::now(), e),
-            }
-            self.metrics.custodian_up.set(i64::from(!h.is_down()));
-        }
+        self.update_health(|h| match &result {
+            Ok(_) => h.record_ok(),
+            Err(e) => h.record_failure(Instant::now(), e),
+        });
         self.observe(op, &result);
         result
     }

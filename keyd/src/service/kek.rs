@@ -202,3 +202,56 @@ impl Keyd {
         ))
     }
 }
+
+impl Keyd {
+    /// Audits the custodian's health changes since the last call: `kek.custodian.unavailable`
+    /// when keyd starts serving held keys without it, `kek.custodian.recovered` with the
+    /// outage's length when it answers again (the evidence report's outages come from these).
+    pub async fn audit_custody_transitions(&self) -> Result<usize> {
+        let custody = self.custody();
+        let (transitions, lost) = custody.take_transitions();
+        let active = custody.active();
+        let (backend, key_id) = (active.wrapper.backend(), active.wrapper.key_id());
+        let mut events: Vec<AuditEvent> = transitions
+            .iter()
+            .map(|t| match t {
+                crate::custody::Transition::Down {
+                    since,
+                    kind,
+                    reason,
+                } => AuditEvent::new(
+                    "kek.custodian.unavailable",
+                    "keyd",
+                    json!({ "backend": backend, "key_id": key_id, "since": since,
+                            "kind": kind.as_str(), "reason": reason }),
+                ),
+                crate::custody::Transition::Up { since, seconds } => AuditEvent::new(
+                    "kek.custodian.recovered",
+                    "keyd",
+                    json!({ "backend": backend, "key_id": key_id, "since": since,
+                            "seconds": seconds }),
+                ),
+            })
+            .collect();
+        if lost > 0 {
+            events.push(AuditEvent::new(
+                "kek.custodian.transitions_lost",
+                "keyd",
+                json!({ "lost": lost }),
+            ));
+        }
+        let n = events.len();
+        if n > 0
+            && let Err(e) = self
+                .commit_audit(crate::store::Txn {
+                    audit: events,
+                    ..crate::store::Txn::default()
+                })
+                .await
+        {
+            custody.requeue_transitions(transitions, lost);
+            return Err(e);
+        }
+        Ok(n)
+    }
+}

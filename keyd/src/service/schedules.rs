@@ -340,6 +340,10 @@ impl Keyd {
             tracing::warn!(error = %e, "cannot write node liveness; retrying on the next pass");
             self.metrics.liveness_write_failures.inc();
         }
+        // Custodian outages whose audit record a store failure held back.
+        if let Err(e) = self.audit_custody_transitions().await {
+            tracing::warn!(error = %e, "cannot audit the KEK custodian's health; retrying on the next pass");
+        }
         self.advance_rollout().await?;
         // A removal's rotations that a crash cut short, or that waited for a rollout.
         if let Err(e) = self.finish_removals().await {

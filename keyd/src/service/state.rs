@@ -368,6 +368,9 @@ pub enum ServiceError {
     /// The rules exist but are not compiled yet.
     #[error("{0}")]
     RulesNotReady(String),
+    /// A PDF report was asked for and this keyd cannot print one (no Chromium, or it failed).
+    #[error("{0}")]
+    PdfUnavailable(String),
     #[error(transparent)]
     Ipsec(#[from] IpsecError),
     #[error(transparent)]

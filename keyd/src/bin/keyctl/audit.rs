@@ -49,6 +49,19 @@ pub enum AuditCommand {
         #[command(flatten)]
         out: Out,
     },
+    /// Check an evidence report (`keyctl report --format ...`) against its detached signature
+    /// offline. Exits 7 when the file or the signature was changed.
+    VerifyReport {
+        file: PathBuf,
+        /// The signature file (default: FILE.sig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// The audit public key to trust (base64, from `keyctl audit public-key`), or a file
+        /// holding it. Without it the key in the signature is used, which proves only that the
+        /// file is unchanged.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
     /// The checkpoint signing public key: keep a copy outside keyd.
     PublicKey(Out),
     /// The log's segments; closed ones can be exported and pruned.
@@ -68,7 +81,9 @@ pub enum AuditCommand {
 
 pub async fn run(conn: &mut Connection, cmd: AuditCommand) -> Result<(), Failure> {
     match cmd {
-        AuditCommand::Verify { .. } => unreachable!("handled offline in run()"),
+        AuditCommand::Verify { .. } | AuditCommand::VerifyReport { .. } => {
+            unreachable!("handled offline in run()")
+        }
         AuditCommand::PublicKey(out) => {
             let v: serde_json::Value = call(conn, "GET", "/v1/audit/public-key", None).await?;
             print(out.json(), &v, || {

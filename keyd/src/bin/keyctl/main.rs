@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod evidence;
 mod http;
 mod ipsec;
 mod kek;
@@ -27,6 +28,7 @@ const EXIT_FORBIDDEN: u8 = 4;
 const EXIT_NOT_FOUND: u8 = 5;
 const EXIT_INVALID: u8 = 6;
 const EXIT_FINDING: u8 = 7;
+const EXIT_USAGE: u8 = 2;
 use keyd_mtls::EXIT_CONFIG;
 
 #[derive(Debug, Parser)]
@@ -105,13 +107,36 @@ enum Command {
         out: Out,
     },
     /// Per key class: last rotation, next due, oldest key in use, within schedule and bounds.
-    /// Exits 7 when anything is overdue, so it can gate a cron job or a pipeline.
-    Report(Out),
+    /// Exits 7 when anything is overdue, so it can gate a cron job or a pipeline. With
+    /// `--format html|pdf|json -o FILE`: the signed evidence report over a period, for an
+    /// auditor (FILE and FILE.sig; exits 7 when the period was not compliant).
+    Report(ReportArgs),
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
     /// The key-encryption key: custodian health, rotation, migration between custodians.
     Kek(KekArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReportArgs {
+    /// Without --format: `table` or `json`. With --format: the file to write the report to
+    /// (its signature goes to FILE.sig).
+    #[arg(short = 'o', long = "output", default_value = "table")]
+    output: String,
+    /// The evidence report: `html` (one self-contained page), `pdf` (printed by keyd with
+    /// headless Chromium) or `json` (the same numbers, for machines).
+    #[arg(long)]
+    format: Option<String>,
+    /// Start of the period (RFC 3339); default: the audit log's first record.
+    #[arg(long, requires = "format")]
+    since: Option<String>,
+    /// End of the period (RFC 3339); default: now.
+    #[arg(long, requires = "format")]
+    until: Option<String>,
+    /// Where to write the detached signature (default: FILE.sig).
+    #[arg(long, requires = "format")]
+    signature: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +192,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     {
         return audit::verify(file, public_key.as_deref(), *out);
     }
+    if let Command::Audit(audit::AuditCommand::VerifyReport {
+        file,
+        signature,
+        public_key,
+    }) = &cli.command
+    {
+        return evidence::verify(file, signature.as_deref(), public_key.as_deref());
+    }
+    if let Command::Report(r) = &cli.command
+        && r.format.is_none()
+        && !matches!(r.output.as_str(), "table" | "json")
+    {
+        return Err(fail(
+            EXIT_USAGE,
+            format!(
+                "-o {:?}: without --format, -o is `table` or `json`; for the evidence report \
+                 give --format html|pdf|json -o FILE",
+                r.output
+            ),
+        ));
+    }
     install_default_provider();
     let settings = settings(&cli)?;
     let mut conn = http::connect(&settings).await?;
@@ -179,7 +225,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Rollout(cmd) => ipsec::run_rollout(&mut conn, cmd).await,
         Command::Schedule(cmd) => schedule::run(&mut conn, cmd).await,
         Command::Rotate { class, out } => schedule::rotate(&mut conn, &class, out).await,
-        Command::Report(out) => status::report(&mut conn, out).await,
+        Command::Report(r) => match &r.format {
+            None => {
+                let output = if r.output == "json" {
+                    Output::Json
+                } else {
+                    Output::Table
+                };
+                status::report(&mut conn, Out { output }).await
+            }
+            Some(format) => {
+                evidence::fetch(
+                    &mut conn,
+                    format,
+                    r.since.as_deref(),
+                    r.until.as_deref(),
+                    std::path::Path::new(&r.output),
+                    r.signature.as_deref(),
+                )
+                .await
+            }
+        },
         Command::Audit(cmd) => audit::run(&mut conn, cmd).await,
         Command::Kek(k) => kek::run(&mut conn, k.output == Output::Json, k.cmd).await,
     }

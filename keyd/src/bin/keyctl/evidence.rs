@@ -1,0 +1,248 @@
+//! `keyctl report --format html|pdf|json -o FILE`: the signed evidence report; and `keyctl
+//! audit verify-report`, which checks one offline.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use keyd::report::{ReportLine, ReportSignature};
+use keyd_mtls::client::Connection;
+
+use crate::http::error_chain;
+use crate::{
+    EXIT_CONFIG, EXIT_FINDING, EXIT_FORBIDDEN, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_SERVER,
+    EXIT_UNREACHABLE, Failure, fail,
+};
+
+/// Where the detached signature of `file` goes by default.
+pub fn signature_path(file: &Path) -> PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(".sig");
+    PathBuf::from(s)
+}
+
+fn exit_for(status: u16) -> u8 {
+    match status {
+        403 => EXIT_FORBIDDEN,
+        404 => EXIT_NOT_FOUND,
+        400..=499 => EXIT_INVALID,
+        _ => EXIT_SERVER,
+    }
+}
+
+/// Fetches the report, writes FILE and FILE.sig (atomically: a temporary file renamed), and
+/// exits 7 when the report finds the period not compliant.
+pub async fn fetch(
+    conn: &mut Connection,
+    format: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    file: &Path,
+    signature: Option<&Path>,
+) -> Result<(), Failure> {
+    use http_body_util::BodyExt as _;
+    let mut q = vec![format!("format={format}")];
+    for (k, v) in [("since", since), ("until", until)] {
+        if let Some(v) = v {
+            q.push(format!("{k}={v}"));
+        }
+    }
+    let path = format!("/v1/report/evidence?{}", q.join("&"));
+    let resp = conn.get_streaming(&path).await.map_err(|e| {
+        fail(
+            EXIT_UNREACHABLE,
+            format!("request to keyd failed: {}", error_chain(&e)),
+        )
+    })?;
+    let (parts, mut body) = resp.into_parts();
+    if !parts.status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let msg = serde_json::from_slice::<keyd_proto::ErrorBody>(&bytes)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(fail(
+            exit_for(parts.status.as_u16()),
+            format!("report refused: {msg}"),
+        ));
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} audit records {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut result: Option<ReportLine> = None;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| fail(EXIT_UNREACHABLE, format!("report interrupted: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let l: Vec<u8> = pending.drain(..=nl).collect();
+            let line: ReportLine = serde_json::from_slice(&l).map_err(|e| {
+                fail(
+                    EXIT_SERVER,
+                    format!("keyd sent an unreadable report line: {e}"),
+                )
+            })?;
+            match line {
+                ReportLine::Progress { done, total } => {
+                    bar.set_length(total);
+                    bar.set_position(done.min(total));
+                }
+                other => result = Some(other),
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let (signature_data, content, compliant) = match result {
+        Some(ReportLine::Report {
+            signature,
+            content,
+            compliant,
+        }) => (signature, content, compliant),
+        Some(ReportLine::Error {
+            status,
+            message,
+            error,
+        }) => {
+            return Err(fail(
+                exit_for(status),
+                format!("keyd could not make the report ({error}): {message}"),
+            ));
+        }
+        _ => {
+            return Err(fail(
+                EXIT_UNREACHABLE,
+                "the connection ended before the report arrived",
+            ));
+        }
+    };
+    let bytes = STANDARD
+        .decode(content)
+        .map_err(|_| fail(EXIT_SERVER, "keyd sent a report that is not base64"))?;
+    // Check before writing: what keyd sent must be what it signed.
+    signature_data
+        .verify(&bytes, None)
+        .map_err(|e| fail(EXIT_SERVER, format!("keyd's report does not verify: {e}")))?;
+    let sig_path = signature.map_or_else(|| signature_path(file), Path::to_path_buf);
+    let sig_json = serde_json::to_vec_pretty(&signature_data)
+        .map_err(|e| fail(EXIT_SERVER, format!("cannot encode the signature: {e}")))?;
+    write_atomically(file, &bytes)?;
+    write_atomically(&sig_path, &sig_json)?;
+    eprintln!(
+        "wrote {} ({} bytes) and its signature {}: {}",
+        file.display(),
+        bytes.len(),
+        sig_path.display(),
+        if compliant {
+            "compliant over the period"
+        } else {
+            "NOT compliant over the period (see its findings)"
+        }
+    );
+    if compliant {
+        Ok(())
+    } else {
+        Err(fail(EXIT_FINDING, "the report has findings"))
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let cannot =
+        |e: std::io::Error| fail(EXIT_CONFIG, format!("cannot write {}: {e}", path.display()));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(cannot)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(cannot)?;
+    tmp.as_file().sync_all().map_err(cannot)?;
+    tmp.persist(path).map_err(|e| cannot(e.error))?;
+    Ok(())
+}
+
+/// `keyctl audit verify-report FILE`: the file against its detached signature; with
+/// `--public-key`, also that the audit key is the one you trust. Exits 7 on any mismatch.
+pub fn verify(
+    file: &Path,
+    signature: Option<&Path>,
+    public_key: Option<&str>,
+) -> Result<(), Failure> {
+    let key = match public_key {
+        None => None,
+        Some(k) => {
+            let text = if Path::new(k).is_file() {
+                std::fs::read_to_string(k)
+                    .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {k}: {e}")))?
+            } else {
+                k.to_owned()
+            };
+            Some(STANDARD.decode(text.trim()).map_err(|_| {
+                fail(
+                    EXIT_INVALID,
+                    "--public-key is not base64 (use `keyctl audit public-key`)",
+                )
+            })?)
+        }
+    };
+    let bytes = std::fs::read(file)
+        .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {}: {e}", file.display())))?;
+    let sig_path = signature.map_or_else(|| signature_path(file), Path::to_path_buf);
+    let sig_text = std::fs::read(&sig_path).map_err(|e| {
+        fail(
+            EXIT_CONFIG,
+            format!(
+                "cannot read the signature {}: {e} (keyctl report writes FILE.sig beside the report)",
+                sig_path.display()
+            ),
+        )
+    })?;
+    let sig: ReportSignature = serde_json::from_slice(&sig_text).map_err(|e| {
+        fail(
+            EXIT_FINDING,
+            format!(
+                "{}: TAMPERED: not a report signature: {e}",
+                sig_path.display()
+            ),
+        )
+    })?;
+    match sig.verify(&bytes, key.as_deref()) {
+        Ok(()) => {
+            println!(
+                "OK: {} is the {} report keyd signed at {} for {} to {}, audit key {}",
+                file.display(),
+                sig.report_format.as_str(),
+                sig.generated_at,
+                sig.since,
+                sig.until,
+                sig.key_id
+            );
+            if key.is_none() {
+                eprintln!(
+                    "warning: no --public-key given: checked against the key in the signature \
+                     itself, which proves the file is unchanged but not who signed it"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(fail(
+            EXIT_FINDING,
+            format!("{}: TAMPERED: {e}", file.display()),
+        )),
+    }
+}

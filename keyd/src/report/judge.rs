@@ -1,0 +1,361 @@
+//! Turns the gathered numbers into findings: which keys were overdue or beyond their bounds,
+//! which policies were not enforced everywhere, and whether the audit log verifies.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use keyd_proto::rules::DataplaneSummary;
+use keyd_proto::{ClassReport, KeyClass, Timestamp};
+
+use super::collect::{Collected, EXCEPTIONS, Window};
+use super::{
+    AdmissionEvidence, CheckpointRef, ClassEvidence, CustodyEvidence, DataplaneEvidence,
+    EvidenceReport, FORMAT, IntegrityEvidence, PolicyEvidence, human_secs,
+};
+
+/// Keys drawn per class; older ones in the period are counted, not drawn.
+pub const MAX_KEYS_SHOWN: usize = 200;
+
+/// What keyd knows now, besides the log.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub generated_at: Timestamp,
+    pub generated_by: String,
+    /// keyd's own class reports, when the period ends now.
+    pub current: Option<Vec<ClassReport>>,
+    pub custody_backend: String,
+    pub custody_key_id: String,
+    pub custody_health: String,
+    pub dataplane: DataplaneSummary,
+    /// Policies keyd refuses to compile, with why.
+    pub rejected_policies: BTreeMap<String, String>,
+    pub public_key: String,
+    pub key_id: String,
+    /// Checkpoints in the log: (checkpoint, signature and hash verified).
+    pub checkpoints: Vec<(CheckpointRef, bool)>,
+}
+
+/// Seconds of `[from, to]` inside `[since, until]`.
+fn overlap(from: u64, to: u64, since: u64, until: u64) -> u64 {
+    to.min(until).saturating_sub(from.max(since))
+}
+
+pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceReport {
+    let (since, until) = (window.since, window.until);
+    let mut findings = Vec::new();
+    let mut classes = Vec::new();
+    for class in KeyClass::ALL {
+        let g = c.classes.remove(&class).unwrap_or_default();
+        let rules_now = window.now_rules.get(&class).cloned();
+        let limit_of = |r: &super::collect::ClassRules| {
+            r.schedule.period.as_secs() + r.schedule.overlap.as_secs() + window.grace_secs
+        };
+        let mut keys = Vec::new();
+        let (mut rotations, mut on_time, mut late) = (0u64, 0u64, 0u64);
+        let (mut overdue_secs, mut beyond_secs) = (0u64, 0u64);
+        let mut reasons = Vec::new();
+        for (i, (mut k, rules)) in g.keys.into_iter().zip(g.rules_at_activation).enumerate() {
+            let start = k.created.or(k.staged).or(k.active_from);
+            let end = k.retired.unwrap_or(until);
+            if start.is_some_and(|s| s > until) || end < since {
+                continue;
+            }
+            if let Some(a) = k.active_from {
+                let limit = limit_of(&rules);
+                let in_use_until = k.superseded.unwrap_or(until).min(until);
+                if in_use_until.0 > a.0 + limit {
+                    let from = a.0 + limit;
+                    k.overdue_from = Some(Timestamp(from));
+                    let secs = overlap(from, in_use_until.0, since.0, until.0);
+                    overdue_secs += secs;
+                    if secs > 0 {
+                        reasons.push(format!(
+                            "{} was in use {} past its schedule (due by {})",
+                            k.label,
+                            human_secs(in_use_until.0 - from),
+                            Timestamp(from)
+                        ));
+                    }
+                }
+                if let Some(max) = rules.bounds.max_period {
+                    let bound =
+                        a.0 + max.as_secs() + rules.schedule.overlap.as_secs() + window.grace_secs;
+                    if in_use_until.0 > bound {
+                        k.beyond_bounds_from = Some(Timestamp(bound));
+                        let secs = overlap(bound, in_use_until.0, since.0, until.0);
+                        beyond_secs += secs;
+                        if secs > 0 {
+                            reasons.push(format!(
+                                "{} was in use {} beyond the max_period bound",
+                                k.label,
+                                human_secs(in_use_until.0 - bound)
+                            ));
+                        }
+                    }
+                }
+                if let Some(s) = k.superseded {
+                    k.on_schedule = Some(s.0 <= a.0 + limit);
+                }
+                // A rotation that took effect in the period: this key replaced one.
+                if i > 0 && a >= since && a <= until {
+                    rotations += 1;
+                }
+            }
+            keys.push(k);
+        }
+        // Judge each rotation by the key it replaced.
+        for w in keys.windows(2) {
+            if w[1].active_from.is_some_and(|a| a >= since && a <= until) {
+                match w[0].on_schedule {
+                    Some(true) => on_time += 1,
+                    Some(false) => late += 1,
+                    None => {}
+                }
+            }
+        }
+        if keys.len() > MAX_KEYS_SHOWN {
+            let cut = keys.len() - MAX_KEYS_SHOWN;
+            keys.drain(..cut);
+        }
+        let current = ctx
+            .current
+            .as_ref()
+            .and_then(|all| all.iter().find(|r| r.class == class).cloned());
+        if keys.is_empty() {
+            // The records of its creation were pruned (or predate the log): keyd's own view
+            // still dates the key in use.
+            match current.as_ref().and_then(|c| c.last_rotation) {
+                Some(at) => {
+                    let limit = rules_now.as_ref().map_or(u64::MAX, limit_of);
+                    let overdue =
+                        (until.0 > at.0.saturating_add(limit)).then(|| Timestamp(at.0 + limit));
+                    keys.push(super::KeyLife {
+                        label: "current key (created before the retained log)".into(),
+                        created: None,
+                        staged: None,
+                        active_from: Some(at),
+                        superseded: None,
+                        retired: None,
+                        overdue_from: overdue,
+                        beyond_bounds_from: None,
+                        on_schedule: None,
+                    });
+                }
+                None => reasons.push(
+                    "no key of this class in the period (the records of its creation may have \
+                     been pruned)"
+                        .into(),
+                ),
+            }
+        }
+        if let Some(cur) = &current
+            && (cur.overdue || !cur.within_bounds)
+            && let Some(d) = &cur.detail
+        {
+            let line = format!("now: {d}");
+            if !reasons.contains(&line) {
+                reasons.push(line);
+            }
+        }
+        let (schedule, bounds) = rules_now
+            .clone()
+            .map(|r| (r.schedule, r.bounds))
+            .unwrap_or_else(|| (crate::rotation::default_schedule(class), Default::default()));
+        let overdue_after_secs =
+            schedule.period.as_secs() + schedule.overlap.as_secs() + window.grace_secs;
+        for r in &reasons {
+            findings.push(format!("{}: {r}", class.as_str()));
+        }
+        classes.push(ClassEvidence {
+            class,
+            compliant: reasons.is_empty(),
+            reasons,
+            schedule,
+            bounds,
+            overdue_after_secs,
+            keys,
+            rotations,
+            rotations_on_schedule: on_time,
+            rotations_late: late,
+            overdue_secs,
+            beyond_bounds_secs: beyond_secs,
+            schedule_changes: g.changes,
+            rollouts: g
+                .rollouts
+                .into_iter()
+                .filter(|r| r.staged <= until && r.retired.is_none_or(|t| t >= since))
+                .collect(),
+            current,
+        });
+    }
+
+    // Policies: every name the log or the nodes or keyd's compiler mention.
+    let mut names: BTreeSet<String> = c.policy_admissions.keys().cloned().collect();
+    names.extend(c.policy_drops.keys().cloned());
+    names.extend(ctx.dataplane.policies.iter().map(|p| p.name.clone()));
+    names.extend(ctx.rejected_policies.keys().cloned());
+    let mut policies = Vec::new();
+    for name in names {
+        let admissions = c.policy_admissions.remove(&name).unwrap_or_default();
+        let (drop_packets, drop_bytes) = c.policy_drops.get(&name).copied().unwrap_or_default();
+        let dataplane = ctx
+            .dataplane
+            .policies
+            .iter()
+            .find(|p| p.name == name)
+            .cloned();
+        let rejected = ctx.rejected_policies.get(&name).cloned();
+        let mut reasons = Vec::new();
+        if let Some(r) = &rejected {
+            reasons.push(format!("keyd cannot enforce it: {r}"));
+        }
+        if let Some(d) = &dataplane {
+            if d.nodes_programmed < d.nodes_reporting {
+                reasons.push(format!(
+                    "programmed on {} of {} reporting nodes",
+                    d.nodes_programmed, d.nodes_reporting
+                ));
+            }
+            if d.clear_packets > 0 {
+                reasons.push(format!(
+                    "{} covered packets ({} bytes) left a node in the clear",
+                    d.clear_packets, d.clear_bytes
+                ));
+            }
+        }
+        let exceptions: u64 = EXCEPTIONS.iter().filter_map(|o| admissions.get(*o)).sum();
+        if exceptions > 0 {
+            reasons.push(format!(
+                "{exceptions} workloads admitted as exceptions (break-glass, warn or audit mode)"
+            ));
+        }
+        for r in &reasons {
+            findings.push(format!("policy {name}: {r}"));
+        }
+        policies.push(PolicyEvidence {
+            name,
+            compliant: reasons.is_empty(),
+            reasons,
+            admissions,
+            strict_drop_packets: drop_packets,
+            strict_drop_bytes: drop_bytes,
+            dataplane,
+            rejected,
+        });
+    }
+    let unattributed: u64 = c
+        .exceptions
+        .iter()
+        .filter(|e| e.policies.is_empty())
+        .count() as u64;
+    if unattributed > 0 {
+        findings.push(format!(
+            "admission: {unattributed} workloads no policy covered were admitted as exceptions \
+             (break-glass, warn or audit mode)"
+        ));
+    }
+
+    // Custody.
+    let mut outage_secs = 0;
+    for o in &mut c.outages {
+        let to = o.to.unwrap_or(until).min(until);
+        if o.to.is_none() {
+            o.secs = to.0.saturating_sub(o.from.0);
+        }
+        outage_secs += overlap(o.from.0, to.0, since.0, until.0);
+    }
+    let outages = c
+        .outages
+        .into_iter()
+        .filter(|o| o.from <= until && o.to.is_none_or(|t| t >= since))
+        .collect();
+    let custody_events = c
+        .custody_events
+        .into_iter()
+        .filter(|e| e.at >= since && e.at <= until)
+        .collect();
+
+    // Integrity.
+    let mut checkpoints_verified = 0;
+    let mut cp_error = None;
+    for (cp, ok) in &ctx.checkpoints {
+        let hash_ok = c.hashes.get(&cp.seq).is_none_or(|h| *h == cp.hash);
+        if *ok && hash_ok {
+            checkpoints_verified += 1;
+        } else if cp_error.is_none() {
+            cp_error = Some(format!(
+                "the checkpoint at record {} does not verify against the log",
+                cp.seq
+            ));
+        }
+    }
+    let last_checkpoint = match c.last_seq {
+        Some(last) => ctx
+            .checkpoints
+            .iter()
+            .find(|(cp, ok)| *ok && cp.seq >= last)
+            .map(|(cp, _)| cp.clone()),
+        None => None,
+    }
+    .or_else(|| ctx.checkpoints.last().map(|(cp, _)| cp.clone()));
+    let chain_error = c.chain_error.or(cp_error);
+    if let Some(e) = &chain_error {
+        findings.push(format!("audit log: {e}"));
+    }
+    let dataplane_available = !ctx.dataplane.nodes.is_empty();
+    EvidenceReport {
+        format: FORMAT.into(),
+        generated_at: ctx.generated_at,
+        generated_by: ctx.generated_by,
+        since,
+        until,
+        compliant: findings.is_empty(),
+        findings,
+        classes,
+        policies,
+        custody: CustodyEvidence {
+            backend: ctx.custody_backend,
+            key_id: ctx.custody_key_id,
+            health_now: ctx.custody_health,
+            events: custody_events,
+            outages,
+            outage_secs,
+        },
+        admission: AdmissionEvidence {
+            totals: c.admission_totals,
+            by_namespace: c.namespaces,
+            other_namespaces: c.other_namespaces,
+            bucket_secs: c.bucket_secs,
+            buckets: c.buckets,
+            exceptions: c.exceptions,
+            exceptions_total: c.exceptions_total,
+        },
+        dataplane: DataplaneEvidence {
+            available: dataplane_available,
+            note: if dataplane_available {
+                format!(
+                    "{} nodes report data-plane counters; the per-policy figures are their \
+                     latest cumulative counters",
+                    ctx.dataplane.nodes.len()
+                )
+            } else {
+                "no node reports data-plane counters (node-shim reports them once it enforces \
+                 EncryptionPolicies, with keyd's [policy] watcher on): this section is empty"
+                    .into()
+            },
+            nodes_reporting: ctx.dataplane.nodes.len() as u64,
+            strict_drops_by_node: c.drops_by_node,
+        },
+        integrity: IntegrityEvidence {
+            first_seq: c.first_seq,
+            last_seq: c.last_seq,
+            records_in_period: c.records_in_period,
+            records_verified: c.records_verified,
+            chain_verified: chain_error.is_none(),
+            chain_error,
+            checkpoints_verified,
+            last_checkpoint,
+            public_key: ctx.public_key,
+            key_id: ctx.key_id,
+        },
+    }
+}
