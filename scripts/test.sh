@@ -49,6 +49,12 @@ command -v iperf3 >/dev/null 2>&1 || apt_needed+=(iperf3)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
 # promtool checks and unit-tests the alerting rules in deploy/monitoring/.
 command -v promtool >/dev/null 2>&1 || apt_needed+=(prometheus)
+# The evidence report's rendering test (keyd/tests/evidence_report.rs): headless Chromium takes
+# a screenshot of the HTML and keyd prints the PDF with it; pdftoppm rasterises the PDF. The page
+# asks for DejaVu Sans.
+command -v chromium >/dev/null 2>&1 || apt_needed+=(chromium)
+command -v pdftoppm >/dev/null 2>&1 || apt_needed+=(poppler-utils)
+[ -d /usr/share/fonts/truetype/dejavu ] || apt_needed+=(fonts-dejavu-core)
 # procps: the tests run the `kill` program (keyd/tests/no_secrets_in_logs.rs, node-shim's
 # capture helper) and the VM guest runs `sysctl`; a minimal Debian (debootstrap minbase, the
 # debian:12 image) has neither. `type -P`: the file on PATH, not bash's kill builtin.

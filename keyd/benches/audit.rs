@@ -1,6 +1,6 @@
 //! Benchmarks for the audit log and rollouts (a load generator, not a timed test).
 //!
-//! `cargo bench -p keyd --bench audit -- [append] [export] [fleet]` (all three by default).
+//! `cargo bench -p keyd --bench audit -- [append] [export] [fleet] [report]` (all by default).
 //!
 //! - append: durable audit appends (acknowledged = committed with fsync), one record per
 //!   transaction (the baseline) against group commit with many concurrent writers.
@@ -9,6 +9,10 @@
 //! - fleet: 1,000 in-process nodes that long-poll their bundles, program what they get and
 //!   acknowledge, through a full IPsec rollout; the time from rotate to retired, and a check
 //!   after every node step that no two nodes ever lack a key that both hold.
+//! - report: the evidence report over 100,000 and 1,000,000 records (mostly admission
+//!   decisions, over 30 days): its time, and keyd's resident memory growth while it runs
+//!   beside the same growth during an export of the same records (the baseline: the store's
+//!   reads alone), to show the report's memory does not grow with the record count.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -53,6 +57,9 @@ fn main() {
     }
     if want("fleet") {
         rt.block_on(fleet());
+    }
+    if want("report") {
+        rt.block_on(report());
     }
 }
 
@@ -410,4 +417,147 @@ async fn fleet() {
         activated.unwrap_or_default(),
         *violations.lock().unwrap()
     );
+}
+
+/// keyd's resident set size, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Runs `f`, sampling the resident set every 10 ms: (result, peak growth in bytes).
+async fn peak_growth<T, F: std::future::Future<Output = T>>(f: F) -> (T, u64) {
+    let base = rss();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(base));
+    let sampler = {
+        let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let out = f.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    (
+        out,
+        peak.load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(base),
+    )
+}
+
+fn admission_event(i: u64) -> AuditEvent {
+    let outcome = match i % 1000 {
+        0 => "break_glass",
+        1..=4 => "warned",
+        5..=60 => "denied",
+        _ => "allowed",
+    };
+    AuditEvent::new(
+        &format!("admission.{outcome}"),
+        "webhook/keyd-webhook",
+        json!({ "at": keyd_proto::Timestamp(1_780_000_000 + i), "outcome": outcome,
+                "enforcement": "enforce", "operation": "CREATE", "kind": "Pod",
+                "namespace": format!("team-{}", i % 40), "name": format!("pod-{i}"),
+                "user": "system:serviceaccount:ci:deployer", "policies": [format!("policy-{}", i % 7)],
+                "reason": "covered" }),
+    )
+}
+
+async fn report() {
+    use keyd::report::ReportFormat;
+    use keyd::service::{Progress, ReportRequest};
+    for n in [100_000u64, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("r.redb")).unwrap());
+        let s = Arc::clone(&store);
+        // 30 days of records, in time order.
+        let start_at = keyd_proto::Timestamp::now().0 - 30 * 86_400;
+        tokio::task::spawn_blocking(move || {
+            let mut i = 0;
+            while i < n {
+                let events: Vec<AuditEvent> = (i..(i + 10_000).min(n))
+                    .map(|j| {
+                        if j % 10 == 9 {
+                            event(j)
+                        } else {
+                            admission_event(j)
+                        }
+                    })
+                    .collect();
+                let mut txn = Txn {
+                    audit: events,
+                    ..Txn::default()
+                };
+                txn.at = Some(keyd_proto::Timestamp(start_at + i * 30 * 86_400 / n));
+                i += txn.audit.len() as u64;
+                s.commit(txn).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        let wrapper: Arc<dyn KeyWrapper> = Arc::new(LocalKek::from_key(
+            Key256::random().unwrap(),
+            dir.path().join("kek"),
+        ));
+        let keyd = Keyd::open(store, wrapper, ServiceConfig::default(), Clock::default())
+            .await
+            .unwrap();
+        let admin = Identity::Admin("bench".into());
+        // Baseline: an export of the same records, read and thrown away.
+        let t = Instant::now();
+        let (records, export_growth) = peak_growth(async {
+            let mut e = keyd
+                .export_audit(
+                    &admin,
+                    keyd::service::ExportRange::default(),
+                    keyd::audit::Format::Jsonl,
+                )
+                .await
+                .unwrap();
+            while let Some(c) = e.chunks.recv().await {
+                c.unwrap();
+            }
+            e.records
+        })
+        .await;
+        let export_time = t.elapsed();
+        for format in [ReportFormat::Json, ReportFormat::Html] {
+            let t = Instant::now();
+            let (signed, growth) = peak_growth(keyd.evidence_report(
+                &admin,
+                ReportRequest {
+                    since: None,
+                    until: None,
+                    format,
+                },
+                Arc::new(Progress::default()),
+            ))
+            .await;
+            let signed = signed.unwrap();
+            let secs = t.elapsed();
+            println!(
+                "report  {records} records, {}: {secs:.2?} ({:.0} records/s), file {} KB, RSS +{:.1} MB  \
+                 (export of the same records: {export_time:.2?}, RSS +{:.1} MB)  target: seconds, flat memory",
+                format.as_str(),
+                records as f64 / secs.as_secs_f64(),
+                signed.content.len() / 1024,
+                growth as f64 / 1e6,
+                export_growth as f64 / 1e6,
+            );
+            assert_eq!(
+                signed.report.admission.totals.values().sum::<u64>(),
+                n - n / 10,
+                "every admission counted"
+            );
+        }
+    }
 }

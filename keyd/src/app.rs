@@ -109,6 +109,15 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
+    // keyd got here only because the custodian answered: an outage the log still shows open
+    // (keyd stopped during it) is over.
+    if keyd
+        .close_outage_left_open()
+        .await
+        .context("closing the KEK outage a restart left open")?
+    {
+        tracing::info!("closed a KEK custodian outage left open by the last run");
+    }
     let _custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
     // Before anything binds: a Kubernetes client that cannot be built fails the start here.
     let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;

@@ -84,6 +84,8 @@ impl KeyWrapper for Switchable {
 
 struct History {
     _dir: tempfile::TempDir,
+    kek: Arc<Switchable>,
+    custody: Arc<Custody>,
     keyd: Keyd,
     clock: Clock,
     start: Timestamp,
@@ -147,6 +149,8 @@ async fn history() -> History {
     .unwrap();
     let h = History {
         _dir: dir,
+        kek: Arc::clone(&kek),
+        custody: Arc::clone(&custody),
         keyd,
         start: clock.now(),
         clock,
@@ -420,7 +424,7 @@ async fn the_numbers_match_the_scripted_history() {
     );
 
     // A period that ends before the outage: no outage, and fewer records.
-    let early = h
+    let early_signed = h
         .keyd
         .evidence_report(
             &Identity::Admin("auditor".into()),
@@ -432,8 +436,8 @@ async fn the_numbers_match_the_scripted_history() {
             Arc::new(Progress::default()),
         )
         .await
-        .unwrap()
-        .report;
+        .unwrap();
+    let early = early_signed.report.clone();
     assert!(early.custody.outages.is_empty());
     assert!(early.integrity.records_in_period < i.records_in_period);
     assert_eq!(class(&early, KeyClass::Ipsec).keys.len(), 1);
@@ -445,13 +449,61 @@ async fn the_numbers_match_the_scripted_history() {
     // Every report handed out is audited with its digest.
     let last = h.keyd.store().audit_last().unwrap().unwrap();
     assert_eq!(last.event.action, "report.generated");
-    assert_eq!(last.event.details["sha256"], early_sha(&h).await);
+    assert_eq!(
+        last.event.details["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            &early_signed.content
+        ))
+    );
+    assert_eq!(last.event.details["compliant"], early.compliant);
 }
 
-/// The digest of the newest report keyd handed out, from its audit record.
-async fn early_sha(h: &History) -> serde_json::Value {
-    let last = h.keyd.store().audit_last().unwrap().unwrap();
-    last.event.details["sha256"].clone()
+/// keyd stopped during an outage (no `recovered` record); it starts again only once the
+/// custodian answers, and then closes the outage; the next outage is its own.
+#[tokio::test]
+async fn an_outage_cut_short_by_a_restart_is_closed_at_the_next_start() {
+    let h = history().await;
+    assert!(!h.keyd.close_outage_left_open().await.unwrap(), "none open");
+    h.kek.down.store(true, Ordering::SeqCst);
+    assert!(h.custody.probe().await.is_err());
+    h.keyd.audit_custody_transitions().await.unwrap();
+    h.clock.advance(Duration::from_secs(3 * HOUR));
+    // The restart: a new process would not know of the outage; the store does.
+    h.kek.down.store(false, Ordering::SeqCst);
+    assert!(h.keyd.close_outage_left_open().await.unwrap());
+    assert!(
+        !h.keyd.close_outage_left_open().await.unwrap(),
+        "closed once"
+    );
+    h.clock.advance(Duration::from_secs(HOUR));
+    let r = report(&h, ReportFormat::Json).await.report;
+    assert_eq!(r.custody.outages.len(), 2, "{:#?}", r.custody.outages);
+    let second = &r.custody.outages[1];
+    assert_eq!(second.secs, 3 * HOUR);
+    assert!(second.to.is_some());
+    assert_eq!(r.custody.outage_secs, 5 * HOUR);
+}
+
+/// Records removed from the store's start behind keyd's back (not by a prune, which leaves a
+/// signed checkpoint before what remains): the report's chain check fails and says so.
+#[tokio::test]
+async fn a_log_cut_outside_a_prune_is_a_finding() {
+    let h = history().await;
+    let store = h.keyd.store();
+    let cut = (3..50)
+        .find(|s| {
+            keyd::service::stored_checkpoint(store.as_ref(), *s)
+                .unwrap()
+                .is_none()
+        })
+        .unwrap();
+    store.audit_delete_through(cut, 1000).unwrap();
+    let r = report(&h, ReportFormat::Json).await.report;
+    assert!(!r.compliant);
+    assert!(!r.integrity.chain_verified);
+    let e = r.integrity.chain_error.as_deref().unwrap();
+    assert!(e.contains(&format!("starts at record {}", cut + 1)), "{e}");
+    assert!(r.findings.iter().any(|f| f.starts_with("audit log: ")));
 }
 
 #[tokio::test]
@@ -483,7 +535,7 @@ async fn the_html_shows_the_same_numbers_escaped() {
         "a timeline per class"
     );
     assert!(page.contains(r#"<svg class="admissions""#));
-    assert!(page.contains(keyd::report::html::esc(&signed.report.integrity.key_id).as_str()));
+    assert!(page.contains(keyd::report::esc(&signed.report.integrity.key_id).as_str()));
 }
 
 fn keyctl(args: &[&str]) -> std::process::Output {
@@ -832,6 +884,9 @@ async fn keyctl_writes_the_signed_report_it_gets_over_mtls() {
     .await;
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not one of json, html, pdf"));
+    let out = run(vec!["report".into(), "--format".into(), "html".into()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give -o FILE"));
     let out = run(vec!["report".into(), "-o".into(), "report.html".into()]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--format html|pdf|json -o FILE"));

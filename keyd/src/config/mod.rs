@@ -67,6 +67,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub nodes: RawNodes,
     #[serde(default)]
+    pub report: RawReport,
+    #[serde(default)]
     pub bootstrap: Option<bootstrap::RawBootstrap>,
     #[serde(default)]
     pub policy: Option<policy::RawPolicy>,
@@ -95,6 +97,14 @@ pub struct RawNodes {
     /// `node-object` (its Node object; needs `[bootstrap]`, and is then the default),
     /// `allocation` (only `keyctl nodes allow`; the default without `[bootstrap]`) or `open`.
     pub claims: Option<String>,
+}
+
+/// `[report]`: the evidence report.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    /// The Chromium that prints PDF reports (an absolute path); default: found on `PATH`.
+    pub chromium: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +196,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "ipsec.allow_global_import",
     ),
     ("KEYD_NODE_CLAIMS", "nodes.claims"),
+    ("KEYD_REPORT_CHROMIUM", "report.chromium"),
 ];
 
 impl RawConfig {
@@ -282,6 +293,7 @@ impl RawConfig {
         }
         self.audit.segment_age = get("KEYD_AUDIT_SEGMENT_AGE").or(self.audit.segment_age.take());
         self.nodes.claims = get("KEYD_NODE_CLAIMS").or(self.nodes.claims.take());
+        self.report.chromium = path("KEYD_REPORT_CHROMIUM").or(self.report.chromium.take());
         if let Some(v) = get("KEYD_IPSEC_ALLOW_GLOBAL_IMPORT") {
             self.ipsec.allow_global_import = Some(v.parse().map_err(|_| {
                 err(
@@ -394,6 +406,15 @@ impl RawConfig {
                 .allow_global_import
                 .unwrap_or(defaults.allow_global_ipsec_import),
             claims,
+            report_chromium: match self.report.chromium {
+                Some(p) if !p.is_absolute() => {
+                    return Err(err(
+                        "report.chromium",
+                        format!("{} is not an absolute path", p.display()),
+                    ));
+                }
+                other => other,
+            },
         };
         let scheduler_tick = dur(
             "rotation.scheduler_tick",

@@ -240,6 +240,9 @@ pub struct Custody {
     /// Health changes not yet audited, and how many were dropped because nobody drained them.
     transitions: Mutex<(Vec<Transition>, u64)>,
     transitions_ready: tokio::sync::Notify,
+    /// Held from taking the changes until they are written (or put back), so that two
+    /// writers never reorder them.
+    pub(crate) transitions_audit: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Custody {
@@ -277,6 +280,7 @@ impl Custody {
             metrics: CustodyMetrics::default(),
             transitions: Mutex::new((Vec::new(), 0)),
             transitions_ready: tokio::sync::Notify::new(),
+            transitions_audit: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -319,8 +323,8 @@ impl Custody {
             _ => None,
         };
         self.metrics.custodian_up.set(i64::from(!h.is_down()));
-        drop(h);
         if let Some(t) = change {
+            // Queued under the health lock, so changes are queued in the order they happened.
             let mut q = lock(&self.transitions);
             if q.0.len() >= TRANSITIONS_KEPT {
                 q.0.remove(0);
@@ -328,6 +332,7 @@ impl Custody {
             }
             q.0.push(t);
             drop(q);
+            drop(h);
             self.transitions_ready.notify_one();
         }
     }

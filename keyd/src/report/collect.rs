@@ -47,6 +47,8 @@ pub struct Window {
 #[derive(Debug, Default)]
 struct ClassState {
     keys: Vec<KeyLife>,
+    /// For each key, the key in use when it took over (an index into `keys`).
+    predecessors: Vec<Option<usize>>,
     /// The key in use: an index into `keys`.
     current: Option<usize>,
     /// IPsec: the open life of each SPI (SPIs are reused over time).
@@ -63,6 +65,8 @@ pub struct Collected {
     pub classes: BTreeMap<KeyClass, ClassGathered>,
     pub custody_events: Vec<CustodyEvent>,
     pub outages: Vec<Outage>,
+    /// Custodian health changes keyd could not record (`kek.custodian.transitions_lost`).
+    pub custody_transitions_lost: u64,
     pub admission_totals: BTreeMap<String, u64>,
     pub namespaces: Vec<NamespaceAdmissions>,
     pub other_namespaces: BTreeMap<String, u64>,
@@ -86,6 +90,10 @@ pub struct Collected {
 #[derive(Debug, Default)]
 pub struct ClassGathered {
     pub keys: Vec<KeyLife>,
+    /// For each key, the one it replaced (an index into `keys`).
+    pub predecessors: Vec<Option<usize>>,
+    /// The schedule and bounds in force at the period's end.
+    pub rules_at_end: Option<ClassRules>,
     pub changes: Vec<ScheduleChange>,
     pub rollouts: Vec<Rollout>,
     /// The schedule in force from each key's activation, as (period + overlap) seconds and
@@ -120,7 +128,13 @@ fn text(v: &Value, key: &str) -> String {
 
 impl Collector {
     /// `checkpoint_seqs`: the records whose hashes the caller will check signatures against.
-    pub fn new(window: Window, checkpoint_seqs: impl IntoIterator<Item = u64>) -> Self {
+    /// `anchor`: the hash the first record fed must link to (the signed segment-end checkpoint
+    /// a prune left), or `None` when the log starts at its first record.
+    pub fn new(
+        window: Window,
+        checkpoint_seqs: impl IntoIterator<Item = u64>,
+        anchor: Option<String>,
+    ) -> Self {
         let span = window.until.0.saturating_sub(window.since.0).max(1);
         let bucket_secs = span.div_ceil(BUCKETS).max(60);
         let buckets = vec![BTreeMap::new(); span.div_ceil(bucket_secs) as usize];
@@ -137,7 +151,7 @@ impl Collector {
             window,
             ns_index: HashMap::new(),
             open_outage: None,
-            prev_hash: None,
+            prev_hash: anchor,
             wanted: checkpoint_seqs.into_iter().collect(),
         }
     }
@@ -168,6 +182,10 @@ impl Collector {
             self.out.hashes.insert(rec.seq, rec.hash.clone());
         }
         if rec.at > self.window.until {
+            // A later schedule change still says which schedule was in force before it.
+            if rec.event.action.starts_with("schedule.") {
+                self.schedule_change(rec);
+            }
             return;
         }
         let in_period = self.in_period(rec.at);
@@ -259,9 +277,9 @@ impl Collector {
             "kek.migration.resumed" | "kek.migration.refused" => {
                 self.custody_event(rec, String::new());
             }
-            "kek.custodian.unavailable" => {
-                // The record is written as the custodian goes down (its `since` is the wall
-                // clock of the failure, informative only).
+            // Written as the custodian goes down. A second one while one is open is the same
+            // outage seen again (keyd restarted meanwhile): the first start stands.
+            "kek.custodian.unavailable" if self.open_outage.is_none() => {
                 self.out.outages.push(Outage {
                     from: rec.at,
                     to: None,
@@ -272,13 +290,15 @@ impl Collector {
                 self.open_outage = Some(self.out.outages.len() - 1);
             }
             "kek.custodian.recovered" => {
+                // `seconds` is the custodian's own measure: it dates the start when the two
+                // records were written together (held back by a store failure).
+                let started =
+                    Timestamp(rec.at.0.saturating_sub(d["seconds"].as_u64().unwrap_or(0)));
                 let i = match self.open_outage.take() {
                     Some(i) => i,
                     None => {
-                        // Its start predates the log (or was lost): the record says how long.
-                        let secs = d["seconds"].as_u64().unwrap_or(0);
                         self.out.outages.push(Outage {
-                            from: Timestamp(rec.at.0.saturating_sub(secs)),
+                            from: started,
                             to: None,
                             secs: 0,
                             backend: text(d, "backend"),
@@ -288,8 +308,12 @@ impl Collector {
                     }
                 };
                 let o = &mut self.out.outages[i];
+                o.from = o.from.min(started);
                 o.to = Some(rec.at);
                 o.secs = rec.at.0.saturating_sub(o.from.0);
+            }
+            "kek.custodian.transitions_lost" => {
+                self.out.custody_transitions_lost += d["lost"].as_u64().unwrap_or(0);
             }
             "schedule.changed"
             | "schedule.paused"
@@ -336,6 +360,7 @@ impl Collector {
     /// A new key in use for `class` from `at`; the one before is superseded.
     fn begin(&mut self, class: KeyClass, label: String, at: Timestamp) -> usize {
         let c = self.classes.entry(class).or_default();
+        c.predecessors.push(c.current);
         if let Some(prev) = c.current {
             c.keys[prev].superseded = Some(at);
             if class != KeyClass::Ipsec && class != KeyClass::Kek {
@@ -380,6 +405,7 @@ impl Collector {
                 beyond_bounds_from: None,
                 on_schedule: None,
             });
+            c.predecessors.push(None);
             c.by_spi.insert(spi, c.keys.len() - 1);
             c.keys.len() - 1
         };
@@ -412,6 +438,7 @@ impl Collector {
                 let i = life(c);
                 if let Some(prev) = c.current.filter(|p| *p != i) {
                     c.keys[prev].superseded = Some(at);
+                    c.predecessors[i] = Some(prev);
                 }
                 c.keys[i].active_from = Some(at);
                 c.current = Some(i);
@@ -428,11 +455,14 @@ impl Collector {
                 let i = life(c);
                 c.keys[i].retired = Some(at);
                 c.by_spi.remove(&spi);
+                // The rollout in progress ends when its old key leaves (after a prune its
+                // start may not have named that key).
                 if let Some(r) = c
                     .rollouts
                     .last_mut()
-                    .filter(|r| r.from_spi == Some(spi) && r.retired.is_none())
+                    .filter(|r| r.activated.is_some() && r.retired.is_none() && r.to_spi != spi)
                 {
+                    r.from_spi.get_or_insert(spi);
                     r.retired = Some(at);
                     r.activate_wait_secs = r.activated.map(|a| at.0.saturating_sub(a.0));
                 }
@@ -499,7 +529,9 @@ impl Collector {
                     .or_default() += 1
             }
         }
-        let b = (rec.at.0.saturating_sub(self.window.since.0) / self.out.bucket_secs) as usize;
+        // A record at exactly `until` belongs to the last bucket.
+        let b = ((rec.at.0.saturating_sub(self.window.since.0) / self.out.bucket_secs) as usize)
+            .min(self.out.buckets.len().saturating_sub(1));
         if let Some(bucket) = self.out.buckets.get_mut(b) {
             *bucket.entry(outcome.clone()).or_default() += 1;
         }
@@ -573,9 +605,12 @@ impl Collector {
                     })
                 })
                 .collect();
+            let rules_at_end = rules_at(Some(self.window.until));
             self.out.classes.insert(
                 class,
                 ClassGathered {
+                    rules_at_end,
+                    predecessors: c.predecessors,
                     keys: c.keys,
                     changes: c.changes,
                     rollouts: c.rollouts,
@@ -619,7 +654,7 @@ mod tests {
     #[test]
     fn an_edited_or_removed_record_breaks_the_chain() {
         let mut recs = records(4);
-        let mut c = Collector::new(window(), []);
+        let mut c = Collector::new(window(), [], None);
         recs.iter().for_each(|r| c.feed(r));
         let out = c.finish();
         assert_eq!(out.chain_error, None);
@@ -627,14 +662,14 @@ mod tests {
         assert_eq!(out.namespaces.len(), 2);
 
         recs[1].event.details["namespace"] = "elsewhere".into();
-        let mut c = Collector::new(window(), []);
+        let mut c = Collector::new(window(), [], None);
         recs.iter().for_each(|r| c.feed(r));
         let err = c.finish().chain_error.unwrap();
         assert!(err.contains(&format!("record {}", recs[1].seq)), "{err}");
 
         let mut recs = records(4);
         recs.remove(2);
-        let mut c = Collector::new(window(), []);
+        let mut c = Collector::new(window(), [], None);
         recs.iter().for_each(|r| c.feed(r));
         let err = c.finish().chain_error.unwrap();
         assert!(err.contains("does not link"), "{err}");
@@ -642,7 +677,7 @@ mod tests {
 
     #[test]
     fn exceptions_and_namespaces_are_capped_not_unbounded() {
-        let mut c = Collector::new(window(), []);
+        let mut c = Collector::new(window(), [], None);
         let mut rec = records(1).remove(0);
         rec.event.action = "admission.break_glass".into();
         for i in 0..(MAX_EXCEPTIONS + 5) {

@@ -7,24 +7,7 @@ use std::fmt::Write as _;
 use keyd_proto::Timestamp;
 
 use super::svg::{self, OUTCOMES};
-use super::{EvidenceReport, human_secs};
-
-/// Escapes text for HTML element content and attribute values.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use super::{EvidenceReport, esc, human_secs};
 
 const STYLE: &str = r#"
 body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; font-size: 12px; color: #222;
@@ -191,12 +174,17 @@ pub fn render(r: &EvidenceReport) -> String {
             .unwrap_or_default();
         let _ = write!(
             h,
-            r#"<h3 id="class-{0}">{0}</h3><p class="meta">Rotate every {1}, overlap {2}{3}; a key counts as overdue after {4} in use.</p>"#,
+            r#"<h3 id="class-{0}">{0}</h3><p class="meta">Rotate every {1}, overlap {2}{3}; a key counts as overdue after {4} in use{5}.</p>"#,
             esc(c.class.as_str()),
             esc(&human_secs(c.schedule.period.as_secs())),
             esc(&human_secs(c.schedule.overlap.as_secs())),
             esc(&bounds),
             esc(&human_secs(c.overdue_after_secs)),
+            if c.schedule.window.is_some() {
+                " (plus the wait for the maintenance window)"
+            } else {
+                ""
+            },
         );
         h.push_str(&svg::timeline(&c.keys, r.since, r.until, &outages));
         h.push_str("<table><tr><th>Key</th><th>Created</th><th>In use from</th><th>Replaced</th><th>Retired</th><th>On schedule</th></tr>");

@@ -45,73 +45,88 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
     let mut classes = Vec::new();
     for class in KeyClass::ALL {
         let g = c.classes.remove(&class).unwrap_or_default();
-        let rules_now = window.now_rules.get(&class).cloned();
-        let limit_of = |r: &super::collect::ClassRules| {
-            r.schedule.period.as_secs() + r.schedule.overlap.as_secs() + window.grace_secs
+        let rules_now = g
+            .rules_at_end
+            .clone()
+            .or_else(|| window.now_rules.get(&class).cloned());
+        // How long a key activated at `a` may be in use: to its next due time (the period,
+        // then the maintenance window's next opening), plus the overlap and a rollout's
+        // allowed wait, as keyd's own report counts it.
+        let limit_of = |r: &super::collect::ClassRules, a: Timestamp| {
+            crate::rotation::next_due(&r.schedule, a)
+                .0
+                .saturating_sub(a.0)
+                .saturating_add(r.schedule.overlap.as_secs())
+                .saturating_add(window.grace_secs)
         };
-        let mut keys = Vec::new();
-        let (mut rotations, mut on_time, mut late) = (0u64, 0u64, 0u64);
         let (mut overdue_secs, mut beyond_secs) = (0u64, 0u64);
         let mut reasons = Vec::new();
-        for (i, (mut k, rules)) in g.keys.into_iter().zip(g.rules_at_activation).enumerate() {
-            let start = k.created.or(k.staged).or(k.active_from);
-            let end = k.retired.unwrap_or(until);
-            if start.is_some_and(|s| s > until) || end < since {
-                continue;
+        // First every key's verdict (a rotation is judged by the key it replaced, which may
+        // lie before the period), then what the period shows.
+        let mut all = g.keys;
+        for (k, rules) in all.iter_mut().zip(&g.rules_at_activation) {
+            let Some(a) = k.active_from else { continue };
+            let limit = limit_of(rules, a);
+            let due_by = a.0.saturating_add(limit);
+            let in_use_until = k.superseded.unwrap_or(until).min(until);
+            if let Some(s) = k.superseded {
+                k.on_schedule = Some(s.0 <= due_by);
             }
-            if let Some(a) = k.active_from {
-                let limit = limit_of(&rules);
-                let in_use_until = k.superseded.unwrap_or(until).min(until);
-                if in_use_until.0 > a.0 + limit {
-                    let from = a.0 + limit;
-                    k.overdue_from = Some(Timestamp(from));
-                    let secs = overlap(from, in_use_until.0, since.0, until.0);
-                    overdue_secs += secs;
+            if in_use_until.0 > due_by {
+                k.overdue_from = Some(Timestamp(due_by));
+                let secs = overlap(due_by, in_use_until.0, since.0, until.0);
+                overdue_secs += secs;
+                if secs > 0 {
+                    reasons.push(format!(
+                        "{} was in use {} past its schedule (due by {})",
+                        k.label,
+                        human_secs(in_use_until.0 - due_by),
+                        Timestamp(due_by)
+                    ));
+                }
+            }
+            if let Some(max) = rules.bounds.max_period {
+                let bound =
+                    a.0.saturating_add(max.as_secs())
+                        .saturating_add(rules.schedule.overlap.as_secs())
+                        .saturating_add(window.grace_secs);
+                if in_use_until.0 > bound {
+                    k.beyond_bounds_from = Some(Timestamp(bound));
+                    let secs = overlap(bound, in_use_until.0, since.0, until.0);
+                    beyond_secs += secs;
                     if secs > 0 {
                         reasons.push(format!(
-                            "{} was in use {} past its schedule (due by {})",
+                            "{} was in use {} beyond the max_period bound",
                             k.label,
-                            human_secs(in_use_until.0 - from),
-                            Timestamp(from)
+                            human_secs(in_use_until.0 - bound)
                         ));
                     }
                 }
-                if let Some(max) = rules.bounds.max_period {
-                    let bound =
-                        a.0 + max.as_secs() + rules.schedule.overlap.as_secs() + window.grace_secs;
-                    if in_use_until.0 > bound {
-                        k.beyond_bounds_from = Some(Timestamp(bound));
-                        let secs = overlap(bound, in_use_until.0, since.0, until.0);
-                        beyond_secs += secs;
-                        if secs > 0 {
-                            reasons.push(format!(
-                                "{} was in use {} beyond the max_period bound",
-                                k.label,
-                                human_secs(in_use_until.0 - bound)
-                            ));
-                        }
-                    }
-                }
-                if let Some(s) = k.superseded {
-                    k.on_schedule = Some(s.0 <= a.0 + limit);
-                }
-                // A rotation that took effect in the period: this key replaced one.
-                if i > 0 && a >= since && a <= until {
-                    rotations += 1;
-                }
             }
-            keys.push(k);
         }
-        // Judge each rotation by the key it replaced.
-        for w in keys.windows(2) {
-            if w[1].active_from.is_some_and(|a| a >= since && a <= until) {
-                match w[0].on_schedule {
-                    Some(true) => on_time += 1,
-                    Some(false) => late += 1,
-                    None => {}
+        let (mut rotations, mut on_time, mut late) = (0u64, 0u64, 0u64);
+        for (i, k) in all.iter().enumerate() {
+            // A rotation that took effect in the period: this key replaced one.
+            let prev = g.predecessors.get(i).copied().flatten();
+            if let (Some(p), Some(a)) = (prev, k.active_from)
+                && a >= since
+                && a <= until
+            {
+                rotations += 1;
+                if all[p].on_schedule == Some(false) {
+                    late += 1;
+                } else {
+                    on_time += 1;
                 }
             }
         }
+        let mut keys: Vec<_> = all
+            .into_iter()
+            .filter(|k| {
+                let start = k.created.or(k.staged).or(k.active_from);
+                !(start.is_some_and(|s| s > until) || k.retired.unwrap_or(until) < since)
+            })
+            .collect();
         if keys.len() > MAX_KEYS_SHOWN {
             let cut = keys.len() - MAX_KEYS_SHOWN;
             keys.drain(..cut);
@@ -125,9 +140,9 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
             // still dates the key in use.
             match current.as_ref().and_then(|c| c.last_rotation) {
                 Some(at) => {
-                    let limit = rules_now.as_ref().map_or(u64::MAX, limit_of);
-                    let overdue =
-                        (until.0 > at.0.saturating_add(limit)).then(|| Timestamp(at.0 + limit));
+                    let limit = rules_now.as_ref().map_or(u64::MAX, |r| limit_of(r, at));
+                    let due_by = at.0.saturating_add(limit);
+                    let overdue = (until.0 > due_by).then_some(Timestamp(due_by));
                     keys.push(super::KeyLife {
                         label: "current key (created before the retained log)".into(),
                         created: None,
@@ -268,6 +283,13 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
         .into_iter()
         .filter(|o| o.from <= until && o.to.is_none_or(|t| t >= since))
         .collect();
+    if c.custody_transitions_lost > 0 {
+        findings.push(format!(
+            "custody: {} changes of the KEK custodian's health were not recorded, so outages \
+             may be missing",
+            c.custody_transitions_lost
+        ));
+    }
     let custody_events = c
         .custody_events
         .into_iter()
@@ -278,7 +300,8 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
     let mut checkpoints_verified = 0;
     let mut cp_error = None;
     for (cp, ok) in &ctx.checkpoints {
-        let hash_ok = c.hashes.get(&cp.seq).is_none_or(|h| *h == cp.hash);
+        // Every checkpoint listed lies in the records read, so its record's hash is known.
+        let hash_ok = c.hashes.get(&cp.seq).is_some_and(|h| *h == cp.hash);
         if *ok && hash_ok {
             checkpoints_verified += 1;
         } else if cp_error.is_none() {
@@ -357,5 +380,165 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
             public_key: ctx.public_key,
             key_id: ctx.key_id,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keyd_proto::{Bounds, MaintenanceWindow, Schedule};
+
+    use super::*;
+    use crate::report::KeyLife;
+    use crate::report::collect::{ClassGathered, ClassRules};
+
+    fn at(s: &str) -> Timestamp {
+        Timestamp::from_system(humantime::parse_rfc3339(s).unwrap())
+    }
+
+    fn life(label: &str, active: Timestamp, superseded: Option<Timestamp>) -> KeyLife {
+        KeyLife {
+            label: label.into(),
+            created: Some(active),
+            staged: None,
+            active_from: Some(active),
+            superseded,
+            retired: superseded,
+            overdue_from: None,
+            beyond_bounds_from: None,
+            on_schedule: None,
+        }
+    }
+
+    fn context() -> Context {
+        Context {
+            generated_at: at("2026-12-20T00:00:00Z"),
+            generated_by: "admin/test".into(),
+            current: None,
+            custody_backend: "local".into(),
+            custody_key_id: "k".into(),
+            custody_health: "ok".into(),
+            dataplane: DataplaneSummary::default(),
+            rejected_policies: BTreeMap::new(),
+            public_key: String::new(),
+            key_id: String::new(),
+            checkpoints: vec![],
+        }
+    }
+
+    /// A daily schedule whose window opens at 02:00 UTC: a key activated at 10:00 is due the
+    /// next day at 10:00 but may wait for the window the day after, so a replacement at 01:00
+    /// two days later is on schedule; a replacement after 02:00 plus the grace is late.
+    #[test]
+    fn the_window_wait_counts_and_rotations_are_judged_by_the_key_they_replaced() {
+        let rules = ClassRules {
+            schedule: Schedule {
+                period: Duration::from_secs(86_400),
+                overlap: Duration::ZERO,
+                window: Some(MaintenanceWindow {
+                    days: vec![],
+                    start_hour: 2,
+                    end_hour: 3,
+                }),
+                paused: false,
+            },
+            bounds: Bounds::default(),
+        };
+        let (a, b, c) = (
+            at("2026-12-07T10:00:00Z"),
+            at("2026-12-09T01:00:00Z"),
+            at("2026-12-11T03:00:00Z"),
+        );
+        let gathered = ClassGathered {
+            keys: vec![
+                life("SPI 1", a, Some(b)),
+                life("SPI 2", b, Some(c)),
+                life("SPI 3", c, None),
+            ],
+            predecessors: vec![None, Some(0), Some(1)],
+            rules_at_activation: vec![rules.clone(), rules.clone(), rules.clone()],
+            rules_at_end: Some(rules.clone()),
+            ..ClassGathered::default()
+        };
+        let window = Window {
+            since: at("2026-12-08T00:00:00Z"),
+            until: at("2026-12-11T12:00:00Z"),
+            now_rules: BTreeMap::new(),
+            grace_secs: 1800,
+        };
+        let collected = Collected {
+            classes: BTreeMap::from([(KeyClass::Ipsec, gathered)]),
+            ..Collected::default()
+        };
+        let r = assemble(&window, collected, context());
+        let ipsec = r
+            .classes
+            .iter()
+            .find(|c| c.class == KeyClass::Ipsec)
+            .unwrap();
+        // SPI 2 (from 12-09 01:00) was due 12-10 01:00, window 12-10 02:00, plus 30 min grace:
+        // replaced at 12-11 03:00, so late by a day and 30 minutes.
+        assert_eq!(
+            ipsec.keys[0].on_schedule,
+            Some(true),
+            "the window's wait counts"
+        );
+        assert_eq!(ipsec.keys[1].on_schedule, Some(false));
+        assert_eq!(
+            (
+                ipsec.rotations,
+                ipsec.rotations_on_schedule,
+                ipsec.rotations_late
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(ipsec.overdue_secs, 86_400 + 1800);
+        assert_eq!(ipsec.keys[1].overdue_from, Some(at("2026-12-10T02:30:00Z")));
+        assert!(!ipsec.compliant && !r.compliant);
+        assert!(r.findings[0].starts_with("ipsec: SPI 2 was in use 1d 0h past its schedule"));
+        // The other classes had no key and no live view to date one from.
+        assert!(r.findings.iter().any(|f| f.starts_with("kek: no key")));
+    }
+
+    #[test]
+    fn a_lost_custodian_change_and_an_unverified_checkpoint_are_findings() {
+        let window = Window {
+            since: at("2026-12-08T00:00:00Z"),
+            until: at("2026-12-09T00:00:00Z"),
+            now_rules: BTreeMap::new(),
+            grace_secs: 0,
+        };
+        let mut ctx = context();
+        ctx.checkpoints = vec![(
+            CheckpointRef {
+                seq: 7,
+                hash: "ab".into(),
+                at: window.until,
+            },
+            true,
+        )];
+        let collected = Collected {
+            custody_transitions_lost: 3,
+            last_seq: Some(7),
+            // Record 7 was read with another hash than the checkpoint vouches for.
+            hashes: std::collections::HashMap::from([(7, "cd".to_owned())]),
+            ..Collected::default()
+        };
+        let r = assemble(&window, collected, ctx);
+        assert!(
+            r.findings
+                .iter()
+                .any(|f| f.contains("3 changes of the KEK custodian"))
+        );
+        assert!(!r.integrity.chain_verified);
+        assert!(
+            r.integrity
+                .chain_error
+                .as_deref()
+                .unwrap()
+                .contains("record 7")
+        );
+        assert_eq!(r.integrity.checkpoints_verified, 0);
     }
 }

@@ -93,11 +93,12 @@ pub struct ClassEvidence {
     pub class: KeyClass,
     pub compliant: bool,
     pub reasons: Vec<String>,
-    /// The schedule and bounds at the end of the period.
+    /// The schedule and bounds in force at the end of the period.
     pub schedule: Schedule,
     pub bounds: Bounds,
     /// A key may be in use this long before it counts as overdue: the period, the overlap and
-    /// a rollout's allowed wait (as `keyctl report` counts it).
+    /// a rollout's allowed wait (as `keyctl report` counts it), plus the wait for the
+    /// maintenance window's next opening when the schedule has one.
     pub overdue_after_secs: u64,
     /// Keys in use at some time in the period, oldest first.
     pub keys: Vec<KeyLife>,
@@ -384,6 +385,23 @@ impl ReportSignature {
             .verify(&self.message(), &sig)
             .map_err(|_| "the signature does not verify: the signature file was altered".into())
     }
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Formats seconds as `3d 4h`, `5h 12m`, `40s` for people.

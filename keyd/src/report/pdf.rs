@@ -1,10 +1,12 @@
 //! The PDF: the report's own HTML printed by headless Chromium.
 //!
 //! keyd prints only HTML it rendered itself (every text escaped, no script, no external
-//! resource, and a Content-Security-Policy that forbids script and fetches), with every host name
-//! unresolvable, a throwaway profile, and a
-//! time limit. Where no Chromium is installed (keyd's container image has none) a PDF is
-//! refused with a clear error; HTML and JSON need nothing.
+//! resource, and a Content-Security-Policy that forbids scripts and fetches), with every host
+//! name unresolvable, a throwaway profile, a time limit, and none of keyd's environment. keyd
+//! signs what that Chromium prints, so the binary it runs is trusted like keyd itself: the one
+//! `KEYD_REPORT_CHROMIUM` names, or the first on keyd's `PATH`, both set by whoever runs keyd.
+//! Where no Chromium is installed (keyd's container image has none), a PDF is refused with a
+//! clear error; HTML and JSON need nothing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,12 +14,8 @@ use std::time::Duration;
 /// How long a print may take.
 const PRINT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Where Chromium is: `KEYD_REPORT_CHROMIUM`, else the first of Debian's and other usual names
-/// on `PATH`.
+/// The first of Debian's and other usual names for Chromium on `PATH`.
 pub fn find_chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KEYD_REPORT_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
     let path = std::env::var_os("PATH")?;
     for dir in std::env::split_paths(&path) {
         for name in [
@@ -71,14 +69,23 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Prints `html` to PDF bytes.
-pub async fn print(html: &str) -> Result<Vec<u8>, String> {
-    let chromium = find_chromium().ok_or_else(|| {
-        "keyd prints PDF reports with headless Chromium, and none is installed here (Debian: \
-         apt-get install chromium; or set KEYD_REPORT_CHROMIUM): ask for --format html and \
-         print it, or install Chromium beside keyd"
-            .to_owned()
-    })?;
+/// Prints `html` to PDF bytes with `chromium` (configured), else the one on `PATH`.
+pub async fn print(html: &str, chromium: Option<&Path>) -> Result<Vec<u8>, String> {
+    let chromium = match chromium {
+        Some(p) if p.is_file() => p.to_path_buf(),
+        Some(p) => {
+            return Err(format!(
+                "[report] chromium = {} is not a file: install Chromium there or fix the path",
+                p.display()
+            ));
+        }
+        None => find_chromium().ok_or_else(|| {
+            "keyd prints PDF reports with headless Chromium, and none is on its PATH (Debian: \
+             apt-get install chromium; or set [report] chromium): ask for --format html and \
+             print it, or install Chromium beside keyd"
+                .to_owned()
+        })?,
+    };
     let dir =
         tempfile::tempdir().map_err(|e| format!("cannot make a directory to print in: {e}"))?;
     let (page, out, profile) = (
@@ -89,6 +96,9 @@ pub async fn print(html: &str) -> Result<Vec<u8>, String> {
     std::fs::write(&page, html).map_err(|e| format!("cannot write the page to print: {e}"))?;
     let mut cmd = tokio::process::Command::new(&chromium);
     cmd.args(print_args(&profile, &page, &out, running_as_root()))
+        // Nothing of keyd's environment (custodian credentials, tokens) reaches the browser.
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

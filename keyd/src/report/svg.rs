@@ -6,8 +6,7 @@ use std::fmt::Write as _;
 
 use keyd_proto::Timestamp;
 
-use super::KeyLife;
-use super::html::esc;
+use super::{KeyLife, esc};
 
 /// Colours, also named in the legend and looked for by the screenshot tests.
 pub const IN_USE: &str = "#1f77b4";

@@ -100,8 +100,30 @@ impl Keyd {
             .total
             .store(tail.seq + 1 - head_seq, Ordering::Relaxed);
 
+        // The first retained record must link to the signed checkpoint a prune left at the
+        // record before it; a log cut anywhere else has no such anchor.
+        let (anchor, anchor_problem) = if head_seq > 1 {
+            match stored_checkpoint(self.store.as_ref(), head_seq - 1)? {
+                Some(cp) if cp.verify(&public_key) => (Some(cp.hash), None),
+                Some(_) => (
+                    None,
+                    Some(format!(
+                        "the checkpoint anchoring the log's first record {head_seq} does not verify"
+                    )),
+                ),
+                None => (
+                    None,
+                    Some(format!(
+                        "the log starts at record {head_seq} with no signed checkpoint before it: \
+                         records were removed outside a prune"
+                    )),
+                ),
+            }
+        } else {
+            (None, None)
+        };
         // One pass over the log, off the async threads.
-        let collector = Collector::new(window.clone(), checkpoints.iter().map(|c| c.seq));
+        let collector = Collector::new(window.clone(), checkpoints.iter().map(|c| c.seq), anchor);
         let p = Arc::clone(&progress);
         let collected = tokio::task::spawn_blocking(move || {
             let mut collector = collector;
@@ -117,7 +139,11 @@ impl Keyd {
                 p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 cursor = last + 1;
             }
-            Ok::<_, StoreError>(collector.finish())
+            let mut collected = collector.finish();
+            if collected.chain_error.is_none() {
+                collected.chain_error = anchor_problem;
+            }
+            Ok::<_, StoreError>(collected)
         })
         .await
         .map_err(|e| {
@@ -166,9 +192,12 @@ impl Keyd {
             ReportFormat::Json => serde_json::to_vec_pretty(&report)
                 .map_err(|e| ServiceError::Invalid(format!("cannot encode the report: {e}")))?,
             ReportFormat::Html => html::render(&report).into_bytes(),
-            ReportFormat::Pdf => pdf::print(&html::render(&report))
-                .await
-                .map_err(ServiceError::PdfUnavailable)?,
+            ReportFormat::Pdf => pdf::print(
+                &html::render(&report),
+                self.config.report_chromium.as_deref(),
+            )
+            .await
+            .map_err(ServiceError::PdfUnavailable)?,
         };
         let mut signature = ReportSignature {
             format: SIGNATURE_FORMAT.into(),

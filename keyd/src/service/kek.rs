@@ -203,55 +203,116 @@ impl Keyd {
     }
 }
 
+/// The custodian outage in progress as the audit log last recorded it, so that an outage a
+/// restart cut short is closed (keyd starts only once the custodian answers).
+const OUTAGE_DOC: &str = "kek_outage";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct OpenOutage {
+    /// keyd's time of the `kek.custodian.unavailable` record.
+    recorded_at: Timestamp,
+    backend: String,
+    key_id: String,
+}
+
 impl Keyd {
     /// Audits the custodian's health changes since the last call: `kek.custodian.unavailable`
     /// when keyd starts serving held keys without it, `kek.custodian.recovered` with the
     /// outage's length when it answers again (the evidence report's outages come from these).
+    /// The changes and the open-outage document commit together; on a store failure they are
+    /// put back, in order, for the next call.
     pub async fn audit_custody_transitions(&self) -> Result<usize> {
-        let custody = self.custody();
+        let custody = Arc::clone(self.custody());
+        let _one_writer = custody.transitions_audit.lock().await;
         let (transitions, lost) = custody.take_transitions();
+        if transitions.is_empty() && lost == 0 {
+            return Ok(0);
+        }
         let active = custody.active();
         let (backend, key_id) = (active.wrapper.backend(), active.wrapper.key_id());
-        let mut events: Vec<AuditEvent> = transitions
-            .iter()
-            .map(|t| match t {
+        let now = self.clock.now();
+        let doc = self.store.get(crate::store::Table::Meta, OUTAGE_DOC)?;
+        let mut open = doc.is_some();
+        let mut txn =
+            crate::store::Txn::default().guard(crate::store::Table::Meta, OUTAGE_DOC, doc);
+        for t in &transitions {
+            match t {
                 crate::custody::Transition::Down {
                     since,
                     kind,
                     reason,
-                } => AuditEvent::new(
-                    "kek.custodian.unavailable",
-                    "keyd",
-                    json!({ "backend": backend, "key_id": key_id, "since": since,
-                            "kind": kind.as_str(), "reason": reason }),
-                ),
-                crate::custody::Transition::Up { since, seconds } => AuditEvent::new(
-                    "kek.custodian.recovered",
-                    "keyd",
-                    json!({ "backend": backend, "key_id": key_id, "since": since,
-                            "seconds": seconds }),
-                ),
-            })
-            .collect();
+                } => {
+                    txn = txn.audit(AuditEvent::new(
+                        "kek.custodian.unavailable",
+                        "keyd",
+                        json!({ "backend": backend, "key_id": key_id, "since": since,
+                                "kind": kind.as_str(), "reason": reason }),
+                    ));
+                    open = true;
+                }
+                crate::custody::Transition::Up { since, seconds } => {
+                    txn = txn.audit(AuditEvent::new(
+                        "kek.custodian.recovered",
+                        "keyd",
+                        json!({ "backend": backend, "key_id": key_id, "since": since,
+                                "seconds": seconds }),
+                    ));
+                    open = false;
+                }
+            }
+        }
         if lost > 0 {
-            events.push(AuditEvent::new(
+            txn = txn.audit(AuditEvent::new(
                 "kek.custodian.transitions_lost",
                 "keyd",
                 json!({ "lost": lost }),
             ));
         }
-        let n = events.len();
-        if n > 0
-            && let Err(e) = self
-                .commit_audit(crate::store::Txn {
-                    audit: events,
-                    ..crate::store::Txn::default()
-                })
-                .await
-        {
+        txn = if open {
+            let outage = OpenOutage {
+                recorded_at: now,
+                backend: backend.to_owned(),
+                key_id: key_id.clone(),
+            };
+            txn.put(
+                crate::store::Table::Meta,
+                OUTAGE_DOC,
+                serde_json::to_vec(&outage).unwrap_or_default(),
+            )
+        } else {
+            txn.delete(crate::store::Table::Meta, OUTAGE_DOC)
+        };
+        let n = transitions.len() + usize::from(lost > 0);
+        if let Err(e) = self.commit_audit(txn).await {
             custody.requeue_transitions(transitions, lost);
             return Err(e);
         }
         Ok(n)
+    }
+
+    /// At start (the custodian has just answered): closes an outage the log still shows open
+    /// because keyd stopped before the custodian came back.
+    pub async fn close_outage_left_open(&self) -> Result<bool> {
+        let Some(doc) = self.store.get(crate::store::Table::Meta, OUTAGE_DOC)? else {
+            return Ok(false);
+        };
+        let open: Option<OpenOutage> = serde_json::from_slice(&doc).ok();
+        let now = self.clock.now();
+        let seconds = open
+            .as_ref()
+            .map_or(0, |o| now.0.saturating_sub(o.recorded_at.0));
+        let txn = crate::store::Txn::default()
+            .guard(crate::store::Table::Meta, OUTAGE_DOC, Some(doc))
+            .delete(crate::store::Table::Meta, OUTAGE_DOC)
+            .audit(AuditEvent::new(
+                "kek.custodian.recovered",
+                "keyd",
+                json!({ "backend": open.as_ref().map(|o| o.backend.clone()),
+                        "key_id": open.as_ref().map(|o| o.key_id.clone()),
+                        "since": open.as_ref().map(|o| o.recorded_at), "seconds": seconds,
+                        "closed_at_start": true }),
+            ));
+        self.commit_audit(txn).await?;
+        Ok(true)
     }
 }

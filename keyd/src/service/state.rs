@@ -51,6 +51,8 @@ pub struct ServiceConfig {
     pub allow_global_ipsec_import: bool,
     /// What a node's endpoint and pod CIDRs are checked against when it registers.
     pub claims: ClaimCheck,
+    /// The Chromium that prints PDF reports (`[report] chromium`); `None`: found on `PATH`.
+    pub report_chromium: Option<std::path::PathBuf>,
 }
 
 /// What a node's registration (its endpoint and pod CIDRs) is checked against (`[nodes] claims`).
@@ -115,6 +117,7 @@ impl Default for ServiceConfig {
             allow_global_ipsec_import: false,
             // What `[nodes] claims` defaults to without `[bootstrap]`: never fail open.
             claims: ClaimCheck::Allocation,
+            report_chromium: None,
         }
     }
 }

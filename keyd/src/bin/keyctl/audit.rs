@@ -9,7 +9,7 @@ use keyd::audit::verify as verify_export;
 use keyd::service::Segment;
 use keyd_mtls::client::Connection;
 
-use crate::http::{call, error_chain, to_body};
+use crate::http::{call, error_chain, query_value, to_body};
 use crate::table::{print, table, ts};
 use crate::{
     EXIT_CONFIG, EXIT_FINDING, EXIT_INVALID, EXIT_SERVER, EXIT_UNREACHABLE, Failure, Out, fail,
@@ -109,10 +109,10 @@ pub async fn run(conn: &mut Connection, cmd: AuditCommand) -> Result<(), Failure
             format,
             output,
         } => {
-            let mut q = vec![format!("format={format}")];
+            let mut q = vec![format!("format={}", query_value(&format))];
             for (k, v) in [("since", since), ("until", until)] {
                 if let Some(v) = v {
-                    q.push(format!("{k}={v}"));
+                    q.push(format!("{k}={}", query_value(&v)));
                 }
             }
             for (k, v) in [("from_seq", from_seq), ("to_seq", to_seq)] {

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use keyd::report::{ReportLine, ReportSignature};
 use keyd_mtls::client::Connection;
 
-use crate::http::error_chain;
+use crate::http::{error_chain, query_value};
 use crate::{
     EXIT_CONFIG, EXIT_FINDING, EXIT_FORBIDDEN, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_SERVER,
     EXIT_UNREACHABLE, Failure, fail,
@@ -42,10 +42,10 @@ pub async fn fetch(
     signature: Option<&Path>,
 ) -> Result<(), Failure> {
     use http_body_util::BodyExt as _;
-    let mut q = vec![format!("format={format}")];
+    let mut q = vec![format!("format={}", query_value(format))];
     for (k, v) in [("since", since), ("until", until)] {
         if let Some(v) = v {
-            q.push(format!("{k}={v}"));
+            q.push(format!("{k}={}", query_value(v)));
         }
     }
     let path = format!("/v1/report/evidence?{}", q.join("&"));

@@ -71,3 +71,17 @@ pub async fn call<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&resp.body)
         .map_err(|e| fail(EXIT_SERVER, format!("unexpected answer from keyd: {e}")))
 }
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay), so that a time such as
+/// `2026-11-01T00:00:00+01:00` keeps its `+`.
+pub fn query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

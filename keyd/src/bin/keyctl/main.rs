@@ -201,6 +201,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return evidence::verify(file, signature.as_deref(), public_key.as_deref());
     }
     if let Command::Report(r) = &cli.command
+        && r.format.is_some()
+        && r.output == "table"
+    {
+        return Err(fail(
+            EXIT_USAGE,
+            "--format writes the evidence report to a file: give -o FILE",
+        ));
+    }
+    if let Command::Report(r) = &cli.command
         && r.format.is_none()
         && !matches!(r.output.as_str(), "table" | "json")
     {
