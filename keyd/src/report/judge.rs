@@ -510,6 +510,15 @@ mod tests {
             grace_secs: 0,
         };
         let mut ctx = context();
+        ctx.dataplane.policies = vec![keyd_proto::rules::PolicyDataplane {
+            name: "pii".into(),
+            nodes_reporting: 3,
+            nodes_programmed: 2,
+            clear_packets: 4,
+            clear_bytes: 400,
+            ..Default::default()
+        }];
+        ctx.rejected_policies = BTreeMap::from([("bad".to_owned(), "no selector".to_owned())]);
         ctx.checkpoints = vec![(
             CheckpointRef {
                 seq: 7,
@@ -540,5 +549,15 @@ mod tests {
                 .contains("record 7")
         );
         assert_eq!(r.integrity.checkpoints_verified, 0);
+        let pii = r.policies.iter().find(|p| p.name == "pii").unwrap();
+        assert_eq!(
+            pii.reasons,
+            [
+                "programmed on 2 of 3 reporting nodes",
+                "4 covered packets (400 bytes) left a node in the clear"
+            ]
+        );
+        let bad = r.policies.iter().find(|p| p.name == "bad").unwrap();
+        assert_eq!(bad.reasons, ["keyd cannot enforce it: no selector"]);
     }
 }
