@@ -17,20 +17,6 @@ pub(super) async fn audit_export(
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", m);
-    let time =
-        |name: &str, v: &Option<String>| -> Result<Option<keyd_proto::Timestamp>, ApiError> {
-            v.as_deref()
-                .map(|t| {
-                    humantime::parse_rfc3339_weak(t)
-                        .map(keyd_proto::Timestamp::from_system)
-                        .map_err(|e| {
-                            bad(format!(
-                                "{name}={t:?}: {e} (use RFC 3339, e.g. 2026-11-21T00:00:00Z)"
-                            ))
-                        })
-                })
-                .transpose()
-        };
     let format_name = q.format.as_deref().unwrap_or("jsonl");
     let format = crate::audit::Format::parse(format_name).ok_or_else(|| {
         bad(format!(
@@ -38,8 +24,8 @@ pub(super) async fn audit_export(
         ))
     })?;
     let range = crate::service::ExportRange {
-        since: time("since", &q.since)?,
-        until: time("until", &q.until)?,
+        since: time_param("since", q.since.as_deref())?,
+        until: time_param("until", q.until.as_deref())?,
         from_seq: q.from_seq,
         to_seq: q.to_seq,
     };
@@ -112,4 +98,23 @@ pub(super) struct ExportQuery {
     to_seq: Option<u64>,
     #[serde(default)]
     format: Option<String>,
+}
+
+/// A `since`/`until` query parameter: RFC 3339, or a 400 naming it.
+pub(super) fn time_param(
+    name: &str,
+    v: Option<&str>,
+) -> Result<Option<keyd_proto::Timestamp>, ApiError> {
+    v.map(|t| {
+        humantime::parse_rfc3339_weak(t)
+            .map(keyd_proto::Timestamp::from_system)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("{name}={t:?}: {e} (use RFC 3339, e.g. 2026-11-21T00:00:00Z)"),
+                )
+            })
+    })
+    .transpose()
 }

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
+use super::audit::time_param;
 use super::error::ApiError;
 use super::extract::{Admin, AppState};
 use crate::report::{ReportFormat, ReportLine};
@@ -42,25 +43,12 @@ pub(super) async fn evidence(
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", m);
-    let time = |name: &str, v: &Option<String>| {
-        v.as_deref()
-            .map(|t| {
-                humantime::parse_rfc3339_weak(t)
-                    .map(keyd_proto::Timestamp::from_system)
-                    .map_err(|e| {
-                        bad(format!(
-                            "{name}={t:?}: {e} (use RFC 3339, e.g. 2026-11-01T00:00:00Z)"
-                        ))
-                    })
-            })
-            .transpose()
-    };
     let name = q.format.as_deref().unwrap_or("json");
     let format = ReportFormat::parse(name)
         .ok_or_else(|| bad(format!("format {name:?} is not one of json, html, pdf")))?;
     let req = ReportRequest {
-        since: time("since", &q.since)?,
-        until: time("until", &q.until)?,
+        since: time_param("since", q.since.as_deref())?,
+        until: time_param("until", q.until.as_deref())?,
         format,
     };
     if let (Some(a), Some(b)) = (req.since, req.until)

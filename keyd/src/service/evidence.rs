@@ -124,35 +124,48 @@ impl Keyd {
         };
         // One pass over the log, off the async threads.
         let collector = Collector::new(window.clone(), checkpoints.iter().map(|c| c.seq), anchor);
-        let p = Arc::clone(&progress);
-        let collected = tokio::task::spawn_blocking(move || {
-            let mut collector = collector;
+        // Two threads: one reads and decodes batches, the other checks and gathers them, so
+        // that the store's reads overlap the hashing (a bounded channel keeps memory flat).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::store::AuditRecord>>(2);
+        let reader = tokio::task::spawn_blocking(move || {
             let mut cursor = head_seq;
             while cursor <= tail.seq {
-                let batch = store.audit_range(cursor, BATCH)?;
+                let mut batch = store.audit_range(cursor, BATCH)?;
+                batch.retain(|r| r.seq <= tail.seq);
                 let Some(last) = batch.last().map(|r| r.seq) else {
                     break;
                 };
-                for rec in batch.iter().take_while(|r| r.seq <= tail.seq) {
+                cursor = last + 1;
+                if tx.send(batch).is_err() {
+                    break; // the collector stopped
+                }
+            }
+            Ok::<_, StoreError>(())
+        });
+        let p = Arc::clone(&progress);
+        let gather = tokio::task::spawn_blocking(move || {
+            let mut collector = collector;
+            for batch in rx {
+                for rec in &batch {
                     collector.feed(rec);
                 }
                 p.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                cursor = last + 1;
             }
             let mut collected = collector.finish();
             if collected.chain_error.is_none() {
                 collected.chain_error = anchor_problem;
             }
-            Ok::<_, StoreError>(collected)
-        })
-        .await
-        .map_err(|e| {
+            collected
+        });
+        let joined = |e: tokio::task::JoinError| {
             ServiceError::Store(StoreError::Backend {
                 op: "report task",
                 source: Box::new(e),
             })
-        })??;
-
+        };
+        let read = reader.await.map_err(joined);
+        let collected = gather.await.map_err(joined)?;
+        read??;
         let custody = self.custody().status();
         let ctx = Context {
             generated_at: now,

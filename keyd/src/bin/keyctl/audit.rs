@@ -9,11 +9,9 @@ use keyd::audit::verify as verify_export;
 use keyd::service::Segment;
 use keyd_mtls::client::Connection;
 
-use crate::http::{call, error_chain, query_value, to_body};
+use crate::http::{call, get_streaming, query_value, read_public_key, to_body};
 use crate::table::{print, table, ts};
-use crate::{
-    EXIT_CONFIG, EXIT_FINDING, EXIT_INVALID, EXIT_SERVER, EXIT_UNREACHABLE, Failure, Out, fail,
-};
+use crate::{EXIT_CONFIG, EXIT_FINDING, EXIT_SERVER, EXIT_UNREACHABLE, Failure, Out, fail};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -135,31 +133,7 @@ pub async fn run(conn: &mut Connection, cmd: AuditCommand) -> Result<(), Failure
 async fn export(conn: &mut Connection, path: &str, output: Option<&Path>) -> Result<(), Failure> {
     use http_body_util::BodyExt as _;
     use std::io::Write as _;
-    let resp = conn.get_streaming(path).await.map_err(|e| {
-        fail(
-            EXIT_UNREACHABLE,
-            format!("request to keyd failed: {}", error_chain(&e)),
-        )
-    })?;
-    let (parts, mut body) = resp.into_parts();
-    if !parts.status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let msg = serde_json::from_slice::<keyd_proto::ErrorBody>(&bytes)
-            .map(|e| e.message)
-            .unwrap_or_default();
-        return Err(fail(
-            if parts.status.is_client_error() {
-                EXIT_INVALID
-            } else {
-                EXIT_SERVER
-            },
-            format!("export refused: {msg}"),
-        ));
-    }
+    let (parts, mut body) = get_streaming(conn, path, "export").await?;
     let total: u64 = parts
         .headers
         .get(RECORDS_HEADER)
@@ -207,28 +181,7 @@ async fn export(conn: &mut Connection, path: &str, output: Option<&Path>) -> Res
 }
 
 pub fn verify(file: &Path, public_key: Option<&str>, out: Out) -> Result<(), Failure> {
-    use base64::Engine as _;
-    let key = match public_key {
-        None => None,
-        Some(k) => {
-            let text = if Path::new(k).is_file() {
-                std::fs::read_to_string(k)
-                    .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {k}: {e}")))?
-            } else {
-                k.to_owned()
-            };
-            Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(text.trim())
-                    .map_err(|_| {
-                        fail(
-                            EXIT_INVALID,
-                            "--public-key is not base64 (use `keyctl audit public-key`)",
-                        )
-                    })?,
-            )
-        }
-    };
+    let key = read_public_key(public_key)?;
     let f = std::fs::File::open(file)
         .map_err(|e| fail(EXIT_CONFIG, format!("cannot open {}: {e}", file.display())))?;
     match verify_export(std::io::BufReader::new(f), key.as_deref()) {

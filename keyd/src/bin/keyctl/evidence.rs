@@ -9,26 +9,14 @@ use base64::engine::general_purpose::STANDARD;
 use keyd::report::{ReportLine, ReportSignature};
 use keyd_mtls::client::Connection;
 
-use crate::http::{error_chain, query_value};
-use crate::{
-    EXIT_CONFIG, EXIT_FINDING, EXIT_FORBIDDEN, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_SERVER,
-    EXIT_UNREACHABLE, Failure, fail,
-};
+use crate::http::{exit_for_status, get_streaming, query_value, read_public_key};
+use crate::{EXIT_CONFIG, EXIT_FINDING, EXIT_SERVER, EXIT_UNREACHABLE, Failure, fail};
 
 /// Where the detached signature of `file` goes by default.
 pub fn signature_path(file: &Path) -> PathBuf {
     let mut s = file.as_os_str().to_owned();
     s.push(".sig");
     PathBuf::from(s)
-}
-
-fn exit_for(status: u16) -> u8 {
-    match status {
-        403 => EXIT_FORBIDDEN,
-        404 => EXIT_NOT_FOUND,
-        400..=499 => EXIT_INVALID,
-        _ => EXIT_SERVER,
-    }
 }
 
 /// Fetches the report, writes FILE and FILE.sig (atomically: a temporary file renamed), and
@@ -49,27 +37,7 @@ pub async fn fetch(
         }
     }
     let path = format!("/v1/report/evidence?{}", q.join("&"));
-    let resp = conn.get_streaming(&path).await.map_err(|e| {
-        fail(
-            EXIT_UNREACHABLE,
-            format!("request to keyd failed: {}", error_chain(&e)),
-        )
-    })?;
-    let (parts, mut body) = resp.into_parts();
-    if !parts.status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let msg = serde_json::from_slice::<keyd_proto::ErrorBody>(&bytes)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(fail(
-            exit_for(parts.status.as_u16()),
-            format!("report refused: {msg}"),
-        ));
-    }
+    let (_, mut body) = get_streaming(conn, &path, "report").await?;
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -121,7 +89,7 @@ pub async fn fetch(
             error,
         }) => {
             return Err(fail(
-                exit_for(status),
+                exit_for_status(status),
                 format!("keyd could not make the report ({error}): {message}"),
             ));
         }
@@ -183,23 +151,7 @@ pub fn verify(
     signature: Option<&Path>,
     public_key: Option<&str>,
 ) -> Result<(), Failure> {
-    let key = match public_key {
-        None => None,
-        Some(k) => {
-            let text = if Path::new(k).is_file() {
-                std::fs::read_to_string(k)
-                    .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {k}: {e}")))?
-            } else {
-                k.to_owned()
-            };
-            Some(STANDARD.decode(text.trim()).map_err(|_| {
-                fail(
-                    EXIT_INVALID,
-                    "--public-key is not base64 (use `keyctl audit public-key`)",
-                )
-            })?)
-        }
-    };
+    let key = read_public_key(public_key)?;
     let bytes = std::fs::read(file)
         .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {}: {e}", file.display())))?;
     let sig_path = signature.map_or_else(|| signature_path(file), Path::to_path_buf);

@@ -85,3 +85,66 @@ pub fn query_value(v: &str) -> String {
     }
     out
 }
+
+/// Starts a streaming GET: the response body once keyd answered 2xx, else the failure with
+/// keyd's message (`what` names the request: "export", "report").
+pub async fn get_streaming(
+    conn: &mut Connection,
+    path: &str,
+    what: &str,
+) -> Result<(::http::response::Parts, hyper::body::Incoming), Failure> {
+    use http_body_util::BodyExt as _;
+    let resp = conn.get_streaming(path).await.map_err(|e| {
+        fail(
+            EXIT_UNREACHABLE,
+            format!("request to keyd failed: {}", error_chain(&e)),
+        )
+    })?;
+    let (parts, body) = resp.into_parts();
+    if parts.status.is_success() {
+        return Ok((parts, body));
+    }
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let msg = serde_json::from_slice::<keyd_proto::ErrorBody>(&bytes)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+    Err(fail(
+        exit_for_status(parts.status.as_u16()),
+        format!("{what} refused: {msg}"),
+    ))
+}
+
+/// keyctl's exit code for a refusal with this HTTP status.
+pub fn exit_for_status(status: u16) -> u8 {
+    match status {
+        403 => EXIT_FORBIDDEN,
+        404 => EXIT_NOT_FOUND,
+        400..=499 => EXIT_INVALID,
+        _ => EXIT_SERVER,
+    }
+}
+
+/// `--public-key`: base64, or a file holding it (as `keyctl audit public-key` prints it).
+pub fn read_public_key(arg: Option<&str>) -> Result<Option<Vec<u8>>, Failure> {
+    use base64::Engine as _;
+    let Some(k) = arg else { return Ok(None) };
+    let text = if std::path::Path::new(k).is_file() {
+        std::fs::read_to_string(k)
+            .map_err(|e| fail(EXIT_CONFIG, format!("cannot read {k}: {e}")))?
+    } else {
+        k.to_owned()
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(Some)
+        .map_err(|_| {
+            fail(
+                EXIT_INVALID,
+                "--public-key is not base64 (use `keyctl audit public-key`)",
+            )
+        })
+}
