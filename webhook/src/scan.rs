@@ -27,7 +27,8 @@ pub struct LivePod {
 pub struct Finding {
     pub namespace: String,
     pub pod: String,
-    /// `no_policy`, `mode_not_ready`, `policy_rejected`, `keyd_unavailable` or `namespace_unknown`.
+    /// `no_policy`, `mode_not_ready`, `policy_rejected`, `keyd_unavailable`, `rules_pending` or
+    /// `namespace_unknown`.
     pub reason: &'static str,
     /// Policies that select it (whose mode is not ready).
     pub policies: Vec<String>,

@@ -48,10 +48,7 @@ pub(super) fn check(
     }
     let owned = || -> Vec<CompiledPolicy> { selecting.iter().map(|p| (*p).clone()).collect() };
     match keyd {
-        KeydView::Known(status) if status.rules_pending => Err(Violation::KeydUnavailable {
-            why: "keyd has not compiled its data-plane rules since it started, so it cannot say \
-                  yet which policies it enforces"
-                .into(),
+        KeydView::Known(status) if status.rules_pending => Err(Violation::RulesPending {
             selecting: owned(),
         }),
         KeydView::Known(status) => {

@@ -69,7 +69,12 @@ pub(super) fn apply(
 
 /// Admits a selected pod whose coverage keyd cannot confirm (`why`), because the webhook is
 /// configured to fail open (`keyd.when_unavailable = allow`).
-pub(super) fn fail_open(why: &str, ctx: &Context<'_>, policies: Vec<String>) -> Decision {
+pub(super) fn fail_open(
+    why: &str,
+    reason: Reason,
+    ctx: &Context<'_>,
+    policies: Vec<String>,
+) -> Decision {
     let summary = format!(
         "selected by {} but keyd's status is unknown ({why}); admitted because \
          keyd.when_unavailable = allow",
@@ -78,7 +83,7 @@ pub(super) fn fail_open(why: &str, ctx: &Context<'_>, policies: Vec<String>) -> 
     Decision {
         allowed: true,
         outcome: Outcome::Warned,
-        reason: Reason::KeydUnavailable,
+        reason,
         enforcement: ctx.enforcement,
         warnings: vec![format!(
             "keyd: {} is sensitive and its encryption could not be confirmed \

@@ -18,7 +18,9 @@
 //!
 //! When keyd's status is unknown (unreachable, or older than the allowed staleness) a sensitive
 //! pod that a policy selects cannot be confirmed: `when_keyd_unavailable = deny` (the default)
-//! treats that as not covered; `allow` admits it with a warning and records it as `warned`.
+//! treats that as not covered; `allow` admits it with a warning and records it as `warned`. The
+//! same holds while keyd answers but has not compiled its data-plane rules since it started
+//! (reason `rules_pending` rather than `keyd_unavailable`, so that metrics tell them apart).
 //!
 //! Each step has its module: `input` and `outcome` hold the types, then `sensitivity` (rule 3),
 //! `break_glass` (rule 4), `coverage` (rule 5), `enforcement` (rule 6 and the unavailable rule);
@@ -92,11 +94,16 @@ pub fn decide(
         Ok(()) => return break_glass::covered(break_glass, &ctx, policy_names),
         Err(v) => v,
     };
-    if let Violation::KeydUnavailable { why, .. } = &violation
+    let unconfirmed = match &violation {
+        Violation::KeydUnavailable { why, .. } => Some(&**why),
+        Violation::RulesPending { .. } => Some(violation::RULES_PENDING),
+        _ => None,
+    };
+    if let Some(why) = unconfirmed
         && config.when_keyd_unavailable == WhenKeydUnavailable::Allow
         && break_glass.is_none()
     {
-        return enforcement::fail_open(why, &ctx, policy_names);
+        return enforcement::fail_open(why, violation.reason(), &ctx, policy_names);
     }
     if let Some(justification) = break_glass {
         let overridden = (violation.reason(), violation.summary(&ctx));

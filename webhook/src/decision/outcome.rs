@@ -49,12 +49,15 @@ pub enum Reason {
     PolicyRejected,
     /// Selected, and keyd's status is unknown.
     KeydUnavailable,
+    /// Selected, and keyd answers but has not compiled its data-plane rules since it started,
+    /// so which policies it enforces is not known yet (treated like `KeydUnavailable`).
+    RulesPending,
     /// The namespace is not known, so namespace sensitivity cannot be ruled out.
     NamespaceUnknown,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Exempt,
         Reason::Unchanged,
         Reason::NotSensitive,
@@ -63,6 +66,7 @@ impl Reason {
         Reason::ModeNotReady,
         Reason::PolicyRejected,
         Reason::KeydUnavailable,
+        Reason::RulesPending,
         Reason::NamespaceUnknown,
     ];
 
@@ -76,6 +80,7 @@ impl Reason {
             Reason::ModeNotReady => "mode_not_ready",
             Reason::PolicyRejected => "policy_rejected",
             Reason::KeydUnavailable => "keyd_unavailable",
+            Reason::RulesPending => "rules_pending",
             Reason::NamespaceUnknown => "namespace_unknown",
         }
     }
@@ -88,6 +93,7 @@ impl Reason {
                 | Reason::ModeNotReady
                 | Reason::PolicyRejected
                 | Reason::KeydUnavailable
+                | Reason::RulesPending
                 | Reason::NamespaceUnknown
         )
     }

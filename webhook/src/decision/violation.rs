@@ -13,6 +13,10 @@ use super::outcome::Reason;
 use crate::crd::Mode;
 use crate::policy::{CompiledPolicy, PolicyKind};
 
+/// Why a [`Violation::RulesPending`] cannot be confirmed, in the summary and for fail-open.
+pub(super) const RULES_PENDING: &str = "keyd has not compiled its data-plane rules since it \
+     started, so it cannot say yet which policies it enforces";
+
 pub(super) enum Violation {
     NoPolicy {
         /// Candidate policies ignored for a malformed selector, with the problem.
@@ -33,6 +37,10 @@ pub(super) enum Violation {
         why: Arc<str>,
         selecting: Vec<CompiledPolicy>,
     },
+    /// keyd answers, but has not compiled its data-plane rules since it started.
+    RulesPending {
+        selecting: Vec<CompiledPolicy>,
+    },
     NamespaceUnknown,
 }
 
@@ -43,6 +51,7 @@ impl Violation {
             Violation::ModeNotReady { .. } => Reason::ModeNotReady,
             Violation::PolicyRejected { .. } => Reason::PolicyRejected,
             Violation::KeydUnavailable { .. } => Reason::KeydUnavailable,
+            Violation::RulesPending { .. } => Reason::RulesPending,
             Violation::NamespaceUnknown => Reason::NamespaceUnknown,
         }
     }
@@ -101,6 +110,11 @@ impl Violation {
                 ctx.why_sensitive,
                 names(selecting)
             ),
+            Violation::RulesPending { selecting } => format!(
+                "sensitive ({}) and selected by {}, but keyd's status is unknown: {RULES_PENDING}",
+                ctx.why_sensitive,
+                names(selecting)
+            ),
             Violation::NamespaceUnknown => format!(
                 "namespace {} is not known to the webhook yet, so it cannot tell whether the \
                  namespace makes {} sensitive",
@@ -141,6 +155,15 @@ impl Violation {
                     "Fix: make the policy enforceable on every node, as the reason says (fix its \
                      selector, or merge policies so that no node is concerned by more than its \
                      maps hold); `keyctl rules NODE` lists what each node's rules leave out."
+                );
+            }
+            Violation::RulesPending { .. } => {
+                let _ = writeln!(
+                    m,
+                    "The webhook refuses sensitive pods until keyd can say which policies it \
+                     enforces (keyd.when_unavailable = deny); keyd compiles its rules from the \
+                     Kubernetes API shortly after it starts.\nFix: retry in a minute; if this \
+                     lasts, check keyd's log and its [policy] watcher's access to the API server."
                 );
             }
             Violation::KeydUnavailable { .. } => {

@@ -293,7 +293,7 @@ fn policy_coverage() {
                 "until keyd has compiled its rules, which policies it enforces is unknown",
                 pod(),
                 Outcome::Denied,
-                Reason::KeydUnavailable,
+                Reason::RulesPending,
             )
         },
         Case {
@@ -573,6 +573,32 @@ fn keyd_unavailable() {
                 sensitive_pod("p", &[]),
                 Outcome::Warned,
                 Reason::KeydUnavailable,
+            )
+        },
+        Case {
+            policies: selected(),
+            keyd: rules_pending(),
+            config: open(),
+            warnings: Some(1),
+            ..Case::new(
+                "rules keyd has not compiled yet fail open when configured, under their own reason",
+                sensitive_pod("p", &[]),
+                Outcome::Warned,
+                Reason::RulesPending,
+            )
+        },
+        Case {
+            policies: selected(),
+            keyd: rules_pending(),
+            message: &[
+                Text::Has("keyd has not compiled its data-plane rules since it started"),
+                Text::Has("retry in a minute"),
+            ],
+            ..Case::new(
+                "rules keyd has not compiled yet fail closed by default, with their own fix",
+                sensitive_pod("p", &[]),
+                Outcome::Denied,
+                Reason::RulesPending,
             )
         },
         Case {
