@@ -48,9 +48,9 @@ pub(super) fn check(
     }
     let owned = || -> Vec<CompiledPolicy> { selecting.iter().map(|p| (*p).clone()).collect() };
     match keyd {
-        KeydView::Known(status) if status.rules_pending => Err(Violation::RulesPending {
-            selecting: owned(),
-        }),
+        KeydView::Known(status) if status.rules_pending => {
+            Err(Violation::RulesPending { selecting: owned() })
+        }
         KeydView::Known(status) => {
             // A policy keyd's rules leave out of some node is not enforced there: it covers no
             // pod (the pod may be scheduled on that node, or talk to one).
