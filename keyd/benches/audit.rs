@@ -141,25 +141,11 @@ async fn export_and_verify() {
     const N: u64 = 1_000_000;
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("e.redb")).unwrap());
-    let s = Arc::clone(&store);
-    let fill = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        let mut i = 0;
-        while i < N {
-            let events: Vec<AuditEvent> = (i..(i + 10_000).min(N)).map(event).collect();
-            i += events.len() as u64;
-            s.commit(Txn {
-                audit: events,
-                ..Txn::default()
-            })
-            .unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    let started = Instant::now();
+    fill(&store, N, event, |_| None).await;
     println!(
         "export  filled {N} records in {:.1?} (10,000 per transaction)",
-        fill.elapsed()
+        started.elapsed()
     );
     let wrapper: Arc<dyn KeyWrapper> = Arc::new(LocalKek::from_key(
         Key256::random().unwrap(),
@@ -419,6 +405,31 @@ async fn fleet() {
     );
 }
 
+/// Appends `n` records made by `event`, 10,000 per transaction; `at(i)` dates the transaction
+/// starting at record `i` (`None`: now).
+async fn fill(
+    store: &Arc<dyn Store>,
+    n: u64,
+    event: impl Fn(u64) -> AuditEvent + Send + 'static,
+    at: impl Fn(u64) -> Option<keyd_proto::Timestamp> + Send + 'static,
+) {
+    let s = Arc::clone(store);
+    tokio::task::spawn_blocking(move || {
+        let mut i = 0;
+        while i < n {
+            let mut txn = Txn {
+                audit: (i..(i + 10_000).min(n)).map(&event).collect(),
+                ..Txn::default()
+            };
+            txn.at = at(i);
+            i += txn.audit.len() as u64;
+            s.commit(txn).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// keyd's resident set size, in bytes.
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -478,32 +489,19 @@ async fn report() {
     for n in [100_000u64, 1_000_000] {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("r.redb")).unwrap());
-        let s = Arc::clone(&store);
         // 30 days of records, in time order.
         let start_at = keyd_proto::Timestamp::now().0 - 30 * 86_400;
-        tokio::task::spawn_blocking(move || {
-            let mut i = 0;
-            while i < n {
-                let events: Vec<AuditEvent> = (i..(i + 10_000).min(n))
-                    .map(|j| {
-                        if j % 10 == 9 {
-                            event(j)
-                        } else {
-                            admission_event(j)
-                        }
-                    })
-                    .collect();
-                let mut txn = Txn {
-                    audit: events,
-                    ..Txn::default()
-                };
-                txn.at = Some(keyd_proto::Timestamp(start_at + i * 30 * 86_400 / n));
-                i += txn.audit.len() as u64;
-                s.commit(txn).unwrap();
+        let mixed = |j: u64| {
+            if j % 10 == 9 {
+                event(j)
+            } else {
+                admission_event(j)
             }
+        };
+        fill(&store, n, mixed, move |i| {
+            Some(keyd_proto::Timestamp(start_at + i * 30 * 86_400 / n))
         })
-        .await
-        .unwrap();
+        .await;
         let wrapper: Arc<dyn KeyWrapper> = Arc::new(LocalKek::from_key(
             Key256::random().unwrap(),
             dir.path().join("kek"),

@@ -694,6 +694,19 @@ pub fn verify(input: impl BufRead, public_key: Option<&[u8]>) -> Result<VerifyRe
 }
 
 /// Reads the checkpoints with `from <= seq <= to`.
+/// The checkpoint stored for record `seq`, if any.
+pub fn checkpoint_at(store: &dyn Store, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+    store
+        .get(Table::Checkpoints, &Checkpoint::store_key(seq))?
+        .map(|v| {
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: format!("checkpoint {seq}"),
+                why: e.to_string(),
+            })
+        })
+        .transpose()
+}
+
 pub fn checkpoints_between(
     store: &dyn Store,
     from: u64,

@@ -359,6 +359,27 @@ pub fn next_due(s: &Schedule, last: Timestamp) -> Timestamp {
     }
 }
 
+/// How long a key that took over at `since` may stay in use before it is overdue: up to its
+/// next due time (the period, then the window's next opening), plus the overlap and `grace`
+/// (a rollout's allowed wait). `keyctl report`, the key metrics and the evidence report judge
+/// by it.
+pub fn overdue_after(s: &Schedule, since: Timestamp, grace: Duration) -> u64 {
+    next_due(s, since)
+        .0
+        .saturating_sub(since.0)
+        .saturating_add(s.overlap.as_secs())
+        .saturating_add(grace.as_secs())
+}
+
+/// How long a key may stay in use before it is beyond the `max_period` bound: the bound plus
+/// the overlap and `grace`, as for [`overdue_after`] (no window wait: bounds are absolute).
+pub fn beyond_bounds_after(max_period: Duration, s: &Schedule, grace: Duration) -> u64 {
+    max_period
+        .as_secs()
+        .saturating_add(s.overlap.as_secs())
+        .saturating_add(grace.as_secs())
+}
+
 /// Whether the scheduler should start a rotation now.
 pub fn is_due(s: &Schedule, last: Timestamp, now: Timestamp) -> bool {
     if s.paused || now < next_due(s, last) {

@@ -539,7 +539,7 @@ async fn a_log_cut_outside_a_prune_is_a_finding() {
     let store = h.keyd.store();
     let cut = (3..50)
         .find(|s| {
-            keyd::service::stored_checkpoint(store.as_ref(), *s)
+            keyd::audit::checkpoint_at(store.as_ref(), *s)
                 .unwrap()
                 .is_none()
         })

@@ -24,6 +24,19 @@ impl fmt::Display for ErrorChain<'_> {
     }
 }
 
+/// Whether this process runs as root (effective uid 0): Chromium's sandbox cannot start then,
+/// and the privileged tests need it.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// [`ErrorChain`] as a `String`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     ErrorChain(e).to_string()

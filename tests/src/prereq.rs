@@ -17,13 +17,4 @@ pub fn require(what: &str, check: Result<(), String>) -> bool {
 
 /// Whether this process runs as root (effective uid 0), for tests that mount or program the
 /// kernel.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
+pub use keyd_mtls::ops::is_root;

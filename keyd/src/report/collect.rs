@@ -83,7 +83,7 @@ pub struct Collected {
     pub records_in_period: u64,
     pub records_verified: u64,
     pub chain_error: Option<String>,
-    /// The last record fed (its seq and hash), to match against checkpoints.
+    /// The hashes of the records that checkpoints name, to match against their signatures.
     pub hashes: HashMap<u64, String>,
 }
 

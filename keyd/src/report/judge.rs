@@ -2,6 +2,7 @@
 //! which policies were not enforced everywhere, and whether the audit log verifies.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use keyd_proto::rules::DataplaneSummary;
 use keyd_proto::{ClassReport, KeyClass, Timestamp};
@@ -11,6 +12,7 @@ use super::{
     AdmissionEvidence, CheckpointRef, ClassEvidence, CustodyEvidence, DataplaneEvidence,
     EvidenceReport, FORMAT, IntegrityEvidence, PolicyEvidence, human_secs,
 };
+use crate::rotation;
 
 /// Keys drawn per class; older ones in the period are counted, not drawn.
 pub const MAX_KEYS_SHOWN: usize = 200;
@@ -45,19 +47,22 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
     let mut classes = Vec::new();
     for class in KeyClass::ALL {
         let g = c.classes.remove(&class).unwrap_or_default();
-        let rules_now = g
-            .rules_at_end
-            .clone()
-            .or_else(|| window.now_rules.get(&class).cloned());
-        // How long a key activated at `a` may be in use: to its next due time (the period,
-        // then the maintenance window's next opening), plus the overlap and a rollout's
-        // allowed wait, as keyd's own report counts it.
+        // The collector falls back to the schedule in force now.
+        let rules_now = g.rules_at_end.clone();
+        let grace = Duration::from_secs(window.grace_secs);
+        // How long a key activated at `a` may be in use, as keyd's own report counts it.
         let limit_of = |r: &super::collect::ClassRules, a: Timestamp| {
-            crate::rotation::next_due(&r.schedule, a)
-                .0
-                .saturating_sub(a.0)
-                .saturating_add(r.schedule.overlap.as_secs())
-                .saturating_add(window.grace_secs)
+            rotation::overdue_after(&r.schedule, a, grace)
+        };
+        // Seconds of `[from, in_use_until]` in the period, and the whole span, when the key
+        // was in use past `from`.
+        let past = |from: u64, in_use_until: Timestamp| {
+            (in_use_until.0 > from).then(|| {
+                (
+                    overlap(from, in_use_until.0, since.0, until.0),
+                    in_use_until.0 - from,
+                )
+            })
         };
         let (mut overdue_secs, mut beyond_secs) = (0u64, 0u64);
         let mut reasons = Vec::new();
@@ -72,35 +77,32 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
             if let Some(s) = k.superseded {
                 k.on_schedule = Some(s.0 <= due_by);
             }
-            if in_use_until.0 > due_by {
+            if let Some((secs, total)) = past(due_by, in_use_until) {
                 k.overdue_from = Some(Timestamp(due_by));
-                let secs = overlap(due_by, in_use_until.0, since.0, until.0);
                 overdue_secs += secs;
                 if secs > 0 {
                     reasons.push(format!(
                         "{} was in use {} past its schedule (due by {})",
                         k.label,
-                        human_secs(in_use_until.0 - due_by),
+                        human_secs(total),
                         Timestamp(due_by)
                     ));
                 }
             }
-            if let Some(max) = rules.bounds.max_period {
-                let bound =
-                    a.0.saturating_add(max.as_secs())
-                        .saturating_add(rules.schedule.overlap.as_secs())
-                        .saturating_add(window.grace_secs);
-                if in_use_until.0 > bound {
-                    k.beyond_bounds_from = Some(Timestamp(bound));
-                    let secs = overlap(bound, in_use_until.0, since.0, until.0);
-                    beyond_secs += secs;
-                    if secs > 0 {
-                        reasons.push(format!(
-                            "{} was in use {} beyond the max_period bound",
-                            k.label,
-                            human_secs(in_use_until.0 - bound)
-                        ));
-                    }
+            let bound = rules.bounds.max_period.map(|max| {
+                a.0.saturating_add(rotation::beyond_bounds_after(max, &rules.schedule, grace))
+            });
+            if let Some(bound) = bound
+                && let Some((secs, total)) = past(bound, in_use_until)
+            {
+                k.beyond_bounds_from = Some(Timestamp(bound));
+                beyond_secs += secs;
+                if secs > 0 {
+                    reasons.push(format!(
+                        "{} was in use {} beyond the max_period bound",
+                        k.label,
+                        human_secs(total)
+                    ));
                 }
             }
         }
@@ -385,7 +387,6 @@ pub fn assemble(window: &Window, mut c: Collected, ctx: Context) -> EvidenceRepo
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use keyd_proto::{Bounds, MaintenanceWindow, Schedule};
 

@@ -57,18 +57,6 @@ pub fn print_args(profile: &Path, html: &Path, pdf: &Path, as_root: bool) -> Vec
     args
 }
 
-/// Whether this process runs as root: Chromium's sandbox cannot start then.
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Prints `html` to PDF bytes with `chromium` (configured), else the one on `PATH`.
 pub async fn print(html: &str, chromium: Option<&Path>) -> Result<Vec<u8>, String> {
     let chromium = match chromium {
@@ -95,7 +83,7 @@ pub async fn print(html: &str, chromium: Option<&Path>) -> Result<Vec<u8>, Strin
     );
     std::fs::write(&page, html).map_err(|e| format!("cannot write the page to print: {e}"))?;
     let mut cmd = tokio::process::Command::new(&chromium);
-    cmd.args(print_args(&profile, &page, &out, running_as_root()))
+    cmd.args(print_args(&profile, &page, &out, keyd_mtls::ops::is_root()))
         // Nothing of keyd's environment (custodian credentials, tokens) reaches the browser.
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")

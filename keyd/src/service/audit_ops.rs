@@ -88,11 +88,10 @@ impl Keyd {
             return Ok(None);
         };
         let key = Checkpoint::store_key(last.seq);
-        if let Some(existing) = self.store.get(Table::Checkpoints, &key)? {
-            let cp: Checkpoint = from_json(&existing, "checkpoint")?;
-            if cp.segment_end || !segment_end {
-                return Ok(Some(cp));
-            }
+        if let Some(cp) = audit::checkpoint_at(self.store.as_ref(), last.seq)?
+            && (cp.segment_end || !segment_end)
+        {
+            return Ok(Some(cp));
         }
         let cp = self.signer.sign(&last, self.clock.now(), segment_end);
         let mut txn = Txn::default().put(Table::Checkpoints, key, to_json(&cp));
@@ -324,10 +323,7 @@ impl Keyd {
         }
         let records = if last >= first { last - first + 1 } else { 0 };
         let anchor = match first.checked_sub(1).filter(|s| *s > 0) {
-            Some(s) => store
-                .get(Table::Checkpoints, &Checkpoint::store_key(s))?
-                .map(|v| from_json(&v, "checkpoint"))
-                .transpose()?,
+            Some(s) => audit::checkpoint_at(store.as_ref(), s)?,
             None => None,
         };
         let (first_seq, last_seq) = (

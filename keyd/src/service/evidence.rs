@@ -12,14 +12,14 @@ use keyd_proto::{KeyClass, Timestamp};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::state::{Keyd, Result, ServiceError, from_json};
-use crate::audit::{self, Checkpoint};
+use super::state::{Keyd, Result, ServiceError};
+use crate::audit;
 use crate::report::collect::{ClassRules, Collector, Window};
 use crate::report::judge::{Context, assemble};
 use crate::report::{
     CheckpointRef, EvidenceReport, ReportFormat, ReportSignature, SIGNATURE_FORMAT, html, pdf,
 };
-use crate::store::{AuditEvent, StoreError, Table};
+use crate::store::{AuditEvent, StoreError};
 
 /// Records read per store call.
 const BATCH: usize = 4096;
@@ -103,7 +103,7 @@ impl Keyd {
         // The first retained record must link to the signed checkpoint a prune left at the
         // record before it; a log cut anywhere else has no such anchor.
         let (anchor, anchor_problem) = if head_seq > 1 {
-            match stored_checkpoint(self.store.as_ref(), head_seq - 1)? {
+            match audit::checkpoint_at(self.store.as_ref(), head_seq - 1)? {
                 Some(cp) if cp.verify(&public_key) => (Some(cp.hash), None),
                 Some(_) => (
                     None,
@@ -240,12 +240,4 @@ impl Keyd {
             report,
         })
     }
-}
-
-/// The checkpoint stored for `seq`, if any (for tests that tamper with the log).
-pub fn stored_checkpoint(store: &dyn crate::store::Store, seq: u64) -> Result<Option<Checkpoint>> {
-    store
-        .get(Table::Checkpoints, &Checkpoint::store_key(seq))?
-        .map(|v| from_json(&v, "checkpoint"))
-        .transpose()
 }

@@ -23,7 +23,7 @@ mod status;
 pub use audit_ops::{Export, ExportRange, Segment};
 pub use claims::check_allocation;
 pub use dataplane::validate_report;
-pub use evidence::{Progress, ReportRequest, SignedReport, stored_checkpoint};
+pub use evidence::{Progress, ReportRequest, SignedReport};
 pub use kek::{migrate_kek, rotate_kek};
 pub use nodes::check_registration;
 pub use rules_view::RenderedRules;

@@ -230,21 +230,19 @@ impl Keyd {
                 let next_due = last.map(|l| rotation::next_due(&cs.schedule, l));
                 // A rotation may start at its due time (or the window's next opening) and then
                 // take the overlap plus a rollout's allowed wait to complete.
-                let limit = |last: Timestamp, due: Timestamp| {
-                    due.0.saturating_sub(last.0) + cs.schedule.overlap.as_secs() + grace.as_secs()
-                };
+                let limit = |last: Timestamp| rotation::overdue_after(&cs.schedule, last, grace);
                 let mut problems = Vec::new();
                 let max_age = cs
                     .bounds
                     .max_period
-                    .map(|max| max.as_secs() + cs.schedule.overlap.as_secs() + grace.as_secs());
+                    .map(|max| rotation::beyond_bounds_after(max, &cs.schedule, grace));
                 let limits = AgeLimits {
-                    overdue_after: last.zip(next_due).map(|(l, d)| limit(l, d)),
+                    overdue_after: last.map(limit),
                     max_age,
                 };
                 let overdue = match (last, next_due) {
                     (Some(l), Some(d)) => {
-                        let lim = limit(l, d);
+                        let lim = limit(l);
                         let late = now.0.saturating_sub(l.0) > lim;
                         let old_key = oldest.is_some_and(|a| a > lim);
                         if late {

@@ -130,18 +130,10 @@ pub async fn fetch(
     }
 }
 
+/// FILE and FILE.sig as the report's other files: owner-only, written atomically.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let cannot =
-        |e: std::io::Error| fail(EXIT_CONFIG, format!("cannot write {}: {e}", path.display()));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(cannot)?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(cannot)?;
-    tmp.as_file().sync_all().map_err(cannot)?;
-    tmp.persist(path).map_err(|e| cannot(e.error))?;
-    Ok(())
+    keyd::fsutil::write_private(path, bytes)
+        .map_err(|e| fail(EXIT_CONFIG, format!("cannot write {}: {e}", path.display())))
 }
 
 /// `keyctl audit verify-report FILE`: the file against its detached signature; with
