@@ -31,6 +31,13 @@ command -v curl >/dev/null 2>&1 || apt_needed+=(curl)
 # libbpf's headers (<bpf/bpf_helpers.h>).
 command -v clang >/dev/null 2>&1 || apt_needed+=(clang)
 [ -f /usr/include/bpf/bpf_helpers.h ] || apt_needed+=(libbpf-dev)
+# keyd's etcd store backend (the `etcd` feature, which `cargo test` builds): etcd-client compiles
+# etcd's protocol with protoc and needs the well-known types' .proto files.
+command -v protoc >/dev/null 2>&1 || apt_needed+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || apt_needed+=(libprotobuf-dev)
+# The store conformance suite and the keyd-on-etcd test run real etcd members (and
+# kube-apiserver's tests run one as well).
+command -v etcd >/dev/null 2>&1 || apt_needed+=(etcd-server)
 # The aws-kms tests run moto's KMS server (Python); a virtualenv holds it if needed.
 command -v python3 >/dev/null 2>&1 || apt_needed+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_needed+=(python3-venv)

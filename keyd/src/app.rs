@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::service::Keyd;
-use crate::store::{RedbStore, Store};
+use crate::store::Store;
 
 /// A keyd whose listeners are bound and which is ready to serve.
 pub struct Running {
@@ -94,7 +94,13 @@ async fn start_with(
 ) -> anyhow::Result<Running> {
     keyd_mtls::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("keyd.redb"))?);
+    let store: Arc<dyn Store> = crate::config::store::open(&config.store, &config.data_dir)
+        .with_context(|| {
+            format!(
+                "opening the store ({})",
+                config.store.describe(&config.data_dir)
+            )
+        })?;
     // The custodian answers a wrap and unwrap round trip before anything else happens.
     let custody = crate::custody::bootstrap(&config.kek, &config.custody, &store).await?;
     if config.custody.verify_on_start {

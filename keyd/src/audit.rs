@@ -164,6 +164,7 @@ type Pending = (AuditEvent, oneshot::Sender<Result<(), Failure>>);
 struct Failure {
     full: bool,
     io: bool,
+    unreachable: bool,
     why: String,
 }
 
@@ -172,6 +173,7 @@ impl From<&StoreError> for Failure {
         Self {
             full: e.is_full(),
             io: e.is_unavailable(),
+            unreachable: e.is_unreachable(),
             why: keyd_mtls::error_chain(e),
         }
     }
@@ -197,12 +199,14 @@ impl AuditWriter {
     /// Starts the writer thread; it ends when every `AuditWriter` clone is dropped.
     pub fn spawn(store: Arc<dyn Store>, clock: crate::clock::Clock) -> Self {
         let (tx, mut rx) = mpsc::channel::<Pending>(MAX_BATCH * 4);
+        // One record per event plus the chain's head must fit the store's transaction bound.
+        let max_batch = MAX_BATCH.min(store.max_txn_ops().saturating_sub(1)).max(1);
         let spawned = std::thread::Builder::new()
             .name("keyd-audit".into())
             .spawn(move || {
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
+                    while batch.len() < max_batch {
                         match rx.try_recv() {
                             Ok(p) => batch.push(p),
                             Err(_) => break,
@@ -245,6 +249,11 @@ impl AuditWriter {
                 let source = f.why.into();
                 if f.full {
                     StoreError::Full {
+                        op: "audit append",
+                        source,
+                    }
+                } else if f.unreachable {
+                    StoreError::Unavailable {
                         op: "audit append",
                         source,
                     }

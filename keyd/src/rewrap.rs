@@ -308,7 +308,13 @@ async fn run(
                         !(target.holds(&r.backend, &r.kek_id) && target.is_current(&r.kek_id))
                     })
             })
-            .take(options.chunk.max(1))
+            // A chunk is one transaction: a guard and a write per record, plus the custody doc's.
+            .take(
+                options
+                    .chunk
+                    .min(store.max_txn_ops().saturating_sub(1))
+                    .max(1),
+            )
             .collect();
         if pending.is_empty() {
             return complete(store, custody, m, started).await;

@@ -41,7 +41,7 @@ pub fn binaries() -> Result<(PathBuf, PathBuf), String> {
 }
 
 /// A child process that dies with this process.
-struct Guarded {
+pub(crate) struct Guarded {
     name: &'static str,
     guardian: Child,
     /// Closing it (drop, or this process exiting) makes the guardian kill the child.
@@ -50,7 +50,7 @@ struct Guarded {
 }
 
 impl Guarded {
-    fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Self {
+    pub(crate) fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         // The child runs with stdin from /dev/null; the guardian waits for EOF on its own stdin
@@ -76,13 +76,13 @@ impl Guarded {
         g
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         matches!(self.guardian.try_wait(), Ok(Some(_)))
     }
 }
@@ -123,7 +123,7 @@ impl Janitor {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod etcd;
 pub mod http;
 pub mod loadgen;
 pub mod monitoring;

@@ -20,6 +20,8 @@ pub use keyd_mtls::ops::{ConfigError, EXIT_CONFIG};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// Where keyd keeps its state (`[store]`): redb in `data_dir`, or etcd.
+    pub store: store::StoreConfig,
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
     pub tls: TlsPaths,
@@ -52,6 +54,8 @@ pub struct RawConfig {
     pub ops_listen: Option<String>,
     #[serde(default)]
     pub tls: RawTls,
+    #[serde(default)]
+    pub store: store::RawStore,
     #[serde(default)]
     pub kek: RawKek,
     #[serde(default)]
@@ -127,8 +131,10 @@ pub struct RawTls {
 pub mod bootstrap;
 pub mod kek;
 pub mod policy;
+pub mod store;
 
 pub use kek::RawKek;
+pub use store::{EtcdSettings, StoreConfig};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +236,7 @@ impl RawConfig {
         let known: std::collections::HashSet<&str> = ENV_VARS
             .iter()
             .chain(kek::ENV_VARS)
+            .chain(store::ENV_VARS)
             .chain(faults)
             .map(|(k, _)| *k)
             .collect();
@@ -252,6 +259,7 @@ impl RawConfig {
         self.tls.reload_interval =
             get("KEYD_TLS_RELOAD_INTERVAL").or(self.tls.reload_interval.take());
         self.kek.apply_env(env)?;
+        self.store.apply_env(env);
         if let Some(v) = get("KEYD_MAX_BODY_BYTES") {
             self.limits.max_body_bytes = Some(v.parse().map_err(|_| {
                 err(
@@ -339,6 +347,7 @@ impl RawConfig {
             "tls.reload_interval",
             self.tls.reload_interval.as_deref().unwrap_or("10s"),
         )?;
+        let store = self.store.validate()?;
         let (kek, custody) = self.kek.validate(&data_dir)?;
         let max_body_bytes = self.limits.max_body_bytes.unwrap_or(64 * 1024);
         if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
@@ -427,6 +436,7 @@ impl RawConfig {
             service,
             scheduler_tick,
             data_dir,
+            store,
             listen,
             ops_listen,
             tls,

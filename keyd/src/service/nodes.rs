@@ -640,8 +640,11 @@ impl Keyd {
         if pending.is_empty() {
             return Ok(0);
         }
+        // Nodes are independent: the writes go in as few transactions as the store allows.
+        let per_txn = self.store.max_txn_ops().max(1);
+        let mut chunks: Vec<(Txn, Vec<(String, Timestamp)>)> = Vec::new();
         let mut txn = Txn::default();
-        let mut written = Vec::with_capacity(pending.len());
+        let mut batch = Vec::new();
         for (name, seen) in &pending {
             // Read from the store, not the cache: the CAS guard must hold the stored bytes.
             let Some(previous) = self.store.get(Table::Nodes, name)? else {
@@ -663,10 +666,26 @@ impl Keyd {
                 name,
                 to_json(&info),
             );
-            written.push((name.clone(), *seen));
+            batch.push((name.clone(), *seen));
+            if batch.len() >= per_txn {
+                chunks.push((std::mem::take(&mut txn), std::mem::take(&mut batch)));
+            }
+        }
+        if !batch.is_empty() {
+            chunks.push((txn, batch));
+        }
+        let mut written = Vec::with_capacity(pending.len());
+        let mut failed = None;
+        for (txn, batch) in chunks {
+            match self.commit_only(txn).await {
+                Ok(()) => written.extend(batch),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
         if !written.is_empty() {
-            self.commit_only(txn).await?;
             // Only `last_seen` is copied into the cached node: nothing a bundle carries changes
             // here, so rendered bundles stay valid and long polls stay asleep.
             let prev = self.cache();
@@ -679,6 +698,15 @@ impl Keyd {
             *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         }
         let mut now_pending = self.pending_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = failed {
+            // What was written leaves the map; the rest waits for the next pass.
+            for (name, seen) in &written {
+                if now_pending.get(name).is_some_and(|t| t <= seen) {
+                    now_pending.remove(name);
+                }
+            }
+            return Err(e);
+        }
         for (name, seen) in &pending {
             // A fetch since the snapshot may have marked the node again, later.
             if now_pending.get(name).is_some_and(|t| t <= seen) {

@@ -16,6 +16,9 @@ use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
 /// The tables keyd keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
@@ -40,14 +43,19 @@ impl Table {
         Table::Dataplane,
     ];
 
-    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
-        TableDefinition::new(match self {
+    /// The table's name in every backend (a redb table, an etcd key range).
+    pub fn name(self) -> &'static str {
+        match self {
             Table::Sealed => "sealed",
             Table::Meta => "meta",
             Table::Nodes => "nodes",
             Table::Checkpoints => "checkpoints",
             Table::Dataplane => "dataplane",
-        })
+        }
+    }
+
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.name())
     }
 }
 
@@ -222,6 +230,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Deletes audit records with `seq <= through`, at most `limit` of them (oldest first), in one
     /// transaction; returns how many were deleted. Called repeatedly to prune in small steps.
     fn audit_delete_through(&self, through: u64, limit: usize) -> Result<usize, StoreError>;
+    /// The most guards, or the most writes (puts, deletes and audit records, plus one), that one
+    /// [`Txn`] may carry; a larger one is refused whole. Writers of many independent entries
+    /// (the audit group commit, the liveness flush, a rewrap chunk) split their work to fit.
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +267,14 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A replicated store's engine cannot be reached or has no quorum; nothing was written, and
+    /// the same request may succeed later, unchanged.
+    #[error("store {op} failed: the store cannot be reached")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{table:?}/{key} changed concurrently; retry")]
     Conflict { table: Table, key: String },
     #[error("stored {what} is corrupt: {why}")]
@@ -265,9 +287,18 @@ impl StoreError {
         matches!(self, StoreError::Full { .. })
     }
 
-    /// The store's file failed (a 503: the request may succeed later, unchanged).
+    /// The store's file failed or its engine cannot be reached (a 503: the request may succeed
+    /// later, unchanged).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Full { .. } | StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Full { .. } | StoreError::Io { .. } | StoreError::Unavailable { .. }
+        )
+    }
+
+    /// The store's engine cannot be reached (as opposed to its local file failing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 }
 

@@ -1,0 +1,620 @@
+//! The replicated backend: keyd's tables and audit log as keys in an etcd cluster.
+//!
+//! Layout under the configured prefix `P` (e.g. `/keyd/`):
+//! - `P t/<table>/<key>`: one entry of a [`Table`] (so a table is a key range, scanned in the
+//!   same byte order as redb's);
+//! - `P audit/<seq, 20 digits>`: one [`AuditRecord`];
+//! - `P audit-head`: the newest record's sequence number and hash, which every append reads and
+//!   compares, so that appends from several keyd processes serialise and the chain never forks.
+//!
+//! Every [`Txn`] is one etcd transaction: its guards become compares (`value ==` for an expected
+//! value, `version == 0` for "absent"), the audit head's `mod_revision` is compared when records
+//! are appended, and the writes run only when every compare holds. When the transaction fails,
+//! the same round trip reads back the guarded keys and the head: a guard that no longer holds
+//! is a [`StoreError::Conflict`]; a head that moved (another writer appended) makes the commit
+//! re-chain its records on the new head and try again. etcd acknowledges a write once a quorum
+//! of members has it on disk.
+//!
+//! The [`Store`] trait is synchronous (redb is), and etcd's client is async: the store owns a
+//! small runtime of its own, and each call runs its future there and waits for the answer, the
+//! way a redb call waits for its fsync. Callers on keyd's runtime are never asked to nest one.
+//!
+//! When etcd cannot be reached or has no quorum, operations fail after the configured timeout
+//! with [`StoreError::Unavailable`] (503 `store_unavailable` to clients); nothing is written, and
+//! the client reconnects by itself.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    SortOrder, SortTarget, TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse,
+};
+use keyd_proto::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::{AuditRecord, GENESIS_HASH, Store, StoreError, Table, Txn};
+use crate::config::EtcdSettings;
+
+/// Entries read per range request when scanning a table.
+const PAGE: i64 = 512;
+
+/// Times an append is re-chained after another writer moved the audit head, before the commit
+/// gives up (each attempt is one round trip; a loser retries at once).
+const HEAD_RETRIES: usize = 64;
+
+/// Raw entries as etcd returns them: full key, value.
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The audit chain's head, as stored at `P audit-head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+pub struct EtcdStore {
+    /// The store's own runtime; `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    client: Client,
+    prefix: String,
+    endpoints: Vec<String>,
+    timeout: Duration,
+    max_txn_ops: usize,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside another runtime (where keyd
+        // drops its store): let its threads finish in the background instead.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn unavailable(
+    op: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> StoreError {
+    StoreError::Unavailable {
+        op,
+        source: source.into(),
+    }
+}
+
+/// Sorts an etcd client error: what a retry may fix (no connection, no leader, a timeout) is
+/// [`StoreError::Unavailable`]; anything else (a request etcd refuses) is a backend error.
+fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match &e {
+        E::TransportError(_) | E::IoError(_) => unavailable(op, e),
+        E::GRpcStatus(s)
+            if matches!(
+                s.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted
+            ) =>
+        {
+            unavailable(op, e)
+        }
+        // etcd reports a lost leader and a request timeout as Unknown on some paths.
+        E::GRpcStatus(s)
+            if s.code() == Code::Unknown
+                && ["no leader", "timed out", "leader changed", "connection"]
+                    .iter()
+                    .any(|m| s.message().contains(m)) =>
+        {
+            unavailable(op, e)
+        }
+        E::GRpcStatus(s) if s.message().contains("too many operations in txn request") => {
+            StoreError::Backend {
+                op,
+                source: format!(
+                    "{e} (etcd's --max-txn-ops is below keyd's store.etcd.max_txn_ops: raise the \
+                     server's flag or lower keyd's setting to match)"
+                )
+                .into(),
+            }
+        }
+        _ => StoreError::Backend {
+            op,
+            source: Box::new(e),
+        },
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
+}
+
+/// The next key after `key` in byte order.
+fn successor(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks that it answers (within the configured timeout).
+    pub fn connect(settings: &EtcdSettings) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keyd-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend {
+                op: "start the etcd client",
+                source: Box::new(e),
+            })?;
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(settings.timeout)
+            .with_timeout(settings.timeout)
+            .with_keep_alive(Duration::from_secs(10), settings.timeout)
+            // A member cut off from the others refuses at once instead of answering stale.
+            .with_require_leader(true);
+        if let Some(tls) = &settings.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StoreError::Backend {
+                    op: "read the etcd TLS files",
+                    source: format!("{}: {e}", p.display()).into(),
+                })
+            };
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            if let Some((cert, key)) = &tls.client {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(t);
+        }
+        let endpoints = settings.endpoints.clone();
+        let timeout = settings.timeout;
+        let client = {
+            let endpoints = endpoints.clone();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            rt.spawn(async move {
+                let connected = tokio::time::timeout(timeout, async move {
+                    let mut client = Client::connect(&endpoints, Some(options)).await?;
+                    // Connecting is lazy: a status call proves a member answers.
+                    client.status().await?;
+                    Ok::<_, etcd_client::Error>(client)
+                })
+                .await;
+                let _ = tx.send(connected);
+            });
+            match rx.recv() {
+                Ok(Ok(Ok(client))) => client,
+                Ok(Ok(Err(e))) => return Err(classify("connect to etcd", e)),
+                Ok(Err(_)) => {
+                    return Err(unavailable(
+                        "connect to etcd",
+                        format!(
+                            "no member of {} answered within {}",
+                            settings.endpoints.join(","),
+                            humantime::format_duration(timeout)
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(unavailable("connect to etcd", "the client task stopped"));
+                }
+            }
+        };
+        Ok(Self {
+            rt: Some(rt),
+            client,
+            prefix: settings.prefix.clone(),
+            endpoints,
+            timeout,
+            max_txn_ops: settings.max_txn_ops,
+        })
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, bounded by the timeout.
+    fn run<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(rt) = &self.rt else {
+            return Err(unavailable(op, "the store is closing"));
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let timeout = self.timeout;
+        rt.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(timeout, f).await);
+        });
+        match rx.recv() {
+            Ok(Ok(r)) => r.map_err(|e| classify(op, e)),
+            Ok(Err(_)) => Err(unavailable(
+                op,
+                format!(
+                    "etcd did not answer within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )),
+            Err(_) => Err(unavailable(op, "the etcd client task stopped")),
+        }
+    }
+
+    fn table_prefix(&self, table: Table) -> Vec<u8> {
+        format!("{}t/{}/", self.prefix, table.name()).into_bytes()
+    }
+
+    fn table_key(&self, table: Table, key: &str) -> Vec<u8> {
+        let mut k = self.table_prefix(table);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    fn audit_prefix(&self) -> Vec<u8> {
+        format!("{}audit/", self.prefix).into_bytes()
+    }
+
+    fn audit_key(&self, seq: u64) -> Vec<u8> {
+        format!("{}audit/{seq:020}", self.prefix).into_bytes()
+    }
+
+    fn head_key(&self) -> Vec<u8> {
+        format!("{}audit-head", self.prefix).into_bytes()
+    }
+
+    /// Entries with keys in `[start, end)`, in key order, at most `limit`, read in pages at one
+    /// revision (so that a scan is one consistent snapshot, as redb's is).
+    fn range(
+        &self,
+        op: &'static str,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Rows, StoreError> {
+        let mut out = Vec::new();
+        let mut from = start;
+        let mut revision = 0;
+        while out.len() < limit {
+            let page = PAGE.min(i64::try_from(limit - out.len()).unwrap_or(PAGE));
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(revision);
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(usize::MAX);
+            let key = from.clone();
+            let mut resp = self.run(op, async move { kv.get(key, Some(options)).await })?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = successor(last.key());
+            out.extend(kvs.into_iter().map(|kv| kv.into_key_value()));
+            if !more {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn table_entries(
+        &self,
+        table: Table,
+        rows: Rows,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let skip = self.table_prefix(table).len();
+        rows.into_iter()
+            .map(|(k, v)| {
+                let key =
+                    String::from_utf8(k[skip..].to_vec()).map_err(|_| StoreError::Corrupt {
+                        what: format!("{table:?} key"),
+                        why: "not UTF-8".into(),
+                    })?;
+                Ok((key, v))
+            })
+            .collect()
+    }
+
+    fn read_head(&self) -> Result<(Option<Head>, i64), StoreError> {
+        let mut kv = self.client.kv_client();
+        let key = self.head_key();
+        let resp = self.run("audit head", async move { kv.get(key, None).await })?;
+        match resp.kvs().first() {
+            None => Ok((None, 0)),
+            Some(kv) => Ok((Some(decode_head(kv.value())?), kv.mod_revision())),
+        }
+    }
+
+    fn try_commit(&self, txn: &Txn, at: Timestamp) -> Result<Attempt, StoreError> {
+        let mut compares = Vec::with_capacity(txn.guards.len() + 1);
+        let mut reads = Vec::with_capacity(txn.guards.len() + 1);
+        for (table, key, expected) in &txn.guards {
+            let k = self.table_key(*table, key);
+            compares.push(match expected {
+                Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.clone()),
+                None => Compare::version(k.clone(), CompareOp::Equal, 0),
+            });
+            reads.push(TxnOp::get(k, None));
+        }
+        // The writes, by key: etcd refuses a key twice in one transaction, and redb's order
+        // (every put, then every delete) decides which one wins.
+        let mut writes: std::collections::BTreeMap<Vec<u8>, Option<&[u8]>> = Default::default();
+        for (table, key, value) in &txn.puts {
+            writes.insert(self.table_key(*table, key), Some(value));
+        }
+        for (table, key) in &txn.deletes {
+            writes.insert(self.table_key(*table, key), None);
+        }
+        let mut ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k, v.to_vec(), None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        let mut new_head = None;
+        if !txn.audit.is_empty() {
+            let (head, head_revision) = self.read_head()?;
+            let (mut seq, mut prev) = match &head {
+                Some(h) => (h.seq + 1, h.hash.clone()),
+                None => (1, GENESIS_HASH.to_owned()),
+            };
+            compares.push(if head.is_some() {
+                Compare::mod_revision(self.head_key(), CompareOp::Equal, head_revision)
+            } else {
+                Compare::version(self.head_key(), CompareOp::Equal, 0)
+            });
+            reads.push(TxnOp::get(self.head_key(), None));
+            for event in &txn.audit {
+                let rec = AuditRecord::chain(seq, at, event.clone(), prev);
+                let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Backend {
+                    op: "encode audit record",
+                    source: Box::new(e),
+                })?;
+                ops.push(TxnOp::put(self.audit_key(seq), bytes, None));
+                prev = rec.hash;
+                seq += 1;
+            }
+            let h = Head {
+                seq: seq - 1,
+                hash: prev,
+            };
+            ops.push(TxnOp::put(self.head_key(), encode_head(&h), None));
+            new_head = Some(h);
+        }
+        if ops.is_empty() && compares.is_empty() {
+            return Ok(Attempt::Done);
+        }
+        let most = compares.len().max(ops.len());
+        if most > self.max_txn_ops {
+            return Err(StoreError::Backend {
+                op: "commit",
+                source: format!(
+                    "the transaction has {most} operations, more than store.etcd.max_txn_ops \
+                     ({}); nothing was written",
+                    self.max_txn_ops
+                )
+                .into(),
+            });
+        }
+        let etxn = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
+        let mut kv = self.client.kv_client();
+        let resp = self.run("commit", async move { kv.txn(etxn).await })?;
+        if resp.succeeded() {
+            return Ok(Attempt::Done);
+        }
+        // Which compare failed: the first guard whose stored value differs, else the head.
+        let answers = resp.op_responses();
+        for ((table, key, expected), answer) in txn.guards.iter().zip(&answers) {
+            let current = match answer {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            };
+            if current.as_deref() != expected.as_deref() {
+                return Err(StoreError::Conflict {
+                    table: *table,
+                    key: key.clone(),
+                });
+            }
+        }
+        if new_head.is_some() {
+            return Ok(Attempt::HeadMoved);
+        }
+        // Every guard held when etcd looked again: one changed and changed back in between.
+        match txn.guards.first() {
+            Some((table, key, _)) => Err(StoreError::Conflict {
+                table: *table,
+                key: key.clone(),
+            }),
+            None => Err(StoreError::Backend {
+                op: "commit",
+                source: "etcd refused an unconditional transaction".into(),
+            }),
+        }
+    }
+}
+
+enum Attempt {
+    Done,
+    HeadMoved,
+}
+
+fn encode_head(h: &Head) -> Vec<u8> {
+    serde_json::to_vec(h).unwrap_or_default()
+}
+
+fn decode_head(bytes: &[u8]) -> Result<Head, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: "audit head".into(),
+        why: e.to_string(),
+    })
+}
+
+fn decode_audit(k: &[u8], v: &[u8]) -> Result<AuditRecord, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        what: format!("audit record {}", String::from_utf8_lossy(k)),
+        why: e.to_string(),
+    })
+}
+
+impl Store for EtcdStore {
+    fn describe(&self) -> String {
+        format!("etcd:{}{}", self.endpoints.join(","), self.prefix)
+    }
+
+    fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(usize::MAX);
+        let k = self.table_key(table, key);
+        let mut resp = self.run("get", async move { kv.get(k, None).await })?;
+        Ok(resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.into_key_value().1))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let p = self.table_prefix(table);
+        let rows = self.range("scan", p.clone(), range_end(&p), usize::MAX)?;
+        self.table_entries(table, rows)
+    }
+
+    fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        let at = txn.at.unwrap_or_else(Timestamp::now);
+        for _ in 0..HEAD_RETRIES {
+            match self.try_commit(&txn, at)? {
+                Attempt::Done => return Ok(()),
+                Attempt::HeadMoved => continue,
+            }
+        }
+        Err(unavailable(
+            "audit append",
+            format!("other writers moved the audit head {HEAD_RETRIES} times in a row"),
+        ))
+    }
+
+    fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let p = self.audit_prefix();
+        let rows = self.range("audit range", self.audit_key(from), range_end(&p), limit)?;
+        rows.iter().map(|(k, v)| decode_audit(k, v)).collect()
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let p = self.table_prefix(table);
+        let rows = self.range("scan", self.table_key(table, from), range_end(&p), limit)?;
+        self.table_entries(table, rows)
+    }
+
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let p = self.table_prefix(table);
+        let options = GetOptions::new()
+            .with_range(range_end(&p))
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(usize::MAX);
+        let mut resp = self.run("last", async move { kv.get(p, Some(options)).await })?;
+        let rows = resp
+            .take_kvs()
+            .into_iter()
+            .map(|kv| kv.into_key_value())
+            .collect();
+        Ok(self.table_entries(table, rows)?.into_iter().next())
+    }
+
+    fn audit_last(&self) -> Result<Option<AuditRecord>, StoreError> {
+        let p = self.audit_prefix();
+        let options = GetOptions::new()
+            .with_range(range_end(&p))
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let mut kv = self.client.kv_client();
+        let resp = self.run("audit tail", async move { kv.get(p, Some(options)).await })?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some(decode_audit(kv.key(), kv.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn audit_delete_through(&self, through: u64, limit: usize) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let p = self.audit_prefix();
+        // The keys to delete: the oldest `limit` with seq <= through ...
+        let options = GetOptions::new()
+            .with_range(self.audit_key(through.saturating_add(1)))
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .with_keys_only();
+        let mut kv = self.client.kv_client();
+        let start = p.clone();
+        let resp = self.run(
+            "audit range",
+            async move { kv.get(start, Some(options)).await },
+        )?;
+        let Some(last) = resp.kvs().last() else {
+            return Ok(0);
+        };
+        // ... removed by one range delete, one etcd transaction.
+        let end = successor(last.key());
+        let mut kv = self.client.kv_client();
+        let resp = self.run("audit delete", async move {
+            kv.delete(p, Some(DeleteOptions::new().with_range(end)))
+                .await
+        })?;
+        Ok(usize::try_from(resp.deleted()).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_ends_cover_exactly_the_prefix() {
+        assert_eq!(range_end(b"/keyd/t/nodes/"), b"/keyd/t/nodes0".to_vec());
+        assert_eq!(range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(range_end(b"\xff\xff"), vec![0]);
+        assert_eq!(successor(b"k"), b"k\0".to_vec());
+    }
+
+    #[test]
+    fn audit_keys_sort_by_sequence() {
+        let k = |seq: u64| format!("/p/audit/{seq:020}");
+        assert!(k(9) < k(10));
+        assert!(k(99_999) < k(100_000));
+        assert!(k(u64::MAX).len() == k(1).len());
+    }
+}

@@ -1,0 +1,151 @@
+//! A real keyd process on a real etcd (`[store] backend = "etcd"`): its state lives in etcd, not
+//! in its data directory; it survives a restart of keyd; and while etcd is down keyd keeps
+//! answering, refuses writes with 503 `store_unavailable`, says so on /readyz, and writes again
+//! once etcd is back, without a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use keyd_tests::etcd::EtcdCluster;
+use serde_json::json;
+
+mod process;
+use process::{Identity, Keyd, audit_verifies, call, register_dev_node, request};
+
+fn etcd_env(endpoints: &[String]) -> Vec<(&'static str, String)> {
+    vec![
+        ("KEYD_STORE_BACKEND", "etcd".to_owned()),
+        ("KEYD_STORE_ETCD_ENDPOINTS", endpoints.join(",")),
+        ("KEYD_STORE_ETCD_PREFIX", "/keyd-e2e/".to_owned()),
+    ]
+}
+
+async fn readyz(k: &Keyd) -> (u16, String) {
+    let (code, body) = keyd_tests::http::request(
+        ([127, 0, 0, 1], k.ops).into(),
+        "GET",
+        "/readyz",
+        &[],
+        vec![],
+    )
+    .await
+    .unwrap();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Moves node-a to another endpoint: a write that is always allowed.
+async fn move_node_a(k: &Keyd, to: usize) -> (StatusCode, serde_json::Value) {
+    use base64::Engine as _;
+    let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([1; 32]));
+    request(
+        k,
+        Identity::Node("node-a"),
+        Method::PUT,
+        "/v1/nodes/node-a",
+        Some(json!({
+            "endpoint": format!("192.0.2.{to}"),
+            "pod_cidrs": ["10.0.0.0/24"],
+            "wireguard_public_key": base64::engine::general_purpose::STANDARD.encode(wg.as_bytes()),
+        })),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
+    if !keyd_tests::prereq::require(
+        "etcd (Debian's etcd-server)",
+        keyd_tests::etcd::binary().map(|_| ()),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let env = etcd_env(&etcd.endpoints());
+    let data = dir.path().join("data");
+
+    let mut keyd = Keyd::spawn(&data, &env);
+    keyd.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    register_dev_node(&keyd, "node-a", 0).await.unwrap();
+    register_dev_node(&keyd, "node-b", 1).await.unwrap();
+    call(
+        &keyd,
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    let status = call(&keyd, Identity::Admin, Method::GET, "/v1/status", None)
+        .await
+        .unwrap();
+    assert!(
+        status.to_string().contains("etcd:"),
+        "status names the store: {status}"
+    );
+    // Nothing of the state is in the data directory: no redb file.
+    assert!(!data.join("keyd.redb").exists());
+    keyd.stop().await;
+
+    // A new keyd process on the same etcd has every node and key, and the chain goes on.
+    let mut keyd = Keyd::spawn(&data, &env);
+    keyd.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    let nodes = call(&keyd, Identity::Admin, Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    for n in ["node-a", "node-b"] {
+        assert!(
+            nodes.to_string().contains(n),
+            "{n} missing after restart: {nodes}"
+        );
+    }
+    audit_verifies(&keyd, dir.path()).await;
+
+    // etcd goes away: keyd still answers reads from what it holds, refuses writes with 503,
+    // and says it is degraded.
+    etcd.stop(0);
+    let (code, body) = move_node_a(&keyd, 50).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be reached"),
+        "{body}"
+    );
+    let (code, text) = readyz(&keyd).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("degraded"), "{text}");
+    let (code, _) = request(&keyd, Identity::Admin, Method::GET, "/v1/status", None)
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::OK);
+
+    // etcd returns: the same keyd writes again by itself.
+    etcd.restart(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = move_node_a(&keyd, 51).await;
+        if code.is_success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still failing after etcd returned: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (code, text) = readyz(&keyd).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(!text.contains("degraded"), "{text}");
+    audit_verifies(&keyd, dir.path()).await;
+    keyd.stop().await;
+}
