@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use keyd_mtls::ConfigError;
 
+pub use crate::store::{EtcdSettings, EtcdTls};
+
 /// The file form of `[store]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,28 +57,6 @@ impl StoreConfig {
             StoreConfig::Etcd(s) => format!("etcd:{}{}", s.endpoints.join(","), s.prefix),
         }
     }
-}
-
-/// A validated `[store.etcd]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdSettings {
-    /// `https://host:port` (or `http://` to a loopback address), one per member.
-    pub endpoints: Vec<String>,
-    /// Every key keyd writes starts with it; it ends with `/`.
-    pub prefix: String,
-    pub tls: Option<EtcdTls>,
-    /// Bound on each request, and on connecting.
-    pub timeout: Duration,
-    /// etcd's `--max-txn-ops` (128 unless the cluster raised it).
-    pub max_txn_ops: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdTls {
-    /// The CA that signed the members' serving certificates.
-    pub ca: PathBuf,
-    /// keyd's client certificate and key, when etcd requires client certificates.
-    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 pub const DEFAULT_PREFIX: &str = "/keyd/";
@@ -235,7 +215,7 @@ impl RawEtcd {
         }
         let timeout = match self.timeout.as_deref() {
             None => DEFAULT_TIMEOUT,
-            Some(v) => super::parse_duration("store.etcd.timeout", v)?,
+            Some(v) => keyd_mtls::ops::parse_duration("store.etcd.timeout", v)?,
         };
         if timeout.is_zero() {
             return Err(err("store.etcd.timeout", "must be greater than zero"));

@@ -34,8 +34,7 @@ use etcd_client::{
 use keyd_proto::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::{AuditRecord, GENESIS_HASH, Store, StoreError, Table, Txn};
-use crate::config::EtcdSettings;
+use super::{AuditRecord, EtcdSettings, GENESIS_HASH, Store, StoreError, Table, Txn};
 
 /// Entries read per range request when scanning a table.
 const PAGE: i64 = 512;

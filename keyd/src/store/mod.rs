@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use keyd_proto::Timestamp;
 use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
@@ -204,6 +205,28 @@ impl AuditRecord {
 }
 
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A validated `[store.etcd]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// `https://host:port` (or `http://` to a loopback address), one per member.
+    pub endpoints: Vec<String>,
+    /// Every key keyd writes starts with it; it ends with `/`.
+    pub prefix: String,
+    pub tls: Option<EtcdTls>,
+    /// Bound on each request, and on connecting.
+    pub timeout: Duration,
+    /// etcd's `--max-txn-ops` (128 unless the cluster raised it).
+    pub max_txn_ops: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed the members' serving certificates.
+    pub ca: PathBuf,
+    /// keyd's client certificate and key, when etcd requires client certificates.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
 
 /// keyd's storage backend.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
