@@ -94,13 +94,7 @@ async fn start_with(
 ) -> anyhow::Result<Running> {
     keyd_mtls::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = crate::config::store::open(&config.store, &config.data_dir)
-        .with_context(|| {
-            format!(
-                "opening the store ({})",
-                config.store.describe(&config.data_dir)
-            )
-        })?;
+    let (store, leader) = open_store(&config, shutdown.clone()).await?;
     // The custodian answers a wrap and unwrap round trip before anything else happens.
     let custody = crate::custody::bootstrap(&config.kek, &config.custody, &store).await?;
     if config.custody.verify_on_start {
@@ -226,6 +220,8 @@ async fn start_with(
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
         }
+        // Last: a standby takes over at once instead of waiting out the lease.
+        drop(leader);
     };
     tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
     Ok(Running {
@@ -235,6 +231,139 @@ async fn start_with(
         keyd,
         serve: Box::pin(serve),
     })
+}
+
+/// Exit status of a keyd that lost the leadership of its etcd store (EX_TEMPFAIL): its
+/// supervisor restarts it, and it comes back as a standby.
+pub const EXIT_DEPOSED: i32 = 75;
+
+/// Held while this process leads an etcd store; dropping it resigns.
+struct Leader {
+    #[cfg(feature = "etcd")]
+    store: Arc<crate::store::etcd::EtcdStore>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        #[cfg(feature = "etcd")]
+        self.store.resign();
+    }
+}
+
+/// Opens the configured store. On etcd, this process first becomes the store's leader: until
+/// then it is a standby that answers `/healthz`, and `/readyz` with 503 naming the leader, on
+/// the ops port, and binds nothing else. Once it leads, losing the leadership (the lease not
+/// renewed in time, or a write refused by the fence) ends the process with [`EXIT_DEPOSED`]
+/// before another can take over, so two keyd never act at once.
+async fn open_store(
+    config: &Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Leader>)> {
+    let described = || {
+        format!(
+            "opening the store ({})",
+            config.store.describe(&config.data_dir)
+        )
+    };
+    match &config.store {
+        #[cfg(feature = "etcd")]
+        crate::config::StoreConfig::Etcd(settings) => {
+            let etcd =
+                Arc::new(crate::store::etcd::EtcdStore::connect(settings).with_context(described)?);
+            let holder = holder_name();
+            let leader_seen = Arc::new(std::sync::Mutex::new(String::new()));
+            let (stop_standby, standby) =
+                standby_ops(config.ops_listen, Arc::clone(&leader_seen)).await?;
+            let seen = Arc::clone(&leader_seen);
+            let led = etcd
+                .lead(
+                    &holder,
+                    settings.lease_ttl,
+                    move |h| {
+                        tracing::info!(leader = h, "standing by: another keyd leads the store");
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = h.to_owned();
+                    },
+                    shutdown,
+                )
+                .await
+                .context("waiting to lead the etcd store")?;
+            let _ = stop_standby.send(true);
+            let _ = standby.await;
+            let Some(leadership) = led else {
+                tracing::info!("stopped while standing by");
+                std::process::exit(0);
+            };
+            tracing::info!(holder = leadership.holder, "this keyd leads the etcd store");
+            let mut lost = leadership.lost;
+            tokio::spawn(async move {
+                if let Ok(reason) = lost.wait_for(Option::is_some).await {
+                    let reason = reason.clone().unwrap_or_default();
+                    tracing::error!(
+                        reason,
+                        "lost the leadership of the etcd store; exiting so that this process \
+                         restarts as a standby"
+                    );
+                    std::process::exit(EXIT_DEPOSED);
+                }
+            });
+            let store: Arc<dyn Store> = Arc::clone(&etcd) as Arc<dyn Store>;
+            Ok((store, Some(Leader { store: etcd })))
+        }
+        other => {
+            let _ = shutdown; // only a standby waits for it
+            let store =
+                crate::config::store::open(other, &config.data_dir).with_context(described)?;
+            Ok((store, None))
+        }
+    }
+}
+
+/// This process in the leader key: the host (a pod's name) and the process id.
+#[cfg(feature = "etcd")]
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{host}/{}", std::process::id())
+}
+
+/// The ops listener of a standby: alive, not ready, naming the leader.
+#[cfg(feature = "etcd")]
+async fn standby_ops(
+    addr: std::net::SocketAddr,
+    leader: Arc<std::sync::Mutex<String>>,
+) -> anyhow::Result<(
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use axum::routing::get;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding ops_listen {addr}"))?;
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok (standby)\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let leader = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                async move {
+                    (
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: standby; the etcd store is led by {leader:?}\n"),
+                    )
+                }
+            }),
+        );
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(keyd_mtls::server::serve_plain(
+        listener,
+        router,
+        keyd_mtls::server::Limits::default(),
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        },
+    ));
+    Ok((tx, task))
 }
 
 /// The policy watcher's future when `[policy]` is configured (the config refuses the section in

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use keyd::config::store::{DEFAULT_MAX_TXN_OPS, EtcdSettings};
 use keyd::store::etcd::EtcdStore;
+use keyd::store::etcd::Leadership;
 use keyd::store::{
     AuditEvent, AuditRecord, GENESIS_HASH, RedbStore, Store, StoreError, Table, Txn,
 };
@@ -42,6 +43,7 @@ fn settings(endpoints: Vec<String>, prefix: &str) -> EtcdSettings {
         tls: None,
         timeout: Duration::from_secs(3),
         max_txn_ops: DEFAULT_MAX_TXN_OPS,
+        lease_ttl: Duration::from_secs(2),
     }
 }
 
@@ -722,4 +724,120 @@ fn three_members_write_with_one_down_and_refuse_with_two() {
         [json!(1), json!(3)]
     );
     verify_chain(&records, GENESIS_HASH);
+}
+
+// ---- leadership -----------------------------------------------------------------------------
+
+/// Two keyd on one etcd prefix: one leads, the other waits; the leader's writes carry its lease,
+/// so once the lease is gone (here revoked, as its expiry would) a write of the old leader fails
+/// whole as `Deposed` and the waiting process takes over.
+#[test]
+fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = own_cluster(dir.path(), 1) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = settings(cluster.endpoints(), "/lead/");
+    let a = Arc::new(connect(&s));
+    let b = Arc::new(connect(&s));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let led_a: Leadership = rt
+        .block_on(a.lead("keyd-a", s.lease_ttl, |_| {}, stop.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rt.block_on(b.leader()).unwrap().as_deref(), Some("keyd-a"));
+    a.commit(
+        Txn::default()
+            .put(Table::Meta, "by", b"a".to_vec())
+            .audit(event(1)),
+    )
+    .unwrap();
+    // b waits while a leads, naming a.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b_task = {
+        let (b, seen, stop) = (Arc::clone(&b), Arc::clone(&seen), stop.clone());
+        rt.spawn(async move {
+            b.lead(
+                "keyd-b",
+                Duration::from_secs(2),
+                move |h| seen.lock().unwrap().push(h.to_owned()),
+                stop,
+            )
+            .await
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!b_task.is_finished(), "b must not lead while a does");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["keyd-a"]);
+    // a's lease ends as an expiry would end it: etcd deletes the leader key.
+    a.resign_for_test();
+    let started = Instant::now();
+    let led_b = rt.block_on(b_task).unwrap().unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(led_b.holder, "keyd-b");
+    // a's next write is refused whole, and a knows it lost.
+    let e = a
+        .commit(
+            Txn::default()
+                .put(Table::Meta, "by", b"stale-a".to_vec())
+                .audit(event(2)),
+        )
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Deposed { .. }), "{e:?}");
+    assert!(led_a.lost.borrow().is_some());
+    assert!(a.audit_delete_through(1, 10).is_err());
+    assert_eq!(
+        b.get(Table::Meta, "by").unwrap().as_deref(),
+        Some(&b"a"[..])
+    );
+    b.commit(
+        Txn::default()
+            .put(Table::Meta, "by", b"b".to_vec())
+            .audit(event(3)),
+    )
+    .unwrap();
+    let records = all_audit(b.as_ref());
+    assert_eq!(verify_chain(&records, GENESIS_HASH), 2);
+    assert!(!led_b.lost.borrow().is_some());
+}
+
+/// A leader cut off from etcd gives leadership up by itself within two thirds of its lease,
+/// before etcd can expire the lease and let another process lead.
+#[test]
+fn a_leader_that_cannot_renew_its_lease_steps_down_before_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut cluster) = own_cluster(dir.path(), 1) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = settings(cluster.endpoints(), "/stepdown/");
+    let a = Arc::new(connect(&s));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let led = rt
+        .block_on(a.lead("keyd-a", Duration::from_secs(3), |_| {}, stop))
+        .unwrap()
+        .unwrap();
+    let cut = Instant::now();
+    cluster.stop(0);
+    let mut lost = led.lost.clone();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), lost.wait_for(Option::is_some))
+            .await
+            .expect("the leader did not step down")
+            .unwrap();
+    });
+    let after = cut.elapsed();
+    assert!(
+        after < Duration::from_secs(3),
+        "stepped down only after {after:?}"
+    );
+    eprintln!(
+        "stepped down {after:?} after etcd went away: {:?}",
+        led.lost.borrow()
+    );
 }

@@ -149,3 +149,101 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     audit_verifies(&keyd, dir.path()).await;
     keyd.stop().await;
 }
+
+/// Waits until the ops port answers /readyz at all.
+async fn readyz_when_up(k: &Keyd) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((code, body)) = keyd_tests::http::request(
+            ([127, 0, 0, 1], k.ops).into(),
+            "GET",
+            "/readyz",
+            &[],
+            vec![],
+        )
+        .await
+        {
+            return (code, String::from_utf8_lossy(&body).into_owned());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ops port never answered: {}",
+            k.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
+    if !keyd_tests::prereq::require(
+        "etcd (Debian's etcd-server)",
+        keyd_tests::etcd::binary().map(|_| ()),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let ttl = 2;
+    let mut env = etcd_env(&etcd.endpoints());
+    env.push(("KEYD_STORE_ETCD_LEASE_TTL", format!("{ttl}s")));
+    // Both processes share the data directory for the dev PKI and the local KEK; their state
+    // is in etcd.
+    let data = dir.path().join("data");
+    let mut a = Keyd::spawn(&data, &env);
+    a.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd a exited {s}: {}", a.log()));
+    register_dev_node(&a, "node-a", 0).await.unwrap();
+    register_dev_node(&a, "node-b", 1).await.unwrap();
+
+    let mut b = Keyd::spawn(&data, &env);
+    let (code, text) = readyz_when_up(&b).await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("standby"), "{text}");
+    assert!(
+        text.contains(&format!("/{}", a.child.id())),
+        "names the leader: {text}"
+    );
+    // A standby serves no API at all: nodes only ever reach the leader.
+    assert!(b.connect(&Identity::Admin).await.is_none());
+
+    a.child.kill().unwrap(); // SIGKILL: no resignation, the lease must expire
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    b.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let took = killed.elapsed();
+    println!("failover after SIGKILL of the leader: {took:?} (lease TTL {ttl}s)");
+    // The lease TTL, a poll, and the new leader's start (loading state, the custodian's check).
+    assert!(took < Duration::from_secs(ttl + 3), "took {took:?}");
+    let nodes = call(&b, Identity::Admin, Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    for n in ["node-a", "node-b"] {
+        assert!(
+            nodes.to_string().contains(n),
+            "{n} missing after failover: {nodes}"
+        );
+    }
+    let (code, body) = move_node_a(&b, 60).await;
+    assert!(code.is_success(), "{code} {body}");
+    audit_verifies(&b, dir.path()).await;
+
+    // The old leader, restarted, stands by behind the new one.
+    let a2 = Keyd::spawn(&data, &env);
+    let (code, text) = readyz_when_up(&a2).await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains(&format!("/{}", b.child.id())), "{text}");
+    // A clean stop of the leader resigns at once: the standby leads well within the TTL.
+    let stopped = Instant::now();
+    b.stop().await;
+    let mut a2 = a2;
+    a2.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd a2 exited {s}: {}", a2.log()));
+    println!("handover after a clean stop: {:?}", stopped.elapsed());
+    audit_verifies(&a2, dir.path()).await;
+    a2.stop().await;
+}

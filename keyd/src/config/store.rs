@@ -32,6 +32,7 @@ pub struct RawEtcd {
     pub key: Option<PathBuf>,
     pub timeout: Option<String>,
     pub max_txn_ops: Option<usize>,
+    pub lease_ttl: Option<String>,
 }
 
 /// The variables of `[store]`.
@@ -39,6 +40,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_STORE_BACKEND", "store.backend"),
     ("KEYD_STORE_ETCD_ENDPOINTS", "store.etcd.endpoints"),
     ("KEYD_STORE_ETCD_PREFIX", "store.etcd.prefix"),
+    ("KEYD_STORE_ETCD_LEASE_TTL", "store.etcd.lease_ttl"),
 ];
 
 /// Where keyd keeps its state.
@@ -61,6 +63,7 @@ impl StoreConfig {
 
 pub const DEFAULT_PREFIX: &str = "/keyd/";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// etcd's own default for `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 
@@ -84,6 +87,9 @@ impl RawStore {
         }
         if let Some(v) = env.get("KEYD_STORE_ETCD_PREFIX") {
             self.etcd.prefix = Some(v.clone());
+        }
+        if let Some(v) = env.get("KEYD_STORE_ETCD_LEASE_TTL") {
+            self.etcd.lease_ttl = Some(v.clone());
         }
     }
 
@@ -227,12 +233,23 @@ impl RawEtcd {
                 "must be at least 16 (etcd's default is 128)",
             ));
         }
+        let lease_ttl = match self.lease_ttl.as_deref() {
+            None => DEFAULT_LEASE_TTL,
+            Some(v) => keyd_mtls::ops::parse_duration("store.etcd.lease_ttl", v)?,
+        };
+        if lease_ttl < Duration::from_secs(2) || lease_ttl.subsec_nanos() != 0 {
+            return Err(err(
+                "store.etcd.lease_ttl",
+                "must be whole seconds, at least 2s (etcd leases count in seconds)",
+            ));
+        }
         Ok(EtcdSettings {
             endpoints,
             prefix,
             tls,
             timeout,
             max_txn_ops,
+            lease_ttl,
         })
     }
 }
@@ -331,6 +348,9 @@ mod tests {
         let mut raw = etcd(&["http://127.0.0.1:2379"]);
         raw.etcd.max_txn_ops = Some(4);
         assert_eq!(field(raw.validate()), "store.etcd.max_txn_ops");
+        let mut raw = etcd(&["http://127.0.0.1:2379"]);
+        raw.etcd.lease_ttl = Some("1s".into());
+        assert_eq!(field(raw.validate()), "store.etcd.lease_ttl");
         let mut raw = etcd(&["http://127.0.0.1:2379"]);
         raw.etcd.timeout = Some("0s".into());
         assert_eq!(field(raw.validate()), "store.etcd.timeout");

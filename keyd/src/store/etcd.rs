@@ -61,6 +61,28 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     timeout: Duration,
     max_txn_ops: usize,
+    /// Set once this process leads: every write then also compares the leader key's lease, so
+    /// that a deposed leader's writes fail whole ([`StoreError::Deposed`]).
+    fence: std::sync::Mutex<Option<Fence>>,
+    /// Why this process stopped being the leader; `None` while it leads (or never led).
+    lost: tokio::sync::watch::Sender<Option<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct Fence {
+    key: Vec<u8>,
+    lease: i64,
+}
+
+/// This process leads the store: the scheduler, rollouts and every write are its alone until
+/// `lost` says otherwise, which happens before its lease can expire on the etcd side.
+#[derive(Debug)]
+pub struct Leadership {
+    /// Who leads (this process), as written in the leader key.
+    pub holder: String,
+    /// Becomes `Some(reason)` when leadership is lost: keep-alives unanswered for two thirds of
+    /// the lease, the lease gone, or a write refused by the fence.
+    pub lost: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -223,6 +245,8 @@ impl EtcdStore {
             endpoints,
             timeout,
             max_txn_ops: settings.max_txn_ops,
+            fence: std::sync::Mutex::new(None),
+            lost: tokio::sync::watch::channel(None).0,
         })
     }
 
@@ -251,6 +275,224 @@ impl EtcdStore {
             )),
             Err(_) => Err(unavailable(op, "the etcd client task stopped")),
         }
+    }
+
+    /// [`Self::run`] for async callers: awaits the answer instead of blocking a thread.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(rt) = &self.rt else {
+            return Err(unavailable(op, "the store is closing"));
+        };
+        let timeout = self.timeout;
+        let task = rt.spawn(async move { tokio::time::timeout(timeout, f).await });
+        match task.await {
+            Ok(Ok(r)) => r.map_err(|e| classify(op, e)),
+            Ok(Err(_)) => Err(unavailable(
+                op,
+                format!(
+                    "etcd did not answer within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )),
+            Err(_) => Err(unavailable(op, "the etcd client task stopped")),
+        }
+    }
+
+    fn leader_key(&self) -> Vec<u8> {
+        format!("{}leader", self.prefix).into_bytes()
+    }
+
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Marks leadership lost (once) and drops the fence, so that nothing more is attempted.
+    fn depose(&self, reason: String) {
+        self.lost.send_if_modified(|lost| {
+            if lost.is_some() {
+                return false;
+            }
+            tracing::error!(reason, "this keyd no longer leads the etcd store");
+            *lost = Some(reason);
+            true
+        });
+    }
+
+    /// Who holds the leader key now, if anyone.
+    pub async fn leader(&self) -> Result<Option<String>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let key = self.leader_key();
+        let resp = self
+            .call("read the leader", async move { kv.get(key, None).await })
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Waits until this process holds the store's leader key (`PREFIX leader`, bound to a lease
+    /// of `ttl`), then keeps the lease alive in the background. `waiting` is called with the
+    /// current holder each time it is seen (for logs and `/readyz`). Returns `None` when
+    /// `shutdown` fires first.
+    ///
+    /// Exactly one process holds the key: taking it is a transaction that requires it absent.
+    /// When the holder dies its lease expires after `ttl` and etcd deletes the key; a waiting
+    /// process sees that within a poll (250 ms) and takes over.
+    pub async fn lead(
+        self: &std::sync::Arc<Self>,
+        holder: &str,
+        ttl: Duration,
+        mut waiting: impl FnMut(&str),
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Leadership>, StoreError> {
+        let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(None);
+            }
+            let mut lease = self.client.lease_client();
+            let granted = self
+                .call(
+                    "grant a lease",
+                    async move { lease.grant(ttl_secs, None).await },
+                )
+                .await?;
+            let id = granted.id();
+            let key = self.leader_key();
+            let take = EtcdTxn::new()
+                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    holder.as_bytes().to_vec(),
+                    Some(etcd_client::PutOptions::new().with_lease(id)),
+                )])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let mut kv = self.client.kv_client();
+            let sent = std::time::Instant::now();
+            let resp = self
+                .call("take the leader key", async move { kv.txn(take).await })
+                .await?;
+            if resp.succeeded() {
+                *self.fence.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Fence { key, lease: id });
+                self.lost.send_replace(None);
+                let me = std::sync::Arc::clone(self);
+                if let Some(rt) = &self.rt {
+                    rt.spawn(async move { me.keep_alive(id, ttl, sent).await });
+                }
+                return Ok(Some(Leadership {
+                    holder: holder.to_owned(),
+                    lost: self.lost.subscribe(),
+                }));
+            }
+            // Someone else leads: give our lease back and wait for theirs to go.
+            let mut lease = self.client.lease_client();
+            let _ = self
+                .call("revoke a lease", async move { lease.revoke(id).await })
+                .await;
+            let current = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            });
+            if let Some(current) = &current {
+                waiting(current);
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.changed() => return Ok(None),
+                }
+                match self.leader().await {
+                    Ok(None) => break,
+                    Ok(Some(h)) if Some(&h) != current.as_ref() => {
+                        waiting(&h);
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %keyd_mtls::error_chain(&e), "cannot read the leader key; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refreshes the lease every third of its TTL. If no refresh is answered for two thirds of
+    /// the TTL, leadership is given up: etcd may expire the lease a third of a TTL later, and by
+    /// then this process must have stopped acting.
+    async fn keep_alive(
+        self: std::sync::Arc<Self>,
+        id: i64,
+        ttl: Duration,
+        taken: std::time::Instant,
+    ) {
+        let period = ttl / 3;
+        let give_up = ttl * 2 / 3;
+        let mut last_ok = taken;
+        let mut stream = None;
+        loop {
+            if self.lost.borrow().is_some() {
+                return;
+            }
+            if last_ok.elapsed() >= give_up {
+                self.depose(format!(
+                    "no lease keep-alive answered for {}",
+                    humantime::format_duration(last_ok.elapsed())
+                ));
+                return;
+            }
+            let sent = std::time::Instant::now();
+            let mut client = self.client.clone();
+            let attempt = tokio::time::timeout(period, async {
+                if stream.is_none() {
+                    stream = Some(client.lease_keep_alive(id).await?);
+                }
+                let Some((keeper, answers)) = stream.as_mut() else {
+                    return Ok(None);
+                };
+                keeper.keep_alive().await?;
+                answers.message().await
+            })
+            .await;
+            match attempt {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = sent,
+                Ok(Ok(Some(_))) => {
+                    self.depose("the leader lease expired".to_owned());
+                    return;
+                }
+                _ => stream = None, // reconnect on the next round
+            }
+            tokio::time::sleep(period.saturating_sub(sent.elapsed())).await;
+        }
+    }
+
+    /// Ends the lease without telling this process, as an expiry on the etcd side would (tests).
+    #[doc(hidden)]
+    pub fn resign_for_test(&self) {
+        if let Some(fence) = self.fence() {
+            let mut lease = self.client.lease_client();
+            let _ = self.run("revoke the leader lease", async move {
+                lease.revoke(fence.lease).await
+            });
+        }
+    }
+
+    /// Gives leadership up at once (at shutdown), so that a standby need not wait for the TTL.
+    pub fn resign(&self) {
+        let Some(fence) = self.fence.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let mut lease = self.client.lease_client();
+        let _ = self.run("revoke the leader lease", async move {
+            lease.revoke(fence.lease).await
+        });
     }
 
     fn table_prefix(&self, table: Table) -> Vec<u8> {
@@ -343,8 +585,9 @@ impl EtcdStore {
     }
 
     fn try_commit(&self, txn: &Txn, at: Timestamp) -> Result<Attempt, StoreError> {
-        let mut compares = Vec::with_capacity(txn.guards.len() + 1);
-        let mut reads = Vec::with_capacity(txn.guards.len() + 1);
+        let mut compares = Vec::with_capacity(txn.guards.len() + 2);
+        let mut reads = Vec::with_capacity(txn.guards.len() + 2);
+        let fence = self.fenced()?;
         for (table, key, expected) in &txn.guards {
             let k = self.table_key(*table, key);
             compares.push(match expected {
@@ -414,14 +657,24 @@ impl EtcdStore {
                 .into(),
             });
         }
+        if let Some(f) = &fence {
+            compares.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.lease));
+            reads.push(TxnOp::get(f.key.clone(), None));
+        }
         let etxn = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
         let mut kv = self.client.kv_client();
         let resp = self.run("commit", async move { kv.txn(etxn).await })?;
         if resp.succeeded() {
             return Ok(Attempt::Done);
         }
-        // Which compare failed: the first guard whose stored value differs, else the head.
+        // Which compare failed: the fence first (a deposed leader must stop), then the first
+        // guard whose stored value differs, else the head.
         let answers = resp.op_responses();
+        if let (Some(f), Some(TxnOpResponse::Get(g))) = (&fence, answers.last())
+            && g.kvs().first().map(|kv| kv.lease()) != Some(f.lease)
+        {
+            return Err(self.deposed("commit"));
+        }
         for ((table, key, expected), answer) in txn.guards.iter().zip(&answers) {
             let current = match answer {
                 TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
@@ -448,6 +701,21 @@ impl EtcdStore {
                 source: "etcd refused an unconditional transaction".into(),
             }),
         }
+    }
+}
+
+impl EtcdStore {
+    /// The fence to add to a write, or `Deposed` if leadership was lost.
+    fn fenced(&self) -> Result<Option<Fence>, StoreError> {
+        if self.lost.borrow().is_some() {
+            return Err(StoreError::Deposed { op: "commit" });
+        }
+        Ok(self.fence())
+    }
+
+    fn deposed(&self, op: &'static str) -> StoreError {
+        self.depose("another keyd holds the leader key now".to_owned());
+        StoreError::Deposed { op }
     }
 }
 
@@ -586,14 +854,27 @@ impl Store for EtcdStore {
         let Some(last) = resp.kvs().last() else {
             return Ok(0);
         };
-        // ... removed by one range delete, one etcd transaction.
+        // ... removed by one range delete, one etcd transaction (fenced like every write).
         let end = successor(last.key());
+        let fence = self.fenced()?;
+        let mut t = EtcdTxn::new();
+        if let Some(f) = &fence {
+            t = t.when([Compare::lease(f.key.clone(), CompareOp::Equal, f.lease)]);
+        }
+        let t = t.and_then([TxnOp::delete(p, Some(DeleteOptions::new().with_range(end)))]);
         let mut kv = self.client.kv_client();
-        let resp = self.run("audit delete", async move {
-            kv.delete(p, Some(DeleteOptions::new().with_range(end)))
-                .await
-        })?;
-        Ok(usize::try_from(resp.deleted()).unwrap_or(0))
+        let resp = self.run("audit delete", async move { kv.txn(t).await })?;
+        if !resp.succeeded() {
+            return Err(self.deposed("audit delete"));
+        }
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => usize::try_from(d.deleted()).unwrap_or(0),
+                _ => 0,
+            })
+            .sum())
     }
 }
 

@@ -218,6 +218,8 @@ pub struct EtcdSettings {
     pub timeout: Duration,
     /// etcd's `--max-txn-ops` (128 unless the cluster raised it).
     pub max_txn_ops: usize,
+    /// The leader's lease: a standby takes over at most this long after the leader died.
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +300,10 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// This keyd no longer leads the replicated store (its lease expired or another process
+    /// took over): nothing was written, and this process stops acting as the leader.
+    #[error("store {op} refused: this keyd is no longer the store's leader")]
+    Deposed { op: &'static str },
     #[error("{table:?}/{key} changed concurrently; retry")]
     Conflict { table: Table, key: String },
     #[error("stored {what} is corrupt: {why}")]
@@ -315,7 +321,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Full { .. } | StoreError::Io { .. } | StoreError::Unavailable { .. }
+            StoreError::Full { .. }
+                | StoreError::Io { .. }
+                | StoreError::Unavailable { .. }
+                | StoreError::Deposed { .. }
         )
     }
 
