@@ -30,6 +30,8 @@ pub mod seal;
 pub mod service;
 pub mod source_limit;
 pub mod store;
+#[cfg(feature = "etcd")]
+pub mod store_copy;
 pub mod telemetry;
 pub mod wireguard;
 

@@ -47,6 +47,28 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9443")]
         ops_listen: String,
     },
+    /// Work on a store offline.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a redb store into the empty etcd prefix that --config's [store] names (keyd
+    /// stopped). Before writing, every sealed record of the source must open (with the
+    /// configuration's [kek]) and its audit chain must verify; afterwards every entry is read
+    /// back from etcd and compared, and every record is opened from etcd. Refuses a target that
+    /// holds any key. Prints the report as JSON; exits 1 on any failure.
+    Copy {
+        /// keyd's configuration: [store] names the etcd target, [kek] the custodian.
+        #[arg(long)]
+        config: PathBuf,
+        /// The redb file to copy (DATA_DIR/keyd.redb).
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +91,14 @@ fn main() -> ExitCode {
         .filter(|(k, _)| k.starts_with("KEYD_"))
         .collect();
     let (config, dev) = match cli.command {
+        Command::Store {
+            command: StoreCommand::Copy { config, from },
+        } => {
+            return match config::load(Some(&config), &env, &Flags::default()) {
+                Ok(c) => store_copy(c, &from),
+                Err(e) => config_error(&e),
+            };
+        }
         Command::Serve {
             config,
             overrides: o,
@@ -135,6 +165,45 @@ fn main() -> ExitCode {
         running.serve().await;
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(feature = "etcd")]
+fn store_copy(config: config::Config, from: &std::path::Path) -> ExitCode {
+    keyd_mtls::ops::init_logging(config.log_format, &config.log_level);
+    keyd_mtls::tls::install_default_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keyd::store_copy::copy(&config, from)) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keyd store copy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Without the etcd feature the configuration already refuses an etcd target.
+#[cfg(not(feature = "etcd"))]
+fn store_copy(_config: config::Config, _from: &std::path::Path) -> ExitCode {
+    eprintln!(
+        "keyd store copy: the target must be etcd, and this keyd was built without it \
+         (--features etcd)"
+    );
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {

@@ -247,3 +247,154 @@ async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
     audit_verifies(&a2, dir.path()).await;
     a2.stop().await;
 }
+
+fn keyd_store_copy(config: &std::path::Path, from: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keyd"))
+        .args(["store", "copy", "--config"])
+        .arg(config)
+        .arg("--from")
+        .arg(from)
+        .env_remove("KEYD_LOG_LEVEL")
+        .output()
+        .unwrap()
+}
+
+fn count_keys(endpoints: &[String], prefix: &str) -> i64 {
+    let settings = keyd::store::EtcdSettings {
+        endpoints: endpoints.to_vec(),
+        prefix: prefix.to_owned(),
+        tls: None,
+        timeout: Duration::from_secs(3),
+        max_txn_ops: 128,
+        lease_ttl: Duration::from_secs(2),
+    };
+    keyd::store::etcd::EtcdStore::connect(&settings)
+        .unwrap()
+        .count_keys()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
+    if !keyd_tests::prereq::require(
+        "etcd (Debian's etcd-server)",
+        keyd_tests::etcd::binary().map(|_| ()),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A keyd on redb with some history.
+    let mut keyd = Keyd::spawn(&data, &[]);
+    keyd.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    register_dev_node(&keyd, "node-a", 0).await.unwrap();
+    register_dev_node(&keyd, "node-b", 1).await.unwrap();
+    call(
+        &keyd,
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    let before = call(&keyd, Identity::Admin, Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    keyd.stop().await;
+
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let endpoints = etcd.endpoints();
+    let config = dir.path().join("keyd-etcd.toml");
+    let base = std::fs::read_to_string(data.join("keyd.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{base}\n[store]\nbackend = \"etcd\"\n\n[store.etcd]\nendpoints = {endpoints:?}\n\
+             prefix = \"/copied/\"\nlease_ttl = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+    let redb = data.join("keyd.redb");
+    let out = keyd_store_copy(&config, &redb);
+    assert!(
+        out.status.success(),
+        "copy failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("keyd store copy: {report}");
+    assert!(
+        report["sealed_records_opened"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(report["audit_records"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["to"].as_str().unwrap().contains("/copied/"),
+        "{report}"
+    );
+
+    // A second copy into the same prefix is refused, and changes nothing.
+    let keys = count_keys(&endpoints, "/copied/");
+    let out = keyd_store_copy(&config, &redb);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(count_keys(&endpoints, "/copied/"), keys);
+
+    // keyd on the copy: the same nodes and keys, and the moved chain verifies with the copy's
+    // own record at its end.
+    let mut keyd = Keyd::spawn_serving(&data, &config, &[]);
+    keyd.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    let after = call(&keyd, Identity::Admin, Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+    let status = call(&keyd, Identity::Admin, Method::GET, "/v1/status", None)
+        .await
+        .unwrap();
+    assert!(
+        status["store"].as_str().unwrap().starts_with("etcd:"),
+        "{status}"
+    );
+    audit_verifies(&keyd, dir.path()).await;
+    let exported = process::export(&keyd).await.unwrap();
+    assert!(exported.contains("\"store.copied\""));
+    keyd.stop().await;
+
+    // A source whose records cannot be opened (its KEK file replaced) is not copied at all.
+    let kek = data.join("kek.key");
+    let original = std::fs::read(&kek).unwrap();
+    {
+        use base64::Engine as _;
+        let wrong = base64::engine::general_purpose::STANDARD.encode([0x5a; 32]);
+        std::fs::write(&kek, format!("{wrong}\n")).unwrap();
+    }
+    let other = dir.path().join("keyd-etcd-2.toml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("/copied/", "/second/"),
+    )
+    .unwrap();
+    let out = keyd_store_copy(&other, &redb);
+    assert_eq!(out.status.code(), Some(1));
+    println!(
+        "copy with a wrong KEK: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not open"), "{err}");
+    assert_eq!(
+        count_keys(&endpoints, "/second/"),
+        0,
+        "nothing may be written"
+    );
+    std::fs::write(&kek, original).unwrap();
+}

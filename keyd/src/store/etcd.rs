@@ -473,6 +473,77 @@ impl EtcdStore {
         }
     }
 
+    /// How many keys are under the prefix (0 for an unused prefix).
+    pub fn count_keys(&self) -> Result<i64, StoreError> {
+        let p = self.prefix.as_bytes().to_vec();
+        let options = GetOptions::new()
+            .with_range(range_end(&p))
+            .with_count_only();
+        let mut kv = self.client.kv_client();
+        let resp = self.run("count keys", async move { kv.get(p, Some(options)).await })?;
+        Ok(resp.count())
+    }
+
+    /// Writes audit records exactly as they are (their numbers and hashes), after the current
+    /// head, which must be `records[0].seq - 1` or absent: `keyd store copy` moves a chain
+    /// without re-chaining it. Fenced like every write; at most `max_txn_ops - 1` records.
+    pub fn import_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        if records.len() + 1 > self.max_txn_ops {
+            return Err(StoreError::Backend {
+                op: "audit import",
+                source: "more records than one transaction may carry".into(),
+            });
+        }
+        let fence = self.fenced()?;
+        let (head, head_revision) = self.read_head()?;
+        if let Some(h) = &head
+            && (h.seq + 1 != first.seq || h.hash != first.prev_hash)
+        {
+            return Err(StoreError::Corrupt {
+                what: format!("audit record {}", first.seq),
+                why: format!("does not follow the imported head (record {})", h.seq),
+            });
+        }
+        let mut compares = vec![if head.is_some() {
+            Compare::mod_revision(self.head_key(), CompareOp::Equal, head_revision)
+        } else {
+            Compare::version(self.head_key(), CompareOp::Equal, 0)
+        }];
+        if let Some(f) = &fence {
+            compares.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.lease));
+        }
+        let mut ops = Vec::with_capacity(records.len() + 1);
+        for r in records {
+            let bytes = serde_json::to_vec(r).map_err(|e| StoreError::Backend {
+                op: "encode audit record",
+                source: Box::new(e),
+            })?;
+            ops.push(TxnOp::put(self.audit_key(r.seq), bytes, None));
+        }
+        ops.push(TxnOp::put(
+            self.head_key(),
+            encode_head(&Head {
+                seq: last.seq,
+                hash: last.hash.clone(),
+            }),
+            None,
+        ));
+        let t = EtcdTxn::new().when(compares).and_then(ops);
+        let mut kv = self.client.kv_client();
+        let resp = self.run("audit import", async move { kv.txn(t).await })?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::Backend {
+                op: "audit import",
+                source: "another writer changed the audit log during the copy".into(),
+            })
+        }
+    }
+
     /// Ends the lease without telling this process, as an expiry on the etcd side would (tests).
     #[doc(hidden)]
     pub fn resign_for_test(&self) {

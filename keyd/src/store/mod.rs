@@ -153,7 +153,7 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    fn chain(seq: u64, at: Timestamp, event: AuditEvent, prev_hash: String) -> Self {
+    pub(crate) fn chain(seq: u64, at: Timestamp, event: AuditEvent, prev_hash: String) -> Self {
         let mut r = Self {
             seq,
             at,
