@@ -76,7 +76,22 @@ impl PodContainer {
     /// The container `container` of the `kind` workload `name` in `file`.
     pub fn of(file: &str, kind: &str, name: &str, container: &str) -> Self {
         let workload = object(file, kind, name);
-        let pod = workload["spec"]["template"]["spec"].clone();
+        let mut pod = workload["spec"]["template"]["spec"].clone();
+        // A StatefulSet's claim templates become volumes of its pods, as its controller adds
+        // them.
+        for claim in workload["spec"]["volumeClaimTemplates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let claim_name = claim["metadata"]["name"].clone();
+            if let Some(volumes) = pod["volumes"].as_array_mut() {
+                volumes.push(serde_json::json!({
+                    "name": claim_name,
+                    "persistentVolumeClaim": {"claimName": claim_name},
+                }));
+            }
+        }
         let container = pod["containers"]
             .as_array()
             .into_iter()
