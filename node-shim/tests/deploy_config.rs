@@ -379,7 +379,10 @@ format = "json"
                 !attached,
                 "{attach}: {missing} is not needed: attached with {fewer:?}:\n{text}"
             );
-            assert!(text.contains("node-shim failed"), "{attach} without {missing}:\n{text}");
+            assert!(
+                text.contains("node-shim failed"),
+                "{attach} without {missing}:\n{text}"
+            );
         }
     }
 }
