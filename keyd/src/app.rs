@@ -241,12 +241,18 @@ pub const EXIT_DEPOSED: i32 = 75;
 struct Leader {
     #[cfg(feature = "etcd")]
     store: Arc<crate::store::etcd::EtcdStore>,
+    /// Ends the process when leadership is lost; stopped first when keyd resigns.
+    #[cfg(feature = "etcd")]
+    watch_loss: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
         #[cfg(feature = "etcd")]
-        self.store.resign();
+        {
+            self.watch_loss.abort();
+            self.store.resign();
+        }
     }
 }
 
@@ -268,12 +274,33 @@ async fn open_store(
     match &config.store {
         #[cfg(feature = "etcd")]
         crate::config::StoreConfig::Etcd(settings) => {
-            let etcd =
-                Arc::new(crate::store::etcd::EtcdStore::connect(settings).with_context(described)?);
             let holder = holder_name();
-            let leader_seen = Arc::new(std::sync::Mutex::new(String::new()));
+            let leader_seen = Arc::new(std::sync::Mutex::new(
+                "nobody yet (etcd not reached)".to_owned(),
+            ));
             let (stop_standby, standby) =
                 standby_ops(config.ops_listen, Arc::clone(&leader_seen)).await?;
+            // etcd may be down when keyd (re)starts: wait for it as a standby, not in a crash
+            // loop. Anything else (a TLS file, a refused request) ends the start.
+            let etcd = loop {
+                let settings = settings.clone();
+                let connected = tokio::task::spawn_blocking(move || {
+                    crate::store::etcd::EtcdStore::connect(&settings)
+                })
+                .await
+                .context("connecting to etcd")?;
+                match connected {
+                    Ok(store) => break Arc::new(store),
+                    Err(e) if e.is_unreachable() => {
+                        tracing::warn!(
+                            error = %keyd_mtls::error_chain(&e),
+                            "etcd cannot be reached; standing by"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context(described())),
+                }
+            };
             let seen = Arc::clone(&leader_seen);
             let led = etcd
                 .lead(
@@ -294,8 +321,15 @@ async fn open_store(
                 std::process::exit(0);
             };
             tracing::info!(holder = leadership.holder, "this keyd leads the etcd store");
+            if etcd.copy_incomplete()? {
+                anyhow::bail!(
+                    "{}: a `keyd store copy` into this prefix did not finish; delete the prefix \
+                     with etcdctl and copy again",
+                    etcd.describe()
+                );
+            }
             let mut lost = leadership.lost;
-            tokio::spawn(async move {
+            let watch_loss = tokio::spawn(async move {
                 if let Ok(reason) = lost.wait_for(Option::is_some).await {
                     let reason = reason.clone().unwrap_or_default();
                     tracing::error!(
@@ -307,7 +341,13 @@ async fn open_store(
                 }
             });
             let store: Arc<dyn Store> = Arc::clone(&etcd) as Arc<dyn Store>;
-            Ok((store, Some(Leader { store: etcd })))
+            Ok((
+                store,
+                Some(Leader {
+                    store: etcd,
+                    watch_loss,
+                }),
+            ))
         }
         other => {
             let _ = shutdown; // only a standby waits for it
@@ -324,7 +364,11 @@ fn holder_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".to_owned());
-    format!("{host}/{}", std::process::id())
+    // A restarted container has the same host name and often the same pid: a random part
+    // tells processes apart in logs and in /readyz.
+    let mut nonce = [0u8; 4];
+    let _ = getrandom::fill(&mut nonce);
+    format!("{host}/{}/{}", std::process::id(), hex::encode(nonce))
 }
 
 /// The ops listener of a standby: alive, not ready, naming the leader.

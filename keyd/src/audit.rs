@@ -165,6 +165,7 @@ struct Failure {
     full: bool,
     io: bool,
     unreachable: bool,
+    deposed: bool,
     why: String,
 }
 
@@ -174,6 +175,7 @@ impl From<&StoreError> for Failure {
             full: e.is_full(),
             io: e.is_unavailable(),
             unreachable: e.is_unreachable(),
+            deposed: matches!(e, StoreError::Deposed { .. }),
             why: keyd_mtls::error_chain(e),
         }
     }
@@ -247,7 +249,9 @@ impl AuditWriter {
             .map_err(|_| failed("the audit writer has stopped".into()))?
             .map_err(|f| {
                 let source = f.why.into();
-                if f.full {
+                if f.deposed {
+                    StoreError::Deposed { op: "audit append" }
+                } else if f.full {
                     StoreError::Full {
                         op: "audit append",
                         source,

@@ -5,7 +5,8 @@
 //! - before anything is written, every sealed record of the source opens under its custodian
 //!   and the source's audit chain links and hashes correctly;
 //! - the target must be empty (not one key under the prefix), and the copy holds the prefix's
-//!   leader key while it writes, so no keyd can start leading it meanwhile;
+//!   leader key while it writes, so no keyd can start leading it meanwhile; a marker key says
+//!   "copy incomplete" until the last step, and keyd refuses to lead a prefix that has it;
 //! - table entries are copied byte for byte, audit records with their numbers and hashes (the
 //!   chain is moved, not re-chained, so exports and checkpoints signed before still verify);
 //! - afterwards every entry is read back from etcd and compared, every sealed record is opened
@@ -90,6 +91,13 @@ pub async fn copy(config: &Config, from: &Path) -> anyhow::Result<CopyReport> {
     }
     let target = Arc::new(EtcdStore::connect(settings).context("connecting to etcd")?);
     let existing = target.count_keys()?;
+    if existing > 0 && target.copy_incomplete()? {
+        bail!(
+            "the target {} holds an earlier `keyd store copy` that did not finish ({existing} \
+             keys): delete the prefix with etcdctl (etcdctl del --prefix PREFIX) and copy again",
+            target.describe()
+        );
+    }
     if existing > 0 {
         bail!(
             "the target {} is not empty ({existing} keys under the prefix): refusing to \
@@ -97,6 +105,21 @@ pub async fn copy(config: &Config, from: &Path) -> anyhow::Result<CopyReport> {
              deliberately with etcdctl first",
             target.describe()
         );
+    }
+    // The source is sound before anything is written: every record opens, the chain holds.
+    let custody = crate::custody::bootstrap(&config.kek, &config.custody, &source)
+        .await
+        .context("the source's KEK custodian")?;
+    let sealed = crate::rewrap::verify_all(&source, &custody)
+        .await
+        .map_err(|(id, e)| anyhow::anyhow!("source record {id} does not open: {e}"))?;
+    let mut prev = None;
+    let mut next = 0;
+    loop {
+        let page = source.audit_range(next, PAGE)?;
+        let Some(last) = page.last() else { break };
+        next = last.seq + 1;
+        check_links(&mut prev, &page).context("the source's audit chain")?;
     }
     let holder = format!("keyd store copy/{}", std::process::id());
     let (_never, stop) = tokio::sync::watch::channel(false);
@@ -110,16 +133,25 @@ pub async fn copy(config: &Config, from: &Path) -> anyhow::Result<CopyReport> {
     if lead.is_none() {
         bail!("stopped before the copy began");
     }
-    let result = run(config, from, &source, &target).await;
+    // Until the last step, the prefix says it is an unfinished copy: keyd refuses to lead it.
+    let result = match target.set_copy_incomplete(true, &format!("from {}", from.display())) {
+        Ok(()) => run(from, &source, &target, &custody, sealed).await,
+        Err(e) => Err(e.into()),
+    };
+    let result = result.and_then(|report| {
+        target.set_copy_incomplete(false, "")?;
+        Ok(report)
+    });
     target.resign();
     result
 }
 
 async fn run(
-    config: &Config,
     from: &Path,
     source: &Arc<dyn Store>,
     target: &Arc<EtcdStore>,
+    custody: &Arc<crate::custody::Custody>,
+    sealed: usize,
 ) -> anyhow::Result<CopyReport> {
     let target_dyn: Arc<dyn Store> = Arc::clone(target) as Arc<dyn Store>;
     let mut report = CopyReport {
@@ -127,23 +159,9 @@ async fn run(
         to: target.describe(),
         ..CopyReport::default()
     };
-    // 1. The source is sound: every record opens, the chain holds.
-    let custody = crate::custody::bootstrap(&config.kek, &config.custody, source)
-        .await
-        .context("the source's KEK custodian")?;
-    report.sealed_records_opened = crate::rewrap::verify_all(source, &custody)
-        .await
-        .map_err(|(id, e)| anyhow::anyhow!("source record {id} does not open: {e}"))?;
-    let mut prev = None;
-    let mut next = 0;
-    loop {
-        let page = source.audit_range(next, PAGE)?;
-        let Some(last) = page.last() else { break };
-        next = last.seq + 1;
-        check_links(&mut prev, &page).context("the source's audit chain")?;
-    }
+    report.sealed_records_opened = sealed;
 
-    // 2. Tables, byte for byte, in transactions the target accepts.
+    // 1. Tables, byte for byte, in transactions the target accepts.
     let per_txn = target.max_txn_ops().saturating_sub(1).max(1);
     for table in Table::ALL {
         let entries = source.scan(table)?;
@@ -161,7 +179,7 @@ async fn run(
         }
     }
 
-    // 3. The audit chain as it is.
+    // 2. The audit chain as it is.
     let mut next = 0;
     loop {
         let page = source.audit_range(next, PAGE)?;
@@ -177,7 +195,7 @@ async fn run(
         }
     }
 
-    // 4. Read everything back from etcd.
+    // 3. Read everything back from etcd.
     for table in Table::ALL {
         if source.scan(table)? != target.scan(table)? {
             bail!(
@@ -209,7 +227,7 @@ async fn run(
             report.audit_records
         );
     }
-    let reopened = crate::rewrap::verify_all(&target_dyn, &custody)
+    let reopened = crate::rewrap::verify_all(&target_dyn, custody)
         .await
         .map_err(|(id, e)| anyhow::anyhow!("record {id} does not open from etcd: {e}"))?;
     if reopened != report.sealed_records_opened {
@@ -219,7 +237,7 @@ async fn run(
         );
     }
 
-    // 5. The copy itself is on the record.
+    // 4. The copy itself is on the record.
     target.commit(Txn::default().audit(AuditEvent::new(
         "store.copied",
         "keyd store copy",

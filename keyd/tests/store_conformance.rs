@@ -590,8 +590,25 @@ fn oversized_transactions_are_refused_whole(s: &dyn Store, _: Option<&str>) {
     if max == usize::MAX {
         return; // redb takes any size: nothing to refuse
     }
+    // The most a caller may put in one transaction is accepted by the real server: as many
+    // guards as writes, and as many audit records (the store adds the head and the fence).
     let mut txn = Txn::default();
-    for i in 0..=max {
+    for i in 0..max {
+        txn = txn.guard(Table::Nodes, format!("full-{i:03}"), None).put(
+            Table::Nodes,
+            format!("full-{i:03}"),
+            b"v".to_vec(),
+        );
+    }
+    s.commit(txn).unwrap();
+    let mut txn = Txn::default();
+    for n in 0..max {
+        txn = txn.audit(event(n));
+    }
+    s.commit(txn).unwrap();
+    // More than etcd takes is refused whole, naming the setting.
+    let mut txn = Txn::default();
+    for i in 0..max + 3 {
         txn = txn.put(Table::Nodes, format!("over-{i}"), b"v".to_vec());
     }
     let e = s.commit(txn).unwrap_err();
@@ -601,12 +618,6 @@ fn oversized_transactions_are_refused_whole(s: &dyn Store, _: Option<&str>) {
         keyd_mtls::error_chain(&e)
     );
     assert!(s.scan_from(Table::Nodes, "over-", 1).unwrap().is_empty());
-    // The audit writer's bound: `max - 1` records plus the head fit in one commit.
-    let mut txn = Txn::default();
-    for n in 0..max - 1 {
-        txn = txn.audit(event(n));
-    }
-    s.commit(txn).unwrap();
 }
 
 // ---- etcd outages ---------------------------------------------------------------------------
@@ -676,13 +687,21 @@ fn three_members_write_with_one_down_and_refuse_with_two() {
     put(&store, Table::Meta, "k", b"0");
     // One member of three down: a quorum remains, writes go on.
     cluster.stop(2);
-    eventually(Duration::from_secs(20), || {
-        store.commit(
-            Txn::default()
-                .put(Table::Meta, "k", b"1".to_vec())
-                .audit(event(1)),
-        )
-    });
+    // Guarded, so a retry after a timeout that did apply conflicts instead of applying twice.
+    let set = |from: &[u8], to: &[u8], n: usize| match store.commit(
+        Txn::default()
+            .guard(Table::Meta, "k", Some(from.to_vec()))
+            .put(Table::Meta, "k", to.to_vec())
+            .audit(event(n)),
+    ) {
+        Err(StoreError::Conflict { .. })
+            if store.get(Table::Meta, "k").ok().flatten().as_deref() == Some(to) =>
+        {
+            Ok(())
+        }
+        other => other,
+    };
+    eventually(Duration::from_secs(20), || set(b"0", b"1", 1));
     // Two down: no quorum. Once the last member knows it has no leader (reads refuse), a write
     // is refused before it is proposed, so it can never appear later. (A write that times out
     // while a leader still believes in its quorum is undecided until the cluster is back.)
@@ -708,13 +727,7 @@ fn three_members_write_with_one_down_and_refuse_with_two() {
     cluster.restart(2);
     let v = eventually(Duration::from_secs(30), || store.get(Table::Meta, "k"));
     assert_eq!(v.as_deref(), Some(&b"1"[..]));
-    eventually(Duration::from_secs(30), || {
-        store.commit(
-            Txn::default()
-                .put(Table::Meta, "k", b"3".to_vec())
-                .audit(event(3)),
-        )
-    });
+    eventually(Duration::from_secs(30), || set(b"1", b"3", 3));
     let records = all_audit(&store);
     assert_eq!(
         records
@@ -743,7 +756,7 @@ fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
     let b = Arc::new(connect(&s));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let led_a: Leadership = rt
-        .block_on(a.lead("keyd-a", s.lease_ttl, |_| {}, stop.clone()))
+        .block_on(a.lead("keyd-a", Duration::from_secs(4), |_| {}, stop.clone()))
         .unwrap()
         .unwrap();
     assert_eq!(rt.block_on(b.leader()).unwrap().as_deref(), Some("keyd-a"));
@@ -753,6 +766,16 @@ fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
             .audit(event(1)),
     )
     .unwrap();
+    // A leader's largest transaction (with its fence) is one the real server accepts.
+    let mut full = Txn::default();
+    for i in 0..a.max_txn_ops() {
+        full = full.guard(Table::Nodes, format!("n{i:03}"), None).put(
+            Table::Nodes,
+            format!("n{i:03}"),
+            b"v".to_vec(),
+        );
+    }
+    a.commit(full).unwrap();
     // b waits while a leads, naming a.
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let b_task = {
@@ -803,7 +826,7 @@ fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
     .unwrap();
     let records = all_audit(b.as_ref());
     assert_eq!(verify_chain(&records, GENESIS_HASH), 2);
-    assert!(!led_b.lost.borrow().is_some());
+    assert!(led_b.lost.borrow().is_none());
 }
 
 /// A leader cut off from etcd gives leadership up by itself within two thirds of its lease,
@@ -832,12 +855,43 @@ fn a_leader_that_cannot_renew_its_lease_steps_down_before_it_expires() {
             .unwrap();
     });
     let after = cut.elapsed();
+    // The last renewal answered was sent at most a third of the TTL (1 s) before the cut, and
+    // etcd expires the lease a full TTL after it at the earliest: stepping down within two
+    // thirds of the TTL of the cut (plus one retry) is before any expiry.
     assert!(
-        after < Duration::from_secs(3),
+        after < Duration::from_millis(2000 + 300),
         "stepped down only after {after:?}"
     );
     eprintln!(
         "stepped down {after:?} after etcd went away: {:?}",
         led.lost.borrow()
     );
+}
+
+/// A leader whose etcd member restarts quickly renews on the new connection and stays leader:
+/// one failed renewal is retried, not fatal.
+#[test]
+fn a_leader_rides_out_a_short_etcd_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut cluster) = own_cluster(dir.path(), 1) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = settings(cluster.endpoints(), "/blip/");
+    let a = Arc::new(connect(&s));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let ttl = Duration::from_secs(6);
+    let led = rt
+        .block_on(a.lead("keyd-a", ttl, |_| {}, stop))
+        .unwrap()
+        .unwrap();
+    cluster.stop(0);
+    cluster.restart(0);
+    // Longer than the lease: only renewals on the new connection keep it.
+    std::thread::sleep(ttl + Duration::from_secs(1));
+    assert!(led.lost.borrow().is_none(), "lost: {:?}", led.lost.borrow());
+    eventually(Duration::from_secs(10), || {
+        a.commit(Txn::default().put(Table::Meta, "still", b"leading".to_vec()))
+    });
+    assert_eq!(rt.block_on(a.leader()).unwrap().as_deref(), Some("keyd-a"));
 }

@@ -108,6 +108,17 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     }
     audit_verifies(&keyd, dir.path()).await;
 
+    // node-a fetches its bundle (handing out key material is audited, so this needs the store).
+    call(
+        &keyd,
+        Identity::Node("node-a"),
+        Method::GET,
+        "/v1/nodes/node-a/bundle",
+        None,
+    )
+    .await
+    .unwrap();
+
     // etcd goes away: keyd still answers reads from what it holds, refuses writes with 503,
     // and says it is degraded.
     etcd.stop(0);
@@ -128,6 +139,17 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
         .await
         .unwrap();
     assert_eq!(code, StatusCode::OK);
+    // Nodes still get the keys they were handed (audited before the outage).
+    let (code, bundle) = request(
+        &keyd,
+        Identity::Node("node-a"),
+        Method::GET,
+        "/v1/nodes/node-a/bundle",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{bundle}");
 
     // etcd returns: the same keyd writes again by itself.
     etcd.restart(0);
@@ -147,6 +169,12 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     assert_eq!(code, 200, "{text}");
     assert!(!text.contains("degraded"), "{text}");
     audit_verifies(&keyd, dir.path()).await;
+    // The same process all along: it kept its leadership through the outage.
+    assert!(
+        keyd.child.try_wait().unwrap().is_none(),
+        "keyd exited: {}",
+        keyd.log()
+    );
     keyd.stop().await;
 }
 
@@ -217,7 +245,8 @@ async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
     let took = killed.elapsed();
     println!("failover after SIGKILL of the leader: {took:?} (lease TTL {ttl}s)");
     // The lease TTL, a poll, and the new leader's start (loading state, the custodian's check).
-    assert!(took < Duration::from_secs(ttl + 3), "took {took:?}");
+    // Generous for a loaded 2-core machine; the figure printed above is the measurement.
+    assert!(took < Duration::from_secs(ttl + 5), "took {took:?}");
     let nodes = call(&b, Identity::Admin, Method::GET, "/v1/nodes", None)
         .await
         .unwrap();
@@ -397,4 +426,82 @@ async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
         "nothing may be written"
     );
     std::fs::write(&kek, original).unwrap();
+
+    // A copy that stopped half way (its marker left behind) is named as such, and keyd will
+    // not lead that prefix.
+    {
+        let settings = keyd::store::EtcdSettings {
+            endpoints: endpoints.clone(),
+            prefix: "/broken/".to_owned(),
+            tls: None,
+            timeout: Duration::from_secs(3),
+            max_txn_ops: 128,
+            lease_ttl: Duration::from_secs(2),
+        };
+        let half = std::sync::Arc::new(keyd::store::etcd::EtcdStore::connect(&settings).unwrap());
+        let (_tx, stop) = tokio::sync::watch::channel(false);
+        half.lead("test", Duration::from_secs(2), |_| {}, stop)
+            .await
+            .unwrap()
+            .unwrap();
+        half.set_copy_incomplete(true, "test").unwrap();
+        keyd::store::Store::commit(
+            half.as_ref(),
+            keyd::store::Txn::default().put(keyd::store::Table::Meta, "partial", b"x".to_vec()),
+        )
+        .unwrap();
+        half.resign();
+    }
+    let broken = dir.path().join("keyd-etcd-broken.toml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("/copied/", "/broken/"),
+    )
+    .unwrap();
+    let out = keyd_store_copy(&broken, &redb);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not finish"), "{err}");
+    let mut refused = Keyd::spawn_serving(&data, &broken, &[]);
+    let status = refused
+        .ready()
+        .await
+        .expect_err("keyd must not serve a half-copied prefix");
+    assert!(!status.success());
+    assert!(
+        refused.log().contains("did not finish"),
+        "{}",
+        refused.log()
+    );
+}
+
+/// keyd (re)started while etcd is down waits as a standby, not in a crash loop, and leads
+/// once etcd answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyd_started_without_etcd_waits_for_it() {
+    if !keyd_tests::prereq::require(
+        "etcd (Debian's etcd-server)",
+        keyd_tests::etcd::binary().map(|_| ()),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let env = etcd_env(&etcd.endpoints());
+    etcd.stop(0);
+    let data = dir.path().join("data");
+    let mut keyd = Keyd::spawn(&data, &env);
+    let (code, text) = readyz_when_up(&keyd).await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("standby"), "{text}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(keyd.child.try_wait().unwrap().is_none(), "{}", keyd.log());
+    etcd.restart(0);
+    keyd.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    register_dev_node(&keyd, "node-a", 0).await.unwrap();
+    keyd.stop().await;
 }

@@ -173,6 +173,16 @@ pub fn store_unavailable(e: &crate::store::StoreError) -> ApiError {
                  again once the filesystem has space, without a restart"
             ),
         )
+    } else if e.is_unreachable() {
+        // A request that timed out may still have been applied by etcd: say so.
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!(
+                "{e}; the change was not confirmed (a request that timed out may still apply): \
+                 read the state before retrying"
+            ),
+        )
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -127,9 +127,31 @@ impl Keyd {
             let n = blocking(move || store.audit_delete_through(through, PRUNE_BATCH)).await?;
             deleted += n as u64;
             if n < PRUNE_BATCH {
-                return Ok(deleted);
+                break;
             }
         }
+        // Then the checkpoints before the anchor (they cover deleted records only), in
+        // transactions the store takes.
+        let stale = audit::checkpoints_between(self.store.as_ref(), 0, through.saturating_sub(1))?;
+        for chunk in stale.chunks(self.store.max_txn_ops().max(1)) {
+            let mut txn = Txn::default();
+            for cp in chunk {
+                txn = txn.delete(Table::Checkpoints, Checkpoint::store_key(cp.seq));
+            }
+            let store = Arc::clone(&self.store);
+            blocking(move || store.commit(txn)).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Whether a prune left checkpoints before its anchor (it stopped before deleting them).
+    fn stale_checkpoints(&self, pruned_through: u64) -> Result<bool> {
+        Ok(pruned_through > 0
+            && self
+                .store
+                .scan_from(Table::Checkpoints, "", 1)?
+                .first()
+                .is_some_and(|(k, _)| *k < Checkpoint::store_key(pruned_through)))
     }
 
     /// Checkpoints at the configured interval, and closes the segment when it is full or old.
@@ -140,6 +162,7 @@ impl Keyd {
             .audit_range(0, 1)?
             .first()
             .is_some_and(|r| r.seq <= segs.pruned_through)
+            || self.stale_checkpoints(segs.pruned_through)?
         {
             let n = self.finish_prune().await?;
             tracing::warn!(
@@ -261,12 +284,7 @@ impl Keyd {
             .first()
             .map_or(through_seq, |r| r.seq);
         let records = (through_seq + 1).saturating_sub(head);
-        let mut txn = Txn::default();
-        // Checkpoints before the anchor cover deleted records only.
-        for cp in audit::checkpoints_between(self.store.as_ref(), 0, through_seq.saturating_sub(1))?
-        {
-            txn = txn.delete(Table::Checkpoints, Checkpoint::store_key(cp.seq));
-        }
+        let txn = Txn::default();
         segs.pruned_through = through_seq;
         segs.ends.retain(|e| e.seq >= through_seq);
         let mut txn = txn

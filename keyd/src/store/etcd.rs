@@ -54,8 +54,8 @@ struct Head {
 }
 
 pub struct EtcdStore {
-    /// The store's own runtime; `None` only while dropping.
-    rt: Option<tokio::runtime::Runtime>,
+    /// The store's own runtime.
+    rt: OwnedRuntime,
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
@@ -94,13 +94,34 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
-impl Drop for EtcdStore {
+/// A runtime that may be dropped anywhere: dropping a runtime blocks, which tokio forbids
+/// inside another runtime (where keyd drops its store, and where a failed connect returns), so
+/// its threads finish in the background instead.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn get(&self) -> Option<&tokio::runtime::Runtime> {
+        self.0.as_ref()
+    }
+}
+
+impl Drop for OwnedRuntime {
     fn drop(&mut self) {
-        // Dropping a runtime blocks, which tokio forbids inside another runtime (where keyd
-        // drops its store): let its threads finish in the background instead.
-        if let Some(rt) = self.rt.take() {
+        if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Waits for `rx` without stalling the caller's runtime: on a multi-thread runtime the worker
+/// hands its other tasks to another thread first (a stalled etcd would otherwise freeze every
+/// task on the worker for up to the timeout).
+fn wait_for<T>(rx: &std::sync::mpsc::Receiver<T>) -> Result<T, std::sync::mpsc::RecvError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| rx.recv())
+        }
+        _ => rx.recv(),
     }
 }
 
@@ -138,6 +159,13 @@ fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
         {
             unavailable(op, e)
         }
+        // etcd's space quota (its alarm is raised): like a full disk, writes fail until an
+        // operator compacts and defragments.
+        E::GRpcStatus(s) if s.message().contains("database space exceeded") => StoreError::Full {
+            op,
+            source: format!("{e} (etcd's space quota is exhausted: compact and defragment)").into(),
+        },
+        E::GRpcStatus(s) if s.message().contains("too many requests") => unavailable(op, e),
         E::GRpcStatus(s) if s.message().contains("too many operations in txn request") => {
             StoreError::Backend {
                 op,
@@ -177,15 +205,20 @@ fn successor(key: &[u8]) -> Vec<u8> {
 impl EtcdStore {
     /// Connects to etcd and checks that it answers (within the configured timeout).
     pub fn connect(settings: &EtcdSettings) -> Result<Self, StoreError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("keyd-etcd")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Backend {
-                op: "start the etcd client",
-                source: Box::new(e),
-            })?;
+        let rt = OwnedRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("keyd-etcd")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Backend {
+                    op: "start the etcd client",
+                    source: Box::new(e),
+                })?,
+        ));
+        let Some(handle) = rt.get().map(|r| r.handle().clone()) else {
+            return Err(unavailable("connect to etcd", "no runtime"));
+        };
         let mut options = ConnectOptions::new()
             .with_connect_timeout(settings.timeout)
             .with_timeout(settings.timeout)
@@ -210,7 +243,7 @@ impl EtcdStore {
         let client = {
             let endpoints = endpoints.clone();
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            rt.spawn(async move {
+            handle.spawn(async move {
                 let connected = tokio::time::timeout(timeout, async move {
                     let mut client = Client::connect(&endpoints, Some(options)).await?;
                     // Connecting is lazy: a status call proves a member answers.
@@ -220,7 +253,7 @@ impl EtcdStore {
                 .await;
                 let _ = tx.send(connected);
             });
-            match rx.recv() {
+            match wait_for(&rx) {
                 Ok(Ok(Ok(client))) => client,
                 Ok(Ok(Err(e))) => return Err(classify("connect to etcd", e)),
                 Ok(Err(_)) => {
@@ -239,7 +272,7 @@ impl EtcdStore {
             }
         };
         Ok(Self {
-            rt: Some(rt),
+            rt,
             client,
             prefix: settings.prefix.clone(),
             endpoints,
@@ -256,7 +289,7 @@ impl EtcdStore {
         op: &'static str,
         f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let Some(rt) = &self.rt else {
+        let Some(rt) = self.rt.get() else {
             return Err(unavailable(op, "the store is closing"));
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -264,7 +297,7 @@ impl EtcdStore {
         rt.spawn(async move {
             let _ = tx.send(tokio::time::timeout(timeout, f).await);
         });
-        match rx.recv() {
+        match wait_for(&rx) {
             Ok(Ok(r)) => r.map_err(|e| classify(op, e)),
             Ok(Err(_)) => Err(unavailable(
                 op,
@@ -283,7 +316,7 @@ impl EtcdStore {
         op: &'static str,
         f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let Some(rt) = &self.rt else {
+        let Some(rt) = self.rt.get() else {
             return Err(unavailable(op, "the store is closing"));
         };
         let timeout = self.timeout;
@@ -336,8 +369,8 @@ impl EtcdStore {
 
     /// Waits until this process holds the store's leader key (`PREFIX leader`, bound to a lease
     /// of `ttl`), then keeps the lease alive in the background. `waiting` is called with the
-    /// current holder each time it is seen (for logs and `/readyz`). Returns `None` when
-    /// `shutdown` fires first.
+    /// current holder each time it changes (for logs and `/readyz`). Returns `None` when
+    /// `shutdown` fires first. etcd being unreachable meanwhile is waited out, not an error.
     ///
     /// Exactly one process holds the key: taking it is a transaction that requires it absent.
     /// When the holder dies its lease expires after `ttl` and etcd deletes the key; a waiting
@@ -350,83 +383,122 @@ impl EtcdStore {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Option<Leadership>, StoreError> {
         let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut seen: Option<String> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(None);
             }
-            let mut lease = self.client.lease_client();
-            let granted = self
-                .call(
-                    "grant a lease",
-                    async move { lease.grant(ttl_secs, None).await },
-                )
-                .await?;
-            let id = granted.id();
-            let key = self.leader_key();
-            let take = EtcdTxn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    holder.as_bytes().to_vec(),
-                    Some(etcd_client::PutOptions::new().with_lease(id)),
-                )])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let mut kv = self.client.kv_client();
-            let sent = std::time::Instant::now();
-            let resp = self
-                .call("take the leader key", async move { kv.txn(take).await })
-                .await?;
-            if resp.succeeded() {
-                *self.fence.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Fence { key, lease: id });
-                self.lost.send_replace(None);
-                let me = std::sync::Arc::clone(self);
-                if let Some(rt) = &self.rt {
-                    rt.spawn(async move { me.keep_alive(id, ttl, sent).await });
+            match self.try_lead(holder, ttl, ttl_secs).await {
+                Ok(Ok(leadership)) => return Ok(Some(leadership)),
+                Ok(Err(current)) => {
+                    if seen.as_ref() != Some(&current) {
+                        waiting(&current);
+                        seen = Some(current.clone());
+                    }
+                    // Wait for the holder's key to go (its lease ended) or change hands.
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = shutdown.changed() => return Ok(None),
+                        }
+                        match self.leader().await {
+                            Ok(Some(h)) if h == current => {}
+                            Ok(_) => break,
+                            Err(e) => tracing::warn!(
+                                error = %keyd_mtls::error_chain(&e),
+                                "cannot read the leader key; retrying"
+                            ),
+                        }
+                    }
                 }
-                return Ok(Some(Leadership {
-                    holder: holder.to_owned(),
-                    lost: self.lost.subscribe(),
-                }));
+                Err(e) if e.is_unreachable() => {
+                    tracing::warn!(error = %keyd_mtls::error_chain(&e), "etcd cannot be reached; waiting to lead");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            // Someone else leads: give our lease back and wait for theirs to go.
-            let mut lease = self.client.lease_client();
-            let _ = self
-                .call("revoke a lease", async move { lease.revoke(id).await })
-                .await;
-            let current = resp.op_responses().into_iter().find_map(|r| match r {
+        }
+    }
+
+    /// One attempt: the leadership, or the current holder's name.
+    async fn try_lead(
+        self: &std::sync::Arc<Self>,
+        holder: &str,
+        ttl: Duration,
+        ttl_secs: i64,
+    ) -> Result<Result<Leadership, String>, StoreError> {
+        // etcd counts the lease from when it received the grant: count from before sending it.
+        let asked = std::time::Instant::now();
+        let mut lease = self.client.lease_client();
+        let granted = self
+            .call(
+                "grant a lease",
+                async move { lease.grant(ttl_secs, None).await },
+            )
+            .await?;
+        let id = granted.id();
+        let key = self.leader_key();
+        let take = EtcdTxn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder.as_bytes().to_vec(),
+                Some(etcd_client::PutOptions::new().with_lease(id)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let mut kv = self.client.kv_client();
+        let taken = self
+            .call("take the leader key", async move { kv.txn(take).await })
+            .await;
+        let resp = match taken {
+            Ok(r) => r,
+            Err(e) => {
+                self.revoke(id).await;
+                return Err(e);
+            }
+        };
+        if resp.succeeded() {
+            *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Fence { key, lease: id });
+            self.lost.send_replace(None);
+            let me = std::sync::Arc::clone(self);
+            if let Some(rt) = self.rt.get() {
+                rt.spawn(async move { me.keep_alive(id, ttl, asked).await });
+            }
+            return Ok(Ok(Leadership {
+                holder: holder.to_owned(),
+                lost: self.lost.subscribe(),
+            }));
+        }
+        // Someone else leads: give our lease back.
+        self.revoke(id).await;
+        let current = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
                 TxnOpResponse::Get(g) => g
                     .kvs()
                     .first()
                     .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
                 _ => None,
-            });
-            if let Some(current) = &current {
-                waiting(current);
-            }
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = shutdown.changed() => return Ok(None),
-                }
-                match self.leader().await {
-                    Ok(None) => break,
-                    Ok(Some(h)) if Some(&h) != current.as_ref() => {
-                        waiting(&h);
-                        break;
-                    }
-                    Ok(Some(_)) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %keyd_mtls::error_chain(&e), "cannot read the leader key; retrying");
-                    }
-                }
-            }
-        }
+            })
+            .unwrap_or_default();
+        Ok(Err(current))
     }
 
-    /// Refreshes the lease every third of its TTL. If no refresh is answered for two thirds of
-    /// the TTL, leadership is given up: etcd may expire the lease a third of a TTL later, and by
-    /// then this process must have stopped acting.
+    async fn revoke(&self, id: i64) {
+        let mut lease = self.client.lease_client();
+        let _ = self
+            .call("revoke a lease", async move { lease.revoke(id).await })
+            .await;
+    }
+
+    /// Refreshes the lease every third of its TTL, and after a failed refresh every 250 ms. If
+    /// no refresh is answered for two thirds of the TTL (counted from the last one *sent* that
+    /// was answered), leadership is given up: etcd may expire the lease a third of a TTL later,
+    /// and by then this process must have stopped acting.
     async fn keep_alive(
         self: std::sync::Arc<Self>,
         id: i64,
@@ -435,13 +507,15 @@ impl EtcdStore {
     ) {
         let period = ttl / 3;
         let give_up = ttl * 2 / 3;
+        let retry = Duration::from_millis(250);
         let mut last_ok = taken;
         let mut stream = None;
         loop {
             if self.lost.borrow().is_some() {
                 return;
             }
-            if last_ok.elapsed() >= give_up {
+            let left = give_up.saturating_sub(last_ok.elapsed());
+            if left.is_zero() {
                 self.depose(format!(
                     "no lease keep-alive answered for {}",
                     humantime::format_duration(last_ok.elapsed())
@@ -450,7 +524,7 @@ impl EtcdStore {
             }
             let sent = std::time::Instant::now();
             let mut client = self.client.clone();
-            let attempt = tokio::time::timeout(period, async {
+            let attempt = tokio::time::timeout(left.min(period), async {
                 if stream.is_none() {
                     stream = Some(client.lease_keep_alive(id).await?);
                 }
@@ -461,15 +535,84 @@ impl EtcdStore {
                 answers.message().await
             })
             .await;
-            match attempt {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = sent,
+            let wait = match attempt {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    last_ok = sent;
+                    period.saturating_sub(sent.elapsed())
+                }
                 Ok(Ok(Some(_))) => {
                     self.depose("the leader lease expired".to_owned());
                     return;
                 }
-                _ => stream = None, // reconnect on the next round
+                Ok(Err(etcd_client::Error::GRpcStatus(st)))
+                    if st.message().contains("requested lease not found") =>
+                {
+                    self.depose("the leader lease no longer exists".to_owned());
+                    return;
+                }
+                _ => {
+                    stream = None; // reconnect, soon
+                    retry.saturating_sub(sent.elapsed())
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Gives leadership up at once (at shutdown), so that a standby need not wait for the TTL.
+    /// Nothing is written after it: the store counts as deposed.
+    pub fn resign(&self) {
+        self.lost.send_if_modified(|lost| {
+            if lost.is_some() {
+                return false;
             }
-            tokio::time::sleep(period.saturating_sub(sent.elapsed())).await;
+            *lost = Some("resigned".to_owned());
+            true
+        });
+        let Some(fence) = self.fence.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let mut lease = self.client.lease_client();
+        let _ = self.run("revoke the leader lease", async move {
+            lease.revoke(fence.lease).await
+        });
+    }
+
+    fn copy_marker(&self) -> Vec<u8> {
+        format!("{}copy-incomplete", self.prefix).into_bytes()
+    }
+
+    /// Whether a `keyd store copy` into this prefix began and did not finish.
+    pub fn copy_incomplete(&self) -> Result<bool, StoreError> {
+        let mut kv = self.client.kv_client();
+        let key = self.copy_marker();
+        let resp = self.run(
+            "read the copy marker",
+            async move { kv.get(key, None).await },
+        )?;
+        Ok(!resp.kvs().is_empty())
+    }
+
+    /// Marks (or, done, unmarks) the prefix as the target of a copy in progress, fenced.
+    pub fn set_copy_incomplete(&self, incomplete: bool, note: &str) -> Result<(), StoreError> {
+        let fence = self.fenced()?;
+        let mut t = EtcdTxn::new();
+        if let Some(f) = &fence {
+            t = t.when([Compare::lease(f.key.clone(), CompareOp::Equal, f.lease)]);
+        }
+        let key = self.copy_marker();
+        let op = if incomplete {
+            TxnOp::put(key, note.as_bytes().to_vec(), None)
+        } else {
+            TxnOp::delete(key, None)
+        };
+        let t = t.and_then([op]);
+        let mut kv = self.client.kv_client();
+        let resp = self.run("copy marker", async move { kv.txn(t).await })?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(self.deposed("copy marker"))
         }
     }
 
@@ -555,17 +698,6 @@ impl EtcdStore {
         }
     }
 
-    /// Gives leadership up at once (at shutdown), so that a standby need not wait for the TTL.
-    pub fn resign(&self) {
-        let Some(fence) = self.fence.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
-        let mut lease = self.client.lease_client();
-        let _ = self.run("revoke the leader lease", async move {
-            lease.revoke(fence.lease).await
-        });
-    }
-
     fn table_prefix(&self, table: Table) -> Vec<u8> {
         format!("{}t/{}/", self.prefix, table.name()).into_bytes()
     }
@@ -598,6 +730,8 @@ impl EtcdStore {
         limit: usize,
     ) -> Result<Rows, StoreError> {
         let mut out = Vec::new();
+        let start_again = start.clone();
+        let mut restarts = 0;
         let mut from = start;
         let mut revision = 0;
         while out.len() < limit {
@@ -611,7 +745,21 @@ impl EtcdStore {
                 .kv_client()
                 .max_decoding_message_size(usize::MAX);
             let key = from.clone();
-            let mut resp = self.run(op, async move { kv.get(key, Some(options)).await })?;
+            let mut resp = match self.run(op, async move { kv.get(key, Some(options)).await }) {
+                // The pinned revision was compacted away mid-scan: start again at the newest.
+                Err(e)
+                    if revision != 0
+                        && restarts < 3
+                        && keyd_mtls::error_chain(&e).contains("compacted") =>
+                {
+                    restarts += 1;
+                    out.clear();
+                    from = start_again.clone();
+                    revision = 0;
+                    continue;
+                }
+                other => other?,
+            };
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -716,21 +864,22 @@ impl EtcdStore {
         if ops.is_empty() && compares.is_empty() {
             return Ok(Attempt::Done);
         }
-        let most = compares.len().max(ops.len());
+        if let Some(f) = &fence {
+            compares.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.lease));
+            reads.push(TxnOp::get(f.key.clone(), None));
+        }
+        // etcd counts compares, writes and reads separately, each against --max-txn-ops.
+        let most = compares.len().max(ops.len()).max(reads.len());
         if most > self.max_txn_ops {
             return Err(StoreError::Backend {
                 op: "commit",
                 source: format!(
-                    "the transaction has {most} operations, more than store.etcd.max_txn_ops \
+                    "the transaction needs {most} operations, more than store.etcd.max_txn_ops \
                      ({}); nothing was written",
                     self.max_txn_ops
                 )
                 .into(),
             });
-        }
-        if let Some(f) = &fence {
-            compares.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.lease));
-            reads.push(TxnOp::get(f.key.clone(), None));
         }
         let etxn = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
         let mut kv = self.client.kv_client();
@@ -818,8 +967,9 @@ impl Store for EtcdStore {
         format!("etcd:{}{}", self.endpoints.join(","), self.prefix)
     }
 
+    /// etcd's bound less what the store adds to a transaction: the audit head and the fence.
     fn max_txn_ops(&self) -> usize {
-        self.max_txn_ops
+        self.max_txn_ops.saturating_sub(2)
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
