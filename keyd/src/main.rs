@@ -134,15 +134,9 @@ fn main() -> ExitCode {
         }
     };
     keyd_mtls::ops::init_logging(config.log_format, &config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("keyd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -171,15 +165,9 @@ fn main() -> ExitCode {
 fn store_copy(config: config::Config, from: &std::path::Path) -> ExitCode {
     keyd_mtls::ops::init_logging(config.log_format, &config.log_level);
     keyd_mtls::tls::install_default_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("keyd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(keyd::store_copy::copy(&config, from)) {
         Ok(report) => {
@@ -204,6 +192,17 @@ fn store_copy(_config: config::Config, _from: &std::path::Path) -> ExitCode {
          (--features etcd)"
     );
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// keyd's multi-thread runtime, or the exit code after saying why there is none.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("keyd: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 fn config_error(e: &config::ConfigError) -> ExitCode {

@@ -288,16 +288,20 @@ fn keyd_store_copy(config: &std::path::Path, from: &std::path::Path) -> std::pro
         .unwrap()
 }
 
-fn count_keys(endpoints: &[String], prefix: &str) -> i64 {
-    let settings = keyd::store::EtcdSettings {
+/// A client of the test's etcd under `prefix`, as keyd would configure it.
+fn test_settings(endpoints: &[String], prefix: &str) -> keyd::store::EtcdSettings {
+    keyd::store::EtcdSettings {
         endpoints: endpoints.to_vec(),
         prefix: prefix.to_owned(),
         tls: None,
         timeout: Duration::from_secs(3),
         max_txn_ops: 128,
         lease_ttl: Duration::from_secs(2),
-    };
-    keyd::store::etcd::EtcdStore::connect(&settings)
+    }
+}
+
+fn count_keys(endpoints: &[String], prefix: &str) -> i64 {
+    keyd::store::etcd::EtcdStore::connect(&test_settings(endpoints, prefix))
         .unwrap()
         .count_keys()
         .unwrap()
@@ -430,15 +434,9 @@ async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
     // A copy that stopped half way (its marker left behind) is named as such, and keyd will
     // not lead that prefix.
     {
-        let settings = keyd::store::EtcdSettings {
-            endpoints: endpoints.clone(),
-            prefix: "/broken/".to_owned(),
-            tls: None,
-            timeout: Duration::from_secs(3),
-            max_txn_ops: 128,
-            lease_ttl: Duration::from_secs(2),
-        };
-        let half = std::sync::Arc::new(keyd::store::etcd::EtcdStore::connect(&settings).unwrap());
+        let half = std::sync::Arc::new(
+            keyd::store::etcd::EtcdStore::connect(&test_settings(&endpoints, "/broken/")).unwrap(),
+        );
         let (_tx, stop) = tokio::sync::watch::channel(false);
         half.lead("test", Duration::from_secs(2), |_| {}, stop)
             .await

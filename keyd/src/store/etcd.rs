@@ -183,6 +183,26 @@ fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
     }
 }
 
+/// What a request run on the store's runtime came to: its answer, a timeout, or (`None`) a
+/// task that never answered.
+fn outcome<T>(
+    op: &'static str,
+    timeout: Duration,
+    answer: Option<Result<Result<T, etcd_client::Error>, tokio::time::error::Elapsed>>,
+) -> Result<T, StoreError> {
+    match answer {
+        Some(Ok(r)) => r.map_err(|e| classify(op, e)),
+        Some(Err(_)) => Err(unavailable(
+            op,
+            format!(
+                "etcd did not answer within {}",
+                humantime::format_duration(timeout)
+            ),
+        )),
+        None => Err(unavailable(op, "the etcd client task stopped")),
+    }
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 fn range_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -297,17 +317,7 @@ impl EtcdStore {
         rt.spawn(async move {
             let _ = tx.send(tokio::time::timeout(timeout, f).await);
         });
-        match wait_for(&rx) {
-            Ok(Ok(r)) => r.map_err(|e| classify(op, e)),
-            Ok(Err(_)) => Err(unavailable(
-                op,
-                format!(
-                    "etcd did not answer within {}",
-                    humantime::format_duration(timeout)
-                ),
-            )),
-            Err(_) => Err(unavailable(op, "the etcd client task stopped")),
-        }
+        outcome(op, timeout, wait_for(&rx).ok())
     }
 
     /// [`Self::run`] for async callers: awaits the answer instead of blocking a thread.
@@ -321,17 +331,7 @@ impl EtcdStore {
         };
         let timeout = self.timeout;
         let task = rt.spawn(async move { tokio::time::timeout(timeout, f).await });
-        match task.await {
-            Ok(Ok(r)) => r.map_err(|e| classify(op, e)),
-            Ok(Err(_)) => Err(unavailable(
-                op,
-                format!(
-                    "etcd did not answer within {}",
-                    humantime::format_duration(timeout)
-                ),
-            )),
-            Err(_) => Err(unavailable(op, "the etcd client task stopped")),
-        }
+        outcome(op, timeout, task.await.ok())
     }
 
     fn leader_key(&self) -> Vec<u8> {
