@@ -325,7 +325,7 @@ async fn open_store(
                 anyhow::bail!(
                     "{}: a `keyd store copy` into this prefix did not finish; delete the prefix \
                      with etcdctl and copy again",
-                    etcd.describe()
+                    etcd.location()
                 );
             }
             let mut lost = leadership.lost;

@@ -95,7 +95,7 @@ pub async fn copy(config: &Config, from: &Path) -> anyhow::Result<CopyReport> {
         bail!(
             "the target {} holds an earlier `keyd store copy` that did not finish ({existing} \
              keys): delete the prefix with etcdctl (etcdctl del --prefix PREFIX) and copy again",
-            target.describe()
+            target.location()
         );
     }
     if existing > 0 {
@@ -103,7 +103,7 @@ pub async fn copy(config: &Config, from: &Path) -> anyhow::Result<CopyReport> {
             "the target {} is not empty ({existing} keys under the prefix): refusing to \
              overwrite it. Copy into a new prefix ([store.etcd] prefix), or delete this one \
              deliberately with etcdctl first",
-            target.describe()
+            target.location()
         );
     }
     // The source is sound before anything is written: every record opens, the chain holds.
@@ -156,7 +156,7 @@ async fn run(
     let target_dyn: Arc<dyn Store> = Arc::clone(target) as Arc<dyn Store>;
     let mut report = CopyReport {
         from: source.describe(),
-        to: target.describe(),
+        to: target.location(),
         ..CopyReport::default()
     };
     report.sealed_records_opened = sealed;

@@ -84,9 +84,15 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     let status = call(&keyd, Identity::Admin, Method::GET, "/v1/status", None)
         .await
         .unwrap();
+    // The store and this process as its leader (host/pid/nonce).
+    let store = status["store"].as_str().unwrap();
     assert!(
-        status.to_string().contains("etcd:"),
+        store.starts_with("etcd:"),
         "status names the store: {status}"
+    );
+    assert!(
+        store.contains(" (leader: ") && store.contains(&format!("/{}/", keyd.child.id())),
+        "status names the leader: {status}"
     );
     // Nothing of the state is in the data directory: no redb file.
     assert!(!data.join("keyd.redb").exists());

@@ -72,6 +72,8 @@ pub struct EtcdStore {
 struct Fence {
     key: Vec<u8>,
     lease: i64,
+    /// This process, as written in the leader key.
+    holder: String,
 }
 
 /// This process leads the store: the scheduler, rollouts and every write are its alone until
@@ -461,7 +463,11 @@ impl EtcdStore {
             }
         };
         if resp.succeeded() {
-            *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Fence { key, lease: id });
+            *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Fence {
+                key,
+                lease: id,
+                holder: holder.to_owned(),
+            });
             self.lost.send_replace(None);
             let me = std::sync::Arc::clone(self);
             if let Some(rt) = self.rt.get() {
@@ -614,6 +620,11 @@ impl EtcdStore {
         } else {
             Err(self.deposed("copy marker"))
         }
+    }
+
+    /// `etcd:ENDPOINTS PREFIX`: where this store is.
+    pub fn location(&self) -> String {
+        format!("etcd:{}{}", self.endpoints.join(","), self.prefix)
     }
 
     /// How many keys are under the prefix (0 for an unused prefix).
@@ -963,8 +974,13 @@ fn decode_audit(k: &[u8], v: &[u8]) -> Result<AuditRecord, StoreError> {
 }
 
 impl Store for EtcdStore {
+    /// `etcd:ENDPOINTS PREFIX`, and ` (leader: HOLDER)` while this process leads it.
     fn describe(&self) -> String {
-        format!("etcd:{}{}", self.endpoints.join(","), self.prefix)
+        let leading = match (self.fence(), self.lost.borrow().as_ref()) {
+            (Some(f), None) => format!(" (leader: {})", f.holder),
+            _ => String::new(),
+        };
+        format!("{}{leading}", self.location())
     }
 
     /// etcd's bound less what the store adds to a transaction: the audit head and the fence.
