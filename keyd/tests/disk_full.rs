@@ -236,20 +236,9 @@ async fn privileged_a_full_disk_refuses_writes_clearly_and_keyd_recovers_without
         .await
         .unwrap();
     // And keyd stays ready (perhaps degraded), so that it is not taken out of its Service.
-    let (code, text) = keyd_tests::http::request(
-        ([127, 0, 0, 1], k.ops).into(),
-        "GET",
-        "/readyz",
-        &[],
-        vec![],
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&text));
-    println!(
-        "readyz on a full disk: {}",
-        String::from_utf8_lossy(&text).trim()
-    );
+    let (code, text) = k.readyz().await.unwrap();
+    assert_eq!(code, 200, "{text}");
+    println!("readyz on a full disk: {}", text.trim());
 
     // Space returns: the same writes succeed, with no restart.
     std::fs::remove_file(&filler).unwrap();

@@ -11,14 +11,13 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use keyd::config::store::{DEFAULT_MAX_TXN_OPS, EtcdSettings};
+use keyd::store::EtcdSettings;
 use keyd::store::etcd::EtcdStore;
 use keyd::store::etcd::Leadership;
 use keyd::store::{
     AuditEvent, AuditRecord, GENESIS_HASH, RedbStore, Store, StoreError, Table, Txn,
 };
 use keyd_tests::etcd::EtcdCluster;
-use keyd_tests::prereq;
 use serde_json::json;
 
 // ---- backends -----------------------------------------------------------------------------
@@ -27,24 +26,6 @@ fn redb() -> (Box<dyn std::any::Any>, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(&dir.path().join("s.redb")).unwrap();
     (Box::new(dir), Arc::new(store))
-}
-
-fn etcd_available() -> bool {
-    prereq::require(
-        "etcd (Debian's etcd-server)",
-        keyd_tests::etcd::binary().map(|_| ()),
-    )
-}
-
-fn settings(endpoints: Vec<String>, prefix: &str) -> EtcdSettings {
-    EtcdSettings {
-        endpoints,
-        prefix: prefix.to_owned(),
-        tls: None,
-        timeout: Duration::from_secs(3),
-        max_txn_ops: DEFAULT_MAX_TXN_OPS,
-        lease_ttl: Duration::from_secs(2),
-    }
 }
 
 /// Connects, retrying while a fresh cluster elects its first leader.
@@ -67,7 +48,7 @@ fn connect(s: &EtcdSettings) -> EtcdStore {
 fn shared(members: usize) -> Option<Vec<String>> {
     static ONE: OnceLock<(tempfile::TempDir, EtcdCluster)> = OnceLock::new();
     static THREE: OnceLock<(tempfile::TempDir, EtcdCluster)> = OnceLock::new();
-    if !etcd_available() {
+    if !keyd_tests::etcd::available() {
         return None;
     }
     let cell = if members == 1 { &ONE } else { &THREE };
@@ -81,7 +62,10 @@ fn shared(members: usize) -> Option<Vec<String>> {
 
 fn etcd(members: usize, case: &str) -> Option<(Box<dyn std::any::Any>, Arc<dyn Store>)> {
     let endpoints = shared(members)?;
-    let store = connect(&settings(endpoints, &format!("/conformance/{case}/")));
+    let store = connect(&keyd_tests::etcd::settings(
+        &endpoints,
+        &format!("/conformance/{case}/"),
+    ));
     Some((Box::new(()), Arc::new(store)))
 }
 
@@ -556,7 +540,7 @@ fn concurrent_writers_serialise(s: &dyn Store, case: Option<&str>) {
         for mut c in children {
             assert!(c.wait().unwrap().success(), "a writer process failed");
         }
-        let store = connect(&settings(endpoints, &prefix));
+        let store = connect(&keyd_tests::etcd::settings(&endpoints, &prefix));
         let names: Vec<String> = (0..3).map(|i| format!("process-{i}")).collect();
         check_increments(&store, &names, per_writer);
     }
@@ -575,11 +559,14 @@ fn endpoints_of(s: &dyn Store) -> Vec<String> {
 #[ignore = "run by concurrent_writers_serialise as a separate process"]
 fn writer_process() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
-    let endpoints = var("STORE_TEST_ENDPOINTS")
+    let endpoints: Vec<String> = var("STORE_TEST_ENDPOINTS")
         .split(',')
         .map(str::to_owned)
         .collect();
-    let store = connect(&settings(endpoints, &var("STORE_TEST_PREFIX")));
+    let store = connect(&keyd_tests::etcd::settings(
+        &endpoints,
+        &var("STORE_TEST_PREFIX"),
+    ));
     let n: usize = var("STORE_TEST_COUNT").parse().unwrap();
     let acked = increment(&store, &var("STORE_TEST_WRITER"), n);
     assert_eq!(acked.len(), n);
@@ -623,7 +610,7 @@ fn oversized_transactions_are_refused_whole(s: &dyn Store, _: Option<&str>) {
 // ---- etcd outages ---------------------------------------------------------------------------
 
 fn own_cluster(dir: &Path, members: usize) -> Option<EtcdCluster> {
-    etcd_available().then(|| EtcdCluster::start(dir, members))
+    keyd_tests::etcd::available().then(|| EtcdCluster::start(dir, members))
 }
 
 /// Retries `f` until it succeeds or `within` passes.
@@ -647,7 +634,10 @@ fn etcd_down_fails_fast_as_unavailable_and_recovers_by_itself() {
     let Some(mut cluster) = own_cluster(dir.path(), 1) else {
         return;
     };
-    let store = connect(&settings(cluster.endpoints(), "/outage/"));
+    let store = connect(&keyd_tests::etcd::settings(
+        &cluster.endpoints(),
+        "/outage/",
+    ));
     put(&store, Table::Meta, "before", b"1");
     store.commit(Txn::default().audit(event(1))).unwrap();
     cluster.stop(0);
@@ -683,7 +673,10 @@ fn three_members_write_with_one_down_and_refuse_with_two() {
     let Some(mut cluster) = own_cluster(dir.path(), 3) else {
         return;
     };
-    let store = connect(&settings(cluster.endpoints(), "/quorum/"));
+    let store = connect(&keyd_tests::etcd::settings(
+        &cluster.endpoints(),
+        "/quorum/",
+    ));
     put(&store, Table::Meta, "k", b"0");
     // One member of three down: a quorum remains, writes go on.
     cluster.stop(2);
@@ -751,7 +744,7 @@ fn one_leader_at_a_time_and_a_deposed_leader_cannot_write() {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = settings(cluster.endpoints(), "/lead/");
+    let s = keyd_tests::etcd::settings(&cluster.endpoints(), "/lead/");
     let a = Arc::new(connect(&s));
     let b = Arc::new(connect(&s));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -838,7 +831,7 @@ fn a_leader_that_cannot_renew_its_lease_steps_down_before_it_expires() {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = settings(cluster.endpoints(), "/stepdown/");
+    let s = keyd_tests::etcd::settings(&cluster.endpoints(), "/stepdown/");
     let a = Arc::new(connect(&s));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let led = rt
@@ -877,7 +870,7 @@ fn a_leader_rides_out_a_short_etcd_restart() {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = settings(cluster.endpoints(), "/blip/");
+    let s = keyd_tests::etcd::settings(&cluster.endpoints(), "/blip/");
     let a = Arc::new(connect(&s));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let ttl = Duration::from_secs(6);

@@ -11,7 +11,7 @@ use keyd_tests::etcd::EtcdCluster;
 use serde_json::json;
 
 mod process;
-use process::{Identity, Keyd, audit_verifies, call, register_dev_node, request};
+use process::{Identity, Keyd, audit_verifies, call, put_dev_node, register_dev_node, request};
 
 fn etcd_env(endpoints: &[String]) -> Vec<(&'static str, String)> {
     vec![
@@ -22,51 +22,19 @@ fn etcd_env(endpoints: &[String]) -> Vec<(&'static str, String)> {
 }
 
 async fn readyz(k: &Keyd) -> (u16, String) {
-    let (code, body) = keyd_tests::http::request(
-        ([127, 0, 0, 1], k.ops).into(),
-        "GET",
-        "/readyz",
-        &[],
-        vec![],
-    )
-    .await
-    .unwrap();
-    (code, String::from_utf8_lossy(&body).into_owned())
+    k.readyz().await.expect("the ops port answers")
 }
 
 /// Moves node-a to another endpoint: a write that is always allowed.
 async fn move_node_a(k: &Keyd, to: usize) -> (StatusCode, serde_json::Value) {
-    use base64::Engine as _;
-    let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([1; 32]));
-    request(
-        k,
-        Identity::Node("node-a"),
-        Method::PUT,
-        "/v1/nodes/node-a",
-        Some(json!({
-            "endpoint": format!("192.0.2.{to}"),
-            "pod_cidrs": ["10.0.0.0/24"],
-            "wireguard_public_key": base64::engine::general_purpose::STANDARD.encode(wg.as_bytes()),
-        })),
-    )
-    .await
-    .unwrap()
+    put_dev_node(k, "node-a", 0, &format!("192.0.2.{to}"))
+        .await
+        .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
-    if !keyd_tests::prereq::require(
-        "etcd (Debian's etcd-server)",
-        keyd_tests::etcd::binary().map(|_| ()),
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
-    let env = etcd_env(&etcd.endpoints());
-    let data = dir.path().join("data");
-
-    let mut keyd = Keyd::spawn(&data, &env);
+/// keyd on `data` with `env`, ready, with node-a and node-b registered and one IPsec rotation.
+async fn keyd_with_history(data: &std::path::Path, env: &[(&str, String)]) -> Keyd {
+    let mut keyd = Keyd::spawn(data, env);
     keyd.ready()
         .await
         .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
@@ -81,6 +49,20 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     )
     .await
     .unwrap();
+    keyd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let env = etcd_env(&etcd.endpoints());
+    let data = dir.path().join("data");
+
+    let keyd = keyd_with_history(&data, &env).await;
     let status = call(&keyd, Identity::Admin, Method::GET, "/v1/status", None)
         .await
         .unwrap();
@@ -188,16 +170,8 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
 async fn readyz_when_up(k: &Keyd) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok((code, body)) = keyd_tests::http::request(
-            ([127, 0, 0, 1], k.ops).into(),
-            "GET",
-            "/readyz",
-            &[],
-            vec![],
-        )
-        .await
-        {
-            return (code, String::from_utf8_lossy(&body).into_owned());
+        if let Some(answer) = k.readyz().await {
+            return answer;
         }
         assert!(
             Instant::now() < deadline,
@@ -210,10 +184,7 @@ async fn readyz_when_up(k: &Keyd) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
-    if !keyd_tests::prereq::require(
-        "etcd (Debian's etcd-server)",
-        keyd_tests::etcd::binary().map(|_| ()),
-    ) {
+    if !keyd_tests::etcd::available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -294,20 +265,8 @@ fn keyd_store_copy(config: &std::path::Path, from: &std::path::Path) -> std::pro
         .unwrap()
 }
 
-/// A client of the test's etcd under `prefix`, as keyd would configure it.
-fn test_settings(endpoints: &[String], prefix: &str) -> keyd::store::EtcdSettings {
-    keyd::store::EtcdSettings {
-        endpoints: endpoints.to_vec(),
-        prefix: prefix.to_owned(),
-        tls: None,
-        timeout: Duration::from_secs(3),
-        max_txn_ops: 128,
-        lease_ttl: Duration::from_secs(2),
-    }
-}
-
 fn count_keys(endpoints: &[String], prefix: &str) -> i64 {
-    keyd::store::etcd::EtcdStore::connect(&test_settings(endpoints, prefix))
+    keyd::store::etcd::EtcdStore::connect(&keyd_tests::etcd::settings(endpoints, prefix))
         .unwrap()
         .count_keys()
         .unwrap()
@@ -315,30 +274,13 @@ fn count_keys(endpoints: &[String], prefix: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
-    if !keyd_tests::prereq::require(
-        "etcd (Debian's etcd-server)",
-        keyd_tests::etcd::binary().map(|_| ()),
-    ) {
+    if !keyd_tests::etcd::available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // A keyd on redb with some history.
-    let mut keyd = Keyd::spawn(&data, &[]);
-    keyd.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
-    register_dev_node(&keyd, "node-a", 0).await.unwrap();
-    register_dev_node(&keyd, "node-b", 1).await.unwrap();
-    call(
-        &keyd,
-        Identity::Admin,
-        Method::POST,
-        "/v1/ipsec/rotate",
-        Some(json!({})),
-    )
-    .await
-    .unwrap();
+    let keyd = keyd_with_history(&data, &[]).await;
     let before = call(&keyd, Identity::Admin, Method::GET, "/v1/nodes", None)
         .await
         .unwrap();
@@ -441,7 +383,10 @@ async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
     // not lead that prefix.
     {
         let half = std::sync::Arc::new(
-            keyd::store::etcd::EtcdStore::connect(&test_settings(&endpoints, "/broken/")).unwrap(),
+            keyd::store::etcd::EtcdStore::connect(&keyd_tests::etcd::settings(
+                &endpoints, "/broken/",
+            ))
+            .unwrap(),
         );
         let (_tx, stop) = tokio::sync::watch::channel(false);
         half.lead("test", Duration::from_secs(2), |_| {}, stop)
@@ -485,10 +430,7 @@ async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
 /// once etcd answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyd_started_without_etcd_waits_for_it() {
-    if !keyd_tests::prereq::require(
-        "etcd (Debian's etcd-server)",
-        keyd_tests::etcd::binary().map(|_| ()),
-    ) {
+    if !keyd_tests::etcd::available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,24 @@ pub fn binary() -> Result<PathBuf, String> {
         .ok_or_else(|| "etcd not found on PATH (apt-get install etcd-server)".to_owned())
 }
 
+/// Whether a test can run etcd; says why not (or, in CI, fails) otherwise.
+pub fn available() -> bool {
+    crate::prereq::require("etcd (Debian's etcd-server)", binary().map(|_| ()))
+}
+
+/// How keyd would be configured for a test cluster's `endpoints` under `prefix`: plain http on
+/// loopback, a 3 s timeout, etcd's default operation limit, a 2 s leader lease.
+pub fn settings(endpoints: &[String], prefix: &str) -> keyd::store::EtcdSettings {
+    keyd::store::EtcdSettings {
+        endpoints: endpoints.to_vec(),
+        prefix: prefix.to_owned(),
+        tls: None,
+        timeout: Duration::from_secs(3),
+        max_txn_ops: 128,
+        lease_ttl: Duration::from_secs(2),
+    }
+}
+
 struct Member {
     name: String,
     client_port: u16,

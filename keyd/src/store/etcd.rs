@@ -34,7 +34,7 @@ use etcd_client::{
 use keyd_proto::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::{AuditRecord, EtcdSettings, GENESIS_HASH, Store, StoreError, Table, Txn};
+use super::{AuditRecord, EtcdSettings, GENESIS_HASH, Store, StoreError, Table, Txn, decode_audit};
 
 /// Entries read per range request when scanning a table.
 const PAGE: i64 = 512;
@@ -966,13 +966,6 @@ fn decode_head(bytes: &[u8]) -> Result<Head, StoreError> {
     })
 }
 
-fn decode_audit(k: &[u8], v: &[u8]) -> Result<AuditRecord, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
-        what: format!("audit record {}", String::from_utf8_lossy(k)),
-        why: e.to_string(),
-    })
-}
-
 impl Store for EtcdStore {
     /// `etcd:ENDPOINTS PREFIX`, and ` (leader: HOLDER)` while this process leads it.
     fn describe(&self) -> String {
@@ -1025,7 +1018,9 @@ impl Store for EtcdStore {
     fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let p = self.audit_prefix();
         let rows = self.range("audit range", self.audit_key(from), range_end(&p), limit)?;
-        rows.iter().map(|(k, v)| decode_audit(k, v)).collect()
+        rows.iter()
+            .map(|(k, v)| decode_audit(String::from_utf8_lossy(k), v))
+            .collect()
     }
 
     fn scan_from(
@@ -1067,7 +1062,10 @@ impl Store for EtcdStore {
         let mut kv = self.client.kv_client();
         let resp = self.run("audit tail", async move { kv.get(p, Some(options)).await })?;
         match resp.kvs().first() {
-            Some(kv) => Ok(Some(decode_audit(kv.key(), kv.value())?)),
+            Some(kv) => Ok(Some(decode_audit(
+                String::from_utf8_lossy(kv.key()),
+                kv.value(),
+            )?)),
             None => Ok(None),
         }
     }

@@ -788,7 +788,8 @@ impl Store for RedbStore {
     }
 }
 
-fn decode_audit(k: u64, v: &[u8]) -> Result<AuditRecord, StoreError> {
+/// An audit record as stored under key `k` (its sequence number, or the backend's key for it).
+fn decode_audit(k: impl fmt::Display, v: &[u8]) -> Result<AuditRecord, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         what: format!("audit record {k}"),
         why: e.to_string(),

@@ -82,6 +82,20 @@ impl Keyd {
         }
     }
 
+    /// `/readyz` on the ops port: its status and text, or `None` while nothing answers there.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        let (code, body) = keyd_tests::http::request(
+            ([127, 0, 0, 1], self.ops).into(),
+            "GET",
+            "/readyz",
+            &[],
+            vec![],
+        )
+        .await
+        .ok()?;
+        Some((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -230,22 +244,34 @@ pub async fn request(
 /// Registers node `name` (with its own certificate) as node number `i`: endpoint 192.0.2.(i+1),
 /// pod CIDR 10.0.i.0/24, a WireGuard key of its own.
 pub async fn register_dev_node(k: &Keyd, name: &'static str, i: usize) -> Result<(), Gone> {
+    let (status, body) = put_dev_node(k, name, i, &format!("192.0.2.{}", i + 1)).await?;
+    assert!(status.is_success(), "PUT /v1/nodes/{name}: {status} {body}");
+    Ok(())
+}
+
+/// Registers or updates node `name` as node number `i` (pod CIDR 10.0.i.0/24, its own
+/// WireGuard key) at `endpoint`, and returns keyd's answer, whatever it is.
+pub async fn put_dev_node(
+    k: &Keyd,
+    name: &'static str,
+    i: usize,
+    endpoint: &str,
+) -> Result<(StatusCode, Value), Gone> {
     use base64::Engine as _;
     let seed = u8::try_from(i + 1).unwrap();
     let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([seed; 32]));
-    call(
+    request(
         k,
         Identity::Node(name),
         Method::PUT,
         &format!("/v1/nodes/{name}"),
         Some(serde_json::json!({
-            "endpoint": format!("192.0.2.{}", i + 1),
+            "endpoint": endpoint,
             "pod_cidrs": [format!("10.0.{i}.0/24")],
             "wireguard_public_key":
                 base64::engine::general_purpose::STANDARD.encode(wg.as_bytes()) })),
     )
     .await
-    .map(drop)
 }
 
 /// The audit log as `keyctl audit export` gets it (JSON lines).
