@@ -54,6 +54,9 @@ command -v socat >/dev/null 2>&1 || apt_needed+=(socat)
 # The VM benchmark's throughput through the tunnels with and without steering.
 command -v iperf3 >/dev/null 2>&1 || apt_needed+=(iperf3)
 command -v modprobe >/dev/null 2>&1 || apt_needed+=(kmod)
+# unshare (the offline manifest validation's own network namespace) and setpriv (node-shim's
+# capability test) come with util-linux; a minimal image may lack them.
+{ command -v unshare && command -v setpriv; } >/dev/null 2>&1 || apt_needed+=(util-linux)
 # promtool checks and unit-tests the alerting rules in deploy/monitoring/.
 command -v promtool >/dev/null 2>&1 || apt_needed+=(prometheus)
 # The evidence report's rendering test (keyd/tests/evidence_report.rs): headless Chromium takes
