@@ -94,7 +94,7 @@ async fn start_with(
 ) -> anyhow::Result<Running> {
     keyd_mtls::tls::install_default_provider();
     create_private_dir(&config.data_dir)?;
-    let (store, leader) = open_store(&config, shutdown.clone()).await?;
+    let (store, shared) = open_store(&config, shutdown.clone()).await?;
     // The custodian answers a wrap and unwrap round trip before anything else happens.
     let custody = crate::custody::bootstrap(&config.kek, &config.custody, &store).await?;
     if config.custody.verify_on_start {
@@ -109,25 +109,12 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
-    // keyd got here only because the custodian answered: an outage the log still shows open
-    // (keyd stopped during it) is over.
-    if keyd
-        .close_outage_left_open()
-        .await
-        .context("closing the KEK outage a restart left open")?
-    {
-        tracing::info!("closed a KEK custodian outage left open by the last run");
+    if shared.is_none() {
+        take_over(&keyd).await?;
     }
     let _custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
     // Before anything binds: a Kubernetes client that cannot be built fails the start here.
     let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
-    crate::rewrap::resume(
-        Arc::clone(keyd.store()),
-        Arc::clone(&custody),
-        crate::rewrap::RunOptions::default(),
-    )
-    .await
-    .context("resuming the KEK migration")?;
     let (tls_rx, _reloader) = keyd_mtls::tls::watch_server_config_denying(
         config.tls.clone(),
         config.tls_reload_interval,
@@ -176,6 +163,20 @@ async fn start_with(
         }
         None => (None, None),
     };
+    // On etcd: announce this replica, and stand for leader in the background.
+    let leader: Option<Candidacy> = match shared {
+        #[cfg(feature = "etcd")]
+        Some(etcd) => Some(replicate(
+            etcd,
+            &config,
+            api_addr,
+            Arc::clone(&keyd),
+            shutdown.clone(),
+        )),
+        _ => None,
+    };
+    let follow_keyd = Arc::clone(&keyd);
+    let follow_stop = shutdown.clone();
     let scheduler_keyd = Arc::clone(&keyd);
     let final_keyd = Arc::clone(&keyd);
     let serve = async move {
@@ -210,18 +211,25 @@ async fn start_with(
                 wait(shutdown.clone())
             ),
             scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
+            follow_keyd.follow_store(follow_stop),
         );
         if let Err(e) = final_keyd.flush_liveness().await {
             tracing::warn!(error = %e, "cannot write node liveness at shutdown");
         }
-        // A signed checkpoint at shutdown covers every record written.
-        match final_keyd.checkpoint(false).await {
-            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
+        // A signed checkpoint at shutdown covers every record written (the leader's to sign).
+        if final_keyd.is_leader() {
+            match final_keyd.checkpoint(false).await {
+                Ok(Some(cp)) => {
+                    tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot sign the shutdown audit checkpoint"),
+            }
         }
-        // Last: a standby takes over at once instead of waiting out the lease.
-        drop(leader);
+        // Last: another replica leads at once instead of waiting out the lease.
+        if let Some(leader) = leader {
+            leader.resign();
+        }
     };
     tracing::info!(%api_addr, %ops_addr, store = keyd.describe_store(), "keyd is serving");
     Ok(Running {
@@ -238,6 +246,7 @@ async fn start_with(
 pub const EXIT_DEPOSED: i32 = 75;
 
 /// Held while this process leads an etcd store; dropping it resigns.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 struct Leader {
     #[cfg(feature = "etcd")]
     store: Arc<crate::store::etcd::EtcdStore>,
@@ -256,15 +265,123 @@ impl Drop for Leader {
     }
 }
 
-/// Opens the configured store. On etcd, this process first becomes the store's leader: until
-/// then it is a standby that answers `/healthz`, and `/readyz` with 503 naming the leader, on
-/// the ops port, and binds nothing else. Once it leads, losing the leadership (the lease not
+/// A replica's candidacy: the election running in the background, and the leadership once won.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+struct Candidacy {
+    election: tokio::task::JoinHandle<()>,
+    held: Arc<std::sync::Mutex<Option<Leader>>>,
+}
+
+impl Candidacy {
+    /// Stops standing, and gives up the leadership if this process holds it.
+    fn resign(self) {
+        self.election.abort();
+        drop(self.held.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
+/// What only the leader does when it starts leading: close a KEK custodian outage the log
+/// still shows open (a leader stopped during it; this one got here only because its custodian
+/// answered), and finish a KEK migration that one left unfinished.
+async fn take_over(keyd: &Arc<Keyd>) -> anyhow::Result<()> {
+    if keyd
+        .close_outage_left_open()
+        .await
+        .context("closing the KEK outage a restart left open")?
+    {
+        tracing::info!("closed a KEK custodian outage left open by the last run");
+    }
+    crate::rewrap::resume(
+        Arc::clone(keyd.store()),
+        Arc::clone(keyd.custody()),
+        crate::rewrap::RunOptions::default(),
+    )
+    .await
+    .context("resuming the KEK migration")?;
+    Ok(())
+}
+
+/// Serving an etcd store: announces this replica (for `keyctl status`) and stands for leader in
+/// the background. Every replica serves the API; the one that leads also runs the schedules,
+/// rollouts and checkpoints (see [`Keyd::is_leader`]). Losing the leadership (the lease not
 /// renewed in time, or a write refused by the fence) ends the process with [`EXIT_DEPOSED`]
-/// before another can take over, so two keyd never act at once.
+/// before another can take over, so two never act as leader at once.
+#[cfg(feature = "etcd")]
+fn replicate(
+    etcd: Arc<crate::store::etcd::EtcdStore>,
+    config: &Config,
+    api_addr: std::net::SocketAddr,
+    keyd: Arc<Keyd>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Candidacy {
+    let crate::config::StoreConfig::Etcd(settings) = &config.store else {
+        unreachable!("replicate is called for an etcd store only")
+    };
+    let name = holder_name();
+    keyd.set_replica_name(name.clone());
+    etcd.announce(
+        &keyd_proto::Replica {
+            name: name.clone(),
+            api: api_addr.to_string(),
+            since: keyd.clock().now(),
+            leader: false,
+        },
+        settings.lease_ttl,
+    );
+    let ttl = settings.lease_ttl;
+    let held = Arc::new(std::sync::Mutex::new(None));
+    let holding = Arc::clone(&held);
+    let election = tokio::spawn(async move {
+        let led = etcd
+            .lead(
+                &name,
+                ttl,
+                |h| tracing::info!(leader = h, "serving as a replica: another keyd leads"),
+                shutdown,
+            )
+            .await;
+        let leadership = match led {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %keyd_mtls::error_chain(&e), "cannot stand for leader");
+                std::process::exit(EXIT_DEPOSED);
+            }
+        };
+        let mut lost = leadership.lost;
+        let watch_loss = tokio::spawn(async move {
+            if let Ok(reason) = lost.wait_for(Option::is_some).await {
+                let reason = reason.clone().unwrap_or_default();
+                tracing::error!(
+                    reason,
+                    "lost the leadership of the etcd store; exiting so that this process \
+                     restarts as a replica"
+                );
+                std::process::exit(EXIT_DEPOSED);
+            }
+        });
+        *holding.lock().unwrap_or_else(|p| p.into_inner()) = Some(Leader {
+            store: etcd,
+            watch_loss,
+        });
+        tracing::info!(holder = leadership.holder, "this keyd leads the etcd store");
+        if let Err(e) = take_over(&keyd).await {
+            tracing::error!(error = %format!("{e:#}"), "cannot take over as leader; resigning");
+            drop(holding.lock().unwrap_or_else(|p| p.into_inner()).take());
+            std::process::exit(EXIT_DEPOSED);
+        }
+        keyd.set_leader(true);
+    });
+    Candidacy { election, held }
+}
+
+/// Opens the configured store. On etcd, connects (waiting as long as etcd cannot be reached,
+/// with the ops port answering `/healthz`, and `/readyz` with 503) and returns the store to
+/// replicate as well.
 async fn open_store(
     config: &Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(Arc<dyn Store>, Option<Leader>)> {
+) -> anyhow::Result<(Arc<dyn Store>, Option<SharedStore>)> {
     let described = || {
         format!(
             "opening the store ({})",
@@ -274,14 +391,10 @@ async fn open_store(
     match &config.store {
         #[cfg(feature = "etcd")]
         crate::config::StoreConfig::Etcd(settings) => {
-            let holder = holder_name();
-            let leader_seen = Arc::new(std::sync::Mutex::new(
-                "nobody yet (etcd not reached)".to_owned(),
-            ));
-            let (stop_standby, standby) =
-                standby_ops(config.ops_listen, Arc::clone(&leader_seen)).await?;
-            // etcd may be down when keyd (re)starts: wait for it as a standby, not in a crash
-            // loop. Anything else (a TLS file, a refused request) ends the start.
+            let (stop_standby, standby) = standby_ops(config.ops_listen).await?;
+            // etcd may be down when keyd (re)starts: wait for it, not in a crash loop. Anything
+            // else (a TLS file, a refused request) ends the start.
+            let mut shutdown = shutdown;
             let etcd = loop {
                 let settings = settings.clone();
                 let connected = tokio::task::spawn_blocking(move || {
@@ -294,33 +407,21 @@ async fn open_store(
                     Err(e) if e.is_unreachable() => {
                         tracing::warn!(
                             error = %keyd_mtls::error_chain(&e),
-                            "etcd cannot be reached; standing by"
+                            "etcd cannot be reached; waiting for it"
                         );
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            _ = shutdown.wait_for(|s| *s) => {
+                                tracing::info!("stopped while waiting for etcd");
+                                std::process::exit(0);
+                            }
+                        }
                     }
                     Err(e) => return Err(anyhow::Error::new(e).context(described())),
                 }
             };
-            let seen = Arc::clone(&leader_seen);
-            let led = etcd
-                .lead(
-                    &holder,
-                    settings.lease_ttl,
-                    move |h| {
-                        tracing::info!(leader = h, "standing by: another keyd leads the store");
-                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = h.to_owned();
-                    },
-                    shutdown,
-                )
-                .await
-                .context("waiting to lead the etcd store")?;
             let _ = stop_standby.send(true);
             let _ = standby.await;
-            let Some(leadership) = led else {
-                tracing::info!("stopped while standing by");
-                std::process::exit(0);
-            };
-            tracing::info!(holder = leadership.holder, "this keyd leads the etcd store");
             if etcd.copy_incomplete()? {
                 anyhow::bail!(
                     "{}: a `keyd store copy` into this prefix did not finish; delete the prefix \
@@ -328,35 +429,23 @@ async fn open_store(
                     etcd.location()
                 );
             }
-            let mut lost = leadership.lost;
-            let watch_loss = tokio::spawn(async move {
-                if let Ok(reason) = lost.wait_for(Option::is_some).await {
-                    let reason = reason.clone().unwrap_or_default();
-                    tracing::error!(
-                        reason,
-                        "lost the leadership of the etcd store; exiting so that this process \
-                         restarts as a standby"
-                    );
-                    std::process::exit(EXIT_DEPOSED);
-                }
-            });
             let store: Arc<dyn Store> = Arc::clone(&etcd) as Arc<dyn Store>;
-            Ok((
-                store,
-                Some(Leader {
-                    store: etcd,
-                    watch_loss,
-                }),
-            ))
+            Ok((store, Some(etcd)))
         }
         other => {
-            let _ = shutdown; // only a standby waits for it
+            let _ = shutdown; // only a keyd waiting for etcd watches it here
             let store =
                 crate::config::store::open(other, &config.data_dir).with_context(described)?;
             Ok((store, None))
         }
     }
 }
+
+/// An etcd store, which several keyd share.
+#[cfg(feature = "etcd")]
+type SharedStore = Arc<crate::store::etcd::EtcdStore>;
+#[cfg(not(feature = "etcd"))]
+type SharedStore = std::convert::Infallible;
 
 /// This process in the leader key: the host (a pod's name) and the process id.
 #[cfg(feature = "etcd")]
@@ -371,11 +460,10 @@ fn holder_name() -> String {
     format!("{host}/{}/{}", std::process::id(), hex::encode(nonce))
 }
 
-/// The ops listener of a standby: alive, not ready, naming the leader.
+/// The ops listener of a keyd waiting for etcd: alive, not ready.
 #[cfg(feature = "etcd")]
 async fn standby_ops(
     addr: std::net::SocketAddr,
-    leader: Arc<std::sync::Mutex<String>>,
 ) -> anyhow::Result<(
     tokio::sync::watch::Sender<bool>,
     tokio::task::JoinHandle<()>,
@@ -385,17 +473,14 @@ async fn standby_ops(
         .await
         .with_context(|| format!("binding ops_listen {addr}"))?;
     let router = axum::Router::new()
-        .route("/healthz", get(|| async { "ok (standby)\n" }))
+        .route("/healthz", get(|| async { "ok (waiting for etcd)\n" }))
         .route(
             "/readyz",
-            get(move || {
-                let leader = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                async move {
-                    (
-                        http::StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: standby; the etcd store is led by {leader:?}\n"),
-                    )
-                }
+            get(|| async {
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for etcd (no member answers)\n",
+                )
             }),
         );
     let (tx, mut rx) = tokio::sync::watch::channel(false);

@@ -182,8 +182,41 @@ async fn readyz_when_up(k: &Keyd) -> (u16, String) {
     }
 }
 
+/// Waits (up to `within`) until `k`'s /readyz says it leads; how long that took.
+async fn leads_within(k: &Keyd, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some((200, text)) = k.readyz().await
+            && text.contains("(leader)")
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "not leading after {within:?}: {:?}\n{}",
+            k.readyz().await,
+            k.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The node record `name` as replica `k` serves it.
+async fn node_on(k: &Keyd, name: &str) -> serde_json::Value {
+    let nodes = call(k, Identity::Admin, Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == name).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Two keyd over one etcd: both serve the API, each sees what the other writes at once (an etcd
+/// watch keeps their caches coherent), and when the leader is SIGKILLed the other leads within
+/// the lease TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
+async fn replicas_serve_together_and_one_takes_over_when_the_leader_is_killed() {
     if !keyd_tests::etcd::available() {
         return;
     }
@@ -199,56 +232,107 @@ async fn a_standby_keyd_takes_over_when_the_leader_is_killed() {
     a.ready()
         .await
         .unwrap_or_else(|s| panic!("keyd a exited {s}: {}", a.log()));
+    leads_within(&a, Duration::from_secs(10)).await;
     register_dev_node(&a, "node-a", 0).await.unwrap();
-    register_dev_node(&a, "node-b", 1).await.unwrap();
 
     let mut b = Keyd::spawn(&data, &env);
-    let (code, text) = readyz_when_up(&b).await;
-    assert_eq!(code, 503, "{text}");
-    assert!(text.contains("standby"), "{text}");
-    assert!(
-        text.contains(&format!("/{}", a.child.id())),
-        "names the leader: {text}"
-    );
-    // A standby serves no API at all: nodes only ever reach the leader.
-    assert!(b.connect(&Identity::Admin).await.is_none());
-
-    a.child.kill().unwrap(); // SIGKILL: no resignation, the lease must expire
-    a.child.wait().unwrap();
-    let killed = Instant::now();
     b.ready()
         .await
         .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
-    let took = killed.elapsed();
-    println!("failover after SIGKILL of the leader: {took:?} (lease TTL {ttl}s)");
-    // The lease TTL, a poll, and the new leader's start (loading state, the custodian's check).
-    // Generous for a loaded 2-core machine; the figure printed above is the measurement.
-    assert!(took < Duration::from_secs(ttl + 5), "took {took:?}");
-    let nodes = call(&b, Identity::Admin, Method::GET, "/v1/nodes", None)
+    let (code, text) = readyz(&b).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("replica"), "{text}");
+    // b serves the API: what a wrote is there, and what b writes a serves at once.
+    assert_eq!(node_on(&b, "node-a").await["endpoint"], "192.0.2.1");
+    register_dev_node(&b, "node-b", 1).await.unwrap();
+    let written = Instant::now();
+    while node_on(&a, "node-b").await.is_null() {
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "a never saw node-b"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "a write on one replica served by the other after {:?}",
+        written.elapsed()
+    );
+    // A long poll held by b answers when a takes a write.
+    let poll = {
+        let mut c = b.connect(&Identity::Node("node-b")).await.unwrap();
+        let r = c.get("/v1/nodes/node-b/bundle").await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
+        let etag = r.headers[http::header::ETAG].to_str().unwrap().to_owned();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = c
+                .send(
+                    Method::GET,
+                    "/v1/nodes/node-b/bundle?wait=20s",
+                    None,
+                    &[(http::header::IF_NONE_MATCH, etag.as_str())],
+                )
+                .await
+                .unwrap();
+            (r.status, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = move_node_a(&a, 50).await;
+    assert!(code.is_success(), "{code} {body}");
+    let (status, took) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        took < Duration::from_secs(10),
+        "the long poll waited {took:?}"
+    );
+    // keyctl status on either replica lists both, and which one leads.
+    let status = call(&b, Identity::Admin, Method::GET, "/v1/status", None)
         .await
         .unwrap();
+    let replicas = status["replication"]["replicas"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(replicas.len(), 2, "{status}");
+    let leader: Vec<_> = replicas.iter().filter(|r| r["leader"] == true).collect();
+    assert_eq!(leader.len(), 1, "{status}");
+    assert!(
+        leader[0]["name"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/{}/", a.child.id())),
+        "{status}"
+    );
+
+    a.child.kill().unwrap(); // SIGKILL: no resignation, the lease must expire
+    a.child.wait().unwrap();
+    let took = leads_within(&b, Duration::from_secs(ttl + 5)).await;
+    println!("failover after SIGKILL of the leader: {took:?} (lease TTL {ttl}s)");
+    // The lease TTL, a poll (250 ms), and the new leader's take-over.
+    assert!(took < Duration::from_secs(ttl + 1), "took {took:?}");
     for n in ["node-a", "node-b"] {
         assert!(
-            nodes.to_string().contains(n),
-            "{n} missing after failover: {nodes}"
+            !node_on(&b, n).await.is_null(),
+            "{n} missing after failover"
         );
     }
     let (code, body) = move_node_a(&b, 60).await;
     assert!(code.is_success(), "{code} {body}");
     audit_verifies(&b, dir.path()).await;
 
-    // The old leader, restarted, stands by behind the new one.
-    let a2 = Keyd::spawn(&data, &env);
-    let (code, text) = readyz_when_up(&a2).await;
-    assert_eq!(code, 503, "{text}");
-    assert!(text.contains(&format!("/{}", b.child.id())), "{text}");
-    // A clean stop of the leader resigns at once: the standby leads well within the TTL.
-    let stopped = Instant::now();
-    b.stop().await;
-    let mut a2 = a2;
+    // The old leader, restarted, serves as a replica behind the new one.
+    let mut a2 = Keyd::spawn(&data, &env);
     a2.ready()
         .await
         .unwrap_or_else(|s| panic!("keyd a2 exited {s}: {}", a2.log()));
+    let (code, text) = readyz(&a2).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("replica"), "{text}");
+    // A clean stop of the leader resigns at once: the other leads well within the TTL.
+    let stopped = Instant::now();
+    b.stop().await;
+    leads_within(&a2, Duration::from_secs(ttl + 5)).await;
     println!("handover after a clean stop: {:?}", stopped.elapsed());
     audit_verifies(&a2, dir.path()).await;
     a2.stop().await;
@@ -426,8 +510,8 @@ async fn keyd_store_copy_moves_a_redb_store_into_etcd_and_keyd_serves_it() {
     );
 }
 
-/// keyd (re)started while etcd is down waits as a standby, not in a crash loop, and leads
-/// once etcd answers.
+/// keyd (re)started while etcd is down waits for it, not in a crash loop, and leads once etcd
+/// answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyd_started_without_etcd_waits_for_it() {
     if !keyd_tests::etcd::available() {
@@ -441,7 +525,7 @@ async fn keyd_started_without_etcd_waits_for_it() {
     let mut keyd = Keyd::spawn(&data, &env);
     let (code, text) = readyz_when_up(&keyd).await;
     assert_eq!(code, 503, "{text}");
-    assert!(text.contains("standby"), "{text}");
+    assert!(text.contains("waiting for etcd"), "{text}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(keyd.child.try_wait().unwrap().is_none(), "{}", keyd.log());
     etcd.restart(0);

@@ -476,6 +476,37 @@ pub struct Status {
     /// The KEK custodian's health and any KEK rotation or migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custody: Option<kek::KekStatus>,
+    /// On a store that several keyd share (etcd): the replica that answered, and every replica
+    /// serving the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+}
+
+/// The keyd replicas over one etcd store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The replica that answered this request.
+    pub this: String,
+    /// Every replica that announces itself in the store, the leader marked; empty when the
+    /// store could not be read (`error` says why).
+    pub replicas: Vec<Replica>,
+    /// Why the replicas could not be listed (the store is unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One keyd process serving a shared store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// `host/pid/nonce`, as in the leader key.
+    pub name: String,
+    /// Its API listener.
+    pub api: String,
+    /// When it started serving.
+    pub since: Timestamp,
+    /// Whether it holds the leader key (runs schedules, rollouts and checkpoints).
+    #[serde(default)]
+    pub leader: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

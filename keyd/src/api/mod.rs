@@ -126,7 +126,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
             )
                 .into_response()
         }
-        Ok(Some(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Some(_)) => (StatusCode::OK, format!("ready{}\n", role(&s.keyd))).into_response(),
         Ok(None) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: store not initialised\n",
@@ -143,6 +143,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
         )
             .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+/// On a shared store, which part this replica plays.
+fn role(keyd: &crate::service::Keyd) -> &'static str {
+    match (keyd.store().shared(), keyd.is_leader()) {
+        (false, _) => "",
+        (true, true) => " (leader)",
+        (true, false) => " (replica; another keyd leads)",
     }
 }
 

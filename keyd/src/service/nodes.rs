@@ -272,7 +272,7 @@ impl Keyd {
                         "epoch": info.wireguard_key_epoch }),
             ));
         }
-        self.commit_node(txn, info.clone()).await?;
+        self.commit(txn).await?;
         Ok(info)
     }
 
@@ -522,10 +522,12 @@ impl Keyd {
                         "wireguard_epoch": info.acked.ack.wireguard_epoch }),
             ));
         }
-        self.commit_node(txn, info.clone()).await?;
+        self.commit(txn).await?;
         drop(_w);
-        // An acknowledgement may be the last one a rollout phase was waiting for.
-        if changed {
+        // An acknowledgement may be the last one a rollout phase was waiting for. Only the
+        // leader advances rollouts; it learns of an acknowledgement another replica took from
+        // the store's change feed.
+        if changed && self.is_leader() {
             self.advance_rollout().await?;
         }
         Ok(info)

@@ -327,9 +327,23 @@ impl Keyd {
             .set(i64::from(rollout.as_ref().is_some_and(|r| r.stuck)));
     }
 
-    /// One pass of the scheduler: starts every due rotation, moves the rollout on, and keeps the
-    /// audit log's checkpoints and segments. Safe to run on several replicas: every write is
-    /// guarded, so a rotation that another replica started is not started again.
+    /// A pass of a replica that does not lead: it writes the liveness of the nodes it served
+    /// (only it saw those fetches; the leader's rollouts read the node records) and audits its
+    /// own custodian's health. Schedules, rollouts and the audit log are the leader's.
+    pub async fn replica_tick(&self) -> Result<()> {
+        if let Err(e) = self.flush_liveness().await {
+            tracing::warn!(error = %e, "cannot write node liveness; retrying on the next pass");
+            self.metrics.liveness_write_failures.inc();
+        }
+        if let Err(e) = self.audit_custody_transitions().await {
+            tracing::warn!(error = %e, "cannot audit the KEK custodian's health; retrying on the next pass");
+        }
+        Ok(())
+    }
+
+    /// One pass of the leader's scheduler: starts every due rotation, moves the rollout on, and
+    /// keeps the audit log's checkpoints and segments. Every write is guarded, so even a pass
+    /// that raced a deposed leader's would not start a rotation twice.
     pub async fn tick(&self) -> Result<()> {
         let now = self.clock.now();
         // Liveness first: the rollout decides on it (and counts pending liveness either way, so
@@ -409,7 +423,12 @@ impl Keyd {
                 _ = interval.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            match self.tick().await {
+            let pass = if self.is_leader() {
+                self.tick().await
+            } else {
+                self.replica_tick().await
+            };
+            match pass {
                 Ok(()) => {
                     let now = i64::try_from(self.clock.now().0).unwrap_or(i64::MAX);
                     self.metrics.keys.scheduler_last_pass.set(now);

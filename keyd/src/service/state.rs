@@ -8,7 +8,7 @@ use crate::custody::Custody;
 use crate::ipsec::{CiliumKey, IpsecError};
 use crate::rotation::{self, Phase, Rollout};
 use crate::seal::{self, Key256, KeyWrapper, SealContext, SealError, SealedRecord};
-use crate::store::{AuditEvent, Store, StoreError, Table, Txn};
+use crate::store::{AuditEvent, Change, Store, StoreError, Table, Txn};
 use bytes::Bytes;
 use keyd_proto::{Bounds, ClassSchedule, Schedule};
 use keyd_proto::{KeyClass, KeyRole, NodeInfo, Timestamp};
@@ -312,6 +312,13 @@ pub struct Keyd {
     pub(super) bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
     /// Serializes this replica's writers so they do not race each other's CAS guards.
     pub(super) write_lock: tokio::sync::Mutex<()>,
+    /// Serializes updates of the cache, so that two cannot each start from the same cache and
+    /// one lose the other's change.
+    pub(super) refreshing: tokio::sync::Mutex<()>,
+    /// See [`Keyd::is_leader`].
+    pub(super) leading: std::sync::atomic::AtomicBool,
+    /// This process's name among the replicas of a shared store (set when it announces itself).
+    pub(super) replica_name: std::sync::OnceLock<String>,
     /// Serialises replacing removed nodes' keys (a removal and the tick may both try).
     pub(super) removals: tokio::sync::Mutex<()>,
     pub metrics: crate::telemetry::Metrics,
@@ -389,6 +396,29 @@ pub enum ServiceError {
 
 pub(super) type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
+/// Whether a Meta entry is one the [`Cache`] holds (the others are read where they are used).
+fn cached_meta(key: &str) -> bool {
+    [
+        IPSEC_DOC,
+        WIREGUARD_DOC,
+        SCHEDULES_DOC,
+        KEK_DOC,
+        REMOVED_DOC,
+    ]
+    .contains(&key)
+        || key.starts_with(ALLOCATION_PREFIX)
+}
+
+/// What bundles carry of a node: a change to any of these re-renders every bundle.
+fn bundle_facts(n: &NodeInfo) -> impl PartialEq + use<'_> {
+    (
+        n.endpoint,
+        &n.pod_cidrs,
+        &n.wireguard_public_key,
+        &n.boot_id,
+    )
+}
+
 /// Reads the state from the store. Sealed records are immutable (a record id is never reused),
 /// so those already open in `prev` are reused rather than unwrapped again: with a remote KEK
 /// custodian a refresh costs no custodian call unless a new record appeared.
@@ -396,6 +426,16 @@ pub(super) async fn load_cache(
     store: &dyn Store,
     wrapper: &dyn KeyWrapper,
     prev: Option<&Cache>,
+) -> Result<Cache> {
+    load_cache_with(store, wrapper, prev, None).await
+}
+
+/// [`load_cache`], keeping `nodes` instead of scanning the node table when given.
+async fn load_cache_with(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+    prev: Option<&Cache>,
+    nodes: Option<BTreeMap<String, Arc<NodeInfo>>>,
 ) -> Result<Cache> {
     let generation = prev.map_or(0, |p| p.generation + 1);
     let ipsec_doc = store.get(Table::Meta, IPSEC_DOC)?;
@@ -455,10 +495,16 @@ pub(super) async fn load_cache(
         };
         allocations.insert(name.to_owned(), from_json(&bytes, "node allocation")?);
     }
-    let mut nodes = BTreeMap::new();
-    for (name, bytes) in store.scan(Table::Nodes)? {
-        nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
-    }
+    let nodes = match nodes {
+        Some(nodes) => nodes,
+        None => {
+            let mut nodes = BTreeMap::new();
+            for (name, bytes) in store.scan(Table::Nodes)? {
+                nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
+            }
+            nodes
+        }
+    };
     Ok(Cache {
         ipsec_doc,
         ipsec_state,
@@ -598,6 +644,8 @@ impl Keyd {
         let signer =
             AuditSigner::from_seed(&seed).map_err(|e| corrupt(AUDIT_SIGNING_RECORD, &e))?;
         let cache = load_cache(store.as_ref(), &*wrapper, None).await?;
+        // Alone on its store, this process leads; on a shared one, once it is told so.
+        let leading = !store.shared();
         let audit = AuditWriter::spawn(Arc::clone(&store), clock.clone());
         let metrics = crate::telemetry::Metrics::new(wrapper.metrics().clone());
         Ok(Self {
@@ -606,6 +654,9 @@ impl Keyd {
             cache: RwLock::new(Arc::new(cache)),
             bundles: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(()),
+            leading: std::sync::atomic::AtomicBool::new(leading),
+            replica_name: std::sync::OnceLock::new(),
             removals: tokio::sync::Mutex::new(()),
             metrics,
             config,
@@ -621,6 +672,23 @@ impl Keyd {
         })
     }
 
+    /// Whether this process runs what must run once (schedules, rollouts, checkpoints): always
+    /// on a store only it writes; on etcd, while it holds the leader key.
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks this process as the leader, or as a replica that leaves schedules to another.
+    pub fn set_leader(&self, leading: bool) {
+        self.leading
+            .store(leading, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Names this process among the replicas of a shared store (for `keyctl status`).
+    pub fn set_replica_name(&self, name: String) {
+        let _ = self.replica_name.set(name);
+    }
+
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
@@ -634,43 +702,10 @@ impl Keyd {
         Arc::clone(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// After a write to one node's record only: patches that node into the cache. Bundles are
-    /// invalidated (and long polls woken) only when a fact that bundles carry changed; an
-    /// acknowledgement or a liveness update changes none, so a fleet acknowledging a rollout
-    /// costs no re-rendering.
-    pub(super) async fn commit_node(&self, txn: Txn, info: NodeInfo) -> Result<()> {
-        self.commit_only(txn).await?;
-        let prev = self.cache();
-        let relevant = |n: &NodeInfo| {
-            (
-                n.endpoint,
-                n.pod_cidrs.clone(),
-                n.wireguard_public_key.clone(),
-                n.boot_id.clone(),
-            )
-        };
-        let changes_bundles = prev
-            .nodes
-            .get(&info.name)
-            .is_none_or(|old| relevant(old) != relevant(&info));
-        let mut next = (*prev).clone();
-        next.nodes.insert(info.name.clone(), Arc::new(info));
-        if changes_bundles {
-            next.generation += 1;
-        }
-        let generation = next.generation;
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        if changes_bundles {
-            self.bundles
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            self.changed.send_replace(generation);
-        }
-        Ok(())
-    }
-
+    /// Reads everything cached again (at start, and when the store's change feed says changes
+    /// may have been missed).
     pub(super) async fn refresh(&self) -> Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let prev = self.cache();
         let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev)).await?;
         let generation = fresh.generation;
@@ -683,10 +718,141 @@ impl Keyd {
         Ok(())
     }
 
-    /// Commits on a blocking thread (redb fsyncs) and refreshes the cache.
+    /// Brings the cache up to date with entries that changed in the store, written by this
+    /// process or (reported by [`Store::follow`]) by another replica. The state documents are
+    /// read again when one of them changed, and nodes one by one: the node table is never read
+    /// whole, so a change costs the same at ten nodes and at ten thousand. Values are read
+    /// again rather than taken from the change, so a late report can never put back an older
+    /// value.
+    pub(super) async fn apply_changes(&self, touched: &[(Table, String)]) -> Result<()> {
+        let meta = touched
+            .iter()
+            .any(|(t, k)| *t == Table::Meta && cached_meta(k));
+        let mut names: Vec<&str> = touched
+            .iter()
+            .filter(|(t, _)| *t == Table::Nodes)
+            .map(|(_, k)| k.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if !meta && names.is_empty() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.refreshing.lock().await;
+        let prev = self.cache();
+        let mut next = if meta {
+            load_cache_with(
+                self.store.as_ref(),
+                &*self.wrapper,
+                Some(&prev),
+                Some(prev.nodes.clone()),
+            )
+            .await?
+        } else {
+            (*prev).clone()
+        };
+        let mut bundles_change = meta;
+        for name in names {
+            match self.store.get(Table::Nodes, name)? {
+                Some(bytes) => {
+                    let info: NodeInfo = from_json(&bytes, "node record")?;
+                    bundles_change |= prev
+                        .nodes
+                        .get(name)
+                        .is_none_or(|old| bundle_facts(old) != bundle_facts(&info));
+                    next.nodes.insert(name.to_owned(), Arc::new(info));
+                }
+                None => bundles_change |= next.nodes.remove(name).is_some(),
+            }
+        }
+        if bundles_change && !meta {
+            next.generation += 1;
+        }
+        let generation = next.generation;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        if bundles_change {
+            self.bundles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.changed.send_replace(generation);
+        }
+        Ok(())
+    }
+
+    /// Keeps the cache coherent with what other replicas write, until `stop`: applies the
+    /// store's change feed (nothing to do on a store only this process writes). While the store
+    /// cannot be read the cache keeps what it has, and is read again whole once it can.
+    pub async fn follow_store(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(mut feed) = self.store.follow() else {
+            return;
+        };
+        let mut behind = false;
+        loop {
+            let next = if behind {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => None,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            } else {
+                tokio::select! {
+                    c = feed.recv() => match c {
+                        Some(c) => Some(c),
+                        None => return,
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            };
+            // Everything queued is applied together.
+            let mut resync = behind;
+            let mut keys = Vec::new();
+            let mut take = |c: Change| match c {
+                Change::Resync => resync = true,
+                Change::Keys(k) => keys.extend(k),
+            };
+            if let Some(c) = next {
+                take(c);
+            }
+            while let Ok(c) = feed.try_recv() {
+                take(c);
+            }
+            let nodes_changed = resync || keys.iter().any(|(t, _)| *t == Table::Nodes);
+            let applied = if resync {
+                self.refresh().await
+            } else {
+                self.apply_changes(&keys).await
+            };
+            // An acknowledgement taken by another replica may be the last one a rollout phase
+            // was waiting for.
+            if applied.is_ok()
+                && nodes_changed
+                && self.is_leader()
+                && let Err(e) = self.advance_rollout().await
+            {
+                tracing::warn!(error = %e, "cannot advance the rollout; retrying on the next pass");
+            }
+            behind = match applied {
+                Ok(()) => false,
+                Err(e) => {
+                    if !behind {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot read what the store changed; serving what this replica holds \
+                             and reading everything again once the store answers"
+                        );
+                    }
+                    true
+                }
+            };
+        }
+    }
+
+    /// Commits on a blocking thread (redb fsyncs) and brings the cache up to date with what
+    /// the transaction wrote.
     pub(super) async fn commit(&self, txn: Txn) -> Result<()> {
+        let touched = txn.touched();
         self.commit_only(txn).await?;
-        self.refresh().await
+        self.apply_changes(&touched).await
     }
 
     /// Commits on a blocking thread (redb fsyncs), without touching the cache.

@@ -27,7 +27,25 @@ impl Keyd {
                     .count(),
             },
             custody: Some(self.wrapper.status()),
+            replication: self.replication(),
         }
+    }
+
+    /// The replicas over a shared store; `None` on one only this process uses.
+    fn replication(&self) -> Option<keyd_proto::Replication> {
+        let this = self.replica_name.get()?.clone();
+        Some(match self.store.replicas() {
+            Ok(replicas) => keyd_proto::Replication {
+                this,
+                replicas: replicas.unwrap_or_default(),
+                error: None,
+            },
+            Err(e) => keyd_proto::Replication {
+                this,
+                replicas: Vec::new(),
+                error: Some(keyd_mtls::error_chain(&e)),
+            },
+        })
     }
 
     /// Whether each encryption mode can be relied on (for the admission webhook): keys exist,

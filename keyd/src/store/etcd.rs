@@ -29,12 +29,14 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    SortOrder, SortTarget, TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse,
+    SortOrder, SortTarget, TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use keyd_proto::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::{AuditRecord, EtcdSettings, GENESIS_HASH, Store, StoreError, Table, Txn, decode_audit};
+use super::{
+    AuditRecord, Change, EtcdSettings, GENESIS_HASH, Store, StoreError, Table, Txn, decode_audit,
+};
 
 /// Entries read per range request when scanning a table.
 const PAGE: i64 = 512;
@@ -202,6 +204,79 @@ fn outcome<T>(
             ),
         )),
         None => Err(unavailable(op, "the etcd client task stopped")),
+    }
+}
+
+/// Watches the keys under `root` (`PREFIX t/`) and reports which entries change, until the
+/// receiver is dropped. Every time a watch is (re)established it first reports
+/// [`Change::Resync`]: whatever happened while there was none (etcd unreachable, the member
+/// lost, the watch cancelled by a compaction) must be read again, and the watch only reports
+/// what happens after it was created.
+async fn follow_tables(
+    client: Client,
+    root: Vec<u8>,
+    tx: tokio::sync::mpsc::UnboundedSender<Change>,
+) {
+    let parse = |key: &[u8]| -> Option<(Table, String)> {
+        let rest = std::str::from_utf8(key.strip_prefix(root.as_slice())?).ok()?;
+        let (table, key) = rest.split_once('/')?;
+        Some((Table::from_name(table)?, key.to_owned()))
+    };
+    let mut failures = 0u32;
+    while !tx.is_closed() {
+        if failures > 0 {
+            // Quickly at first (a member restarting), then at most every 2 s.
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+        }
+        let mut watch = client.watch_client();
+        let mut stream = match watch
+            .watch(root.clone(), Some(WatchOptions::new().with_prefix()))
+            .await
+        {
+            Ok(stream) => stream,
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, "cannot watch the etcd store; retrying");
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.created() {
+                        failures = 0;
+                        if tx.send(Change::Resync).is_err() {
+                            return;
+                        }
+                    }
+                    let keys: Vec<_> = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| parse(e.kv()?.key()))
+                        .collect();
+                    if !keys.is_empty() && tx.send(Change::Keys(keys)).is_err() {
+                        return;
+                    }
+                    if resp.canceled() {
+                        tracing::warn!(
+                            reason = resp.cancel_reason(),
+                            "etcd cancelled the store watch; watching again"
+                        );
+                        failures += 1;
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    failures += 1;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the etcd store watch failed; watching again");
+                    failures += 1;
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -698,6 +773,63 @@ impl EtcdStore {
         }
     }
 
+    fn replicas_prefix(&self) -> Vec<u8> {
+        format!("{}replicas/", self.prefix).into_bytes()
+    }
+
+    /// Announces this process (`PREFIX replicas/NAME`, on a lease of `ttl` kept alive in the
+    /// background) for as long as the store is open, re-announcing after an outage outlived the
+    /// lease: what `keyctl status` lists.
+    pub fn announce(&self, replica: &keyd_proto::Replica, ttl: Duration) {
+        let Some(rt) = self.rt.get() else { return };
+        let mut key = self.replicas_prefix();
+        key.extend_from_slice(replica.name.as_bytes());
+        let value = serde_json::to_vec(replica).unwrap_or_default();
+        let client = self.client.clone();
+        let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        let step = ttl.max(Duration::from_secs(2));
+        rt.spawn(async move {
+            loop {
+                let announced: Result<std::convert::Infallible, String> = async {
+                    let mut c = client.clone();
+                    let id = tokio::time::timeout(step, c.lease_grant(ttl_secs, None))
+                        .await
+                        .map_err(|_| "lease grant timed out".to_owned())?
+                        .map_err(|e| e.to_string())?
+                        .id();
+                    let put = etcd_client::PutOptions::new().with_lease(id);
+                    tokio::time::timeout(step, c.put(key.clone(), value.clone(), Some(put)))
+                        .await
+                        .map_err(|_| "put timed out".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                    let (mut keeper, mut answers) =
+                        tokio::time::timeout(step, c.lease_keep_alive(id))
+                            .await
+                            .map_err(|_| "keep-alive timed out".to_owned())?
+                            .map_err(|e| e.to_string())?;
+                    loop {
+                        tokio::time::sleep(step / 3).await;
+                        let answer = tokio::time::timeout(step, async {
+                            keeper.keep_alive().await?;
+                            answers.message().await
+                        })
+                        .await;
+                        match answer {
+                            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                            Ok(Ok(_)) => return Err("the lease expired".to_owned()),
+                            Ok(Err(e)) => return Err(e.to_string()),
+                            Err(_) => return Err("keep-alive timed out".to_owned()),
+                        }
+                    }
+                }
+                .await;
+                let Err(why) = announced;
+                tracing::debug!(why, "announcing this replica again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
     /// Ends the lease without telling this process, as an expiry on the etcd side would (tests).
     #[doc(hidden)]
     pub fn resign_for_test(&self) {
@@ -979,6 +1111,42 @@ impl Store for EtcdStore {
     /// etcd's bound less what the store adds to a transaction: the audit head and the fence.
     fn max_txn_ops(&self) -> usize {
         self.max_txn_ops.saturating_sub(2)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn replicas(&self) -> Result<Option<Vec<keyd_proto::Replica>>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let from = self.replicas_prefix();
+        let leader = self.leader_key();
+        let (listed, led) = self.run("list the replicas", async move {
+            let listed = kv.get(from, Some(GetOptions::new().with_prefix())).await?;
+            let led = kv.get(leader, None).await?;
+            Ok((listed, led))
+        })?;
+        let leader = led.kvs().first().map(|kv| kv.value().to_vec());
+        let mut replicas = Vec::new();
+        for kv in listed.kvs() {
+            let mut r: keyd_proto::Replica =
+                serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+                    what: String::from_utf8_lossy(kv.key()).into_owned(),
+                    why: e.to_string(),
+                })?;
+            r.leader = leader.as_deref() == Some(r.name.as_bytes());
+            replicas.push(r);
+        }
+        Ok(Some(replicas))
+    }
+
+    /// An etcd watch on every table: what any replica writes reaches every replica's cache.
+    fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        let rt = self.rt.get()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let root = format!("{}t/", self.prefix).into_bytes();
+        rt.spawn(follow_tables(self.client.clone(), root, tx));
+        Some(rx)
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -55,6 +55,11 @@ impl Table {
         }
     }
 
+    /// The table named `name` (see [`Table::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(self.name())
     }
@@ -260,6 +265,42 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// (the audit group commit, the liveness flush, a rewrap chunk) split their work to fit.
     fn max_txn_ops(&self) -> usize {
         usize::MAX
+    }
+    /// The changes written to the tables from now on, by this process and every other, for a
+    /// cache that several processes share the store behind. `None` for a store that only this
+    /// process writes (redb: its own commits are all there is to follow).
+    fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        None
+    }
+    /// Whether other processes may write this store too (etcd): then one of them leads.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The keyd processes that announce themselves on a shared store, the leader marked;
+    /// `None` on a store only this process uses.
+    fn replicas(&self) -> Result<Option<Vec<keyd_proto::Replica>>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// What [`Store::follow`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// These entries were written or deleted (read them again for their current value).
+    Keys(Vec<(Table, String)>),
+    /// Changes may have been missed (the feed reconnected after an outage, or its history was
+    /// compacted): everything cached must be read again.
+    Resync,
+}
+
+impl Txn {
+    /// The entries this transaction writes or deletes.
+    pub fn touched(&self) -> Vec<(Table, String)> {
+        self.puts
+            .iter()
+            .map(|(t, k, _)| (*t, k.clone()))
+            .chain(self.deletes.iter().cloned())
+            .collect()
     }
 }
 

@@ -213,7 +213,29 @@ fn spi(s: Option<u8>) -> String {
 }
 fn status_table(s: &Status) -> String {
     let current = s.ipsec.keys.first();
-    let rows = vec![
+    let mut replicas = Vec::new();
+    if let Some(r) = &s.replication {
+        replicas.push(vec!["answered by".into(), r.this.clone()]);
+        if let Some(e) = &r.error {
+            replicas.push(vec!["replicas".into(), format!("unknown: {e}")]);
+        }
+        for replica in &r.replicas {
+            replicas.push(vec![
+                if replica.leader { "leader" } else { "replica" }.into(),
+                format!(
+                    "{} api {} since {}",
+                    replica.name, replica.api, replica.since
+                ),
+            ]);
+        }
+        if r.error.is_none() && !r.replicas.iter().any(|x| x.leader) {
+            replicas.push(vec![
+                "leader".into(),
+                "none (an election is under way)".into(),
+            ]);
+        }
+    }
+    let mut rows = vec![
         vec!["version".into(), s.version.clone()],
         vec!["store".into(), s.store.clone()],
         vec!["kek".into(), format!("{} ({})", s.kek_backend, s.kek_id)],
@@ -249,6 +271,8 @@ fn status_table(s: &Status) -> String {
             s.wireguard.nodes_with_public_key.to_string(),
         ],
     ];
+    // The replicas right after the store they serve.
+    rows.splice(2..2, replicas);
     table(&["FIELD", "VALUE"], &rows)
 }
 
