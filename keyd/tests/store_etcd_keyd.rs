@@ -11,7 +11,9 @@ use keyd_tests::etcd::EtcdCluster;
 use serde_json::json;
 
 mod process;
-use process::{Identity, Keyd, audit_verifies, call, put_dev_node, register_dev_node, request};
+use process::{
+    Identity, Keyd, audit_verifies, call, export, put_dev_node, register_dev_node, request,
+};
 
 fn etcd_env(endpoints: &[String]) -> Vec<(&'static str, String)> {
     vec![
@@ -534,4 +536,347 @@ async fn keyd_started_without_etcd_waits_for_it() {
         .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
     register_dev_node(&keyd, "node-a", 0).await.unwrap();
     keyd.stop().await;
+}
+
+// ---- three replicas over three etcd members, the leader killed twenty times ----------------
+
+/// The simulated nodes: each follows its bundle as node-shim does (install the new keys, switch
+/// outbound, remove what the bundle dropped) and acknowledges.
+const FLEET: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
+
+#[derive(Debug, Default)]
+struct SimNode {
+    installed: Vec<u8>,
+    outbound: Option<u8>,
+    /// The ETag of the bundle it follows, sent as `If-None-Match` as node-shim does.
+    etag: Option<String>,
+    /// The last acknowledgement keyd answered with success: (SPIs, outbound SPI).
+    acked: Option<(Vec<u8>, Option<u8>)>,
+}
+
+/// One step of node `name` against replica `k`: `false` when the replica did not answer it
+/// (killed under it), which a real node retries against another.
+async fn follow(k: &Keyd, name: &'static str, n: &mut SimNode) -> bool {
+    let Some(mut c) = k.connect(&Identity::Node(name)).await else {
+        return false;
+    };
+    let held: Vec<_> = n
+        .etag
+        .iter()
+        .map(|e| (http::header::IF_NONE_MATCH, e.as_str()))
+        .collect();
+    let Ok(r) = c
+        .send(
+            Method::GET,
+            &format!("/v1/nodes/{name}/bundle"),
+            None,
+            &held,
+        )
+        .await
+    else {
+        return false;
+    };
+    if r.status == StatusCode::NOT_MODIFIED {
+        return true;
+    }
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "bundle of {name}: {}",
+        r.error_message()
+    );
+    n.etag = Some(r.headers[http::header::ETAG].to_str().unwrap().to_owned());
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let Some(ipsec) = body["ipsec"].as_object() else {
+        return true;
+    };
+    let spis: Vec<u8> = ipsec["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| u8::try_from(k["spi"].as_u64().unwrap()).unwrap())
+        .collect();
+    let outbound = ipsec["outbound_spi"]
+        .as_u64()
+        .map(|s| u8::try_from(s).unwrap());
+    // Programming order: install the new keys, switch outbound, remove what the bundle dropped.
+    for s in &spis {
+        if !n.installed.contains(s) {
+            n.installed.push(*s);
+        }
+    }
+    n.outbound = outbound;
+    n.installed.retain(|s| spis.contains(s));
+    match request(
+        k,
+        Identity::Node(name),
+        Method::POST,
+        &format!("/v1/nodes/{name}/ack"),
+        Some(json!({ "ipsec_spis": spis, "ipsec_outbound_spi": outbound })),
+    )
+    .await
+    {
+        Ok((status, _)) if status.is_success() => {
+            n.acked = Some((spis, outbound));
+            true
+        }
+        // The rollout moved on between the fetch and the acknowledgement (a key it names was
+        // retired meanwhile): refused, and the node's next fetch has the newer bundle.
+        Ok((StatusCode::UNPROCESSABLE_ENTITY, body))
+            if body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not a key keyd holds")) =>
+        {
+            true
+        }
+        Ok((status, body)) => panic!("ack of {name}: {status} {body}"),
+        Err(_) => false,
+    }
+}
+
+/// Every node's outbound key is installed at every other node.
+fn no_pair_lacks_a_shared_key(fleet: &[SimNode], when: &str) {
+    for (a, na) in FLEET.iter().zip(fleet) {
+        for (b, nb) in FLEET.iter().zip(fleet) {
+            if let Some(out) = na.outbound {
+                assert!(
+                    nb.installed.contains(&out),
+                    "{when}: {a} sends with SPI {out}, which {b} lacks ({fleet:?})"
+                );
+            }
+        }
+    }
+}
+
+/// The replicas (by index) that answer; the ones that say they lead.
+async fn leaders(replicas: &[Keyd], down: Option<usize>) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, k) in replicas.iter().enumerate() {
+        if Some(i) == down {
+            continue;
+        }
+        if let Some((200, text)) = k.readyz().await
+            && text.contains("(leader)")
+        {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// The rollout as replica `k` reports it (`Null` when none).
+async fn rollout(k: &Keyd) -> Option<serde_json::Value> {
+    let (status, body) = request(k, Identity::Admin, Method::GET, "/v1/ipsec", None)
+        .await
+        .ok()?;
+    status.is_success().then(|| body["rollout"].clone())
+}
+
+/// Every node takes one step, each against the next replica that answers.
+async fn fleet_step(
+    replicas: &[Keyd],
+    down: Option<usize>,
+    fleet: &mut [SimNode],
+    turn: &mut usize,
+) {
+    for (name, node) in FLEET.iter().zip(fleet.iter_mut()) {
+        for _ in 0..replicas.len() {
+            *turn += 1;
+            let i = *turn % replicas.len();
+            if Some(i) != down && follow(&replicas[i], name, node).await {
+                break;
+            }
+        }
+    }
+    no_pair_lacks_a_shared_key(fleet, "after a fleet step");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KillAt {
+    /// Right after the rotation: the new key inbound only.
+    Staged,
+    /// Once the new key is outbound.
+    Active,
+    /// Every node acknowledged the new outbound key: the old one waits out the overlap.
+    Retiring,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    const KILLS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3);
+    let ttl = 2;
+    let mut env = etcd_env(&etcd.endpoints());
+    env.push(("KEYD_STORE_ETCD_LEASE_TTL", format!("{ttl}s")));
+    let data = dir.path().join("data");
+    // Certificates for four nodes (keyd dev makes two), before any keyd starts.
+    let names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+    keyd::pki::ensure_dev_pki(&data, &names, &FLEET).unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mut k = Keyd::spawn(&data, &env);
+        k.ready()
+            .await
+            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        replicas.push(k);
+    }
+    assert_eq!(leaders(&replicas, None).await.len(), 1);
+    // The old key leaves 2 s after the new one is outbound everywhere: a window to kill in.
+    call(
+        &replicas[1],
+        Identity::Admin,
+        Method::PUT,
+        "/v1/schedules/ipsec",
+        Some(json!({ "overlap": "2s" })),
+    )
+    .await
+    .unwrap();
+    call(
+        &replicas[2],
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    for (i, name) in FLEET.iter().enumerate() {
+        register_dev_node(&replicas[i % 3], name, i).await.unwrap();
+    }
+    let mut fleet: Vec<SimNode> = FLEET.iter().map(|_| SimNode::default()).collect();
+    let mut turn = 0;
+    fleet_step(&replicas, None, &mut fleet, &mut turn).await;
+    let before = export(&replicas[0]).await.unwrap();
+    let count = |log: &str, event: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("\"action\":\"{event}\"")))
+            .count()
+    };
+
+    let mut failovers = Vec::new();
+    for round in 0..KILLS {
+        let at = [KillAt::Staged, KillAt::Active, KillAt::Retiring][round % 3];
+        // Rotate through a replica that does not lead: any replica takes admin writes.
+        let leader = leaders(&replicas, None).await;
+        assert_eq!(leader.len(), 1, "round {round}: leaders {leader:?}");
+        let other = (leader[0] + 1) % replicas.len();
+        call(
+            &replicas[other],
+            Identity::Admin,
+            Method::POST,
+            "/v1/ipsec/rotate",
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+        // Play the nodes until the rollout stands where this round kills.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = rollout(&replicas[other]).await.unwrap_or_default();
+            let reached = match at {
+                KillAt::Staged => r["phase"] == "staged",
+                KillAt::Active => r["phase"] == "active",
+                KillAt::Retiring => {
+                    r["phase"] == "active" && r["waiting_for"].as_array().is_some_and(Vec::is_empty)
+                }
+            };
+            if reached {
+                break;
+            }
+            assert!(
+                !r.is_null(),
+                "round {round}: the rollout ended before {at:?}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: never reached {at:?}: {r}"
+            );
+            fleet_step(&replicas, None, &mut fleet, &mut turn).await;
+        }
+        let killed = leaders(&replicas, None).await;
+        assert_eq!(killed.len(), 1, "round {round}: leaders {killed:?}");
+        let killed = killed[0];
+        replicas[killed].child.kill().unwrap();
+        replicas[killed].child.wait().unwrap();
+        let since = Instant::now();
+        // Nodes keep following the replicas that remain while they elect a leader.
+        let took = loop {
+            let now_leading = leaders(&replicas, Some(killed)).await;
+            assert!(now_leading.len() <= 1, "two leaders: {now_leading:?}");
+            if !now_leading.is_empty() {
+                break since.elapsed();
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(ttl + 5),
+                "round {round}: no leader after {:?}",
+                since.elapsed()
+            );
+            fleet_step(&replicas, Some(killed), &mut fleet, &mut turn).await;
+        };
+        println!("round {round}: killed the leader at {at:?}; another led after {took:?}");
+        failovers.push(took);
+        // The killed replica comes back (as its supervisor would restart it).
+        let mut back = Keyd::spawn(&data, &env);
+        back.ready()
+            .await
+            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", back.log()));
+        replicas[killed] = back;
+        // The rollout completes.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rollout(&replicas[killed])
+            .await
+            .is_none_or(|r| !r.is_null())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the rollout did not complete: {:?}",
+                rollout(&replicas[killed]).await
+            );
+            fleet_step(&replicas, None, &mut fleet, &mut turn).await;
+        }
+        fleet_step(&replicas, None, &mut fleet, &mut turn).await;
+    }
+    failovers.sort();
+    println!(
+        "failover after SIGKILL of the leader, {KILLS} times (lease TTL {ttl}s): p50 {:?}, max {:?}",
+        failovers[KILLS / 2],
+        failovers[KILLS - 1]
+    );
+    // Within the lease TTL plus one second, every time.
+    assert!(
+        failovers[KILLS - 1] < Duration::from_secs(ttl + 1),
+        "{failovers:?}"
+    );
+    // Every rollout ran each of its steps exactly once, and every acknowledged write is there.
+    let after = export(&replicas[0]).await.unwrap();
+    for event in [
+        "ipsec.key.staged",
+        "ipsec.key.activated",
+        "ipsec.key.retired",
+    ] {
+        assert_eq!(
+            count(&after, event) - count(&before, event),
+            KILLS,
+            "{event} in the audit log"
+        );
+    }
+    for (name, node) in FLEET.iter().zip(&fleet) {
+        let record = node_on(&replicas[0], name).await;
+        let (spis, outbound) = node.acked.clone().unwrap();
+        assert_eq!(
+            record["acked"]["ipsec_spis"],
+            json!(spis),
+            "{name}: {record}"
+        );
+        assert_eq!(
+            record["acked"]["ipsec_outbound_spi"],
+            json!(outbound),
+            "{name}: {record}"
+        );
+    }
+    audit_verifies(&replicas[0], dir.path()).await;
 }

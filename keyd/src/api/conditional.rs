@@ -69,6 +69,11 @@ impl Conditional {
         Some((self.if_none_match.as_deref()?, self.wait?))
     }
 
+    /// The ETag the caller holds, if any.
+    pub(super) fn held(&self) -> Option<&str> {
+        self.if_none_match.as_deref()
+    }
+
     /// Whether the caller already holds `etag` (answer 304).
     pub(super) fn holds(&self, etag: &str) -> bool {
         self.if_none_match.as_deref() == Some(etag)

@@ -84,6 +84,9 @@ impl From<ServiceError> for ApiError {
                 "policy_not_configured",
                 e.to_string(),
             ),
+            ServiceError::Behind(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "replica_behind", m.clone())
+            }
             ServiceError::RulesNotReady(m) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "rules_not_ready",

@@ -253,22 +253,23 @@ async fn bundle(
 ) -> Result<Response, ApiError> {
     let c = Conditional::parse(&headers, query)?;
     let validity = validity.map(|Extension(v)| v);
+    s.keyd.bundle_after(c.held()).await?;
     let waited = c.long_poll().map(|(etag, wait)| {
         s.keyd
             .bundle_wait(&name, etag, within_certificate(wait, validity.as_ref()))
     });
     let b = fetch(waited, s.keyd.bundle(&name)).await?;
-    let outcome = if c.holds(&b.etag) {
-        "not_modified"
-    } else {
-        "full"
-    };
+    // Equal content is not modified, whichever replica (store revision) rendered it.
+    let holds = c.held().is_some_and(|h| {
+        crate::service::bundle_content(h) == crate::service::bundle_content(&b.etag)
+    });
+    let outcome = if holds { "not_modified" } else { "full" };
     s.keyd
         .metrics
         .bundle_fetches
         .get_or_create(&crate::telemetry::Outcome { outcome })
         .inc();
-    if c.holds(&b.etag) {
+    if holds {
         return not_modified(&b.etag);
     }
     s.keyd.audit_bundle_fetch(&name, &b).await?;

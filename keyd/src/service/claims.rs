@@ -200,7 +200,7 @@ impl Keyd {
         allocation: NodeAllocation,
     ) -> Result<(NodeAllocation, Option<String>)> {
         let mut allocation = check_allocation(allocation)?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         for (other, theirs) in cache.allocations.iter().filter(|(o, _)| *o != name) {
             if let Some(ip) = allocation
@@ -283,7 +283,7 @@ impl Keyd {
         actor: &(dyn std::fmt::Display + Sync),
         name: &str,
     ) -> Result<()> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let key = format!("{ALLOCATION_PREFIX}{name}");
         let Some(previous) = self.store.get(Table::Meta, &key)? else {
             return Err(ServiceError::NotFound(format!(

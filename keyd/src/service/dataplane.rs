@@ -146,7 +146,7 @@ impl Keyd {
             Err(e) => return Err(e),
         };
         validate_report(&report, current.as_deref())?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let previous = self.store.get(Table::Dataplane, name)?;
         let prev: Option<StoredReport> = previous
             .as_deref()

@@ -71,7 +71,7 @@ impl Keyd {
         actor: &(dyn fmt::Display + Sync),
         req: RotateRequest,
     ) -> Result<IpsecStatus> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         if let Some(r) = &cache.ipsec_state.rollout {
             return Err(rotation::RolloutError::InProgress {
@@ -123,7 +123,7 @@ impl Keyd {
                 key.id.get()
             )));
         }
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         if let Some(r) = &cache.ipsec_state.rollout {
             return Err(rotation::RolloutError::InProgress {
@@ -272,7 +272,7 @@ impl Keyd {
         node: &str,
     ) -> Result<IpsecStatus> {
         {
-            let _w = self.write_lock.lock().await;
+            let _w = self.writer().await?;
             let cache = self.cache();
             let Some(current) = cache.ipsec_state.rollout.clone() else {
                 return Err(ServiceError::Conflict(
@@ -317,7 +317,7 @@ impl Keyd {
 
     /// Moves the rollout on if the nodes' acknowledgements and the time allow it.
     pub async fn advance_rollout(&self) -> Result<()> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         let Some(current) = cache.ipsec_state.rollout.clone() else {
             return Ok(());

@@ -25,7 +25,7 @@ pub use claims::check_allocation;
 pub use dataplane::validate_report;
 pub use evidence::{Progress, ReportRequest, SignedReport};
 pub use kek::{migrate_kek, rotate_kek};
-pub use nodes::check_registration;
+pub use nodes::{bundle_content, check_registration};
 pub use rules_view::RenderedRules;
 pub use schedules::updated_schedule;
 pub use state::{

@@ -42,6 +42,12 @@ pub(super) fn last_seen(node: &NodeInfo, seen: &HashMap<String, Timestamp>) -> T
         .map_or(node.last_seen, |t| node.last_seen.max(*t))
 }
 
+/// The part of a bundle's ETag that names its content (without the store revision).
+pub fn bundle_content(etag: &str) -> &str {
+    let inner = etag.trim_matches('"');
+    inner.split_once('.').map_or(inner, |(content, _)| content)
+}
+
 pub(super) fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
     let roles = cache.ipsec_state.roles();
     let ipsec = cache
@@ -88,8 +94,14 @@ pub(super) fn render_bundle(cache: &Cache, name: &str) -> RenderedBundle {
     let unrevised = Zeroizing::new(serde_json::to_vec(&bundle).unwrap_or_default());
     bundle.revision = hex::encode(&Sha256::digest(&unrevised)[..12]);
     let body = Zeroizing::new(serde_json::to_vec(&bundle).unwrap_or_default());
+    // On a shared store the ETag also names the store revision the bundle was rendered at, so
+    // that no replica answers a node with anything older than what it already holds.
+    let etag = match cache.revision {
+        0 => format!("\"{}\"", bundle.revision),
+        r => format!("\"{}.{r}\"", bundle.revision),
+    };
     RenderedBundle {
-        etag: format!("\"{}\"", bundle.revision),
+        etag,
         body,
         generation: cache.generation,
     }
@@ -174,7 +186,7 @@ impl Keyd {
     ) -> Result<NodeInfo> {
         let reg = check_registration(reg)?;
         let checked = self.check_claims(actor, name, &reg).await?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         if cache.allocations.get(name) != checked.as_ref() {
             return Err(ServiceError::Conflict(format!(
@@ -308,7 +320,7 @@ impl Keyd {
         rotate: bool,
     ) -> Result<keyd_proto::NodeRemoval> {
         {
-            let _w = self.write_lock.lock().await;
+            let _w = self.writer().await?;
             let cache = self.cache();
             let Some(node) = cache.nodes.get(name).cloned() else {
                 return Err(ServiceError::NotFound(format!(
@@ -435,7 +447,7 @@ impl Keyd {
         actor: &(dyn std::fmt::Display + Sync),
         name: &str,
     ) -> Result<()> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         let mut removed = cache.removed.clone();
         let Some(r) = removed.get_mut(name) else {
@@ -472,6 +484,9 @@ impl Keyd {
     }
 
     pub async fn ack(&self, actor: &Identity, name: &str, mut ack: Ack) -> Result<NodeInfo> {
+        // First: on a shared store the keys are checked against the newest state, not against
+        // a cache a few milliseconds behind the replica the node fetched from.
+        let _w = self.writer().await?;
         if !self.cache().nodes.contains_key(name) {
             return Err(not_registered(name));
         }
@@ -500,7 +515,6 @@ impl Keyd {
         }
         ack.ipsec_spis.sort_unstable();
         ack.ipsec_spis.dedup();
-        let _w = self.write_lock.lock().await;
         let previous = self
             .store
             .get(Table::Nodes, name)?
@@ -564,23 +578,37 @@ impl Keyd {
         Ok(rendered)
     }
 
-    /// Long poll: returns the node's bundle once its revision differs from `etag`, or `None`
-    /// when `wait` passes without a change. A node learns of a rotation within a second.
+    /// Long poll: returns the node's bundle once its content differs from that of `etag`, or
+    /// `None` when `wait` passes without a change. A node learns of a rotation within a second.
     pub async fn bundle_wait(
         &self,
         name: &str,
         etag: &str,
         wait: Duration,
     ) -> Result<Option<Arc<RenderedBundle>>> {
+        self.bundle_after(Some(etag)).await?;
         let changed = self.changed.subscribe();
         long_poll(
             changed,
-            etag,
+            bundle_content(etag),
             wait,
             move || async move { self.bundle(name).await.map(Some) },
-            |b: &Arc<RenderedBundle>| b.etag.as_str(),
+            |b: &Arc<RenderedBundle>| bundle_content(&b.etag),
         )
         .await
+    }
+
+    /// On a shared store, before answering a node that holds the bundle `held` (its ETag): waits
+    /// until this replica's cache is at least as new as the store revision that bundle was
+    /// rendered at, so that a node moving between replicas never steps back to older keys.
+    pub async fn bundle_after(&self, held: Option<&str>) -> Result<()> {
+        let revision = held
+            .and_then(|e| e.trim_matches('"').split_once('.'))
+            .and_then(|(_, r)| r.parse::<u64>().ok());
+        match revision {
+            Some(r) if self.store.shared() => self.caught_up_to(r).await,
+            _ => Ok(()),
+        }
     }
 
     /// Audits a full bundle fetch (node, revision, key IDs; never key bytes), once per node and
@@ -637,7 +665,7 @@ impl Keyd {
     /// for the next pass. A node record that does not parse is skipped (and logged), not allowed
     /// to block everyone else's liveness.
     pub async fn flush_liveness(&self) -> Result<usize> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let pending = self.pending_seen();
         if pending.is_empty() {
             return Ok(0);

@@ -34,7 +34,7 @@ impl Keyd {
         class: KeyClass,
         update: ScheduleUpdate,
     ) -> Result<ClassSchedule> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         let before = cache.schedules.get(class);
         let after = updated_schedule(class, &before, update)?;
@@ -54,7 +54,7 @@ impl Keyd {
         bounds: Bounds,
     ) -> Result<ClassSchedule> {
         rotation::validate_bounds(&bounds).map_err(ServiceError::Invalid)?;
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let before = self.cache().schedules.get(class);
         let after = ClassSchedule {
             bounds,
@@ -134,7 +134,7 @@ impl Keyd {
         actor: &(dyn fmt::Display + Sync),
         node_keys: bool,
     ) -> Result<u64> {
-        let _w = self.write_lock.lock().await;
+        let _w = self.writer().await?;
         let cache = self.cache();
         let mut wg = cache.wg.clone();
         let now = self.clock.now();
@@ -419,9 +419,18 @@ impl Keyd {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = interval.tick() => {}
+            let nudged = tokio::select! {
+                _ = interval.tick() => false,
+                () = self.nudge.notified() => true,
                 _ = stop.wait_for(|s| *s) => return,
+            };
+            if nudged {
+                if self.is_leader()
+                    && let Err(e) = self.advance_rollout().await
+                {
+                    tracing::warn!(error = %e, "cannot advance the rollout; retrying on the next pass");
+                }
+                continue;
             }
             let pass = if self.is_leader() {
                 self.tick().await

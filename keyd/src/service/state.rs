@@ -122,6 +122,9 @@ impl Default for ServiceConfig {
     }
 }
 
+/// How long a replica waits for its cache to reach a store revision before answering 503.
+pub(super) const CATCH_UP_WITHIN: Duration = Duration::from_secs(5);
+
 /// How stale a node's stored `last_seen` may get before a bundle fetch marks it for rewriting.
 /// Marked nodes are written together by the scheduler's next pass ([`Keyd::flush_liveness`]),
 /// so polls never turn into disk writes on the request path.
@@ -227,6 +230,8 @@ pub(super) struct Cache {
     pub(super) removed: BTreeMap<String, RemovedNode>,
     /// Administrators' allocations, by node name (Meta `allocation/NAME`).
     pub(super) allocations: BTreeMap<String, keyd_proto::NodeAllocation>,
+    /// On a shared store: the store revision this cache is a snapshot of (0 otherwise).
+    pub(super) revision: u64,
 }
 
 /// The Meta key prefix of allocations: one key per node, so that setting one writes one record.
@@ -317,6 +322,13 @@ pub struct Keyd {
     pub(super) refreshing: tokio::sync::Mutex<()>,
     /// See [`Keyd::is_leader`].
     pub(super) leading: std::sync::atomic::AtomicBool,
+    /// On a shared store: the revision through which every change is in the cache.
+    pub(super) applied: tokio::sync::watch::Sender<u64>,
+    /// Wakes the scheduler to move the rollout on (a node acknowledged on another replica).
+    pub(super) nudge: tokio::sync::Notify,
+    /// Set once [`Keyd::follow_store`] runs: from then on writes wait for the feed to bring them
+    /// into the cache (before, while keyd opens, the cache is read whole afterwards).
+    pub(super) following: std::sync::atomic::AtomicBool,
     /// This process's name among the replicas of a shared store (set when it announces itself).
     pub(super) replica_name: std::sync::OnceLock<String>,
     /// Serialises replacing removed nodes' keys (a removal and the tick may both try).
@@ -369,6 +381,9 @@ pub enum ServiceError {
     /// A node's claims could not be checked (the Kubernetes API is unreachable): 503.
     #[error("{0}")]
     ClaimsUnverifiable(String),
+    /// A replica of a shared store could not confirm it holds the newest state in time: 503.
+    #[error("{0}")]
+    Behind(String),
     /// `GET /v1/nodes/{name}/rules` on a keyd without a `[policy]` section.
     #[error(
         "this keyd does not compile data-plane rules: its configuration has no [policy] section \
@@ -419,26 +434,19 @@ fn bundle_facts(n: &NodeInfo) -> impl PartialEq + use<'_> {
     )
 }
 
-/// Reads the state from the store. Sealed records are immutable (a record id is never reused),
-/// so those already open in `prev` are reused rather than unwrapped again: with a remote KEK
-/// custodian a refresh costs no custodian call unless a new record appeared.
-pub(super) async fn load_cache(
-    store: &dyn Store,
-    wrapper: &dyn KeyWrapper,
-    prev: Option<&Cache>,
-) -> Result<Cache> {
-    load_cache_with(store, wrapper, prev, None).await
-}
-
-/// [`load_cache`], keeping `nodes` instead of scanning the node table when given.
-async fn load_cache_with(
+/// Reads the state from the store as of store revision `at` (the newest: `None`), keeping
+/// `nodes` instead of scanning the node table when given. Sealed records are immutable (a record
+/// id is never reused), so those already open in `prev` are reused rather than unwrapped again:
+/// with a remote KEK custodian a refresh costs no custodian call unless a new record appeared.
+async fn load_cache(
     store: &dyn Store,
     wrapper: &dyn KeyWrapper,
     prev: Option<&Cache>,
     nodes: Option<BTreeMap<String, Arc<NodeInfo>>>,
+    at: Option<u64>,
 ) -> Result<Cache> {
     let generation = prev.map_or(0, |p| p.generation + 1);
-    let ipsec_doc = store.get(Table::Meta, IPSEC_DOC)?;
+    let ipsec_doc = store.get_at(Table::Meta, IPSEC_DOC, at)?;
     let ipsec_state: IpsecState = match &ipsec_doc {
         Some(doc) => from_json(doc, "IPsec state")?,
         None => IpsecState::default(),
@@ -452,7 +460,7 @@ async fn load_cache_with(
                 ipsec.push((entry, key.clone()));
                 continue;
             }
-            let line = open_record(store, wrapper, &entry.ctx()).await?;
+            let line = open_record_at(store, wrapper, &entry.ctx(), at).await?;
             let text = std::str::from_utf8(&line)
                 .map_err(|_| corrupt(&entry.ctx().record_id, "sealed IPsec key is not text"))?;
             let key = CiliumKey::parse_line(text)
@@ -461,15 +469,15 @@ async fn load_cache_with(
         }
     }
     let wg_doc = store
-        .get(Table::Meta, WIREGUARD_DOC)?
+        .get_at(Table::Meta, WIREGUARD_DOC, at)?
         .ok_or_else(|| corrupt(WIREGUARD_DOC, "missing"))?;
     let wg: WireguardState = from_json(&wg_doc, "WireGuard state")?;
-    let schedules_doc = store.get(Table::Meta, SCHEDULES_DOC)?;
+    let schedules_doc = store.get_at(Table::Meta, SCHEDULES_DOC, at)?;
     let schedules = match &schedules_doc {
         Some(doc) => from_json(doc, "schedules")?,
         None => StoredSchedules::default(),
     };
-    let kek: KekState = match store.get(Table::Meta, KEK_DOC)? {
+    let kek: KekState = match store.get_at(Table::Meta, KEK_DOC, at)? {
         Some(doc) => from_json(&doc, "KEK state")?,
         None => KekState {
             since: Timestamp::now(),
@@ -478,18 +486,18 @@ async fn load_cache_with(
     let wg_master = match prev.filter(|p| p.wg.master_serial == wg.master_serial) {
         Some(p) => p.wg_master.clone(),
         None => {
-            let master = open_record(store, wrapper, &wg.master_ctx()).await?;
+            let master = open_record_at(store, wrapper, &wg.master_ctx(), at).await?;
             Key256::from_slice(&master)
                 .ok_or_else(|| corrupt(&wg.master_ctx().record_id, "master secret length"))?
         }
     };
-    let removed_doc = store.get(Table::Meta, REMOVED_DOC)?;
+    let removed_doc = store.get_at(Table::Meta, REMOVED_DOC, at)?;
     let removed = match &removed_doc {
         Some(doc) => from_json(doc, "removed nodes")?,
         None => BTreeMap::new(),
     };
     let mut allocations = BTreeMap::new();
-    for (key, bytes) in store.scan_from(Table::Meta, ALLOCATION_PREFIX, usize::MAX)? {
+    for (key, bytes) in store.scan_from_at(Table::Meta, ALLOCATION_PREFIX, usize::MAX, at)? {
         let Some(name) = key.strip_prefix(ALLOCATION_PREFIX) else {
             break;
         };
@@ -499,7 +507,7 @@ async fn load_cache_with(
         Some(nodes) => nodes,
         None => {
             let mut nodes = BTreeMap::new();
-            for (name, bytes) in store.scan(Table::Nodes)? {
+            for (name, bytes) in store.scan_from_at(Table::Nodes, "", usize::MAX, at)? {
                 nodes.insert(name, Arc::new(from_json(&bytes, "node record")?));
             }
             nodes
@@ -520,6 +528,7 @@ async fn load_cache_with(
         removed_doc,
         removed,
         allocations,
+        revision: at.unwrap_or(0),
     })
 }
 
@@ -528,8 +537,18 @@ pub(super) async fn open_record(
     wrapper: &dyn KeyWrapper,
     ctx: &SealContext,
 ) -> Result<Zeroizing<Vec<u8>>> {
+    open_record_at(store, wrapper, ctx, None).await
+}
+
+/// [`open_record`] as of store revision `at` (a retired key's record is deleted later).
+async fn open_record_at(
+    store: &dyn Store,
+    wrapper: &dyn KeyWrapper,
+    ctx: &SealContext,
+    at: Option<u64>,
+) -> Result<Zeroizing<Vec<u8>>> {
     let bytes = store
-        .get(Table::Sealed, &ctx.record_id)?
+        .get_at(Table::Sealed, &ctx.record_id, at)?
         .ok_or_else(|| corrupt(&ctx.record_id, "sealed record missing"))?;
     Ok(seal::open(wrapper, ctx, &SealedRecord::from_bytes(&bytes)?).await?)
 }
@@ -643,7 +662,10 @@ impl Keyd {
         let seed = open_record(store.as_ref(), &*wrapper, &signing_ctx).await?;
         let signer =
             AuditSigner::from_seed(&seed).map_err(|e| corrupt(AUDIT_SIGNING_RECORD, &e))?;
-        let cache = load_cache(store.as_ref(), &*wrapper, None).await?;
+        // One snapshot: on a shared store another replica may retire a key (and delete its
+        // record) between two reads.
+        let at = store.current_revision()?;
+        let cache = load_cache(store.as_ref(), &*wrapper, None, None, at).await?;
         // Alone on its store, this process leads; on a shared one, once it is told so.
         let leading = !store.shared();
         let audit = AuditWriter::spawn(Arc::clone(&store), clock.clone());
@@ -656,6 +678,9 @@ impl Keyd {
             write_lock: tokio::sync::Mutex::new(()),
             refreshing: tokio::sync::Mutex::new(()),
             leading: std::sync::atomic::AtomicBool::new(leading),
+            applied: tokio::sync::watch::Sender::new(0),
+            nudge: tokio::sync::Notify::new(),
+            following: std::sync::atomic::AtomicBool::new(false),
             replica_name: std::sync::OnceLock::new(),
             removals: tokio::sync::Mutex::new(()),
             metrics,
@@ -702,12 +727,12 @@ impl Keyd {
         Arc::clone(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Reads everything cached again (at start, and when the store's change feed says changes
-    /// may have been missed).
-    pub(super) async fn refresh(&self) -> Result<()> {
+    /// Reads everything cached again, as of store revision `at` (the newest: `None`): when the
+    /// store's change feed starts or says changes may have been missed.
+    pub(super) async fn refresh(&self, at: Option<u64>) -> Result<()> {
         let _one_at_a_time = self.refreshing.lock().await;
         let prev = self.cache();
-        let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev)).await?;
+        let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev), None, at).await?;
         let generation = fresh.generation;
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         self.bundles
@@ -719,12 +744,16 @@ impl Keyd {
     }
 
     /// Brings the cache up to date with entries that changed in the store, written by this
-    /// process or (reported by [`Store::follow`]) by another replica. The state documents are
-    /// read again when one of them changed, and nodes one by one: the node table is never read
-    /// whole, so a change costs the same at ten nodes and at ten thousand. Values are read
-    /// again rather than taken from the change, so a late report can never put back an older
-    /// value.
-    pub(super) async fn apply_changes(&self, touched: &[(Table, String)]) -> Result<()> {
+    /// process or (reported by [`Store::follow`], with the revision `at` of the last of them)
+    /// by any replica. The state documents are read again when one of them changed, and nodes
+    /// one by one: the node table is never read whole, so a change costs the same at ten nodes
+    /// and at ten thousand. Everything is read as of `at`, so the cache stays a snapshot of one
+    /// revision.
+    pub(super) async fn apply_changes(
+        &self,
+        touched: &[(Table, String)],
+        at: Option<u64>,
+    ) -> Result<()> {
         let meta = touched
             .iter()
             .any(|(t, k)| *t == Table::Meta && cached_meta(k));
@@ -735,25 +764,33 @@ impl Keyd {
             .collect();
         names.sort_unstable();
         names.dedup();
-        if !meta && names.is_empty() {
-            return Ok(());
-        }
         let _one_at_a_time = self.refreshing.lock().await;
         let prev = self.cache();
+        if !meta && names.is_empty() {
+            if at.is_some_and(|r| r > prev.revision) {
+                let mut next = (*prev).clone();
+                next.revision = at.unwrap_or(0);
+                *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+            }
+            return Ok(());
+        }
         let mut next = if meta {
-            load_cache_with(
+            load_cache(
                 self.store.as_ref(),
                 &*self.wrapper,
                 Some(&prev),
                 Some(prev.nodes.clone()),
+                at,
             )
             .await?
         } else {
-            (*prev).clone()
+            let mut next = (*prev).clone();
+            next.revision = at.unwrap_or(0);
+            next
         };
         let mut bundles_change = meta;
         for name in names {
-            match self.store.get(Table::Nodes, name)? {
+            match self.store.get_at(Table::Nodes, name, at)? {
                 Some(bytes) => {
                     let info: NodeInfo = from_json(&bytes, "node record")?;
                     bundles_change |= prev
@@ -780,16 +817,20 @@ impl Keyd {
         Ok(())
     }
 
-    /// Keeps the cache coherent with what other replicas write, until `stop`: applies the
+    /// Keeps the cache coherent with what every replica writes, until `stop`: applies the
     /// store's change feed (nothing to do on a store only this process writes). While the store
     /// cannot be read the cache keeps what it has, and is read again whole once it can.
     pub async fn follow_store(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let Some(mut feed) = self.store.follow() else {
             return;
         };
-        let mut behind = false;
+        self.following
+            .store(true, std::sync::atomic::Ordering::Release);
+        // Set when applying failed: everything is read again, as of `behind`'s revision or
+        // later.
+        let mut behind: Option<u64> = None;
         loop {
-            let next = if behind {
+            let next = if behind.is_some() {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => None,
                     _ = stop.wait_for(|s| *s) => return,
@@ -803,12 +844,23 @@ impl Keyd {
                     _ = stop.wait_for(|s| *s) => return,
                 }
             };
-            // Everything queued is applied together.
+            // Everything queued is applied together, as of the newest revision in it.
             let mut resync = behind;
             let mut keys = Vec::new();
+            let mut revision = 0;
             let mut take = |c: Change| match c {
-                Change::Resync => resync = true,
-                Change::Keys(k) => keys.extend(k),
+                Change::Resync { revision: r } => {
+                    resync = Some(r);
+                    revision = revision.max(r);
+                }
+                Change::Keys {
+                    keys: k,
+                    revision: r,
+                } => {
+                    keys.extend(k);
+                    revision = revision.max(r);
+                }
+                Change::Progress { revision: r } => revision = revision.max(r),
             };
             if let Some(c) = next {
                 take(c);
@@ -816,35 +868,100 @@ impl Keyd {
             while let Ok(c) = feed.try_recv() {
                 take(c);
             }
-            let nodes_changed = resync || keys.iter().any(|(t, _)| *t == Table::Nodes);
-            let applied = if resync {
-                self.refresh().await
+            let revision = revision.max(*self.applied.borrow());
+            let nodes_changed = resync.is_some() || keys.iter().any(|(t, _)| *t == Table::Nodes);
+            let applied = if resync.is_some() {
+                self.refresh(Some(revision)).await
             } else {
-                self.apply_changes(&keys).await
+                self.apply_changes(&keys, Some(revision)).await
             };
-            // An acknowledgement taken by another replica may be the last one a rollout phase
-            // was waiting for.
-            if applied.is_ok()
-                && nodes_changed
-                && self.is_leader()
-                && let Err(e) = self.advance_rollout().await
-            {
-                tracing::warn!(error = %e, "cannot advance the rollout; retrying on the next pass");
-            }
             behind = match applied {
-                Ok(()) => false,
+                Ok(()) => {
+                    self.applied.send_if_modified(|a| {
+                        let newer = revision > *a;
+                        *a = (*a).max(revision);
+                        newer
+                    });
+                    None
+                }
                 Err(e) => {
-                    if !behind {
+                    if behind.is_none() {
                         tracing::warn!(
                             error = %e,
                             "cannot read what the store changed; serving what this replica holds \
                              and reading everything again once the store answers"
                         );
                     }
-                    true
+                    Some(revision)
                 }
             };
+            // An acknowledgement taken by another replica may be the last one a rollout phase
+            // was waiting for: the scheduler looks at once (not here: a write waits for this
+            // feed, which must not wait for itself).
+            if behind.is_none() && nodes_changed && self.is_leader() {
+                self.nudge.notify_one();
+            }
         }
+    }
+
+    /// On a shared store: waits until the cache holds every change up to store revision
+    /// `revision` (a write of this replica, or what a node saw on another replica). Bounded:
+    /// a replica cut off from the store answers 503 instead of serving what may be stale.
+    pub(super) async fn caught_up_to(&self, revision: u64) -> Result<()> {
+        let mut applied = self.applied.subscribe();
+        let start = tokio::time::Instant::now();
+        let deadline = start + CATCH_UP_WITHIN;
+        loop {
+            if *applied.borrow_and_update() >= revision {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            // The feed reports every write of every keyd; only writes of another user of the
+            // same etcd move the revision without it. Then a progress report moves it on.
+            if now - start >= Duration::from_secs(1) {
+                self.store.request_progress();
+            }
+            if now >= deadline {
+                return Err(ServiceError::Behind(format!(
+                    "this replica has applied the store up to revision {} and not yet revision \
+                     {revision} after {} (it may be cut off from etcd); nothing was changed: \
+                     retry, on another replica if this persists",
+                    *applied.borrow(),
+                    humantime::format_duration(CATCH_UP_WITHIN)
+                )));
+            }
+            let step = (deadline - now).min(Duration::from_millis(200));
+            let _ = tokio::time::timeout(step, applied.changed()).await;
+        }
+    }
+
+    /// On a shared store: waits until the cache holds everything the store holds now, so that
+    /// a read-modify-write starts from the newest state (a linearizable read). Nothing to do on
+    /// a store only this process writes.
+    pub(super) async fn catch_up(&self) -> Result<()> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.store);
+        let now = tokio::task::spawn_blocking(move || store.current_revision())
+            .await
+            .map_err(|e| {
+                ServiceError::Store(StoreError::Backend {
+                    op: "read the store revision",
+                    source: Box::new(e),
+                })
+            })??;
+        match now {
+            Some(r) => self.caught_up_to(r).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes this replica's write lock, starting from the store's newest state.
+    pub(super) async fn writer(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        let guard = self.write_lock.lock().await;
+        self.catch_up().await?;
+        Ok(guard)
     }
 
     /// Commits on a blocking thread (redb fsyncs) and brings the cache up to date with what
@@ -852,14 +969,21 @@ impl Keyd {
     pub(super) async fn commit(&self, txn: Txn) -> Result<()> {
         let touched = txn.touched();
         self.commit_only(txn).await?;
-        self.apply_changes(&touched).await
+        if self.following.load(std::sync::atomic::Ordering::Acquire) {
+            // commit_only waited for the change feed, which applied it.
+            return Ok(());
+        }
+        self.apply_changes(&touched, None).await
     }
 
     /// Commits on a blocking thread (redb fsyncs), without touching the cache.
+    /// On a shared store, returns once the change feed has brought the write into this
+    /// replica's cache (read-your-writes).
     pub(super) async fn commit_only(&self, mut txn: Txn) -> Result<()> {
         txn.at.get_or_insert_with(|| self.clock.now());
+        let cached = !txn.touched().is_empty();
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.commit(txn))
+        let revision = tokio::task::spawn_blocking(move || store.commit_at(txn))
             .await
             .map_err(|e| {
                 ServiceError::Store(StoreError::Backend {
@@ -867,6 +991,13 @@ impl Keyd {
                     source: Box::new(e),
                 })
             })??;
+        let following = self.following.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(r) = revision.filter(|_| cached && following)
+            && let Err(e) = self.caught_up_to(r).await
+        {
+            // Written and durable: the cache follows once the feed delivers it.
+            tracing::warn!(error = %e, "a write is not in this replica's cache yet");
+        }
         Ok(())
     }
 

@@ -68,6 +68,8 @@ pub struct EtcdStore {
     fence: std::sync::Mutex<Option<Fence>>,
     /// Why this process stopped being the leader; `None` while it leads (or never led).
     lost: tokio::sync::watch::Sender<Option<String>>,
+    /// Asks the store watch for a progress report (see [`Store::request_progress`]).
+    progress_wanted: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,21 +209,28 @@ fn outcome<T>(
     }
 }
 
-/// Watches the keys under `root` (`PREFIX t/`) and reports which entries change, until the
-/// receiver is dropped. Every time a watch is (re)established it first reports
-/// [`Change::Resync`]: whatever happened while there was none (etcd unreachable, the member
-/// lost, the watch cancelled by a compaction) must be read again, and the watch only reports
-/// what happens after it was created.
+/// Watches every key under `root` (the store's prefix) and reports which table entries change,
+/// and at which revision, until the receiver is dropped. The audit log, the leader key and the
+/// replicas are watched too, though no cache holds them: every write of every keyd moves the
+/// reported revision, so a replica catching up with the store's revision gets there on the
+/// events alone, without asking for progress reports (which etcd before 3.4.24 and 3.5.8 may
+/// send ahead of the events they cover). Every time a watch is (re)established it first
+/// reports [`Change::Resync`] at the revision it starts from: whatever happened while there was
+/// none (etcd unreachable, the member lost, the watch cancelled by a compaction) must be read
+/// again. When `progress` is notified it asks etcd for a progress report, which comes back as
+/// [`Change::Progress`]: every change up to that revision has been reported.
 async fn follow_tables(
     client: Client,
     root: Vec<u8>,
     tx: tokio::sync::mpsc::UnboundedSender<Change>,
+    progress: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let parse = |key: &[u8]| -> Option<(Table, String)> {
         let rest = std::str::from_utf8(key.strip_prefix(root.as_slice())?).ok()?;
-        let (table, key) = rest.split_once('/')?;
+        let (table, key) = rest.strip_prefix("t/")?.split_once('/')?;
         Some((Table::from_name(table)?, key.to_owned()))
     };
+    let revision_of = |r: i64| u64::try_from(r).unwrap_or(0);
     let mut failures = 0u32;
     while !tx.is_closed() {
         if failures > 0 {
@@ -241,31 +250,18 @@ async fn follow_tables(
             }
         };
         loop {
-            match stream.message().await {
-                Ok(Some(resp)) => {
-                    if resp.created() {
-                        failures = 0;
-                        if tx.send(Change::Resync).is_err() {
-                            return;
-                        }
-                    }
-                    let keys: Vec<_> = resp
-                        .events()
-                        .iter()
-                        .filter_map(|e| parse(e.kv()?.key()))
-                        .collect();
-                    if !keys.is_empty() && tx.send(Change::Keys(keys)).is_err() {
-                        return;
-                    }
-                    if resp.canceled() {
-                        tracing::warn!(
-                            reason = resp.cancel_reason(),
-                            "etcd cancelled the store watch; watching again"
-                        );
+            let message = tokio::select! {
+                m = stream.message() => m,
+                () = progress.notified() => {
+                    if stream.request_progress().await.is_err() {
                         failures += 1;
                         break;
                     }
+                    continue;
                 }
+            };
+            let resp = match message {
+                Ok(Some(resp)) => resp,
                 Ok(None) => {
                     failures += 1;
                     break;
@@ -275,9 +271,48 @@ async fn follow_tables(
                     failures += 1;
                     break;
                 }
+            };
+            let header = resp.header().map_or(0, |h| revision_of(h.revision()));
+            let change = if resp.created() {
+                failures = 0;
+                Some(Change::Resync { revision: header })
+            } else if resp.events().is_empty() {
+                // A progress report: nothing more up to `header`.
+                (!resp.canceled()).then_some(Change::Progress { revision: header })
+            } else {
+                let revision = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| Some(revision_of(e.kv()?.mod_revision())))
+                    .max()
+                    .unwrap_or(0);
+                let keys = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| parse(e.kv()?.key()))
+                    .collect();
+                Some(Change::Keys { keys, revision })
+            };
+            if let Some(change) = change
+                && tx.send(change).is_err()
+            {
+                return;
+            }
+            if resp.canceled() {
+                tracing::warn!(
+                    reason = resp.cancel_reason(),
+                    "etcd cancelled the store watch; watching again"
+                );
+                failures += 1;
+                break;
             }
         }
     }
+}
+
+/// etcd's revision argument: 0 reads the newest.
+fn revision(at: Option<u64>) -> i64 {
+    at.and_then(|r| i64::try_from(r).ok()).unwrap_or(0)
 }
 
 /// The smallest key greater than every key starting with `prefix`.
@@ -377,6 +412,7 @@ impl EtcdStore {
             max_txn_ops: settings.max_txn_ops,
             fence: std::sync::Mutex::new(None),
             lost: tokio::sync::watch::channel(None).0,
+            progress_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -872,11 +908,24 @@ impl EtcdStore {
         end: Vec<u8>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
+        self.range_at(op, start, end, limit, 0)
+    }
+
+    /// Up to `limit` entries in `[start, end)`, paged, all read at one revision: `at`, or (0)
+    /// the newest when the first page is read.
+    fn range_at(
+        &self,
+        op: &'static str,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+        at: i64,
+    ) -> Result<Rows, StoreError> {
         let mut out = Vec::new();
         let start_again = start.clone();
         let mut restarts = 0;
         let mut from = start;
-        let mut revision = 0;
+        let mut revision = at;
         while out.len() < limit {
             let page = PAGE.min(i64::try_from(limit - out.len()).unwrap_or(PAGE));
             let options = GetOptions::new()
@@ -892,6 +941,7 @@ impl EtcdStore {
                 // The pinned revision was compacted away mid-scan: start again at the newest.
                 Err(e)
                     if revision != 0
+                        && at == 0
                         && restarts < 3
                         && keyd_mtls::error_chain(&e).contains("compacted") =>
                 {
@@ -1005,7 +1055,7 @@ impl EtcdStore {
             new_head = Some(h);
         }
         if ops.is_empty() && compares.is_empty() {
-            return Ok(Attempt::Done);
+            return Ok(Attempt::Done(0));
         }
         if let Some(f) = &fence {
             compares.push(Compare::lease(f.key.clone(), CompareOp::Equal, f.lease));
@@ -1028,7 +1078,7 @@ impl EtcdStore {
         let mut kv = self.client.kv_client();
         let resp = self.run("commit", async move { kv.txn(etxn).await })?;
         if resp.succeeded() {
-            return Ok(Attempt::Done);
+            return Ok(Attempt::Done(resp.header().map_or(0, |h| h.revision())));
         }
         // Which compare failed: the fence first (a deposed leader must stop), then the first
         // guard whose stored value differs, else the head.
@@ -1083,7 +1133,8 @@ impl EtcdStore {
 }
 
 enum Attempt {
-    Done,
+    /// Committed at this store revision (0: nothing to write).
+    Done(i64),
     HeadMoved,
 }
 
@@ -1144,18 +1195,33 @@ impl Store for EtcdStore {
     fn follow(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
         let rt = self.rt.get()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let root = format!("{}t/", self.prefix).into_bytes();
-        rt.spawn(follow_tables(self.client.clone(), root, tx));
+        let root = self.prefix.clone().into_bytes();
+        rt.spawn(follow_tables(
+            self.client.clone(),
+            root,
+            tx,
+            std::sync::Arc::clone(&self.progress_wanted),
+        ));
         Some(rx)
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_at(table, key, None)
+    }
+
+    fn get_at(
+        &self,
+        table: Table,
+        key: &str,
+        at: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut kv = self
             .client
             .kv_client()
             .max_decoding_message_size(usize::MAX);
         let k = self.table_key(table, key);
-        let mut resp = self.run("get", async move { kv.get(k, None).await })?;
+        let options = GetOptions::new().with_revision(revision(at));
+        let mut resp = self.run("get", async move { kv.get(k, Some(options)).await })?;
         Ok(resp
             .take_kvs()
             .into_iter()
@@ -1164,16 +1230,32 @@ impl Store for EtcdStore {
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let p = self.table_prefix(table);
-        let rows = self.range("scan", p.clone(), range_end(&p), usize::MAX)?;
-        self.table_entries(table, rows)
+        self.scan_from_at(table, "", usize::MAX, None)
+    }
+
+    fn current_revision(&self) -> Result<Option<u64>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let key = self.leader_key();
+        let resp = self.run("read the store revision", async move {
+            kv.get(key, Some(GetOptions::new().with_count_only())).await
+        })?;
+        Ok(resp.header().and_then(|h| u64::try_from(h.revision()).ok()))
+    }
+
+    fn request_progress(&self) {
+        self.progress_wanted.notify_one();
     }
 
     fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.commit_at(txn).map(drop)
+    }
+
+    fn commit_at(&self, txn: Txn) -> Result<Option<u64>, StoreError> {
         let at = txn.at.unwrap_or_else(Timestamp::now);
         for _ in 0..HEAD_RETRIES {
             match self.try_commit(&txn, at)? {
-                Attempt::Done => return Ok(()),
+                Attempt::Done(0) => return Ok(None),
+                Attempt::Done(revision) => return Ok(u64::try_from(revision).ok()),
                 Attempt::HeadMoved => continue,
             }
         }
@@ -1197,8 +1279,24 @@ impl Store for EtcdStore {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan_from_at(table, from, limit, None)
+    }
+
+    fn scan_from_at(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+        at: Option<u64>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let p = self.table_prefix(table);
-        let rows = self.range("scan", self.table_key(table, from), range_end(&p), limit)?;
+        let rows = self.range_at(
+            "scan",
+            self.table_key(table, from),
+            range_end(&p),
+            limit,
+            revision(at),
+        )?;
         self.table_entries(table, rows)
     }
 

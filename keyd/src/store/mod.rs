@@ -276,6 +276,39 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// [`Store::get`] as of store revision `at` (a store without revisions reads the newest).
+    fn get_at(
+        &self,
+        table: Table,
+        key: &str,
+        at: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = at;
+        self.get(table, key)
+    }
+    /// [`Store::scan_from`] as of store revision `at`.
+    fn scan_from_at(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+        at: Option<u64>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let _ = at;
+        self.scan_from(table, from, limit)
+    }
+    /// [`Store::commit`], returning the store revision the write became (`None` for a store
+    /// without revisions, or a transaction that wrote nothing).
+    fn commit_at(&self, txn: Txn) -> Result<Option<u64>, StoreError> {
+        self.commit(txn).map(|()| None)
+    }
+    /// The store's newest revision (`None` for a store without revisions).
+    fn current_revision(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    /// Asks the change feed of [`Store::follow`] for a [`Change::Progress`] report (needed only
+    /// when revisions move without a change the feed reports: another user of the same etcd).
+    fn request_progress(&self) {}
     /// The keyd processes that announce themselves on a shared store, the leader marked;
     /// `None` on a store only this process uses.
     fn replicas(&self) -> Result<Option<Vec<keyd_proto::Replica>>, StoreError> {
@@ -283,14 +316,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// What [`Store::follow`] reports.
+/// What [`Store::follow`] reports. Revisions are the store's (etcd's) and only grow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// These entries were written or deleted (read them again for their current value).
-    Keys(Vec<(Table, String)>),
+    /// These entries were written or deleted, the last of them at `revision`: read them again
+    /// as of `revision`.
+    Keys {
+        keys: Vec<(Table, String)>,
+        revision: u64,
+    },
     /// Changes may have been missed (the feed reconnected after an outage, or its history was
-    /// compacted): everything cached must be read again.
-    Resync,
+    /// compacted): everything cached must be read again, as of `revision`.
+    Resync { revision: u64 },
+    /// Every change up to `revision` has been reported (an answer to
+    /// [`Store::request_progress`]).
+    Progress { revision: u64 },
 }
 
 impl Txn {
