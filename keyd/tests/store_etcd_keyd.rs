@@ -880,3 +880,100 @@ async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
     }
     audit_verifies(&replicas[0], dir.path()).await;
 }
+
+/// A replica cut off from etcd keeps handing out the bundles it holds for
+/// `store.etcd.max_unavailable`, then refuses (503 `replica_behind`, /readyz 503), and serves
+/// again by itself once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_etcd_serves_held_bundles_for_a_bounded_time() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let mut env = etcd_env(&etcd.endpoints());
+    env.push(("KEYD_STORE_ETCD_MAX_UNAVAILABLE", "3s".to_owned()));
+    let data = dir.path().join("data");
+    let keyd = keyd_with_history(&data, &env).await;
+    let fetch = || async {
+        request(
+            &keyd,
+            Identity::Node("node-a"),
+            Method::GET,
+            "/v1/nodes/node-a/bundle",
+            None,
+        )
+        .await
+        .unwrap()
+    };
+    let (code, body) = fetch().await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+
+    etcd.stop(0);
+    let lost = Instant::now();
+    // Within the bound: the held bundle, and /readyz says degraded until when.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, text) = readyz(&keyd).await;
+        assert_eq!(code, 200, "{text}");
+        if text.contains("cut off from the store") {
+            assert!(text.contains("serving held bundles until"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never degraded: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = fetch().await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // Past the bound: no keys, and not ready.
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(lost.elapsed()) + Duration::from_secs(1),
+    )
+    .await;
+    let (code, body) = fetch().await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "replica_behind", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("store.etcd.max_unavailable"),
+        "{body}"
+    );
+    let (code, text) = readyz(&keyd).await;
+    assert_eq!(code, 503, "{text}");
+
+    // etcd returns: the replica (restarted as a supervisor would if it had led) serves again.
+    etcd.restart(0);
+    let mut keyd = keyd;
+    if keyd.child.try_wait().unwrap().is_some() {
+        keyd = Keyd::spawn(&data, &env);
+        keyd.ready()
+            .await
+            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _) = request(
+            &keyd,
+            Identity::Node("node-a"),
+            Method::GET,
+            "/v1/nodes/node-a/bundle",
+            None,
+        )
+        .await
+        .unwrap();
+        if code == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refusing after etcd returned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, text) = readyz(&keyd).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(!text.contains("degraded"), "{text}");
+    keyd.stop().await;
+}

@@ -39,6 +39,7 @@ pub fn settings(endpoints: &[String], prefix: &str) -> keyd::store::EtcdSettings
         timeout: Duration::from_secs(3),
         max_txn_ops: 128,
         lease_ttl: Duration::from_secs(2),
+        max_unavailable: Duration::from_secs(3600),
     }
 }
 

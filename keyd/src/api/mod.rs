@@ -112,6 +112,20 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if let Err(e) = s.keyd.custody().serving_check() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response();
     }
+    if let Some((since, why, until)) = s.keyd.store_outage() {
+        if let Err(e) = s.keyd.store_serving_check() {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response();
+        }
+        return (
+            StatusCode::OK,
+            format!(
+                "ready (degraded: cut off from the store since {since}: {why}; serving held \
+                 bundles until {until}; writes are refused){}\n",
+                role(&s.keyd)
+            ),
+        )
+            .into_response();
+    }
     let health = s.keyd.custody().health();
     match s.keyd.store().get(crate::store::Table::Meta, "wireguard") {
         Ok(Some(_)) if health.is_down() => {

@@ -33,6 +33,7 @@ pub struct RawEtcd {
     pub timeout: Option<String>,
     pub max_txn_ops: Option<usize>,
     pub lease_ttl: Option<String>,
+    pub max_unavailable: Option<String>,
 }
 
 /// The variables of `[store]`.
@@ -41,6 +42,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_STORE_ETCD_ENDPOINTS", "store.etcd.endpoints"),
     ("KEYD_STORE_ETCD_PREFIX", "store.etcd.prefix"),
     ("KEYD_STORE_ETCD_LEASE_TTL", "store.etcd.lease_ttl"),
+    (
+        "KEYD_STORE_ETCD_MAX_UNAVAILABLE",
+        "store.etcd.max_unavailable",
+    ),
 ];
 
 /// Where keyd keeps its state.
@@ -64,6 +69,9 @@ impl StoreConfig {
 pub const DEFAULT_PREFIX: &str = "/keyd/";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// As long as `kek.max_unavailable`'s default: an hour of etcd outage rides out a member's
+/// replacement or a restore, while a replica cut off for longer stops handing out keys.
+pub const DEFAULT_MAX_UNAVAILABLE: Duration = Duration::from_secs(3600);
 /// etcd's own default for `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 
@@ -90,6 +98,9 @@ impl RawStore {
         }
         if let Some(v) = env.get("KEYD_STORE_ETCD_LEASE_TTL") {
             self.etcd.lease_ttl = Some(v.clone());
+        }
+        if let Some(v) = env.get("KEYD_STORE_ETCD_MAX_UNAVAILABLE") {
+            self.etcd.max_unavailable = Some(v.clone());
         }
     }
 
@@ -243,6 +254,10 @@ impl RawEtcd {
                 "must be whole seconds, at least 2s (etcd leases count in seconds)",
             ));
         }
+        let max_unavailable = match self.max_unavailable.as_deref() {
+            None => DEFAULT_MAX_UNAVAILABLE,
+            Some(v) => keyd_mtls::ops::parse_duration("store.etcd.max_unavailable", v)?,
+        };
         Ok(EtcdSettings {
             endpoints,
             prefix,
@@ -250,6 +265,7 @@ impl RawEtcd {
             timeout,
             max_txn_ops,
             lease_ttl,
+            max_unavailable,
         })
     }
 }

@@ -549,8 +549,10 @@ impl Keyd {
 
     /// The node's bundle, rendered once per state generation and shared between fetches.
     pub async fn bundle(&self, name: &str) -> Result<Arc<RenderedBundle>> {
-        // Held keys are served only for a bounded time while the custodian cannot be used.
+        // Held keys are served only for a bounded time while the custodian cannot be used, or
+        // (a replica) while the store cannot be read.
         self.wrapper.serving_check()?;
+        self.store_serving_check()?;
         let cache = self.cache();
         let node = cache.nodes.get(name).ok_or_else(|| not_registered(name))?;
         let now = self.clock.now();

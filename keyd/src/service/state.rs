@@ -122,6 +122,14 @@ impl Default for ServiceConfig {
     }
 }
 
+/// Since when, and why, a replica has been cut off from a shared store.
+#[derive(Debug)]
+pub(super) struct StoreOutage {
+    since: std::time::Instant,
+    since_wall: Timestamp,
+    why: String,
+}
+
 /// How long a replica waits for its cache to reach a store revision before answering 503.
 pub(super) const CATCH_UP_WITHIN: Duration = Duration::from_secs(5);
 
@@ -326,6 +334,8 @@ pub struct Keyd {
     pub(super) applied: tokio::sync::watch::Sender<u64>,
     /// Wakes the scheduler to move the rollout on (a node acknowledged on another replica).
     pub(super) nudge: tokio::sync::Notify,
+    /// Set while the store's change feed is broken (see [`Keyd::store_serving_check`]).
+    pub(super) store_lost: Mutex<Option<StoreOutage>>,
     /// Set once [`Keyd::follow_store`] runs: from then on writes wait for the feed to bring them
     /// into the cache (before, while keyd opens, the cache is read whole afterwards).
     pub(super) following: std::sync::atomic::AtomicBool,
@@ -680,6 +690,7 @@ impl Keyd {
             leading: std::sync::atomic::AtomicBool::new(leading),
             applied: tokio::sync::watch::Sender::new(0),
             nudge: tokio::sync::Notify::new(),
+            store_lost: Mutex::new(None),
             following: std::sync::atomic::AtomicBool::new(false),
             replica_name: std::sync::OnceLock::new(),
             removals: tokio::sync::Mutex::new(()),
@@ -848,10 +859,13 @@ impl Keyd {
             let mut resync = behind;
             let mut keys = Vec::new();
             let mut revision = 0;
+            let mut lost: Option<String> = None;
             let mut take = |c: Change| match c {
+                Change::Lost { why } => lost = Some(why),
                 Change::Resync { revision: r } => {
                     resync = Some(r);
                     revision = revision.max(r);
+                    lost = None;
                 }
                 Change::Keys {
                     keys: k,
@@ -882,9 +896,15 @@ impl Keyd {
                         *a = (*a).max(revision);
                         newer
                     });
+                    match lost.take() {
+                        Some(why) => self.store_lost(why),
+                        None if resync.is_some() => self.store_back(),
+                        None => {}
+                    }
                     None
                 }
                 Err(e) => {
+                    self.store_lost(keyd_mtls::error_chain(&e));
                     if behind.is_none() {
                         tracing::warn!(
                             error = %e,
@@ -902,6 +922,67 @@ impl Keyd {
                 self.nudge.notify_one();
             }
         }
+    }
+
+    /// The change feed broke: from now (unless already) this replica serves what it holds for
+    /// at most `store.etcd.max_unavailable`.
+    fn store_lost(&self, why: String) {
+        let mut lost = self.store_lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() {
+            tracing::warn!(
+                why,
+                "cut off from the store; serving what this replica holds"
+            );
+            *lost = Some(StoreOutage {
+                since: std::time::Instant::now(),
+                since_wall: self.clock.now(),
+                why,
+            });
+        }
+    }
+
+    /// The change feed is back and the cache read again.
+    fn store_back(&self) {
+        if self
+            .store_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
+        {
+            tracing::info!("the store can be read again; the cache is current");
+        }
+    }
+
+    /// While this replica is cut off from a shared store: since when, why, and until when it
+    /// hands out what it holds.
+    pub fn store_outage(&self) -> Option<(Timestamp, String, Timestamp)> {
+        let lost = self.store_lost.lock().unwrap_or_else(|p| p.into_inner());
+        let l = lost.as_ref()?;
+        let bound = self.store.max_unavailable().unwrap_or(Duration::MAX);
+        let until = Timestamp(l.since_wall.0.saturating_add(bound.as_secs()));
+        Some((l.since_wall, l.why.clone(), until))
+    }
+
+    /// Refuses to hand out keys once this replica has been cut off from a shared store for
+    /// longer than `store.etcd.max_unavailable`: it cannot know whether the keys it holds were
+    /// rotated or a node removed meanwhile.
+    pub fn store_serving_check(&self) -> Result<()> {
+        let lost = self.store_lost.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(l) = lost.as_ref() else {
+            return Ok(());
+        };
+        let bound = self.store.max_unavailable().unwrap_or(Duration::MAX);
+        if l.since.elapsed() <= bound {
+            return Ok(());
+        }
+        Err(ServiceError::Behind(format!(
+            "this replica has been cut off from the store since {} ({}), longer than \
+             store.etcd.max_unavailable ({}): it hands out no keys until it reaches etcd again",
+            l.since_wall,
+            l.why,
+            humantime::format_duration(bound)
+        )))
     }
 
     /// On a shared store: waits until the cache holds every change up to store revision

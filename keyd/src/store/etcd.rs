@@ -63,6 +63,7 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     timeout: Duration,
     max_txn_ops: usize,
+    max_unavailable: Duration,
     /// Set once this process leads: every write then also compares the leader key's lease, so
     /// that a deposed leader's writes fail whole ([`StoreError::Deposed`]).
     fence: std::sync::Mutex<Option<Fence>>,
@@ -232,6 +233,13 @@ async fn follow_tables(
     };
     let revision_of = |r: i64| u64::try_from(r).unwrap_or(0);
     let mut failures = 0u32;
+    // Reported once per outage, when a watch that ran breaks or the first one cannot start.
+    let mut lost_reported = false;
+    let lost = |why: String, reported: &mut bool| {
+        if !std::mem::replace(reported, true) {
+            let _ = tx.send(Change::Lost { why });
+        }
+    };
     while !tx.is_closed() {
         if failures > 0 {
             // Quickly at first (a member restarting), then at most every 2 s.
@@ -246,6 +254,7 @@ async fn follow_tables(
             Err(e) => {
                 failures += 1;
                 tracing::debug!(error = %e, "cannot watch the etcd store; retrying");
+                lost(format!("cannot watch etcd: {e}"), &mut lost_reported);
                 continue;
             }
         };
@@ -253,8 +262,9 @@ async fn follow_tables(
             let message = tokio::select! {
                 m = stream.message() => m,
                 () = progress.notified() => {
-                    if stream.request_progress().await.is_err() {
+                    if let Err(e) = stream.request_progress().await {
                         failures += 1;
+                        lost(format!("the etcd watch failed: {e}"), &mut lost_reported);
                         break;
                     }
                     continue;
@@ -264,17 +274,20 @@ async fn follow_tables(
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     failures += 1;
+                    lost("etcd ended the watch".to_owned(), &mut lost_reported);
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the etcd store watch failed; watching again");
                     failures += 1;
+                    lost(format!("the etcd watch failed: {e}"), &mut lost_reported);
                     break;
                 }
             };
             let header = resp.header().map_or(0, |h| revision_of(h.revision()));
             let change = if resp.created() {
                 failures = 0;
+                lost_reported = false;
                 Some(Change::Resync { revision: header })
             } else if resp.events().is_empty() {
                 // A progress report: nothing more up to `header`.
@@ -410,6 +423,7 @@ impl EtcdStore {
             endpoints,
             timeout,
             max_txn_ops: settings.max_txn_ops,
+            max_unavailable: settings.max_unavailable,
             fence: std::sync::Mutex::new(None),
             lost: tokio::sync::watch::channel(None).0,
             progress_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
@@ -1166,6 +1180,10 @@ impl Store for EtcdStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn max_unavailable(&self) -> Option<Duration> {
+        Some(self.max_unavailable)
     }
 
     fn replicas(&self) -> Result<Option<Vec<keyd_proto::Replica>>, StoreError> {

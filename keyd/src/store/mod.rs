@@ -225,6 +225,8 @@ pub struct EtcdSettings {
     pub max_txn_ops: usize,
     /// The leader's lease: a standby takes over at most this long after the leader died.
     pub lease_ttl: Duration,
+    /// How long a replica cut off from etcd keeps handing out the bundles it holds.
+    pub max_unavailable: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +308,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn current_revision(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+    /// How long a process cut off from a shared store keeps handing out what it holds
+    /// (`store.etcd.max_unavailable`); `None` for a store only this process uses.
+    fn max_unavailable(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Asks the change feed of [`Store::follow`] for a [`Change::Progress`] report (needed only
     /// when revisions move without a change the feed reports: another user of the same etcd).
     fn request_progress(&self) {}
@@ -331,6 +338,8 @@ pub enum Change {
     /// Every change up to `revision` has been reported (an answer to
     /// [`Store::request_progress`]).
     Progress { revision: u64 },
+    /// The feed broke (`why`): nothing more is reported until the next [`Change::Resync`].
+    Lost { why: String },
 }
 
 impl Txn {
