@@ -113,6 +113,17 @@ async fn start_with(
         take_over(&keyd).await?;
     }
     let _custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
+    // A replica that must reload its KEK keyring restarts (its supervisor starts it again).
+    let mut restart = keyd.restart_wanted();
+    let _restart = tokio::spawn(async move {
+        if let Ok(why) = restart.wait_for(Option::is_some).await {
+            tracing::warn!(
+                why = why.clone().unwrap_or_default(),
+                "restarting to load the store's KEK keyring"
+            );
+            std::process::exit(EXIT_DEPOSED);
+        }
+    });
     // Before anything binds: a Kubernetes client that cannot be built fails the start here.
     let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
     let (tls_rx, _reloader) = keyd_mtls::tls::watch_server_config_denying(

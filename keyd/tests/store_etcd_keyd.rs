@@ -977,3 +977,78 @@ async fn a_replica_cut_off_from_etcd_serves_held_bundles_for_a_bounded_time() {
     assert!(!text.contains("degraded"), "{text}");
     keyd.stop().await;
 }
+
+/// A KEK rotation runs on the leader; a replica refuses it (409 naming the leader), and once
+/// the leader has rotated, the replica restarts (exit 75) to load the new keyring and serves
+/// records sealed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kek_rotation_runs_on_the_leader_and_replicas_reload_the_keyring() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let env = etcd_env(&etcd.endpoints());
+    let data = dir.path().join("data");
+    let a = keyd_with_history(&data, &env).await;
+    leads_within(&a, Duration::from_secs(10)).await;
+    let mut b = Keyd::spawn(&data, &env);
+    b.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let (code, body) = request(
+        &b,
+        Identity::Admin,
+        Method::POST,
+        "/v1/kek/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/{}/", a.child.id())),
+        "names the leader: {body}"
+    );
+    call(
+        &a,
+        Identity::Admin,
+        Method::POST,
+        "/v1/kek/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    let status = b.exited().await.expect("the replica restarts");
+    assert_eq!(status.code(), Some(75), "{}", b.log());
+    assert!(b.log().contains("KEK keyring"), "{}", b.log());
+    // Restarted, it opens what the leader sealed under the new KEK.
+    call(
+        &a,
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    let mut b = Keyd::spawn(&data, &env);
+    b.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let (code, body) = request(
+        &b,
+        Identity::Node("node-a"),
+        Method::GET,
+        "/v1/nodes/node-a/bundle",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{body}");
+    b.stop().await;
+    a.stop().await;
+}

@@ -27,6 +27,28 @@ fn busy(custody: &Custody) -> Result<(), RewrapError> {
     }
 }
 
+/// KEK rotations and migrations run on the leader of a shared store: the other replicas load
+/// the new keyring by restarting when they see it in the store.
+fn leader_only(keyd: &Keyd) -> Result<(), RewrapError> {
+    if keyd.is_leader() {
+        return Ok(());
+    }
+    let leader = keyd
+        .store()
+        .replicas()
+        .ok()
+        .flatten()
+        .and_then(|r| r.into_iter().find(|r| r.leader))
+        .map_or_else(
+            || "the leader".to_owned(),
+            |r| format!("the leader ({} at {})", r.name, r.api),
+        );
+    Err(RewrapError::Busy(format!(
+        "this replica does not lead the store: KEK rotations and migrations run on {leader}; \
+         retry there (nothing was changed)"
+    )))
+}
+
 /// A new KEK on the active backend: a new local key file, the given KMS key, or a new version
 /// of the Vault transit key; then every record is rewrapped under it.
 pub async fn rotate_kek(
@@ -34,6 +56,7 @@ pub async fn rotate_kek(
     actor: &str,
     req: KekRotateRequest,
 ) -> Result<MigrationStatus, RewrapError> {
+    leader_only(keyd)?;
     let custody = Arc::clone(keyd.custody());
     busy(&custody)?;
     let active = custody.active();
@@ -120,7 +143,10 @@ pub async fn migrate_kek(
 ) -> Result<MigrationStatus, RewrapError> {
     let describe = to.describe();
     let backend = to.backend();
-    let result = start_migration(keyd, actor, to).await;
+    let result = match leader_only(keyd) {
+        Ok(()) => start_migration(keyd, actor, to).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = &result {
         let _ = keyd
             .audit(AuditEvent::new(

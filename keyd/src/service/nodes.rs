@@ -608,7 +608,14 @@ impl Keyd {
             .and_then(|e| e.trim_matches('"').split_once('.'))
             .and_then(|(_, r)| r.parse::<u64>().ok());
         match revision {
-            Some(r) if self.store.shared() => self.caught_up_to(r).await,
+            Some(r) if self.store.shared() && r > *self.applied.borrow() => {
+                // A revision the store has not reached is from another history (an etcd restored
+                // from a snapshot, a copy into a new cluster): nothing to wait for.
+                if self.current_revision().await?.is_some_and(|now| r > now) {
+                    return Ok(());
+                }
+                self.caught_up_to(r).await
+            }
             _ => Ok(()),
         }
     }
@@ -717,9 +724,12 @@ impl Keyd {
                 }
             }
         }
-        if !written.is_empty() {
+        // On a shared store the change feed brought the written records into the cache (and
+        // patching here could put back a cache older than the feed's).
+        if !written.is_empty() && !self.store.shared() {
             // Only `last_seen` is copied into the cached node: nothing a bundle carries changes
             // here, so rendered bundles stay valid and long polls stay asleep.
+            let _one_at_a_time = self.refreshing.lock().await;
             let prev = self.cache();
             let mut next = (*prev).clone();
             for (name, seen) in &written {

@@ -122,6 +122,15 @@ impl Default for ServiceConfig {
     }
 }
 
+/// Clears [`Keyd::following`] when the feed stops, however it stops.
+struct StopFollowing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopFollowing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Since when, and why, a replica has been cut off from a shared store.
 #[derive(Debug)]
 pub(super) struct StoreOutage {
@@ -336,6 +345,8 @@ pub struct Keyd {
     pub(super) nudge: tokio::sync::Notify,
     /// Set while the store's change feed is broken (see [`Keyd::store_serving_check`]).
     pub(super) store_lost: Mutex<Option<StoreOutage>>,
+    /// See [`Keyd::restart_wanted`].
+    pub(super) restart: tokio::sync::watch::Sender<Option<String>>,
     /// Set once [`Keyd::follow_store`] runs: from then on writes wait for the feed to bring them
     /// into the cache (before, while keyd opens, the cache is read whole afterwards).
     pub(super) following: std::sync::atomic::AtomicBool,
@@ -691,6 +702,7 @@ impl Keyd {
             applied: tokio::sync::watch::Sender::new(0),
             nudge: tokio::sync::Notify::new(),
             store_lost: Mutex::new(None),
+            restart: tokio::sync::watch::Sender::new(None),
             following: std::sync::atomic::AtomicBool::new(false),
             replica_name: std::sync::OnceLock::new(),
             removals: tokio::sync::Mutex::new(()),
@@ -777,6 +789,8 @@ impl Keyd {
         names.dedup();
         let _one_at_a_time = self.refreshing.lock().await;
         let prev = self.cache();
+        // Never older than the cache already is (a retry may have read past this change).
+        let at = at.map(|r| r.max(prev.revision));
         if !meta && names.is_empty() {
             if at.is_some_and(|r| r > prev.revision) {
                 let mut next = (*prev).clone();
@@ -837,9 +851,13 @@ impl Keyd {
         };
         self.following
             .store(true, std::sync::atomic::Ordering::Release);
+        let _stopped = StopFollowing(&self.following);
         // Set when applying failed: everything is read again, as of `behind`'s revision or
         // later.
         let mut behind: Option<u64> = None;
+        // Why the feed is down, from its `Lost` until its next `Resync`: while it is, the
+        // cache cannot be current whatever reads succeed.
+        let mut feed_down: Option<String> = None;
         loop {
             let next = if behind.is_some() {
                 tokio::select! {
@@ -858,14 +876,13 @@ impl Keyd {
             // Everything queued is applied together, as of the newest revision in it.
             let mut resync = behind;
             let mut keys = Vec::new();
-            let mut revision = 0;
-            let mut lost: Option<String> = None;
+            let mut revision = behind.unwrap_or(0);
             let mut take = |c: Change| match c {
-                Change::Lost { why } => lost = Some(why),
+                Change::Lost { why } => feed_down = Some(why),
                 Change::Resync { revision: r } => {
                     resync = Some(r);
                     revision = revision.max(r);
-                    lost = None;
+                    feed_down = None;
                 }
                 Change::Keys {
                     keys: k,
@@ -882,7 +899,22 @@ impl Keyd {
             while let Ok(c) = feed.try_recv() {
                 take(c);
             }
-            let revision = revision.max(*self.applied.borrow());
+            let mut revision = revision.max(*self.applied.borrow());
+            if behind.is_some() {
+                // A retry reads the newest state: the revision that failed may since have been
+                // compacted, and the feed may have moved on.
+                match self.current_revision().await {
+                    Ok(Some(now)) => revision = revision.max(now),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.store_lost(keyd_mtls::error_chain(&e));
+                        continue;
+                    }
+                }
+            }
+            let custody_changed = keys
+                .iter()
+                .any(|(t, k)| *t == Table::Meta && k == crate::custody::doc::CUSTODY_DOC);
             let nodes_changed = resync.is_some() || keys.iter().any(|(t, _)| *t == Table::Nodes);
             let applied = if resync.is_some() {
                 self.refresh(Some(revision)).await
@@ -896,10 +928,12 @@ impl Keyd {
                         *a = (*a).max(revision);
                         newer
                     });
-                    match lost.take() {
-                        Some(why) => self.store_lost(why),
-                        None if resync.is_some() => self.store_back(),
-                        None => {}
+                    match &feed_down {
+                        Some(why) => self.store_lost(why.clone()),
+                        None => self.store_back(),
+                    }
+                    if custody_changed {
+                        self.check_custody_current();
                     }
                     None
                 }
@@ -922,6 +956,47 @@ impl Keyd {
                 self.nudge.notify_one();
             }
         }
+    }
+
+    /// The store's newest revision, read on a blocking thread.
+    pub(super) async fn current_revision(&self) -> Result<Option<u64>> {
+        let store = Arc::clone(&self.store);
+        Ok(
+            tokio::task::spawn_blocking(move || store.current_revision())
+                .await
+                .map_err(|e| {
+                    ServiceError::Store(StoreError::Backend {
+                        op: "read the store revision",
+                        source: Box::new(e),
+                    })
+                })??,
+        )
+    }
+
+    /// After another replica changed the custody document: if the KEK that new records are
+    /// sealed under is no longer this process's, it must restart to load the new keyring
+    /// (KEK rotations and migrations run on the leader; see [`Keyd::restart_wanted`]).
+    fn check_custody_current(&self) {
+        if self.is_leader() {
+            return; // the leader ran the change and activated the new KEK itself
+        }
+        let Ok(Some((doc, _))) = crate::custody::doc::read_doc(self.store.as_ref()) else {
+            return;
+        };
+        let mine = self.wrapper.active().spec;
+        if mine.as_ref().is_some_and(|m| m.same_key(&doc.active)) {
+            return;
+        }
+        self.restart.send_replace(Some(format!(
+            "the store's records are now sealed under {}, which this replica has not loaded",
+            doc.active.describe()
+        )));
+    }
+
+    /// Becomes `Some(why)` when this process must restart to go on serving (the KEK custodian
+    /// changed on another replica); `keyd serve` then exits with status 75.
+    pub fn restart_wanted(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.restart.subscribe()
     }
 
     /// The change feed broke: from now (unless already) this replica serves what it holds for
@@ -989,6 +1064,11 @@ impl Keyd {
     /// `revision` (a write of this replica, or what a node saw on another replica). Bounded:
     /// a replica cut off from the store answers 503 instead of serving what may be stale.
     pub(super) async fn caught_up_to(&self, revision: u64) -> Result<()> {
+        // Before the feed starts the cache was just read whole at the newest revision; after it
+        // stopped (shutdown) nothing would move it.
+        if !self.following.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let mut applied = self.applied.subscribe();
         let start = tokio::time::Instant::now();
         let deadline = start + CATCH_UP_WITHIN;
@@ -1023,16 +1103,7 @@ impl Keyd {
         if !self.store.shared() {
             return Ok(());
         }
-        let store = Arc::clone(&self.store);
-        let now = tokio::task::spawn_blocking(move || store.current_revision())
-            .await
-            .map_err(|e| {
-                ServiceError::Store(StoreError::Backend {
-                    op: "read the store revision",
-                    source: Box::new(e),
-                })
-            })??;
-        match now {
+        match self.current_revision().await? {
             Some(r) => self.caught_up_to(r).await,
             None => Ok(()),
         }

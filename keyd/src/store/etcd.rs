@@ -285,13 +285,26 @@ async fn follow_tables(
                 }
             };
             let header = resp.header().map_or(0, |h| revision_of(h.revision()));
+            if resp.canceled() {
+                // Also how etcd refuses a watch it will not create (permission denied).
+                tracing::warn!(
+                    reason = resp.cancel_reason(),
+                    "etcd cancelled the store watch; watching again"
+                );
+                failures += 1;
+                lost(
+                    format!("etcd cancelled the watch: {}", resp.cancel_reason()),
+                    &mut lost_reported,
+                );
+                break;
+            }
             let change = if resp.created() {
                 failures = 0;
                 lost_reported = false;
                 Some(Change::Resync { revision: header })
             } else if resp.events().is_empty() {
                 // A progress report: nothing more up to `header`.
-                (!resp.canceled()).then_some(Change::Progress { revision: header })
+                Some(Change::Progress { revision: header })
             } else {
                 let revision = resp
                     .events()
@@ -310,14 +323,6 @@ async fn follow_tables(
                 && tx.send(change).is_err()
             {
                 return;
-            }
-            if resp.canceled() {
-                tracing::warn!(
-                    reason = resp.cancel_reason(),
-                    "etcd cancelled the store watch; watching again"
-                );
-                failures += 1;
-                break;
             }
         }
     }
@@ -501,7 +506,7 @@ impl EtcdStore {
     ///
     /// Exactly one process holds the key: taking it is a transaction that requires it absent.
     /// When the holder dies its lease expires after `ttl` and etcd deletes the key; a waiting
-    /// process sees that within a poll (250 ms) and takes over.
+    /// process sees that within a poll (100 ms) and takes over.
     pub async fn lead(
         self: &std::sync::Arc<Self>,
         holder: &str,
@@ -525,7 +530,7 @@ impl EtcdStore {
                     // Wait for the holder's key to go (its lease ended) or change hands.
                     loop {
                         tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                             _ = shutdown.changed() => return Ok(None),
                         }
                         match self.leader().await {
