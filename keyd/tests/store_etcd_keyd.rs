@@ -27,6 +27,19 @@ async fn readyz(k: &Keyd) -> (u16, String) {
     k.readyz().await.expect("the ops port answers")
 }
 
+/// node-a's bundle from `k`: the status and the body, whatever they are.
+async fn bundle_of_node_a(k: &Keyd) -> (StatusCode, serde_json::Value) {
+    request(
+        k,
+        Identity::Node("node-a"),
+        Method::GET,
+        "/v1/nodes/node-a/bundle",
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 /// Moves node-a to another endpoint: a write that is always allowed.
 async fn move_node_a(k: &Keyd, to: usize) -> (StatusCode, serde_json::Value) {
     put_dev_node(k, "node-a", 0, &format!("192.0.2.{to}"))
@@ -130,15 +143,7 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
         .unwrap();
     assert_eq!(code, StatusCode::OK);
     // Nodes still get the keys they were handed (audited before the outage).
-    let (code, bundle) = request(
-        &keyd,
-        Identity::Node("node-a"),
-        Method::GET,
-        "/v1/nodes/node-a/bundle",
-        None,
-    )
-    .await
-    .unwrap();
+    let (code, bundle) = bundle_of_node_a(&keyd).await;
     assert_eq!(code, StatusCode::OK, "{bundle}");
 
     // etcd returns: the same keyd writes again by itself.
@@ -895,18 +900,7 @@ async fn a_replica_cut_off_from_etcd_serves_held_bundles_for_a_bounded_time() {
     env.push(("KEYD_STORE_ETCD_MAX_UNAVAILABLE", "3s".to_owned()));
     let data = dir.path().join("data");
     let keyd = keyd_with_history(&data, &env).await;
-    let fetch = || async {
-        request(
-            &keyd,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap()
-    };
-    let (code, body) = fetch().await;
+    let (code, body) = bundle_of_node_a(&keyd).await;
     assert_eq!(code, StatusCode::OK, "{body}");
 
     etcd.stop(0);
@@ -923,14 +917,14 @@ async fn a_replica_cut_off_from_etcd_serves_held_bundles_for_a_bounded_time() {
         assert!(Instant::now() < deadline, "never degraded: {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, body) = fetch().await;
+    let (code, body) = bundle_of_node_a(&keyd).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     // Past the bound: no keys, and not ready.
     tokio::time::sleep(
         Duration::from_secs(3).saturating_sub(lost.elapsed()) + Duration::from_secs(1),
     )
     .await;
-    let (code, body) = fetch().await;
+    let (code, body) = bundle_of_node_a(&keyd).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"], "replica_behind", "{body}");
     assert!(
@@ -954,15 +948,7 @@ async fn a_replica_cut_off_from_etcd_serves_held_bundles_for_a_bounded_time() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (code, _) = request(
-            &keyd,
-            Identity::Node("node-a"),
-            Method::GET,
-            "/v1/nodes/node-a/bundle",
-            None,
-        )
-        .await
-        .unwrap();
+        let (code, _) = bundle_of_node_a(&keyd).await;
         if code == StatusCode::OK {
             break;
         }
@@ -1039,15 +1025,7 @@ async fn a_kek_rotation_runs_on_the_leader_and_replicas_reload_the_keyring() {
     b.ready()
         .await
         .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
-    let (code, body) = request(
-        &b,
-        Identity::Node("node-a"),
-        Method::GET,
-        "/v1/nodes/node-a/bundle",
-        None,
-    )
-    .await
-    .unwrap();
+    let (code, body) = bundle_of_node_a(&b).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     b.stop().await;
     a.stop().await;
