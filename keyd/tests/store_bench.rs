@@ -28,12 +28,32 @@ struct Figures {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU the keyd processes spent per request (summed over replicas).
+    cpu_us: f64,
 }
 
-/// Every node polls its bundle in a closed loop for [`RUN`]: with `If-None-Match` (a 304 per
-/// poll, what a fleet at rest costs) or without (a full, audited-once fetch).
-async fn poll(replicas: &[Keyd], names: &[&'static str], conditional: bool) -> Figures {
+/// What each node does in a closed loop.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// `If-None-Match` with the held ETag: a 304 per poll, what a fleet at rest costs.
+    Poll,
+    /// A full fetch of the bundle.
+    Fetch,
+    /// The node refreshes its registration (`PUT /v1/nodes/{name}`, unchanged): a write.
+    Register,
+}
+
+fn keyd_cpu(replicas: &[Keyd]) -> f64 {
+    replicas
+        .iter()
+        .filter_map(|k| keyd_tests::loadgen::cpu_seconds(k.child.id()))
+        .sum()
+}
+
+/// Every node runs `load` in a closed loop for [`RUN`], each against its replica.
+async fn run(replicas: &[Keyd], names: &[&'static str], load: Load) -> Figures {
     let mut tasks = Vec::new();
+    let cpu_before = keyd_cpu(replicas);
     let start = Instant::now();
     for (i, &name) in names.iter().enumerate() {
         let mut c = replicas[i % replicas.len()]
@@ -44,18 +64,26 @@ async fn poll(replicas: &[Keyd], names: &[&'static str], conditional: bool) -> F
         let r = c.get(&path).await.unwrap();
         assert_eq!(r.status, StatusCode::OK, "{}", r.error_message());
         let etag = r.headers[http::header::ETAG].to_str().unwrap().to_owned();
+        let registration = registration(i);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let held = [(http::header::IF_NONE_MATCH, etag.as_str())];
-            let headers: &[_] = if conditional { &held } else { &[] };
+            let node = format!("/v1/nodes/{name}");
             while start.elapsed() < RUN {
                 let t = Instant::now();
-                let r = c.send(Method::GET, &path, None, headers).await.unwrap();
-                let want = if conditional {
-                    StatusCode::NOT_MODIFIED
-                } else {
-                    StatusCode::OK
+                let (r, want) = match load {
+                    Load::Poll => (
+                        c.send(Method::GET, &path, None, &held).await,
+                        StatusCode::NOT_MODIFIED,
+                    ),
+                    Load::Fetch => (c.send(Method::GET, &path, None, &[]).await, StatusCode::OK),
+                    Load::Register => (
+                        c.send(Method::PUT, &node, Some(registration.clone()), &[])
+                            .await,
+                        StatusCode::OK,
+                    ),
                 };
+                let r = r.unwrap();
                 assert_eq!(r.status, want, "{}", r.error_message());
                 latencies.push(t.elapsed());
             }
@@ -67,12 +95,27 @@ async fn poll(replicas: &[Keyd], names: &[&'static str], conditional: bool) -> F
         all.extend(t.await.unwrap());
     }
     let took = start.elapsed();
+    let cpu = keyd_cpu(replicas) - cpu_before;
     all.sort();
     Figures {
         per_sec: all.len() as f64 / took.as_secs_f64(),
         p50: all[all.len() / 2],
         p99: all[all.len() * 99 / 100],
+        cpu_us: cpu * 1e6 / all.len() as f64,
     }
+}
+
+/// Node `i`'s registration, as [`put_dev_node`] sends it.
+fn registration(i: usize) -> Vec<u8> {
+    use base64::Engine as _;
+    let seed = u8::try_from(i + 1).unwrap();
+    let wg = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([seed; 32]));
+    serde_json::to_vec(&json!({
+        "endpoint": format!("192.0.2.{}", i + 1),
+        "pod_cidrs": [format!("10.0.{i}.0/24")],
+        "wireguard_public_key": base64::engine::general_purpose::STANDARD.encode(wg.as_bytes()),
+    }))
+    .unwrap()
 }
 
 /// keyd processes on `data` with `env`, ready, every node registered and an IPsec key.
@@ -144,21 +187,24 @@ async fn bundle_polls_on_redb_etcd_and_three_replicas() {
         "{NODES} nodes, one connection each, closed loop, {}s per run; etcd: 3 members on this machine",
         RUN.as_secs()
     );
-    println!("| round | setup | 304 polls/s | p50 | p99 | full fetches/s | p50 | p99 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| round | setup | load | per second | p50 | p99 | keyd CPU per request |");
+    println!("|---|---|---|---|---|---|---|");
     for round in 1..=2 {
         for (label, replicas) in &setups {
-            let cond = poll(replicas, &names, true).await;
-            let full = poll(replicas, &names, false).await;
-            println!(
-                "| {round} | {label} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.2} ms | {:.2} ms |",
-                cond.per_sec,
-                cond.p50.as_secs_f64() * 1e3,
-                cond.p99.as_secs_f64() * 1e3,
-                full.per_sec,
-                full.p50.as_secs_f64() * 1e3,
-                full.p99.as_secs_f64() * 1e3,
-            );
+            for (what, load) in [
+                ("304 polls", Load::Poll),
+                ("full fetches", Load::Fetch),
+                ("registrations", Load::Register),
+            ] {
+                let f = run(replicas, &names, load).await;
+                println!(
+                    "| {round} | {label} | {what} | {:.0} | {:.2} ms | {:.2} ms | {:.0} us |",
+                    f.per_sec,
+                    f.p50.as_secs_f64() * 1e3,
+                    f.p99.as_secs_f64() * 1e3,
+                    f.cpu_us,
+                );
+            }
         }
     }
 }
