@@ -628,8 +628,10 @@ impl Keyd {
                 .audited_fetches
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            seen.insert(name.to_owned(), bundle.etag.clone()).as_deref()
-                != Some(bundle.etag.as_str())
+            // By content: on a shared store the same bundle rendered at another revision (or by
+            // another replica) was handed out already.
+            let content = bundle_content(&bundle.etag);
+            seen.insert(name.to_owned(), content.to_owned()).as_deref() != Some(content)
         };
         if !fresh {
             return Ok(());
