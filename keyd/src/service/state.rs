@@ -756,14 +756,22 @@ impl Keyd {
         let _one_at_a_time = self.refreshing.lock().await;
         let prev = self.cache();
         let fresh = load_cache(self.store.as_ref(), &*self.wrapper, Some(&prev), None, at).await?;
-        let generation = fresh.generation;
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
-        self.bundles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.changed.send_replace(generation);
+        self.install(fresh, true);
         Ok(())
+    }
+
+    /// Makes `next` the cache; when `bundles_change`, drops the rendered bundles and wakes the
+    /// long polls. Called with [`Keyd::refreshing`] held.
+    fn install(&self, next: Cache, bundles_change: bool) {
+        let generation = next.generation;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        if bundles_change {
+            self.bundles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.changed.send_replace(generation);
+        }
     }
 
     /// Brings the cache up to date with entries that changed in the store, written by this
@@ -830,15 +838,7 @@ impl Keyd {
         if bundles_change && !meta {
             next.generation += 1;
         }
-        let generation = next.generation;
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        if bundles_change {
-            self.bundles
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            self.changed.send_replace(generation);
-        }
+        self.install(next, bundles_change);
         Ok(())
     }
 
