@@ -376,6 +376,20 @@ fn replicate(
             watch_loss,
         });
         tracing::info!(holder = leadership.holder, "this keyd leads the etcd store");
+        // The term opens in the audit log, before anything the leader does in it (fenced, as
+        // every write of the leader): an auditor sees who led when.
+        let elected = keyd
+            .audit(crate::store::AuditEvent::new(
+                "store.leader.elected",
+                keyd.system_actor("leader"),
+                serde_json::json!({ "replica": leadership.holder, "term": format!("{:x}", leadership.term) }),
+            ))
+            .await;
+        if let Err(e) = elected {
+            tracing::error!(error = %e, "cannot record the election; resigning");
+            drop(holding.lock().unwrap_or_else(|p| p.into_inner()).take());
+            std::process::exit(EXIT_DEPOSED);
+        }
         if let Err(e) = take_over(&keyd).await {
             tracing::error!(error = %format!("{e:#}"), "cannot take over as leader; resigning");
             drop(holding.lock().unwrap_or_else(|p| p.into_inner()).take());

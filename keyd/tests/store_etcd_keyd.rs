@@ -883,7 +883,322 @@ async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
             "{name}: {record}"
         );
     }
+    // One term per leader, and what only a leader does was done by that term's leader.
+    let terms = leader_terms(&after);
+    assert_eq!(terms.len(), KILLS + 1, "{terms:?}");
     audit_verifies(&replicas[0], dir.path()).await;
+}
+
+/// The holders of the leader terms in an audit export (`store.leader.elected`, in order),
+/// having checked that every record keyd wrote by itself as leader (`keyd/rollout@NAME`,
+/// `keyd/scheduler@NAME`, `keyd/leader@NAME`) names the replica that leads the term it is in:
+/// two leaders never acted in one term.
+fn leader_terms(export: &str) -> Vec<String> {
+    let mut terms: Vec<String> = Vec::new();
+    let mut acted = 0;
+    for line in export.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let Some(action) = r["action"].as_str() else {
+            continue; // the export's header and checkpoints
+        };
+        let actor = r["actor"].as_str().unwrap_or_default();
+        if action == "store.leader.elected" {
+            let replica = r["details"]["replica"].as_str().unwrap().to_owned();
+            assert!(
+                !terms.contains(&replica),
+                "{replica} elected twice in one process: {line}"
+            );
+            terms.push(replica);
+        }
+        for role in ["rollout", "scheduler", "leader"] {
+            let prefix = format!("keyd/{role}");
+            if !actor.starts_with(&prefix) {
+                continue;
+            }
+            let by = actor
+                .strip_prefix(&format!("{prefix}@"))
+                .unwrap_or_else(|| panic!("a leader's record without its replica: {line}"));
+            let leader = terms
+                .last()
+                .unwrap_or_else(|| panic!("a leader's record before any election: {line}"));
+            assert_eq!(
+                by, leader,
+                "a record of another replica in this term: {line}"
+            );
+            acted += 1;
+        }
+    }
+    assert!(
+        acted > terms.len(),
+        "no leader's records beside the elections"
+    );
+    terms
+}
+
+/// A network namespace holding one keyd, joined to the host by a veth pair: taking the host's
+/// end down cuts that keyd off from etcd (and from everything else), as a partition would.
+struct Island {
+    ns: String,
+    dev: String,
+    /// The host's end.
+    outside: std::net::IpAddr,
+    /// The namespace's end, where its keyd listens.
+    inside: std::net::IpAddr,
+}
+
+impl Island {
+    fn prerequisites() -> bool {
+        let check = if !keyd_tests::prereq::is_root() {
+            Err("not root".to_owned())
+        } else if std::process::Command::new("ip").arg("-V").output().is_err() {
+            Err("no `ip` command (iproute2)".to_owned())
+        } else {
+            Ok(())
+        };
+        keyd_tests::prereq::require("root and `ip` (network namespaces)", check)
+    }
+
+    fn new() -> Self {
+        let pid = std::process::id();
+        let net = u8::try_from(pid % 256).unwrap();
+        let island = Self {
+            ns: format!("keyd-island-{pid}"),
+            dev: format!("kisl{pid}"),
+            outside: std::net::IpAddr::from([10, 252, net, 1]),
+            inside: std::net::IpAddr::from([10, 252, net, 2]),
+        };
+        let (ns, dev) = (&island.ns, &island.dev);
+        island.run(&format!("ip netns add {ns}"));
+        island.run(&format!(
+            "ip link add {dev} type veth peer name eth0 netns {ns}"
+        ));
+        island.run(&format!("ip addr add {}/30 dev {dev}", island.outside));
+        island.run(&format!("ip link set {dev} up"));
+        island.run(&format!("ip -n {ns} link set lo up"));
+        island.run(&format!(
+            "ip -n {ns} addr add {}/30 dev eth0",
+            island.inside
+        ));
+        island.run(&format!("ip -n {ns} link set eth0 up"));
+        island
+    }
+
+    fn run(&self, cmd: &str) {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Takes the link down: nothing passes either way.
+    fn cut(&self) {
+        self.run(&format!("ip link set {} down", self.dev));
+    }
+
+    fn heal(&self) {
+        self.run(&format!("ip link set {} up", self.dev));
+    }
+}
+
+impl Drop for Island {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the host's.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.dev])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The leader, in its own network namespace, loses its link to etcd during a rollout: it stops
+/// acting (and exits) before its lease can expire, and only then does another replica lead; the
+/// rollout completes under the new leader, and the audit log shows one leader per term. etcd
+/// runs with TLS and client certificates here, so keyd's etcd client is proven over TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
+    if !keyd_tests::etcd::available() || !Island::prerequisites() {
+        return;
+    }
+    let island = Island::new();
+    let dir = tempfile::tempdir().unwrap();
+    // etcd as production runs it: TLS, client certificates required (and keyd refuses plain
+    // http beyond loopback).
+    let etcd = EtcdCluster::start_tls(&dir.path().join("etcd"), 1, &[island.outside]);
+    let tls = etcd.client_tls().unwrap();
+    let ttl = Duration::from_secs(2);
+    let common = [
+        ("KEYD_STORE_ETCD_LEASE_TTL", "2s".to_owned()),
+        ("KEYD_STORE_ETCD_CA", tls.ca.display().to_string()),
+        ("KEYD_STORE_ETCD_CERT", tls.cert.display().to_string()),
+        ("KEYD_STORE_ETCD_KEY", tls.key.display().to_string()),
+    ];
+    let mut env = etcd_env(&etcd.endpoints());
+    env.extend(common.clone());
+    let mut island_env = etcd_env(&etcd.endpoints_on(island.outside));
+    island_env.extend(common);
+    let data = dir.path().join("data");
+    let names: Vec<String> = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        island.inside.to_string(),
+    ];
+    keyd::pki::ensure_dev_pki(&data, &names, &FLEET).unwrap();
+    // The island's keyd starts first, so it leads.
+    let mut first = Keyd::spawn_in_netns(&data, &island.ns, island.inside, &island_env);
+    first
+        .ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", first.log()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leaders(std::slice::from_ref(&first), None).await.is_empty() {
+        assert!(Instant::now() < deadline, "{}", first.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first_pid = first.child.id();
+    let mut replicas = vec![first];
+    for _ in 0..2 {
+        let mut k = Keyd::spawn(&data, &env);
+        k.ready()
+            .await
+            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        replicas.push(k);
+    }
+    assert_eq!(leaders(&replicas, None).await, [0]);
+    call(
+        &replicas[1],
+        Identity::Admin,
+        Method::PUT,
+        "/v1/schedules/ipsec",
+        Some(json!({ "overlap": "2s" })),
+    )
+    .await
+    .unwrap();
+    call(
+        &replicas[2],
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    for (i, name) in FLEET.iter().enumerate() {
+        register_dev_node(&replicas[1 + i % 2], name, i)
+            .await
+            .unwrap();
+    }
+    let mut fleet: Vec<SimNode> = FLEET.iter().map(|_| SimNode::default()).collect();
+    let mut turn = 0;
+    fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
+    let before = export(&replicas[1]).await.unwrap();
+    // A rollout, moved on by the leader as the nodes acknowledge.
+    call(
+        &replicas[2],
+        Identity::Admin,
+        Method::POST,
+        "/v1/ipsec/rotate",
+        Some(json!({})),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rollout(&replicas[1]).await.unwrap_or_default()["phase"] != "active" {
+        assert!(Instant::now() < deadline, "the rollout did not activate");
+        fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
+    }
+
+    island.cut();
+    let cut = Instant::now();
+    // Watched in this order, each pass: the island's leader exits, then another leads. Another
+    // leading while it still runs would be two leaders at once.
+    let stepped_down = loop {
+        if let Some(status) = replicas[0].child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(75), "{}", replicas[0].log());
+            break cut.elapsed();
+        }
+        let others = leaders(&replicas, Some(0)).await;
+        assert!(
+            others.is_empty(),
+            "replica {others:?} leads while the cut-off leader still runs, {:?} after the cut",
+            cut.elapsed()
+        );
+        assert!(
+            cut.elapsed() < ttl * 3,
+            "the cut-off leader still runs: {}",
+            replicas[0].log()
+        );
+        fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
+    };
+    println!("the cut-off leader stepped down {stepped_down:?} after the cut (lease TTL {ttl:?})");
+    // Two thirds of the TTL without an answered keep-alive, and it is out: the lease (counted by
+    // etcd from the last keep-alive it received, at most a third of the TTL before the cut)
+    // cannot have expired yet.
+    assert!(stepped_down < ttl, "{stepped_down:?}");
+    assert!(
+        replicas[0].log().contains("lost the leadership"),
+        "{}",
+        replicas[0].log()
+    );
+    let took_over = loop {
+        let now_leading = leaders(&replicas, Some(0)).await;
+        assert!(now_leading.len() <= 1, "two leaders: {now_leading:?}");
+        if !now_leading.is_empty() {
+            break cut.elapsed();
+        }
+        assert!(cut.elapsed() < ttl * 3, "no leader after the cut");
+        fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
+    };
+    println!("another replica led {took_over:?} after the cut");
+    assert!(took_over < ttl + Duration::from_secs(1), "{took_over:?}");
+
+    // The link comes back, and so does the island's keyd (as its supervisor would start it):
+    // as a replica now.
+    island.heal();
+    let mut back = Keyd::spawn_in_netns(&data, &island.ns, island.inside, &island_env);
+    back.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", back.log()));
+    replicas[0] = back;
+    let (code, text) = readyz(&replicas[0]).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("replica"), "{text}");
+    // The rollout completes under the new leader, nodes following all three replicas.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rollout(&replicas[0]).await.is_none_or(|r| !r.is_null()) {
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not complete: {:?}",
+            rollout(&replicas[0]).await
+        );
+        fleet_step(&replicas, None, &mut fleet, &mut turn).await;
+    }
+    let log = export(&replicas[1]).await.unwrap();
+    let terms = leader_terms(&log);
+    assert_eq!(terms.len(), 2, "{terms:?}");
+    assert!(terms[0].contains(&format!("/{first_pid}/")), "{terms:?}");
+    assert!(!terms[1].contains(&format!("/{first_pid}/")), "{terms:?}");
+    let count = |log: &str, event: &str| log.matches(&format!("\"action\":\"{event}\"")).count();
+    for event in [
+        "ipsec.key.staged",
+        "ipsec.key.activated",
+        "ipsec.key.retired",
+    ] {
+        assert_eq!(
+            count(&log, event) - count(&before, event),
+            1,
+            "{event} in the audit log"
+        );
+    }
+    audit_verifies(&replicas[1], dir.path()).await;
 }
 
 /// A replica cut off from etcd keeps handing out the bundles it holds for

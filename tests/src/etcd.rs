@@ -55,6 +55,22 @@ pub struct EtcdCluster {
     dir: PathBuf,
     bin: PathBuf,
     members: Vec<Member>,
+    /// Addresses the members take clients on besides loopback (one in a test's network
+    /// namespace topology, say).
+    also_on: Vec<std::net::IpAddr>,
+    /// Clients speak TLS and must show a certificate of this CA (see [`Self::start_tls`]).
+    tls: Option<ClientTls>,
+}
+
+/// What a client of a TLS cluster needs: the CA of the members' serving certificates, and a
+/// client certificate that CA issued.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The members' serving certificate and key.
+    server: (PathBuf, PathBuf),
 }
 
 impl std::fmt::Debug for EtcdCluster {
@@ -69,6 +85,55 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members in `dir` and waits until every one listens.
     pub fn start(dir: &Path, n: usize) -> Self {
+        Self::start_also_on(dir, n, &[])
+    }
+
+    /// Like [`Self::start`], each member also taking clients on the same port at each address
+    /// of `also_on` (which must exist: a veth's, for a keyd in another network namespace).
+    pub fn start_also_on(dir: &Path, n: usize, also_on: &[std::net::IpAddr]) -> Self {
+        Self::launch(dir, n, also_on, None)
+    }
+
+    /// Like [`Self::start_also_on`], with TLS on every client URL and client certificates
+    /// required (`--client-cert-auth`), as production etcd runs: a new CA, a serving certificate
+    /// for loopback and `also_on`, and one client certificate, in `dir/tls`.
+    pub fn start_tls(dir: &Path, n: usize, also_on: &[std::net::IpAddr]) -> Self {
+        let tls_dir = dir.join("tls");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca = keyd::pki::CertificateAuthority::generate("keyd-test etcd CA").unwrap();
+        let names: Vec<String> = ["127.0.0.1".to_owned(), "localhost".to_owned()]
+            .into_iter()
+            .chain(also_on.iter().map(ToString::to_string))
+            .collect();
+        let day = Duration::from_secs(86_400);
+        let tls = ClientTls {
+            ca: tls_dir.join("ca.pem"),
+            cert: tls_dir.join("client.pem"),
+            key: tls_dir.join("client-key.pem"),
+            server: (tls_dir.join("server.pem"), tls_dir.join("server-key.pem")),
+        };
+        std::fs::write(&tls.ca, ca.cert_pem()).unwrap();
+        ca.issue_server(&names, day)
+            .unwrap()
+            .write(&tls.server.0, &tls.server.1)
+            .unwrap();
+        ca.issue_client(&keyd_proto::identity::Identity::Admin("keyd".into()), day)
+            .unwrap()
+            .write(&tls.cert, &tls.key)
+            .unwrap();
+        Self::launch(dir, n, also_on, Some(tls))
+    }
+
+    /// The files a client of this cluster needs, if it runs TLS.
+    pub fn client_tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    fn launch(dir: &Path, n: usize, also_on: &[std::net::IpAddr], tls: Option<ClientTls>) -> Self {
         let bin = binary().unwrap();
         std::fs::create_dir_all(dir).unwrap();
         let members: Vec<Member> = (0..n)
@@ -83,6 +148,8 @@ impl EtcdCluster {
             dir: dir.to_path_buf(),
             bin,
             members,
+            also_on: also_on.to_vec(),
+            tls,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -104,12 +171,21 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) {
         let initial = self.initial_cluster();
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = self.scheme();
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let args = vec![
+        let listen: Vec<String> = std::iter::once(client.clone())
+            .chain(self.also_on.iter().map(|ip| {
+                format!(
+                    "{scheme}://{}",
+                    std::net::SocketAddr::from((*ip, m.client_port))
+                )
+            }))
+            .collect();
+        let mut args = vec![
             format!("--name={}", m.name),
             format!("--data-dir={}", self.dir.join(&m.name).display()),
-            format!("--listen-client-urls={client}"),
+            format!("--listen-client-urls={}", listen.join(",")),
             format!("--advertise-client-urls={client}"),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),
@@ -119,6 +195,14 @@ impl EtcdCluster {
             "--heartbeat-interval=50".to_owned(),
             "--election-timeout=500".to_owned(),
         ];
+        if let Some(tls) = &self.tls {
+            args.extend([
+                format!("--cert-file={}", tls.server.0.display()),
+                format!("--key-file={}", tls.server.1.display()),
+                format!("--trusted-ca-file={}", tls.ca.display()),
+                "--client-cert-auth".to_owned(),
+            ]);
+        }
         let log = self.dir.join(format!("{}.log", m.name));
         self.members[i].process = Some(Guarded::spawn("etcd", &self.bin, &args, log));
     }
@@ -139,12 +223,24 @@ impl EtcdCluster {
         panic!("etcd member {i} is not listening on {addr}");
     }
 
-    /// Every member's client URL.
-    pub fn endpoints(&self) -> Vec<String> {
+    /// Every member's client URL at `host`, one of the addresses given to
+    /// [`Self::start_also_on`].
+    pub fn endpoints_on(&self, host: std::net::IpAddr) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| {
+                format!(
+                    "{}://{}",
+                    self.scheme(),
+                    std::net::SocketAddr::from((host, m.client_port))
+                )
+            })
             .collect()
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints_on(std::net::IpAddr::from([127, 0, 0, 1]))
     }
 
     /// Stops member `i` (its data directory stays).

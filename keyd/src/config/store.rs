@@ -41,6 +41,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("KEYD_STORE_BACKEND", "store.backend"),
     ("KEYD_STORE_ETCD_ENDPOINTS", "store.etcd.endpoints"),
     ("KEYD_STORE_ETCD_PREFIX", "store.etcd.prefix"),
+    ("KEYD_STORE_ETCD_CA", "store.etcd.ca"),
+    ("KEYD_STORE_ETCD_CERT", "store.etcd.cert"),
+    ("KEYD_STORE_ETCD_KEY", "store.etcd.key"),
     ("KEYD_STORE_ETCD_LEASE_TTL", "store.etcd.lease_ttl"),
     (
         "KEYD_STORE_ETCD_MAX_UNAVAILABLE",
@@ -95,6 +98,16 @@ impl RawStore {
         }
         if let Some(v) = env.get("KEYD_STORE_ETCD_PREFIX") {
             self.etcd.prefix = Some(v.clone());
+        }
+        // Paths, as a Secret mounted in a pod names them.
+        if let Some(v) = env.get("KEYD_STORE_ETCD_CA") {
+            self.etcd.ca = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.get("KEYD_STORE_ETCD_CERT") {
+            self.etcd.cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.get("KEYD_STORE_ETCD_KEY") {
+            self.etcd.key = Some(PathBuf::from(v));
         }
         if let Some(v) = env.get("KEYD_STORE_ETCD_LEASE_TTL") {
             self.etcd.lease_ttl = Some(v.clone());

@@ -335,7 +335,8 @@ impl Keyd {
         let mut state = cache.ipsec_state.clone();
         state.rollout = next;
         let txn = Txn::default().guard(Table::Meta, IPSEC_DOC, cache.ipsec_doc.clone());
-        let txn = self.apply_effects(&mut state, effects, txn, &"keyd/rollout");
+        let actor = self.system_actor("rollout");
+        let txn = self.apply_effects(&mut state, effects, txn, &actor);
         self.commit(txn.put(Table::Meta, IPSEC_DOC, to_json(&state)))
             .await
     }

@@ -385,8 +385,9 @@ impl Keyd {
             .filter(|(_, r)| !r.readmitted && r.held.is_some())
             .map(|(n, _)| n.clone())
             .collect();
+        let actor = self.system_actor("scheduler");
         for name in names {
-            self.replace_held_keys(&"keyd/scheduler", &name).await?;
+            self.replace_held_keys(&actor, &name).await?;
         }
         Ok(())
     }

@@ -378,7 +378,10 @@ impl Keyd {
             if recently_failed {
                 continue;
             }
-            match self.rotate_class(&"keyd/scheduler", class).await {
+            match self
+                .rotate_class(&self.system_actor("scheduler"), class)
+                .await
+            {
                 Ok(what) => {
                     tracing::info!(class = class.as_str(), what, "scheduled rotation started");
                     self.failed_rotations

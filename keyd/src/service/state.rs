@@ -737,6 +737,16 @@ impl Keyd {
         let _ = self.replica_name.set(name);
     }
 
+    /// The actor of what keyd does by itself in `role` (`keyd/rollout`), naming the replica on
+    /// a shared store (`keyd/rollout@NAME`): the audit log then shows which replica acted, and
+    /// that only the term's leader ran what only a leader runs.
+    pub fn system_actor(&self, role: &str) -> String {
+        match self.replica_name.get() {
+            Some(name) => format!("keyd/{role}@{name}"),
+            None => format!("keyd/{role}"),
+        }
+    }
+
     pub fn clock(&self) -> &Clock {
         &self.clock
     }

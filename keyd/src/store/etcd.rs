@@ -87,6 +87,8 @@ struct Fence {
 pub struct Leadership {
     /// Who leads (this process), as written in the leader key.
     pub holder: String,
+    /// The leader lease's ID: it names this term of leadership (a new leader, a new lease).
+    pub term: i64,
     /// Becomes `Some(reason)` when leadership is lost: keep-alives unanswered for two thirds of
     /// the lease, the lease gone, or a write refused by the fence.
     pub lost: tokio::sync::watch::Receiver<Option<String>>,
@@ -605,6 +607,7 @@ impl EtcdStore {
             }
             return Ok(Ok(Leadership {
                 holder: holder.to_owned(),
+                term: id,
                 lost: self.lost.subscribe(),
             }));
         }

@@ -27,6 +27,8 @@ pub struct Keyd {
     pub api: u16,
     /// The ops listener (plain HTTP: `/healthz`, `/readyz`, `/metrics`).
     pub ops: u16,
+    /// The address both listeners are on (loopback, unless it runs in a network namespace).
+    pub host: std::net::IpAddr,
     log: PathBuf,
 }
 
@@ -40,20 +42,46 @@ impl Keyd {
 
     /// With its log in `log_dir` (not on a filesystem the test fills up).
     pub fn spawn_logging_to(data: &Path, log_dir: &Path, env: &[(&str, String)]) -> Self {
-        Self::launch(data, log_dir, None, env)
+        Self::launch(data, log_dir, None, None, env)
+    }
+
+    /// `keyd dev` inside network namespace `netns` (`ip netns exec`, which execs keyd: the
+    /// child is keyd itself), listening on `host`, an address of that namespace. Its server
+    /// certificate must name `host` (see [`keyd::pki::ensure_dev_pki`]).
+    pub fn spawn_in_netns(
+        data: &Path,
+        netns: &str,
+        host: std::net::IpAddr,
+        env: &[(&str, String)],
+    ) -> Self {
+        Self::launch(data, data.parent().unwrap(), None, Some((netns, host)), env)
     }
 
     /// `keyd serve --config CONFIG` on `data`, which [`prepare_dev`] set up (its dev PKI and
     /// `keyd.toml`, whose text `CONFIG` extends), with the same tick and log as [`Self::spawn`].
     pub fn spawn_serving(data: &Path, config: &Path, env: &[(&str, String)]) -> Self {
-        Self::launch(data, data.parent().unwrap(), Some(config), env)
+        Self::launch(data, data.parent().unwrap(), Some(config), None, env)
     }
 
-    fn launch(data: &Path, log_dir: &Path, config: Option<&Path>, env: &[(&str, String)]) -> Self {
+    fn launch(
+        data: &Path,
+        log_dir: &Path,
+        config: Option<&Path>,
+        netns: Option<(&str, std::net::IpAddr)>,
+        env: &[(&str, String)],
+    ) -> Self {
         let (api, ops) = (free_port(), free_port());
         let log = log_dir.join(format!("keyd-{api}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyd"));
+        let host = netns.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |(_, h)| h);
+        let mut cmd = match netns {
+            None => Command::new(env!("CARGO_BIN_EXE_keyd")),
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_keyd")]);
+                c
+            }
+        };
         match config {
             None => cmd.args(["dev", "--data-dir"]).arg(data),
             Some(c) => cmd.args(["serve", "--config"]).arg(c),
@@ -61,9 +89,9 @@ impl Keyd {
         let child = cmd
             .args([
                 "--listen",
-                &format!("127.0.0.1:{api}"),
+                &std::net::SocketAddr::from((host, api)).to_string(),
                 "--ops-listen",
-                &format!("127.0.0.1:{ops}"),
+                &std::net::SocketAddr::from((host, ops)).to_string(),
             ])
             .env("KEYD_SCHEDULER_TICK", "100ms")
             .env("KEYD_LOG_LEVEL", "info")
@@ -78,21 +106,17 @@ impl Keyd {
             data: data.to_owned(),
             api,
             ops,
+            host,
             log,
         }
     }
 
     /// `/readyz` on the ops port: its status and text, or `None` while nothing answers there.
     pub async fn readyz(&self) -> Option<(u16, String)> {
-        let (code, body) = keyd_tests::http::request(
-            ([127, 0, 0, 1], self.ops).into(),
-            "GET",
-            "/readyz",
-            &[],
-            vec![],
-        )
-        .await
-        .ok()?;
+        let (code, body) =
+            keyd_tests::http::request((self.host, self.ops).into(), "GET", "/readyz", &[], vec![])
+                .await
+                .ok()?;
         Some((code, String::from_utf8_lossy(&body).into_owned()))
     }
 
@@ -135,7 +159,8 @@ impl Keyd {
             key: pki.join(format!("{name}-key.pem")),
         };
         let tls = keyd_mtls::tls::client_config(&paths).ok()?;
-        Connector::new(&format!("https://127.0.0.1:{}", self.api), tls)
+        let at = std::net::SocketAddr::from((self.host, self.api));
+        Connector::new(&format!("https://{at}"), tls)
             .unwrap()
             .connect()
             .await
