@@ -1201,6 +1201,139 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
     audit_verifies(&replicas[1], dir.path()).await;
 }
 
+/// Writes node-a's endpoint through `k` until one is taken (or `within` passes): how long that
+/// took, or the last refusal.
+async fn write_within(
+    k: &Keyd,
+    to: &mut usize,
+    within: Duration,
+) -> Result<Duration, (StatusCode, serde_json::Value)> {
+    let started = Instant::now();
+    loop {
+        *to += 1;
+        let (code, body) = move_node_a(k, 10 + *to % 200).await;
+        if code.is_success() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err((code, body));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two replicas over three etcd members. One member stopped (each in turn): both replicas keep
+/// serving and writing. Two stopped: writes are refused with 503, bundles still served. Both
+/// back: writes resume by themselves, and every acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_ride_out_etcd_members_stopping() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdCluster::start(&dir.path().join("etcd"), 3);
+    let mut env = etcd_env(&etcd.endpoints());
+    // Longer than the quorum loss below lasts, so that the leader rides it out (a leader cut
+    // off for two thirds of its lease exits: tested apart).
+    env.push(("KEYD_STORE_ETCD_LEASE_TTL", "30s".to_owned()));
+    let data = dir.path().join("data");
+    let first = keyd_with_history(&data, &env).await;
+    let mut second = Keyd::spawn(&data, &env);
+    second
+        .ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", second.log()));
+    let mut replicas = [first, second];
+    for k in &replicas {
+        let (code, body) = bundle_of_node_a(k).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+    }
+    let mut to = 0;
+    let mut acked = Vec::new();
+    // One member of three down, each in turn: every write is taken (after the first, which
+    // may wait for an etcd election when the stopped member led), on both replicas.
+    for m in 0..3 {
+        etcd.stop(m);
+        for (i, k) in replicas.iter().enumerate() {
+            let took = write_within(k, &mut to, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("member {m} down, replica {i}: {e:?}"));
+            println!("member {m} down: replica {i} wrote after {took:?}");
+            for _ in 0..5 {
+                to += 1;
+                let (code, body) = move_node_a(k, 10 + to % 200).await;
+                assert!(
+                    code.is_success(),
+                    "member {m} down, replica {i}: {code} {body}"
+                );
+                acked.push(10 + to % 200);
+                let (code, body) = bundle_of_node_a(k).await;
+                assert_eq!(code, StatusCode::OK, "member {m} down, replica {i}: {body}");
+            }
+        }
+        etcd.restart(m);
+    }
+    // Two down: no quorum. Writes are refused (once the remaining member knows it has no
+    // leader), bundles are still served, /readyz says degraded.
+    etcd.stop(0);
+    etcd.stop(1);
+    for (i, k) in replicas.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            to += 1;
+            let (code, body) = move_node_a(k, 10 + to % 200).await;
+            if code == StatusCode::SERVICE_UNAVAILABLE {
+                break body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} still writes without quorum: {code} {body}"
+            );
+            // Taken before the member noticed: acknowledged, so it must survive.
+            assert!(code.is_success(), "{code} {body}");
+            acked.push(10 + to % 200);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(body["error"], "store_unavailable", "replica {i}: {body}");
+        let (code, body) = bundle_of_node_a(k).await;
+        assert_eq!(code, StatusCode::OK, "replica {i} without quorum: {body}");
+        let (code, text) = readyz(k).await;
+        assert_eq!(code, 200, "{text}");
+        assert!(text.contains("degraded"), "replica {i}: {text}");
+    }
+    etcd.restart(0);
+    etcd.restart(1);
+    for (i, k) in replicas.iter().enumerate() {
+        let took = write_within(k, &mut to, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("replica {i} after quorum returned: {e:?}"));
+        println!("quorum back: replica {i} wrote after {took:?}");
+        acked.push(10 + to % 200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while readyz(k).await.1.contains("degraded") {
+            assert!(Instant::now() < deadline, "replica {i} still degraded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The last acknowledged endpoint is what both replicas serve, and the log verifies.
+    let last = format!("192.0.2.{}", acked.last().unwrap());
+    for k in &replicas {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while node_on(k, "node-a").await["endpoint"] != last.as_str() {
+            assert!(Instant::now() < deadline, "{}", node_on(k, "node-a").await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for (i, k) in replicas.iter_mut().enumerate() {
+        assert!(
+            k.child.try_wait().ok().flatten().is_none(),
+            "replica {i} exited: {}",
+            k.log()
+        );
+    }
+    audit_verifies(&replicas[0], dir.path()).await;
+}
+
 /// A replica cut off from etcd keeps handing out the bundles it holds for
 /// `store.etcd.max_unavailable`, then refuses (503 `replica_behind`, /readyz 503), and serves
 /// again by itself once etcd is back.

@@ -44,6 +44,12 @@ const PAGE: i64 = 512;
 /// Times an append is re-chained after another writer moved the audit head, before the commit
 /// gives up (each attempt is one round trip; a loser retries at once).
 const HEAD_RETRIES: usize = 64;
+/// How often each member is asked whether it answers (see [`tend_endpoints`]), and how long it
+/// has to.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_WITHIN: Duration = Duration::from_secs(1);
+/// How many times a request that never left this process (see [`never_sent`]) is sent again.
+const UNSENT_RETRIES: u32 = 4;
 
 /// Raw entries as etcd returns them: full key, value.
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
@@ -71,6 +77,8 @@ pub struct EtcdStore {
     lost: tokio::sync::watch::Sender<Option<String>>,
     /// Asks the store watch for a progress report (see [`Store::request_progress`]).
     progress_wanted: std::sync::Arc<tokio::sync::Notify>,
+    /// Asks [`tend_endpoints`] to check the members now: a request found one down.
+    probe_wanted: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +202,130 @@ fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
 
 /// What a request run on the store's runtime came to: its answer, a timeout, or (`None`) a
 /// task that never answered.
+/// Whether `e` failed before its request left this process: no connection could be made to the
+/// member it was routed to (stopped, or its address refuses). Such a request can be sent again
+/// as it is, even a write: etcd never saw it. (A request that failed after it was sent may have
+/// applied, and is never sent again here.)
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        // hyper-util's connector, which wraps the socket's error in its own type.
+        if c.to_string().starts_with("tcp connect error") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Sends a request made by `make` (from a clone of `state`) until it is answered, or has failed
+/// after it was sent, or failed unsent [`UNSENT_RETRIES`] times; asks for the members to be
+/// checked at once when one is found down. Another try goes to another member: the balanced
+/// channel picks afresh, and [`tend_endpoints`] takes the down member out.
+async fn send<S, T, F>(
+    state: S,
+    make: impl Fn(S) -> F,
+    probe: &tokio::sync::Notify,
+) -> Result<T, etcd_client::Error>
+where
+    S: Clone,
+    F: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match make(state.clone()).await {
+            Err(e) if never_sent(&e) => {
+                probe.notify_one();
+                tries += 1;
+                if tries > UNSENT_RETRIES {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(20) * tries).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Keeps the client's requests on the members that answer. etcd-client balances requests over
+/// every endpoint, and a stopped member's endpoint still counts as ready there (each request to
+/// it fails at once), so a third of the requests would fail while one member of three is down.
+/// Every [`PROBE_EVERY`], or at once when a request found a member down, each member is asked
+/// for its status on a connection of its own; a member that does not answer within
+/// [`PROBE_WITHIN`], or answers without a raft leader, leaves the balanced set, and comes back
+/// once it answers with one. When no member answers, every endpoint stays in the set, so that
+/// requests fail fast with the real cause.
+async fn tend_endpoints(
+    client: Client,
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    wanted: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
+    let mut active = vec![true; endpoints.len()];
+    loop {
+        let mut checks = tokio::task::JoinSet::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let probe = probes[i].take();
+            let (ep, options) = (ep.clone(), options.clone());
+            checks.spawn(async move {
+                let answered = tokio::time::timeout(PROBE_WITHIN, async {
+                    let mut c = match probe {
+                        Some(c) => c,
+                        None => Client::connect([ep.as_str()], Some(options)).await?,
+                    };
+                    let status = c.status().await;
+                    Ok::<_, etcd_client::Error>((status, c))
+                })
+                .await;
+                match answered {
+                    Ok(Ok((Ok(st), c))) => (i, st.leader() != 0, Some(c)),
+                    Ok(Ok((Err(_), c))) => (i, false, Some(c)),
+                    _ => (i, false, None),
+                }
+            });
+        }
+        let mut healthy = vec![false; endpoints.len()];
+        while let Some(done) = checks.join_next().await {
+            if let Ok((i, ok, c)) = done {
+                healthy[i] = ok;
+                probes[i] = c;
+            }
+        }
+        let want: Vec<bool> = if healthy.iter().any(|h| *h) {
+            healthy
+        } else {
+            vec![true; endpoints.len()]
+        };
+        for (i, ep) in endpoints.iter().enumerate() {
+            if active[i] && !want[i] {
+                if client.remove_endpoint(ep).await.is_ok() {
+                    tracing::warn!(
+                        endpoint = ep,
+                        "etcd member does not answer (or has no leader); sending requests to the others"
+                    );
+                    active[i] = false;
+                }
+            } else if !active[i] && want[i] && client.add_endpoint(ep).await.is_ok() {
+                tracing::info!(endpoint = ep, "etcd member answers again");
+                active[i] = true;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = wanted.notified() => {}
+        }
+    }
+}
+
 fn outcome<T>(
     op: &'static str,
     timeout: Duration,
@@ -392,6 +524,7 @@ impl EtcdStore {
         }
         let endpoints = settings.endpoints.clone();
         let timeout = settings.timeout;
+        let probe_options = options.clone();
         let client = {
             let endpoints = endpoints.clone();
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -423,6 +556,15 @@ impl EtcdStore {
                 }
             }
         };
+        let probe_wanted = std::sync::Arc::new(tokio::sync::Notify::new());
+        if endpoints.len() > 1 {
+            handle.spawn(tend_endpoints(
+                client.clone(),
+                endpoints.clone(),
+                probe_options,
+                std::sync::Arc::clone(&probe_wanted),
+            ));
+        }
         Ok(Self {
             rt,
             client,
@@ -434,37 +576,54 @@ impl EtcdStore {
             fence: std::sync::Mutex::new(None),
             lost: tokio::sync::watch::channel(None).0,
             progress_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
+            probe_wanted,
         })
     }
 
-    /// Runs `f` on the store's runtime and waits for it, bounded by the timeout.
-    fn run<T: Send + 'static>(
+    /// Sends the request `make` makes from `state` on the store's runtime and waits for the
+    /// answer, bounded by the timeout (see [`send`] for when it is sent again).
+    fn run<S, T, F>(
         &self,
         op: &'static str,
-        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        state: S,
+        make: impl Fn(S) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        S: Clone + Send + 'static,
+        T: Send + 'static,
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let Some(rt) = self.rt.get() else {
             return Err(unavailable(op, "the store is closing"));
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let timeout = self.timeout;
+        let probe = std::sync::Arc::clone(&self.probe_wanted);
         rt.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(timeout, f).await);
+            let _ = tx.send(tokio::time::timeout(timeout, send(state, make, &probe)).await);
         });
         outcome(op, timeout, wait_for(&rx).ok())
     }
 
     /// [`Self::run`] for async callers: awaits the answer instead of blocking a thread.
-    async fn call<T: Send + 'static>(
+    async fn call<S, T, F>(
         &self,
         op: &'static str,
-        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        state: S,
+        make: impl Fn(S) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        S: Clone + Send + 'static,
+        T: Send + 'static,
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let Some(rt) = self.rt.get() else {
             return Err(unavailable(op, "the store is closing"));
         };
         let timeout = self.timeout;
-        let task = rt.spawn(async move { tokio::time::timeout(timeout, f).await });
+        let probe = std::sync::Arc::clone(&self.probe_wanted);
+        let task =
+            rt.spawn(async move { tokio::time::timeout(timeout, send(state, make, &probe)).await });
         outcome(op, timeout, task.await.ok())
     }
 
@@ -490,10 +649,12 @@ impl EtcdStore {
 
     /// Who holds the leader key now, if anyone.
     pub async fn leader(&self) -> Result<Option<String>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.leader_key();
         let resp = self
-            .call("read the leader", async move { kv.get(key, None).await })
+            .call("read the leader", (kv, key), |(mut kv, key)| async move {
+                kv.get(key, None).await
+            })
             .await?;
         Ok(resp
             .kvs()
@@ -566,12 +727,11 @@ impl EtcdStore {
     ) -> Result<Result<Leadership, String>, StoreError> {
         // etcd counts the lease from when it received the grant: count from before sending it.
         let asked = std::time::Instant::now();
-        let mut lease = self.client.lease_client();
+        let lease = self.client.lease_client();
         let granted = self
-            .call(
-                "grant a lease",
-                async move { lease.grant(ttl_secs, None).await },
-            )
+            .call("grant a lease", lease, move |mut lease| async move {
+                lease.grant(ttl_secs, None).await
+            })
             .await?;
         let id = granted.id();
         let key = self.leader_key();
@@ -583,9 +743,13 @@ impl EtcdStore {
                 Some(etcd_client::PutOptions::new().with_lease(id)),
             )])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let taken = self
-            .call("take the leader key", async move { kv.txn(take).await })
+            .call(
+                "take the leader key",
+                (kv, take),
+                |(mut kv, take)| async move { kv.txn(take).await },
+            )
             .await;
         let resp = match taken {
             Ok(r) => r,
@@ -628,9 +792,11 @@ impl EtcdStore {
     }
 
     async fn revoke(&self, id: i64) {
-        let mut lease = self.client.lease_client();
+        let lease = self.client.lease_client();
         let _ = self
-            .call("revoke a lease", async move { lease.revoke(id).await })
+            .call("revoke a lease", lease, move |mut lease| async move {
+                lease.revoke(id).await
+            })
             .await;
     }
 
@@ -711,10 +877,13 @@ impl EtcdStore {
         let Some(fence) = self.fence.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let mut lease = self.client.lease_client();
-        let _ = self.run("revoke the leader lease", async move {
-            lease.revoke(fence.lease).await
-        });
+        let lease = self.client.lease_client();
+        let id = fence.lease;
+        let _ = self.run(
+            "revoke the leader lease",
+            lease,
+            move |mut lease| async move { lease.revoke(id).await },
+        );
     }
 
     fn copy_marker(&self) -> Vec<u8> {
@@ -723,11 +892,12 @@ impl EtcdStore {
 
     /// Whether a `keyd store copy` into this prefix began and did not finish.
     pub fn copy_incomplete(&self) -> Result<bool, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.copy_marker();
         let resp = self.run(
             "read the copy marker",
-            async move { kv.get(key, None).await },
+            (kv, key),
+            |(mut kv, key)| async move { kv.get(key, None).await },
         )?;
         Ok(!resp.kvs().is_empty())
     }
@@ -746,8 +916,10 @@ impl EtcdStore {
             TxnOp::delete(key, None)
         };
         let t = t.and_then([op]);
-        let mut kv = self.client.kv_client();
-        let resp = self.run("copy marker", async move { kv.txn(t).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run("copy marker", (kv, t), |(mut kv, t)| async move {
+            kv.txn(t).await
+        })?;
         if resp.succeeded() {
             Ok(())
         } else {
@@ -766,8 +938,12 @@ impl EtcdStore {
         let options = GetOptions::new()
             .with_range(range_end(&p))
             .with_count_only();
-        let mut kv = self.client.kv_client();
-        let resp = self.run("count keys", async move { kv.get(p, Some(options)).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run(
+            "count keys",
+            (kv, p, options),
+            |(mut kv, p, o)| async move { kv.get(p, Some(o)).await },
+        )?;
         Ok(resp.count())
     }
 
@@ -819,8 +995,10 @@ impl EtcdStore {
             None,
         ));
         let t = EtcdTxn::new().when(compares).and_then(ops);
-        let mut kv = self.client.kv_client();
-        let resp = self.run("audit import", async move { kv.txn(t).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run("audit import", (kv, t), |(mut kv, t)| async move {
+            kv.txn(t).await
+        })?;
         if resp.succeeded() {
             Ok(())
         } else {
@@ -892,10 +1070,13 @@ impl EtcdStore {
     #[doc(hidden)]
     pub fn resign_for_test(&self) {
         if let Some(fence) = self.fence() {
-            let mut lease = self.client.lease_client();
-            let _ = self.run("revoke the leader lease", async move {
-                lease.revoke(fence.lease).await
-            });
+            let lease = self.client.lease_client();
+            let id = fence.lease;
+            let _ = self.run(
+                "revoke the leader lease",
+                lease,
+                move |mut lease| async move { lease.revoke(id).await },
+            );
         }
     }
 
@@ -954,12 +1135,15 @@ impl EtcdStore {
                 .with_range(end.clone())
                 .with_limit(page)
                 .with_revision(revision);
-            let mut kv = self
+            let kv = self
                 .client
                 .kv_client()
                 .max_decoding_message_size(usize::MAX);
             let key = from.clone();
-            let mut resp = match self.run(op, async move { kv.get(key, Some(options)).await }) {
+            let read = self.run(op, (kv, key, options), |(mut kv, key, o)| async move {
+                kv.get(key, Some(o)).await
+            });
+            let mut resp = match read {
                 // The pinned revision was compacted away mid-scan: start again at the newest.
                 Err(e)
                     if revision != 0
@@ -1009,9 +1193,11 @@ impl EtcdStore {
     }
 
     fn read_head(&self) -> Result<(Option<Head>, i64), StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.head_key();
-        let resp = self.run("audit head", async move { kv.get(key, None).await })?;
+        let resp = self.run("audit head", (kv, key), |(mut kv, key)| async move {
+            kv.get(key, None).await
+        })?;
         match resp.kvs().first() {
             None => Ok((None, 0)),
             Some(kv) => Ok((Some(decode_head(kv.value())?), kv.mod_revision())),
@@ -1097,8 +1283,10 @@ impl EtcdStore {
             });
         }
         let etxn = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
-        let mut kv = self.client.kv_client();
-        let resp = self.run("commit", async move { kv.txn(etxn).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run("commit", (kv, etxn), |(mut kv, t)| async move {
+            kv.txn(t).await
+        })?;
         if resp.succeeded() {
             return Ok(Attempt::Done(resp.header().map_or(0, |h| h.revision())));
         }
@@ -1195,14 +1383,18 @@ impl Store for EtcdStore {
     }
 
     fn replicas(&self) -> Result<Option<Vec<keyd_proto::Replica>>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let from = self.replicas_prefix();
         let leader = self.leader_key();
-        let (listed, led) = self.run("list the replicas", async move {
-            let listed = kv.get(from, Some(GetOptions::new().with_prefix())).await?;
-            let led = kv.get(leader, None).await?;
-            Ok((listed, led))
-        })?;
+        let (listed, led) = self.run(
+            "list the replicas",
+            (kv, from, leader),
+            |(mut kv, from, leader)| async move {
+                let listed = kv.get(from, Some(GetOptions::new().with_prefix())).await?;
+                let led = kv.get(leader, None).await?;
+                Ok((listed, led))
+            },
+        )?;
         let leader = led.kvs().first().map(|kv| kv.value().to_vec());
         let mut replicas = Vec::new();
         for kv in listed.kvs() {
@@ -1241,13 +1433,15 @@ impl Store for EtcdStore {
         key: &str,
         at: Option<u64>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut kv = self
+        let kv = self
             .client
             .kv_client()
             .max_decoding_message_size(usize::MAX);
         let k = self.table_key(table, key);
         let options = GetOptions::new().with_revision(revision(at));
-        let mut resp = self.run("get", async move { kv.get(k, Some(options)).await })?;
+        let mut resp = self.run("get", (kv, k, options), |(mut kv, k, o)| async move {
+            kv.get(k, Some(o)).await
+        })?;
         Ok(resp
             .take_kvs()
             .into_iter()
@@ -1260,11 +1454,16 @@ impl Store for EtcdStore {
     }
 
     fn current_revision(&self) -> Result<Option<u64>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.leader_key();
-        let resp = self.run("read the store revision", async move {
-            kv.get(key, Some(GetOptions::new().with_count_only())).await
-        })?;
+        let resp =
+            self.run(
+                "read the store revision",
+                (kv, key),
+                |(mut kv, key)| async move {
+                    kv.get(key, Some(GetOptions::new().with_count_only())).await
+                },
+            )?;
         Ok(resp.header().and_then(|h| u64::try_from(h.revision()).ok()))
     }
 
@@ -1332,11 +1531,13 @@ impl Store for EtcdStore {
             .with_range(range_end(&p))
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(1);
-        let mut kv = self
+        let kv = self
             .client
             .kv_client()
             .max_decoding_message_size(usize::MAX);
-        let mut resp = self.run("last", async move { kv.get(p, Some(options)).await })?;
+        let mut resp = self.run("last", (kv, p, options), |(mut kv, p, o)| async move {
+            kv.get(p, Some(o)).await
+        })?;
         let rows = resp
             .take_kvs()
             .into_iter()
@@ -1351,8 +1552,12 @@ impl Store for EtcdStore {
             .with_range(range_end(&p))
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(1);
-        let mut kv = self.client.kv_client();
-        let resp = self.run("audit tail", async move { kv.get(p, Some(options)).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run(
+            "audit tail",
+            (kv, p, options),
+            |(mut kv, p, o)| async move { kv.get(p, Some(o)).await },
+        )?;
         match resp.kvs().first() {
             Some(kv) => Ok(Some(decode_audit(
                 String::from_utf8_lossy(kv.key()),
@@ -1372,11 +1577,12 @@ impl Store for EtcdStore {
             .with_range(self.audit_key(through.saturating_add(1)))
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .with_keys_only();
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let start = p.clone();
         let resp = self.run(
             "audit range",
-            async move { kv.get(start, Some(options)).await },
+            (kv, start, options),
+            |(mut kv, s, o)| async move { kv.get(s, Some(o)).await },
         )?;
         let Some(last) = resp.kvs().last() else {
             return Ok(0);
@@ -1389,8 +1595,10 @@ impl Store for EtcdStore {
             t = t.when([Compare::lease(f.key.clone(), CompareOp::Equal, f.lease)]);
         }
         let t = t.and_then([TxnOp::delete(p, Some(DeleteOptions::new().with_range(end)))]);
-        let mut kv = self.client.kv_client();
-        let resp = self.run("audit delete", async move { kv.txn(t).await })?;
+        let kv = self.client.kv_client();
+        let resp = self.run("audit delete", (kv, t), |(mut kv, t)| async move {
+            kv.txn(t).await
+        })?;
         if !resp.succeeded() {
             return Err(self.deposed("audit delete"));
         }
@@ -1423,5 +1631,24 @@ mod tests {
         assert!(k(9) < k(10));
         assert!(k(99_999) < k(100_000));
         assert!(k(u64::MAX).len() == k(1).len());
+    }
+
+    /// A request to an address where nothing listens fails before it is sent, and is known as
+    /// such (so it may go to another member); a request that got an answer is not.
+    #[tokio::test]
+    async fn a_refused_connection_is_known_as_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        let client = Client::connect([format!("http://127.0.0.1:{port}")], Some(options))
+            .await
+            .unwrap();
+        let e = client.kv_client().get("k", None).await.unwrap_err();
+        assert!(never_sent(&e), "{e:?}");
+        let answered = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("no leader"));
+        assert!(!never_sent(&answered));
     }
 }
