@@ -102,6 +102,7 @@ conformance!(
     large_values_and_long_scans,
     concurrent_writers_serialise,
     oversized_transactions_are_refused_whole,
+    whole_table_guards_on_shared_stores,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -576,6 +577,75 @@ fn writer_process() {
     let n: usize = var("STORE_TEST_COUNT").parse().unwrap();
     let acked = increment(&store, &var("STORE_TEST_WRITER"), n);
     assert_eq!(acked.len(), n);
+}
+
+/// `unchanged_since`: on a shared store a transaction fails whole when any entry of the table
+/// was written after the revision (a decision read from the whole table is stale); other
+/// tables and deletions do not count. A store with one writer ignores it (its callers decide
+/// and write under one lock).
+fn whole_table_guards_on_shared_stores(s: &dyn Store, _: Option<&str>) {
+    let r1 = s
+        .commit_at(Txn::default().put(Table::Nodes, "a", b"1".to_vec()))
+        .unwrap();
+    if !s.shared() {
+        assert_eq!(r1, None);
+        s.commit(Txn::default().unchanged_since(Table::Nodes, Some(0)).put(
+            Table::Nodes,
+            "b",
+            b"1".to_vec(),
+        ))
+        .unwrap();
+        return;
+    }
+    let r1 = r1.expect("a shared store names the revision of a commit");
+    // Nothing written since: taken.
+    let r2 = s
+        .commit_at(Txn::default().unchanged_since(Table::Nodes, Some(r1)).put(
+            Table::Nodes,
+            "b",
+            b"1".to_vec(),
+        ))
+        .unwrap()
+        .unwrap();
+    // Written since (by the commit above): refused whole, audit record included.
+    let before = all_audit(s).len();
+    let e = s
+        .commit(
+            Txn::default()
+                .unchanged_since(Table::Nodes, Some(r1))
+                .put(Table::Meta, "x", b"1".to_vec())
+                .audit(event(1)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Conflict { table: Table::Nodes, key } if key == "*"),
+        "{e:?}"
+    );
+    assert_eq!(s.get(Table::Meta, "x").unwrap(), None);
+    assert_eq!(all_audit(s).len(), before);
+    // Another table's writes do not count, nor does a deletion.
+    let r3 = s
+        .commit_at(Txn::default().put(Table::Meta, "y", b"1".to_vec()))
+        .unwrap()
+        .unwrap();
+    assert!(r3 > r2);
+    s.commit(Txn::default().unchanged_since(Table::Nodes, Some(r2)).put(
+        Table::Meta,
+        "z",
+        b"1".to_vec(),
+    ))
+    .unwrap();
+    s.commit(Txn::default().delete(Table::Nodes, "a")).unwrap();
+    s.commit(Txn::default().unchanged_since(Table::Nodes, Some(r2)).put(
+        Table::Nodes,
+        "c",
+        b"1".to_vec(),
+    ))
+    .unwrap();
+    assert_eq!(
+        s.get(Table::Nodes, "c").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
 }
 
 fn oversized_transactions_are_refused_whole(s: &dyn Store, _: Option<&str>) {

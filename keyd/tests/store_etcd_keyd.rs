@@ -1334,6 +1334,66 @@ async fn replicas_ride_out_etcd_members_stopping() {
     audit_verifies(&replicas[0], dir.path()).await;
 }
 
+/// Two nodes claim one address at the same moment, each through another replica: exactly one
+/// gets it, every time, and the other is refused naming the holder. (Each replica checks claims
+/// against its own cache; the write also requires that no node record changed since, so two
+/// replicas cannot both decide on what the other has not seen yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_give_one_address_to_two_nodes() {
+    if !keyd_tests::etcd::available() {
+        return;
+    }
+    const ROUNDS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&dir.path().join("etcd"), 1);
+    let env = etcd_env(&etcd.endpoints());
+    let data = dir.path().join("data");
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut k = Keyd::spawn(&data, &env);
+        k.ready()
+            .await
+            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        replicas.push(k);
+    }
+    register_dev_node(&replicas[0], "node-a", 0).await.unwrap();
+    register_dev_node(&replicas[1], "node-b", 1).await.unwrap();
+    for round in 0..ROUNDS {
+        let endpoint = format!("198.51.100.{}", 10 + round);
+        let (a, b) = tokio::join!(
+            put_dev_node(&replicas[round % 2], "node-a", 0, &endpoint),
+            put_dev_node(&replicas[(round + 1) % 2], "node-b", 1, &endpoint),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let won: Vec<&str> = [("node-a", &a), ("node-b", &b)]
+            .iter()
+            .filter(|(_, (code, _))| code.is_success())
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {a:?} {b:?}");
+        let (lost_code, lost_body) = if won[0] == "node-a" { &b } else { &a };
+        assert_eq!(
+            *lost_code,
+            StatusCode::CONFLICT,
+            "round {round}: {lost_body}"
+        );
+        assert!(
+            lost_body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("held by node \"{}\"", won[0]))),
+            "round {round}: {lost_body}"
+        );
+        // Both replicas agree on who holds it.
+        for k in &replicas {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while node_on(k, won[0]).await["endpoint"] != endpoint.as_str() {
+                assert!(Instant::now() < deadline, "round {round}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// A replica cut off from etcd keeps handing out the bundles it holds for
 /// `store.etcd.max_unavailable`, then refuses (503 `replica_behind`, /readyz 503), and serves
 /// again by itself once etcd is back.

@@ -7,7 +7,7 @@ use super::state::{
     Result, ServiceError, cidrs_overlap, from_json, not_registered, to_json,
 };
 use crate::rotation::NodeAcks;
-use crate::store::{AuditEvent, Table, Txn};
+use crate::store::{AuditEvent, StoreError, Table, Txn};
 use crate::wireguard;
 use keyd_proto::identity::Identity;
 use keyd_proto::{
@@ -177,6 +177,10 @@ fn claim_conflict<'a>(
     None
 }
 
+/// How many times a registration is decided again because another replica wrote a node record
+/// between the decision and the write.
+const REGISTRATION_TRIES: usize = 8;
+
 impl Keyd {
     pub async fn register_node(
         &self,
@@ -186,9 +190,35 @@ impl Keyd {
     ) -> Result<NodeInfo> {
         let reg = check_registration(reg)?;
         let checked = self.check_claims(actor, name, &reg).await?;
+        let mut tries = 0;
+        loop {
+            match self
+                .register_checked(actor, name, reg.clone(), checked.as_ref())
+                .await
+            {
+                // A node record changed after the claims were checked (on a shared store,
+                // another replica's write): decide again on the newer records.
+                Err(ServiceError::Store(StoreError::Conflict { table, key }))
+                    if table == Table::Nodes && key == "*" && tries + 1 < REGISTRATION_TRIES =>
+                {
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One decision and write of a registration whose allocation was checked as `checked`.
+    async fn register_checked(
+        &self,
+        actor: &Identity,
+        name: &str,
+        reg: NodeRegistration,
+        checked: Option<&keyd_proto::NodeAllocation>,
+    ) -> Result<NodeInfo> {
         let _w = self.writer().await?;
         let cache = self.cache();
-        if cache.allocations.get(name) != checked.as_ref() {
+        if cache.allocations.get(name) != checked {
             return Err(ServiceError::Conflict(format!(
                 "node {name:?}'s allocation changed while it registered; register again"
             )));
@@ -259,11 +289,14 @@ impl Keyd {
             last_seen: now,
             acked: old.as_ref().map(|o| o.acked.clone()).unwrap_or_default(),
         };
-        let mut txn = Txn::default().guard(Table::Nodes, name, previous).put(
-            Table::Nodes,
-            name,
-            to_json(&info),
-        );
+        // The claims were checked against every node record in this cache: on a shared store,
+        // none may have changed since (another replica registering a node with the same
+        // address, say), or the decision is made again.
+        let since = self.store.shared().then_some(cache.revision);
+        let mut txn = Txn::default()
+            .guard(Table::Nodes, name, previous)
+            .unchanged_since(Table::Nodes, since)
+            .put(Table::Nodes, name, to_json(&info));
         let details =
             json!({ "node": name, "endpoint": info.endpoint, "pod_cidrs": info.pod_cidrs });
         match &old {

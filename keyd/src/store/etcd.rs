@@ -1216,6 +1216,27 @@ impl EtcdStore {
             });
             reads.push(TxnOp::get(k, None));
         }
+        // Whole tables unchanged: every key under the prefix last written at or before the
+        // revision (a deleted key leaves no trace, and frees rather than takes). Read back,
+        // counted, to tell this conflict from the others.
+        for (table, revision) in &txn.unchanged_since {
+            let p = self.table_prefix(*table);
+            let after = i64::try_from(*revision)
+                .unwrap_or(i64::MAX)
+                .saturating_add(1);
+            compares.push(
+                Compare::mod_revision(p.clone(), CompareOp::Less, after).with_range(range_end(&p)),
+            );
+            reads.push(TxnOp::get(
+                p.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_range(range_end(&p))
+                        .with_min_mod_revision(after)
+                        .with_count_only(),
+                ),
+            ));
+        }
         // The writes, by key: etcd refuses a key twice in one transaction, and redb's order
         // (every put, then every delete) decides which one wins.
         let mut writes: std::collections::BTreeMap<Vec<u8>, Option<&[u8]>> = Default::default();
@@ -1307,6 +1328,17 @@ impl EtcdStore {
                 return Err(StoreError::Conflict {
                     table: *table,
                     key: key.clone(),
+                });
+            }
+        }
+        let ranges = answers.iter().skip(txn.guards.len());
+        for ((table, _), answer) in txn.unchanged_since.iter().zip(ranges) {
+            if let TxnOpResponse::Get(g) = answer
+                && g.count() > 0
+            {
+                return Err(StoreError::Conflict {
+                    table: *table,
+                    key: "*".to_owned(),
                 });
             }
         }
