@@ -156,6 +156,7 @@ impl Keyd {
 
     /// Checkpoints at the configured interval, and closes the segment when it is full or old.
     pub(super) async fn maintain_audit_log(&self, now: Timestamp) -> Result<()> {
+        let pruning = self.prune_lock.lock().await;
         let (_, segs) = self.segments_doc()?;
         if self
             .store
@@ -171,6 +172,7 @@ impl Keyd {
                 "completed an interrupted audit prune"
             );
         }
+        drop(pruning);
         let store = Arc::clone(&self.store);
         let Some(last) = blocking(move || store.audit_last()).await? else {
             return Ok(());
@@ -242,6 +244,7 @@ impl Keyd {
         through_seq: u64,
         last_hash: &str,
     ) -> Result<u64> {
+        let _pruning = self.prune_lock.lock().await;
         let (doc, mut segs) = self.segments_doc()?;
         if through_seq <= segs.pruned_through {
             self.finish_prune().await?;

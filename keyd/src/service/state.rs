@@ -334,6 +334,9 @@ pub struct Keyd {
     pub(super) bundles: RwLock<HashMap<String, Arc<RenderedBundle>>>,
     /// Serializes this replica's writers so they do not race each other's CAS guards.
     pub(super) write_lock: tokio::sync::Mutex<()>,
+    /// Held while audit records are deleted (a prune, or the tick completing one), so that the
+    /// tick never races the prune that an API call is still carrying out in this process.
+    pub(super) prune_lock: tokio::sync::Mutex<()>,
     /// Serializes updates of the cache, so that two cannot each start from the same cache and
     /// one lose the other's change.
     pub(super) refreshing: tokio::sync::Mutex<()>,
@@ -697,6 +700,7 @@ impl Keyd {
             cache: RwLock::new(Arc::new(cache)),
             bundles: RwLock::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
+            prune_lock: tokio::sync::Mutex::new(()),
             refreshing: tokio::sync::Mutex::new(()),
             leading: std::sync::atomic::AtomicBool::new(leading),
             applied: tokio::sync::watch::Sender::new(0),
