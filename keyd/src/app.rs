@@ -305,7 +305,10 @@ async fn take_over(keyd: &Arc<Keyd>) -> anyhow::Result<()> {
     crate::rewrap::resume(
         Arc::clone(keyd.store()),
         Arc::clone(keyd.custody()),
-        crate::rewrap::RunOptions::default(),
+        crate::rewrap::RunOptions {
+            actor: keyd.system_actor("leader"),
+            ..crate::rewrap::RunOptions::default()
+        },
     )
     .await
     .context("resuming the KEK migration")?;

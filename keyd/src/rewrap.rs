@@ -57,6 +57,9 @@ pub struct RunOptions {
     pub chunk: usize,
     /// Stop (as a crash would) after this many committed chunks.
     pub halt_after_chunks: Option<usize>,
+    /// The actor of the records the migration writes by itself (resumed, completed): `keyd`,
+    /// or on a shared store the leader (`keyd/leader@NAME`, see `Keyd::system_actor`).
+    pub actor: String,
 }
 
 impl Default for RunOptions {
@@ -64,6 +67,7 @@ impl Default for RunOptions {
         Self {
             chunk: 256,
             halt_after_chunks: None,
+            actor: "keyd".to_owned(),
         }
     }
 }
@@ -234,7 +238,7 @@ pub async fn resume(
                 &store,
                 Txn::default().audit(AuditEvent::new(
                     "kek.migration.resumed",
-                    "keyd",
+                    &options.actor,
                     json!({ "id": m.id, "rewrapped": m.rewrapped, "total": m.total }),
                 )),
             )
@@ -317,7 +321,7 @@ async fn run(
             )
             .collect();
         if pending.is_empty() {
-            return complete(store, custody, m, started).await;
+            return complete(store, custody, m, started, &options.actor).await;
         }
         let limit = custody.settings().concurrency;
         let outcomes = bounded(pending, limit, {
@@ -402,6 +406,7 @@ async fn complete(
     custody: &Arc<Custody>,
     mut m: MigrationDoc,
     started: Instant,
+    actor: &str,
 ) -> Result<(), RewrapError> {
     let (doc, doc_bytes) = read_doc(store.as_ref())?.ok_or_else(|| StoreError::Corrupt {
         what: CUSTODY_DOC.into(),
@@ -440,7 +445,7 @@ async fn complete(
             .put(Table::Meta, CUSTODY_DOC, to_bytes(&new_doc))
             .audit(AuditEvent::new(
                 "kek.migration.completed",
-                "keyd",
+                actor,
                 json!({ "id": m.id, "kind": m.kind, "to": m.to, "rewrapped": m.rewrapped,
                         "failed": m.failed, "failures": m.failures,
                         "seconds_this_run": started.elapsed().as_secs() }),

@@ -620,6 +620,7 @@ async fn a_migration_resumes_after_a_crash(b: Backend) {
             RunOptions {
                 chunk: 10,
                 halt_after_chunks: Some(1),
+                ..RunOptions::default()
             },
         )
         .await

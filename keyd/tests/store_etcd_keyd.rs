@@ -890,9 +890,10 @@ async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
 }
 
 /// The holders of the leader terms in an audit export (`store.leader.elected`, in order),
-/// having checked that every record keyd wrote by itself as leader (`keyd/rollout@NAME`,
-/// `keyd/scheduler@NAME`, `keyd/leader@NAME`) names the replica that leads the term it is in:
-/// two leaders never acted in one term.
+/// having checked the actors of what keyd wrote by itself once a replica first led: each names
+/// its replica (`keyd/ROLE@NAME`, none plain `keyd`), and what only a leader does (`rollout`,
+/// `scheduler`, `leader`) names the leader of the term it is in: two leaders never acted in one
+/// term. (Every replica records its own view of the KEK custodian: `custodian` may name any.)
 fn leader_terms(export: &str) -> Vec<String> {
     let mut terms: Vec<String> = Vec::new();
     let mut acted = 0;
@@ -910,28 +911,31 @@ fn leader_terms(export: &str) -> Vec<String> {
             );
             terms.push(replica);
         }
-        for role in ["rollout", "scheduler", "leader"] {
-            let prefix = format!("keyd/{role}");
-            if !actor.starts_with(&prefix) {
-                continue;
+        if actor != "keyd" && !actor.starts_with("keyd/") {
+            continue;
+        }
+        let Some(leader) = terms.last() else {
+            continue; // set-up records of the first start, before any election
+        };
+        let (role, by) = actor
+            .strip_prefix("keyd/")
+            .and_then(|a| a.split_once('@'))
+            .unwrap_or_else(|| panic!("a record of keyd without its replica: {line}"));
+        match role {
+            "rollout" | "scheduler" | "leader" => {
+                assert_eq!(
+                    by, leader,
+                    "a record of another replica in this term: {line}"
+                );
+                if action != "store.leader.elected" {
+                    acted += 1;
+                }
             }
-            let by = actor
-                .strip_prefix(&format!("{prefix}@"))
-                .unwrap_or_else(|| panic!("a leader's record without its replica: {line}"));
-            let leader = terms
-                .last()
-                .unwrap_or_else(|| panic!("a leader's record before any election: {line}"));
-            assert_eq!(
-                by, leader,
-                "a record of another replica in this term: {line}"
-            );
-            acted += 1;
+            "custodian" => {}
+            other => panic!("an unknown role {other:?}: {line}"),
         }
     }
-    assert!(
-        acted > terms.len(),
-        "no leader's records beside the elections"
-    );
+    assert!(acted > 0, "no leader's records beside the elections");
     terms
 }
 
@@ -960,7 +964,33 @@ impl Island {
 
     fn new() -> Self {
         let pid = std::process::id();
-        let net = u8::try_from(pid % 256).unwrap();
+        // Namespaces that a killed run left behind (their Drop never ran) hold subnets.
+        let listed = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if let Some(owner) = name.strip_prefix("keyd-island-")
+                && !std::path::Path::new(&format!("/proc/{owner}")).exists()
+            {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", name])
+                    .status();
+            }
+        }
+        // A /30 no interface of the host is in (another run's, or a real network's).
+        let free = |net: u8| {
+            let out = std::process::Command::new("ip")
+                .args(["-o", "addr", "show", "to", &format!("10.252.{net}.0/30")])
+                .output()
+                .unwrap();
+            out.status.success() && out.stdout.is_empty()
+        };
+        let net = (0..=255u16)
+            .map(|i| u8::try_from((u16::try_from(pid % 256).unwrap() + i) % 256).unwrap())
+            .find(|n| free(*n))
+            .expect("a free /30 in 10.252.0.0/16");
         let island = Self {
             ns: format!("keyd-island-{pid}"),
             dev: format!("kisl{pid}"),
@@ -1139,10 +1169,14 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
         fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
     };
     println!("the cut-off leader stepped down {stepped_down:?} after the cut (lease TTL {ttl:?})");
-    // Two thirds of the TTL without an answered keep-alive, and it is out: the lease (counted by
-    // etcd from the last keep-alive it received, at most a third of the TTL before the cut)
-    // cannot have expired yet.
-    assert!(stepped_down < ttl, "{stepped_down:?}");
+    // It gives up two thirds of the TTL after sending the last keep-alive that was answered,
+    // which was before the cut; etcd counts the lease from when it received that keep-alive,
+    // so the lease was still running. (The ordering checked above is what matters; this bound
+    // only allows for the exit's own latency.)
+    assert!(
+        stepped_down < ttl * 2 / 3 + Duration::from_millis(500),
+        "{stepped_down:?}"
+    );
     assert!(
         replicas[0].log().contains("lost the leadership"),
         "{}",
@@ -1158,7 +1192,9 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
         fleet_step(&replicas, Some(0), &mut fleet, &mut turn).await;
     };
     println!("another replica led {took_over:?} after the cut");
-    assert!(took_over < ttl + Duration::from_secs(1), "{took_over:?}");
+    // The lease expires at most a TTL after the cut, etcd sweeps expired leases every 500 ms,
+    // and a replica polls the leader key every 100 ms: a loaded machine needs some slack.
+    assert!(took_over < ttl * 2, "{took_over:?}");
 
     // The link comes back, and so does the island's keyd (as its supervisor would start it):
     // as a replica now.
@@ -1252,7 +1288,9 @@ async fn replicas_ride_out_etcd_members_stopping() {
     let mut acked = Vec::new();
     // One member of three down, each in turn: every write is taken (after the first, which
     // may wait for an etcd election when the stopped member led), on both replicas.
+    let taken_out = |k: &Keyd| k.log().matches("etcd member does not answer").count();
     for m in 0..3 {
+        let before: Vec<usize> = replicas.iter().map(taken_out).collect();
         etcd.stop(m);
         for (i, k) in replicas.iter().enumerate() {
             let took = write_within(k, &mut to, Duration::from_secs(10))
@@ -1269,6 +1307,18 @@ async fn replicas_ride_out_etcd_members_stopping() {
                 acked.push(10 + to % 200);
                 let (code, body) = bundle_of_node_a(k).await;
                 assert_eq!(code, StatusCode::OK, "member {m} down, replica {i}: {body}");
+            }
+        }
+        // Each replica took the stopped member out of the set it sends requests to.
+        for (i, k) in replicas.iter().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while taken_out(k) <= before[i] {
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {i} kept member {m}: {}",
+                    k.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         etcd.restart(m);
@@ -1329,6 +1379,16 @@ async fn replicas_ride_out_etcd_members_stopping() {
             k.child.try_wait().ok().flatten().is_none(),
             "replica {i} exited: {}",
             k.log()
+        );
+    }
+    // Every acknowledged write is in the audit log.
+    let log = export(&replicas[0]).await.unwrap();
+    for to in &acked {
+        let endpoint = format!("\"endpoint\":\"192.0.2.{to}\"");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("\"node.updated\"") && l.contains(&endpoint)),
+            "the write of 192.0.2.{to} is not in the audit log"
         );
     }
     audit_verifies(&replicas[0], dir.path()).await;
@@ -1535,6 +1595,15 @@ async fn a_kek_rotation_runs_on_the_leader_and_replicas_reload_the_keyring() {
         .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
     let (code, body) = bundle_of_node_a(&b).await;
     assert_eq!(code, StatusCode::OK, "{body}");
+    // The migration's own records are the leader's, in its term.
+    let log = export(&a).await.unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"kek.migration.completed\"")
+                && l.contains("\"actor\":\"keyd/leader@")),
+        "{log}"
+    );
+    assert_eq!(leader_terms(&log).len(), 1);
     b.stop().await;
     a.stop().await;
 }

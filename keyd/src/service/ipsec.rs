@@ -315,8 +315,13 @@ impl Keyd {
         Ok(self.ipsec_status())
     }
 
-    /// Moves the rollout on if the nodes' acknowledgements and the time allow it.
+    /// Moves the rollout on if the nodes' acknowledgements and the time allow it. Only the
+    /// leader moves rollouts: on another replica this wakes the scheduler (whose pass does
+    /// nothing there) and the leader follows the acknowledgement through the store's feed.
     pub async fn advance_rollout(&self) -> Result<()> {
+        if !self.is_leader() {
+            return Ok(());
+        }
         let _w = self.writer().await?;
         let cache = self.cache();
         let Some(current) = cache.ipsec_state.rollout.clone() else {

@@ -128,7 +128,10 @@ pub async fn rotate_kek(
         actor,
         Kind::Rotate,
         target,
-        RunOptions::default(),
+        RunOptions {
+            actor: keyd.system_actor("leader"),
+            ..RunOptions::default()
+        },
     )
     .await
 }
@@ -186,7 +189,10 @@ async fn start_migration(
         actor,
         Kind::Migrate,
         target,
-        RunOptions::default(),
+        RunOptions {
+            actor: keyd.system_actor("leader"),
+            ..RunOptions::default()
+        },
     )
     .await
 }
@@ -257,6 +263,8 @@ impl Keyd {
         let active = custody.active();
         let (backend, key_id) = (active.wrapper.backend(), active.wrapper.key_id());
         let now = self.clock.now();
+        // Each replica records what it saw of the custodian: named, on a shared store.
+        let custodian = self.system_actor("custodian");
         let doc = self.store.get(crate::store::Table::Meta, OUTAGE_DOC)?;
         let mut open = doc.is_some();
         let mut txn =
@@ -270,7 +278,7 @@ impl Keyd {
                 } => {
                     txn = txn.audit(AuditEvent::new(
                         "kek.custodian.unavailable",
-                        "keyd",
+                        &custodian,
                         json!({ "backend": backend, "key_id": key_id, "since": since,
                                 "kind": kind.as_str(), "reason": reason }),
                     ));
@@ -279,7 +287,7 @@ impl Keyd {
                 crate::custody::Transition::Up { since, seconds } => {
                     txn = txn.audit(AuditEvent::new(
                         "kek.custodian.recovered",
-                        "keyd",
+                        &custodian,
                         json!({ "backend": backend, "key_id": key_id, "since": since,
                                 "seconds": seconds }),
                     ));
@@ -290,7 +298,7 @@ impl Keyd {
         if lost > 0 {
             txn = txn.audit(AuditEvent::new(
                 "kek.custodian.transitions_lost",
-                "keyd",
+                &custodian,
                 json!({ "lost": lost }),
             ));
         }
@@ -332,7 +340,7 @@ impl Keyd {
             .delete(crate::store::Table::Meta, OUTAGE_DOC)
             .audit(AuditEvent::new(
                 "kek.custodian.recovered",
-                "keyd",
+                self.system_actor("leader"),
                 json!({ "backend": open.as_ref().map(|o| o.backend.clone()),
                         "key_id": open.as_ref().map(|o| o.key_id.clone()),
                         "since": open.as_ref().map(|o| o.recorded_at), "seconds": seconds,

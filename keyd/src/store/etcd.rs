@@ -48,6 +48,9 @@ const HEAD_RETRIES: usize = 64;
 /// has to.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_WITHIN: Duration = Duration::from_secs(1);
+/// The least time between two rounds of probes, however often requests ask for one (during a
+/// quorum loss every request does).
+const PROBE_GAP: Duration = Duration::from_millis(150);
 /// How many times a request that never left this process (see [`never_sent`]) is sent again.
 const UNSENT_RETRIES: u32 = 4;
 
@@ -79,6 +82,10 @@ pub struct EtcdStore {
     progress_wanted: std::sync::Arc<tokio::sync::Notify>,
     /// Asks [`tend_endpoints`] to check the members now: a request found one down.
     probe_wanted: std::sync::Arc<tokio::sync::Notify>,
+    /// Tells the store watch to start again: [`tend_endpoints`] took a member out, and the
+    /// watch's stream may be on it (a stream outlives its connection's removal from the set,
+    /// and one on a member that hangs would stay silent until HTTP/2 keep-alive gives up).
+    rewatch: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Clone)]
@@ -200,11 +207,9 @@ fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
     }
 }
 
-/// What a request run on the store's runtime came to: its answer, a timeout, or (`None`) a
-/// task that never answered.
 /// Whether `e` failed before its request left this process: no connection could be made to the
-/// member it was routed to (stopped, or its address refuses). Such a request can be sent again
-/// as it is, even a write: etcd never saw it. (A request that failed after it was sent may have
+/// member it was routed to (stopped, refusing, unreachable, or its TLS handshake failed). Such a
+/// request can be sent again as it is, even a write: etcd never saw it. (A request that failed after it was sent may have
 /// applied, and is never sent again here.)
 fn never_sent(e: &etcd_client::Error) -> bool {
     let etcd_client::Error::GRpcStatus(status) = e else {
@@ -212,6 +217,10 @@ fn never_sent(e: &etcd_client::Error) -> bool {
     };
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(c) = cause {
+        // tonic's connector (TCP, then TLS) fails with this, before HTTP/2 exists.
+        if c.is::<tonic::ConnectError>() {
+            return true;
+        }
         if let Some(io) = c.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::ConnectionRefused
         {
@@ -268,6 +277,7 @@ async fn tend_endpoints(
     endpoints: Vec<String>,
     options: ConnectOptions,
     wanted: std::sync::Arc<tokio::sync::Notify>,
+    rewatch: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
     let mut active = vec![true; endpoints.len()];
@@ -313,6 +323,7 @@ async fn tend_endpoints(
                         "etcd member does not answer (or has no leader); sending requests to the others"
                     );
                     active[i] = false;
+                    rewatch.notify_waiters();
                 }
             } else if !active[i] && want[i] && client.add_endpoint(ep).await.is_ok() {
                 tracing::info!(endpoint = ep, "etcd member answers again");
@@ -321,11 +332,16 @@ async fn tend_endpoints(
         }
         tokio::select! {
             () = tokio::time::sleep(PROBE_EVERY) => {}
-            () = wanted.notified() => {}
+            () = async {
+                wanted.notified().await;
+                tokio::time::sleep(PROBE_GAP).await;
+            } => {}
         }
     }
 }
 
+/// What a request run on the store's runtime came to: its answer, a timeout, or (`None`) a
+/// task that never answered.
 fn outcome<T>(
     op: &'static str,
     timeout: Duration,
@@ -359,6 +375,7 @@ async fn follow_tables(
     root: Vec<u8>,
     tx: tokio::sync::mpsc::UnboundedSender<Change>,
     progress: std::sync::Arc<tokio::sync::Notify>,
+    rewatch: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let parse = |key: &[u8]| -> Option<(Table, String)> {
         let rest = std::str::from_utf8(key.strip_prefix(root.as_slice())?).ok()?;
@@ -403,6 +420,9 @@ async fn follow_tables(
                     }
                     continue;
                 }
+                // A member was taken out: watch again, on one that answers (the new watch
+                // reports a resync, so nothing between the two is missed).
+                () = rewatch.notified() => break,
             };
             let resp = match message {
                 Ok(Some(resp)) => resp,
@@ -557,12 +577,14 @@ impl EtcdStore {
             }
         };
         let probe_wanted = std::sync::Arc::new(tokio::sync::Notify::new());
+        let rewatch = std::sync::Arc::new(tokio::sync::Notify::new());
         if endpoints.len() > 1 {
             handle.spawn(tend_endpoints(
                 client.clone(),
                 endpoints.clone(),
                 probe_options,
                 std::sync::Arc::clone(&probe_wanted),
+                std::sync::Arc::clone(&rewatch),
             ));
         }
         Ok(Self {
@@ -577,6 +599,7 @@ impl EtcdStore {
             lost: tokio::sync::watch::channel(None).0,
             progress_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
             probe_wanted,
+            rewatch,
         })
     }
 
@@ -1451,6 +1474,7 @@ impl Store for EtcdStore {
             root,
             tx,
             std::sync::Arc::clone(&self.progress_wanted),
+            std::sync::Arc::clone(&self.rewatch),
         ));
         Some(rx)
     }
