@@ -589,22 +589,22 @@ fn whole_table_guards_on_shared_stores(s: &dyn Store, _: Option<&str>) {
         .unwrap();
     if !s.shared() {
         assert_eq!(r1, None);
-        s.commit(Txn::default().unchanged_since(Table::Nodes, Some(0)).put(
-            Table::Nodes,
-            "b",
-            b"1".to_vec(),
-        ))
+        s.commit(
+            Txn::default()
+                .unchanged_since(Table::Nodes, "", Some(0))
+                .put(Table::Nodes, "b", b"1".to_vec()),
+        )
         .unwrap();
         return;
     }
     let r1 = r1.expect("a shared store names the revision of a commit");
     // Nothing written since: taken.
     let r2 = s
-        .commit_at(Txn::default().unchanged_since(Table::Nodes, Some(r1)).put(
-            Table::Nodes,
-            "b",
-            b"1".to_vec(),
-        ))
+        .commit_at(
+            Txn::default()
+                .unchanged_since(Table::Nodes, "", Some(r1))
+                .put(Table::Nodes, "b", b"1".to_vec()),
+        )
         .unwrap()
         .unwrap();
     // Written since (by the commit above): refused whole, audit record included.
@@ -612,7 +612,7 @@ fn whole_table_guards_on_shared_stores(s: &dyn Store, _: Option<&str>) {
     let e = s
         .commit(
             Txn::default()
-                .unchanged_since(Table::Nodes, Some(r1))
+                .unchanged_since(Table::Nodes, "", Some(r1))
                 .put(Table::Meta, "x", b"1".to_vec())
                 .audit(event(1)),
         )
@@ -629,23 +629,36 @@ fn whole_table_guards_on_shared_stores(s: &dyn Store, _: Option<&str>) {
         .unwrap()
         .unwrap();
     assert!(r3 > r2);
-    s.commit(Txn::default().unchanged_since(Table::Nodes, Some(r2)).put(
-        Table::Meta,
-        "z",
-        b"1".to_vec(),
-    ))
+    s.commit(
+        Txn::default()
+            .unchanged_since(Table::Nodes, "", Some(r2))
+            .put(Table::Meta, "z", b"1".to_vec()),
+    )
     .unwrap();
     s.commit(Txn::default().delete(Table::Nodes, "a")).unwrap();
-    s.commit(Txn::default().unchanged_since(Table::Nodes, Some(r2)).put(
-        Table::Nodes,
-        "c",
-        b"1".to_vec(),
-    ))
+    s.commit(
+        Txn::default()
+            .unchanged_since(Table::Nodes, "", Some(r2))
+            .put(Table::Nodes, "c", b"1".to_vec()),
+    )
     .unwrap();
     assert_eq!(
         s.get(Table::Nodes, "c").unwrap().as_deref(),
         Some(&b"1"[..])
     );
+    // A prefix narrows the range: Meta "y" and "z" were written since r2, "mark..." was not.
+    let narrowed = |r| {
+        Txn::default()
+            .unchanged_since(Table::Meta, "mark", Some(r))
+            .put(Table::Meta, "mark", b"1".to_vec())
+    };
+    let r4 = s.commit_at(narrowed(r2)).unwrap().unwrap();
+    let e = s.commit(narrowed(r2)).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Conflict { table: Table::Meta, key } if key == "mark*"),
+        "{e:?}"
+    );
+    s.commit(narrowed(r4)).unwrap();
 }
 
 fn oversized_transactions_are_refused_whole(s: &dyn Store, _: Option<&str>) {

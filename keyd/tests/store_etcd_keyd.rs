@@ -47,12 +47,17 @@ async fn move_node_a(k: &Keyd, to: usize) -> (StatusCode, serde_json::Value) {
         .unwrap()
 }
 
+/// `k` once it answers; the test fails with its log if it exits first.
+async fn started(mut k: Keyd) -> Keyd {
+    k.ready()
+        .await
+        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+    k
+}
+
 /// keyd on `data` with `env`, ready, with node-a and node-b registered and one IPsec rotation.
 async fn keyd_with_history(data: &std::path::Path, env: &[(&str, String)]) -> Keyd {
-    let mut keyd = Keyd::spawn(data, env);
-    keyd.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    let keyd = started(Keyd::spawn(data, env)).await;
     register_dev_node(&keyd, "node-a", 0).await.unwrap();
     register_dev_node(&keyd, "node-b", 1).await.unwrap();
     call(
@@ -96,10 +101,7 @@ async fn keyd_keeps_its_state_in_etcd_and_rides_out_an_outage() {
     keyd.stop().await;
 
     // A new keyd process on the same etcd has every node and key, and the chain goes on.
-    let mut keyd = Keyd::spawn(&data, &env);
-    keyd.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", keyd.log()));
+    let mut keyd = started(Keyd::spawn(&data, &env)).await;
     let nodes = call(&keyd, Identity::Admin, Method::GET, "/v1/nodes", None)
         .await
         .unwrap();
@@ -235,17 +237,11 @@ async fn replicas_serve_together_and_one_takes_over_when_the_leader_is_killed() 
     // Both processes share the data directory for the dev PKI and the local KEK; their state
     // is in etcd.
     let data = dir.path().join("data");
-    let mut a = Keyd::spawn(&data, &env);
-    a.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd a exited {s}: {}", a.log()));
+    let mut a = started(Keyd::spawn(&data, &env)).await;
     leads_within(&a, Duration::from_secs(10)).await;
     register_dev_node(&a, "node-a", 0).await.unwrap();
 
-    let mut b = Keyd::spawn(&data, &env);
-    b.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let b = started(Keyd::spawn(&data, &env)).await;
     let (code, text) = readyz(&b).await;
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("replica"), "{text}");
@@ -329,10 +325,7 @@ async fn replicas_serve_together_and_one_takes_over_when_the_leader_is_killed() 
     audit_verifies(&b, dir.path()).await;
 
     // The old leader, restarted, serves as a replica behind the new one.
-    let mut a2 = Keyd::spawn(&data, &env);
-    a2.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd a2 exited {s}: {}", a2.log()));
+    let a2 = started(Keyd::spawn(&data, &env)).await;
     let (code, text) = readyz(&a2).await;
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("replica"), "{text}");
@@ -723,10 +716,7 @@ async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
     keyd::pki::ensure_dev_pki(&data, &names, &FLEET).unwrap();
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        let mut k = Keyd::spawn(&data, &env);
-        k.ready()
-            .await
-            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        let k = started(Keyd::spawn(&data, &env)).await;
         replicas.push(k);
     }
     assert_eq!(leaders(&replicas, None).await.len(), 1);
@@ -825,10 +815,7 @@ async fn three_replicas_lose_their_leader_twenty_times_during_rollouts() {
         println!("round {round}: killed the leader at {at:?}; another led after {took:?}");
         failovers.push(took);
         // The killed replica comes back (as its supervisor would restart it).
-        let mut back = Keyd::spawn(&data, &env);
-        back.ready()
-            .await
-            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", back.log()));
+        let back = started(Keyd::spawn(&data, &env)).await;
         replicas[killed] = back;
         // The rollout completes.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1083,11 +1070,13 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
     ];
     keyd::pki::ensure_dev_pki(&data, &names, &FLEET).unwrap();
     // The island's keyd starts first, so it leads.
-    let mut first = Keyd::spawn_in_netns(&data, &island.ns, island.inside, &island_env);
-    first
-        .ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", first.log()));
+    let first = started(Keyd::spawn_in_netns(
+        &data,
+        &island.ns,
+        island.inside,
+        &island_env,
+    ))
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while leaders(std::slice::from_ref(&first), None).await.is_empty() {
         assert!(Instant::now() < deadline, "{}", first.log());
@@ -1096,10 +1085,7 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
     let first_pid = first.child.id();
     let mut replicas = vec![first];
     for _ in 0..2 {
-        let mut k = Keyd::spawn(&data, &env);
-        k.ready()
-            .await
-            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        let k = started(Keyd::spawn(&data, &env)).await;
         replicas.push(k);
     }
     assert_eq!(leaders(&replicas, None).await, [0]);
@@ -1199,10 +1185,13 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_can_expire() {
     // The link comes back, and so does the island's keyd (as its supervisor would start it):
     // as a replica now.
     island.heal();
-    let mut back = Keyd::spawn_in_netns(&data, &island.ns, island.inside, &island_env);
-    back.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", back.log()));
+    let back = started(Keyd::spawn_in_netns(
+        &data,
+        &island.ns,
+        island.inside,
+        &island_env,
+    ))
+    .await;
     replicas[0] = back;
     let (code, text) = readyz(&replicas[0]).await;
     assert_eq!(code, 200, "{text}");
@@ -1274,11 +1263,7 @@ async fn replicas_ride_out_etcd_members_stopping() {
     env.push(("KEYD_STORE_ETCD_LEASE_TTL", "30s".to_owned()));
     let data = dir.path().join("data");
     let first = keyd_with_history(&data, &env).await;
-    let mut second = Keyd::spawn(&data, &env);
-    second
-        .ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd exited {s}: {}", second.log()));
+    let second = started(Keyd::spawn(&data, &env)).await;
     let mut replicas = [first, second];
     for k in &replicas {
         let (code, body) = bundle_of_node_a(k).await;
@@ -1410,10 +1395,7 @@ async fn two_replicas_never_give_one_address_to_two_nodes() {
     let data = dir.path().join("data");
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let mut k = Keyd::spawn(&data, &env);
-        k.ready()
-            .await
-            .unwrap_or_else(|s| panic!("keyd exited {s}: {}", k.log()));
+        let k = started(Keyd::spawn(&data, &env)).await;
         replicas.push(k);
     }
     register_dev_node(&replicas[0], "node-a", 0).await.unwrap();
@@ -1546,10 +1528,7 @@ async fn a_kek_rotation_runs_on_the_leader_and_replicas_reload_the_keyring() {
     let data = dir.path().join("data");
     let a = keyd_with_history(&data, &env).await;
     leads_within(&a, Duration::from_secs(10)).await;
-    let mut b = Keyd::spawn(&data, &env);
-    b.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let mut b = started(Keyd::spawn(&data, &env)).await;
     let (code, body) = request(
         &b,
         Identity::Admin,
@@ -1589,10 +1568,7 @@ async fn a_kek_rotation_runs_on_the_leader_and_replicas_reload_the_keyring() {
     )
     .await
     .unwrap();
-    let mut b = Keyd::spawn(&data, &env);
-    b.ready()
-        .await
-        .unwrap_or_else(|s| panic!("keyd b exited {s}: {}", b.log()));
+    let b = started(Keyd::spawn(&data, &env)).await;
     let (code, body) = bundle_of_node_a(&b).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     // The migration's own records are the leader's, in its term.

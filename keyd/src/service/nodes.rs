@@ -177,9 +177,13 @@ fn claim_conflict<'a>(
     None
 }
 
-/// How many times a registration is decided again because another replica wrote a node record
-/// between the decision and the write.
-const REGISTRATION_TRIES: usize = 8;
+/// How many times a registration is decided again because another replica changed a node's
+/// claims between the decision and the write.
+const REGISTRATION_TRIES: usize = 16;
+/// The Meta entry every registration that changes a node's claims (address, pod CIDRs,
+/// WireGuard key) writes, on a shared store: a registration that checked the claims against a
+/// cache at revision R requires that it was not written after R.
+const CLAIMS_MARK: &str = "claims";
 
 impl Keyd {
     pub async fn register_node(
@@ -196,12 +200,18 @@ impl Keyd {
                 .register_checked(actor, name, reg.clone(), checked.as_ref())
                 .await
             {
-                // A node record changed after the claims were checked (on a shared store,
+                // Another node's claims changed after these were checked (on a shared store,
                 // another replica's write): decide again on the newer records.
                 Err(ServiceError::Store(StoreError::Conflict { table, key }))
-                    if table == Table::Nodes && key == "*" && tries + 1 < REGISTRATION_TRIES =>
+                    if table == Table::Meta && key == format!("{CLAIMS_MARK}*") =>
                 {
                     tries += 1;
+                    if tries == REGISTRATION_TRIES {
+                        return Err(ServiceError::Conflict(format!(
+                            "other nodes' claims changed {tries} times while node {name:?} \
+                             registered; register again"
+                        )));
+                    }
                 }
                 r => return r,
             }
@@ -289,14 +299,27 @@ impl Keyd {
             last_seen: now,
             acked: old.as_ref().map(|o| o.acked.clone()).unwrap_or_default(),
         };
-        // The claims were checked against every node record in this cache: on a shared store,
-        // none may have changed since (another replica registering a node with the same
-        // address, say), or the decision is made again.
-        let since = self.store.shared().then_some(cache.revision);
-        let mut txn = Txn::default()
-            .guard(Table::Nodes, name, previous)
-            .unchanged_since(Table::Nodes, since)
-            .put(Table::Nodes, name, to_json(&info));
+        let mut txn = Txn::default().guard(Table::Nodes, name, previous).put(
+            Table::Nodes,
+            name,
+            to_json(&info),
+        );
+        // The claims were checked against every node in this cache. On a shared store, another
+        // replica may be registering a node with the same address at this moment: a change of
+        // claims marks CLAIMS_MARK, and requires that no other did since the cache's revision
+        // (else the decision is made again). A refresh that keeps its claims needs neither.
+        let claims = |n: &NodeInfo| {
+            (
+                n.endpoint,
+                n.pod_cidrs.clone(),
+                n.wireguard_public_key.clone(),
+            )
+        };
+        if self.store.shared() && old.as_ref().map(claims) != Some(claims(&info)) {
+            txn = txn
+                .unchanged_since(Table::Meta, CLAIMS_MARK, Some(cache.revision))
+                .put(Table::Meta, CLAIMS_MARK, name.as_bytes().to_vec());
+        }
         let details =
             json!({ "node": name, "endpoint": info.endpoint, "pod_cidrs": info.pod_cidrs });
         match &old {

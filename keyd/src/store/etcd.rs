@@ -1242,8 +1242,8 @@ impl EtcdStore {
         // Whole tables unchanged: every key under the prefix last written at or before the
         // revision (a deleted key leaves no trace, and frees rather than takes). Read back,
         // counted, to tell this conflict from the others.
-        for (table, revision) in &txn.unchanged_since {
-            let p = self.table_prefix(*table);
+        for (table, prefix, revision) in &txn.unchanged_since {
+            let p = self.table_key(*table, prefix);
             let after = i64::try_from(*revision)
                 .unwrap_or(i64::MAX)
                 .saturating_add(1);
@@ -1355,13 +1355,13 @@ impl EtcdStore {
             }
         }
         let ranges = answers.iter().skip(txn.guards.len());
-        for ((table, _), answer) in txn.unchanged_since.iter().zip(ranges) {
+        for ((table, prefix, _), answer) in txn.unchanged_since.iter().zip(ranges) {
             if let TxnOpResponse::Get(g) = answer
                 && g.count() > 0
             {
                 return Err(StoreError::Conflict {
                     table: *table,
-                    key: "*".to_owned(),
+                    key: format!("{prefix}*"),
                 });
             }
         }

@@ -73,12 +73,12 @@ pub struct Txn {
     /// Each guard must hold (the current value equals the given bytes, `None` = absent) or the
     /// whole transaction fails with [`StoreError::Conflict`] and nothing is written.
     pub guards: Vec<(Table, String, Option<Vec<u8>>)>,
-    /// Each table named must have no entry written after the store revision given (else
-    /// [`StoreError::Conflict`] with key `*`): a decision read from a whole table, such as "no
-    /// other node claims this address", still holds when it is written. Shared stores only
-    /// (see [`Store::shared`]); a store with one writer ignores it, its callers deciding and
-    /// writing under one lock.
-    pub unchanged_since: Vec<(Table, u64)>,
+    /// Each range named (the entries of a table whose keys start with a prefix) must have no
+    /// entry written after the store revision given (else [`StoreError::Conflict`] with key
+    /// `PREFIX*`): a decision read from many entries, such as "no other node claims this
+    /// address", still holds when it is written. Shared stores only (see [`Store::shared`]); a
+    /// store with one writer ignores it, its callers deciding and writing under one lock.
+    pub unchanged_since: Vec<(Table, String, u64)>,
     pub puts: Vec<(Table, String, Vec<u8>)>,
     pub deletes: Vec<(Table, String)>,
     pub audit: Vec<AuditEvent>,
@@ -113,11 +113,16 @@ impl Txn {
         self
     }
 
-    /// Requires that no entry of `table` was written after store revision `revision` (a shared
-    /// store's; `None`, a store with one writer, adds nothing).
-    pub fn unchanged_since(mut self, table: Table, revision: Option<u64>) -> Self {
+    /// Requires that no entry of `table` whose key starts with `prefix` was written after store
+    /// revision `revision` (a shared store's; `None`, a store with one writer, adds nothing).
+    pub fn unchanged_since(
+        mut self,
+        table: Table,
+        prefix: impl Into<String>,
+        revision: Option<u64>,
+    ) -> Self {
         if let Some(r) = revision {
-            self.unchanged_since.push((table, r));
+            self.unchanged_since.push((table, prefix.into(), r));
         }
         self
     }
