@@ -316,8 +316,8 @@ impl Keyd {
     }
 
     /// Moves the rollout on if the nodes' acknowledgements and the time allow it. Only the
-    /// leader moves rollouts: on another replica this wakes the scheduler (whose pass does
-    /// nothing there) and the leader follows the acknowledgement through the store's feed.
+    /// leader moves rollouts: on another replica this does nothing, and the leader learns of
+    /// the acknowledgement (or the skip) from the store's feed.
     pub async fn advance_rollout(&self) -> Result<()> {
         if !self.is_leader() {
             return Ok(());
