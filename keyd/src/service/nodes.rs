@@ -595,10 +595,9 @@ impl Keyd {
         }
         self.commit(txn).await?;
         drop(_w);
-        // An acknowledgement may be the last one a rollout phase was waiting for. Only the
-        // leader advances rollouts; it learns of an acknowledgement another replica took from
-        // the store's change feed.
-        if changed && self.is_leader() {
+        // An acknowledgement may be the last one a rollout phase was waiting for (on a replica
+        // that does not lead, advance_rollout leaves it to the leader).
+        if changed {
             self.advance_rollout().await?;
         }
         Ok(info)
