@@ -109,10 +109,15 @@ async fn start_with(
             .context("loading keys from the store")?,
     );
     let _monitor = custody.spawn_monitor(shutdown.clone());
-    if shared.is_none() {
-        take_over(&keyd).await?;
+    match &shared {
+        None => take_over(&keyd).await?,
+        // Named before anything this replica audits (its certificates, its term).
+        #[cfg(feature = "etcd")]
+        Some(_) => keyd.set_replica_name(holder_name()),
+        #[cfg(not(feature = "etcd"))]
+        Some(never) => match *never {},
     }
-    let _custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
+    let custody_audit = spawn_custody_audit(Arc::clone(&keyd), shutdown.clone());
     // A replica that must reload its KEK keyring restarts (its supervisor starts it again).
     let mut restart = keyd.restart_wanted();
     let _restart = tokio::spawn(async move {
@@ -126,6 +131,8 @@ async fn start_with(
     });
     // Before anything binds: a Kubernetes client that cannot be built fails the start here.
     let policy_watch = policy_watch(&config, &keyd, shutdown.clone())?;
+    // The CA and keyd's certificate, before the listeners load them.
+    let cluster_pki = cluster_pki(&config, &keyd, shutdown.clone()).await?;
     let (tls_rx, _reloader) = keyd_mtls::tls::watch_server_config_denying(
         config.tls.clone(),
         config.tls_reload_interval,
@@ -202,6 +209,11 @@ async fn start_with(
                     f.await;
                 }
             },
+            async move {
+                if let Some(f) = cluster_pki {
+                    f.await;
+                }
+            },
             keyd_mtls::server::serve_tls_router(
                 api_listener,
                 tls_rx,
@@ -224,6 +236,8 @@ async fn start_with(
             scheduler_keyd.run_scheduler(config.scheduler_tick, shutdown),
             follow_keyd.follow_store(follow_stop),
         );
+        // Its last record is written on shutdown; the store stays open until it is.
+        let _ = custody_audit.await;
         if let Err(e) = final_keyd.flush_liveness().await {
             tracing::warn!(error = %e, "cannot write node liveness at shutdown");
         }
@@ -331,8 +345,9 @@ fn replicate(
     let crate::config::StoreConfig::Etcd(settings) = &config.store else {
         unreachable!("replicate is called for an etcd store only")
     };
-    let name = holder_name();
-    keyd.set_replica_name(name.clone());
+    let name = keyd
+        .replica_name()
+        .expect("start names a replica on a shared store");
     etcd.announce(
         &keyd_proto::Replica {
             name: name.clone(),
@@ -539,6 +554,32 @@ fn policy_watch(
     Ok(Some(Box::pin(fut)))
 }
 
+/// `[cluster_pki]`: the CA and keyd's own certificate now, then what keeps them and the
+/// Secrets current (until `shutdown`).
+#[cfg(feature = "kube")]
+async fn cluster_pki(
+    config: &Config,
+    keyd: &Arc<Keyd>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    let Some(c) = &config.cluster_pki else {
+        return Ok(None);
+    };
+    let keeper = crate::cluster_pki::prepare(c, keyd)
+        .await
+        .context("preparing keyd's certificates ([cluster_pki])")?;
+    Ok(Some(Box::pin(keeper.run(shutdown))))
+}
+
+#[cfg(not(feature = "kube"))]
+async fn cluster_pki(
+    _config: &Config,
+    _keyd: &Arc<Keyd>,
+    _shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>> {
+    Ok(None)
+}
+
 #[cfg(not(feature = "kube"))]
 fn policy_watch(
     _config: &Config,
@@ -549,11 +590,7 @@ fn policy_watch(
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::fsutil::create_private_dir(dir)
         .with_context(|| format!("creating data_dir {}", dir.display()))
 }
 

@@ -62,3 +62,12 @@ pub fn check_private(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Creates `dir` and its missing parents, each new one with mode 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}

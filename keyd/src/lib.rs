@@ -15,6 +15,7 @@ pub mod app;
 pub mod audit;
 pub mod bootstrap;
 pub mod clock;
+pub mod cluster_pki;
 pub mod config;
 pub mod custody;
 #[cfg(feature = "fault-injection")]

@@ -253,6 +253,17 @@ impl CertificateAuthority {
         self.cert_pem.clone()
     }
 
+    /// The CA's private key, PKCS#8 PEM (for a Secret that holds the CA).
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.issuer.key().serialize_pem())
+    }
+
+    /// The CA's subject key identifier, which every leaf it signs names as its authority key
+    /// identifier.
+    pub fn key_id(&self) -> Option<Vec<u8>> {
+        inspect(&self.cert_pem).ok()?.subject_key_id
+    }
+
     /// Writes the CA's key (mode 0600) and then its certificate, each atomically.
     pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
         let key_pem = Zeroizing::new(self.issuer.key().serialize_pem());
@@ -522,6 +533,82 @@ pub fn ensure_dev_pki(
         webhook,
         nodes,
     })
+}
+
+/// What a certificate says, as far as deciding whether to renew it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// The serial number, in hex (as audit records name certificates).
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    /// DNS names and IP addresses (as text) of the subject alternative names.
+    pub server_names: Vec<String>,
+    /// URI subject alternative names.
+    pub uris: Vec<String>,
+    pub subject_key_id: Option<Vec<u8>>,
+    pub authority_key_id: Option<Vec<u8>>,
+    /// The DER of the subject public key info, to match a private key against.
+    pub public_key: Vec<u8>,
+}
+
+/// Reads the one certificate in `cert_pem`. The error says what is wrong, without content.
+pub fn inspect(cert_pem: &str) -> Result<CertificateInfo, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates ({e})"))?;
+    let [der] = certs.as_slice() else {
+        return Err(format!("holds {} certificates, not one", certs.len()));
+    };
+    let (_, x509) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not a valid X.509 certificate ({e})"))?;
+    let mut server_names = Vec::new();
+    let mut uris = Vec::new();
+    let mut subject_key_id = None;
+    let mut authority_key_id = None;
+    for ext in x509.iter_extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    use x509_parser::extensions::GeneralName;
+                    match name {
+                        GeneralName::DNSName(d) => server_names.push((*d).to_owned()),
+                        GeneralName::URI(u) => uris.push((*u).to_owned()),
+                        GeneralName::IPAddress(b) => {
+                            let ip = match b.len() {
+                                4 => <[u8; 4]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                                16 => <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                                _ => None,
+                            };
+                            if let Some(ip) = ip {
+                                server_names.push(ip.to_string());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            ParsedExtension::SubjectKeyIdentifier(id) => subject_key_id = Some(id.0.to_vec()),
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                authority_key_id = aki.key_identifier.as_ref().map(|id| id.0.to_vec());
+            }
+            _ => {}
+        }
+    }
+    Ok(CertificateInfo {
+        serial: hex::encode(x509.raw_serial()),
+        not_after: x509.validity().not_after.timestamp().max(0) as u64,
+        server_names,
+        uris,
+        subject_key_id,
+        authority_key_id,
+        public_key: x509.public_key().raw.to_vec(),
+    })
+}
+
+/// Whether `key_pem` is the private key of the certificate `info` describes.
+pub fn key_matches(info: &CertificateInfo, key_pem: &str) -> bool {
+    KeyPair::from_pem(key_pem).is_ok_and(|key| key.subject_public_key_info() == info.public_key)
 }
 
 /// Parameters shared by every leaf: CN, validity, random serial, not a CA, digitalSignature

@@ -262,6 +262,43 @@ impl KeyMetrics {
     }
 }
 
+/// Names one certificate `[cluster_pki]` keeps: a Secret's name, or `keyd-server` for keyd's own.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    pub certificate: String,
+}
+
+/// `[cluster_pki]`: when each kept certificate expires, and whether the keeper's passes succeed.
+#[derive(Debug, Default, Clone)]
+pub struct PkiMetrics {
+    /// Unix time the certificate stops being valid.
+    pub not_after: Family<CertificateLabel, Gauge>,
+    /// Unix time of the last pass that checked every certificate without an error.
+    pub last_success: Gauge,
+    /// Passes that ended with an error (the API server refused, a Secret not keyd's, ...).
+    pub failures: Counter,
+}
+
+impl PkiMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "cluster_pki_certificate_not_after_timestamp_seconds",
+            "Unix time a certificate kept by [cluster_pki] expires",
+            self.not_after.clone(),
+        );
+        r.register(
+            "cluster_pki_last_success_timestamp_seconds",
+            "Unix time of the last [cluster_pki] pass that completed without an error",
+            self.last_success.clone(),
+        );
+        r.register(
+            "cluster_pki_failures",
+            "[cluster_pki] passes that ended with an error",
+            self.failures.clone(),
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -279,6 +316,7 @@ pub struct Metrics {
     pub custody: CustodyMetrics,
     pub rules: RulesMetrics,
     pub keys: KeyMetrics,
+    pub pki: PkiMetrics,
 }
 
 impl fmt::Debug for Metrics {
@@ -368,6 +406,8 @@ impl Metrics {
         rules.register(&mut r);
         let keys = KeyMetrics::default();
         keys.register(&mut r);
+        let pki = PkiMetrics::default();
+        pki.register(&mut r);
         Self {
             registry: Arc::new(r),
             http_requests,
@@ -384,6 +424,7 @@ impl Metrics {
             custody,
             rules,
             keys,
+            pki,
         }
     }
 

@@ -83,7 +83,12 @@ fn existing_file(
 
 impl RawBootstrap {
     /// `tls_ca` is keyd's client CA: the certificates issued here must chain to it.
-    pub fn validate(self, tls_ca: &Path) -> Result<BootstrapConfig, ConfigError> {
+    /// `managed_ca_key` is its key's file when `[cluster_pki]` writes it (it may not exist yet).
+    pub fn validate(
+        self,
+        tls_ca: &Path,
+        managed_ca_key: Option<&Path>,
+    ) -> Result<BootstrapConfig, ConfigError> {
         let listen = self
             .listen
             .ok_or_else(|| cerr("listen", "required"))?
@@ -95,7 +100,16 @@ impl RawBootstrap {
             self.kube_ca,
             self.kube_token_file,
         )?;
-        let ca_key = existing_file("bootstrap.ca_key", self.ca_key, "")?;
+        let ca_key = match (managed_ca_key, self.ca_key) {
+            (Some(_), Some(_)) => {
+                return Err(cerr(
+                    "ca_key",
+                    "must be unset with [cluster_pki], which writes the CA's key",
+                ));
+            }
+            (Some(managed), None) => managed.to_owned(),
+            (None, path) => existing_file("bootstrap.ca_key", path, "")?,
+        };
         let audience = self.audience.unwrap_or_else(|| "keyd".to_owned());
         if audience.is_empty() {
             return Err(cerr("audience", "must not be empty"));

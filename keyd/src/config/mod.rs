@@ -40,6 +40,9 @@ pub struct Config {
     pub bootstrap: Option<crate::bootstrap::BootstrapConfig>,
     /// The policy watcher that compiles nodes' data-plane rules (`[policy]`), if configured.
     pub policy: Option<crate::policy_watch::PolicyWatchConfig>,
+    /// keyd as the cluster's certificate issuer (`[cluster_pki]`), if configured: then `tls`
+    /// and the bootstrap CA key are the files it writes.
+    pub cluster_pki: Option<crate::cluster_pki::ClusterPkiConfig>,
 }
 
 /// The KEK custodian: a local file, AWS KMS or Vault transit (see [`crate::custody::config`]).
@@ -76,6 +79,8 @@ pub struct RawConfig {
     pub bootstrap: Option<bootstrap::RawBootstrap>,
     #[serde(default)]
     pub policy: Option<policy::RawPolicy>,
+    #[serde(default)]
+    pub cluster_pki: Option<cluster_pki::RawClusterPki>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +134,7 @@ pub struct RawTls {
 }
 
 pub mod bootstrap;
+pub mod cluster_pki;
 pub mod kek;
 pub mod policy;
 pub mod store;
@@ -338,10 +344,37 @@ impl RawConfig {
             std::fs::metadata(&p).map_err(|e| err(field, format!("{}: {e}", p.display())))?;
             Ok(p)
         };
-        let tls = TlsPaths {
-            ca: file("tls.ca", self.tls.ca)?,
-            cert: file("tls.cert", self.tls.cert)?,
-            key: file("tls.key", self.tls.key)?,
+        let cluster_pki = self
+            .cluster_pki
+            .map(|c| c.validate(&data_dir))
+            .transpose()?;
+        let tls = match &cluster_pki {
+            // The files keyd writes before its listeners start.
+            Some(pki) => {
+                for (field, set) in [
+                    ("tls.ca", self.tls.ca.is_some()),
+                    ("tls.cert", self.tls.cert.is_some()),
+                    ("tls.key", self.tls.key.is_some()),
+                ] {
+                    if set {
+                        return Err(err(
+                            field,
+                            "must be unset with [cluster_pki], which writes keyd's CA and \
+                             certificate to cluster_pki.dir",
+                        ));
+                    }
+                }
+                TlsPaths {
+                    ca: pki.ca_cert_path(),
+                    cert: pki.server_cert_path(),
+                    key: pki.server_key_path(),
+                }
+            }
+            None => TlsPaths {
+                ca: file("tls.ca", self.tls.ca)?,
+                cert: file("tls.cert", self.tls.cert)?,
+                key: file("tls.key", self.tls.key)?,
+            },
         };
         let tls_reload_interval = parse_duration(
             "tls.reload_interval",
@@ -430,7 +463,11 @@ impl RawConfig {
             &self.rotation.scheduler_tick,
             Duration::from_secs(1),
         )?;
-        let bootstrap = self.bootstrap.map(|b| b.validate(&tls.ca)).transpose()?;
+        let managed_ca_key = cluster_pki.as_ref().map(|p| p.ca_key_path());
+        let bootstrap = self
+            .bootstrap
+            .map(|b| b.validate(&tls.ca, managed_ca_key.as_deref()))
+            .transpose()?;
         let policy = self.policy.map(policy::RawPolicy::validate).transpose()?;
         Ok(Config {
             service,
@@ -449,6 +486,7 @@ impl RawConfig {
             log_level,
             bootstrap,
             policy,
+            cluster_pki,
         })
     }
 }

@@ -16,4 +16,4 @@ pub use config::{KubeApiConfig, PolicyWatchConfig};
 mod reflect;
 
 #[cfg(feature = "kube")]
-pub use reflect::{WatchError, start};
+pub use reflect::{WatchError, client, start};

@@ -32,19 +32,20 @@ pub enum WatchError {
         #[source]
         source: http::uri::InvalidUri,
     },
-    #[error("reading policy.kube_ca {path}")]
+    #[error("reading the API server's CA (kube_ca) {path}")]
     Ca {
         path: String,
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("policy.kube_ca {path} holds no certificate")]
+    #[error("the API server's CA (kube_ca) {path} holds no certificate")]
     NoCa { path: String },
     #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
-fn client(c: &KubeApiConfig) -> Result<kube::Client, WatchError> {
+/// A client for the API server `c` names, trusting its CA and sending its token file.
+pub fn client(c: &KubeApiConfig) -> Result<kube::Client, WatchError> {
     let url = c.api.parse().map_err(|source| WatchError::Url {
         url: c.api.clone(),
         source,

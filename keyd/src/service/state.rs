@@ -744,6 +744,11 @@ impl Keyd {
     /// The actor of what keyd does by itself in `role` (`keyd/rollout`), naming the replica on
     /// a shared store (`keyd/rollout@NAME`): the audit log then shows which replica acted, and
     /// that only the term's leader ran what only a leader runs.
+    /// This replica's name on a shared store (`None` on redb).
+    pub fn replica_name(&self) -> Option<String> {
+        self.replica_name.get().cloned()
+    }
+
     pub fn system_actor(&self, role: &str) -> String {
         match self.replica_name.get() {
             Some(name) => format!("keyd/{role}@{name}"),
