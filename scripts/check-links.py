@@ -5,7 +5,7 @@ lowercase, punctuation but `-` and `_` dropped, spaces to `-`, `-1`, `-2` for re
 Links to http(s) and mailto are not fetched. Exits 1 listing every broken link.
 
 Usage: scripts/check-links.py [FILE.md ...]   (default: README.md, SECURITY.md, docs/*.md,
-deploy/README.md, bpf/README.md)
+every README.md under deploy/, bpf/README.md)
 """
 import pathlib
 import re
@@ -55,7 +55,7 @@ def main(argv):
         ROOT / "README.md",
         ROOT / "SECURITY.md",
         *sorted((ROOT / "docs").glob("*.md")),
-        ROOT / "deploy" / "README.md",
+        *sorted((ROOT / "deploy").rglob("README.md")),
         ROOT / "bpf" / "README.md",
     ]
     broken = []

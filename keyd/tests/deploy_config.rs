@@ -5,51 +5,76 @@
 //! volumes provides (a Secret's item, the ServiceAccount's token, the data volume); the test puts
 //! it under a temporary root where the pod would have it. Then the ports, probes and bootstrap
 //! settings must agree with the StatefulSet, the Service and node-shim's DaemonSet.
+//!
+//! The ha overlay's configuration is checked the same way, as the overlay renders it (its
+//! ConfigMap and its StatefulSet's environment): etcd over https with the client certificate of
+//! a mounted Secret, a KEK every replica shares, and every other section the base's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use keyd::config::{Flags, RawConfig};
+use keyd::config::{Config, Flags, KekConfig, RawConfig, StoreConfig};
+use keyd_proto::kek::VaultAuth;
 use keyd_tests::manifests::{self, MountedFile, PodContainer, SERVICE_ACCOUNT_DIR};
 
-/// Rewrites every absolute path in `value` to the same path under `root`, after checking that
-/// the pod has something there, and creates it as the pod would see it.
-fn reroot(value: &mut toml::Value, root: &Path, pod: &PodContainer, ca_pem: &str) {
-    match value {
-        toml::Value::String(s) if s.starts_with('/') => {
-            let path = PathBuf::from(s.as_str());
-            let file = pod
-                .file(&path)
-                .unwrap_or_else(|e| panic!("keyd's config names {s}, but {e}"));
-            let under = root.join(path.strip_prefix("/").unwrap());
-            match file {
-                MountedFile::Writable { .. } => std::fs::create_dir_all(&under).unwrap(),
-                _ => {
-                    std::fs::create_dir_all(under.parent().unwrap()).unwrap();
-                    // keyd reads the API server's CA as PEM, and a token without a newline;
-                    // the other files it only requires to exist before anything binds.
-                    let content = if path.ends_with("token") {
-                        "a-token"
-                    } else {
-                        ca_pem
-                    };
-                    std::fs::write(&under, content).unwrap();
-                }
-            }
-            *s = under.display().to_string();
+/// Checks that the pod has something at `path`, creates it under `root` as the pod would see
+/// it, and returns the path under `root`.
+fn place(path: &str, root: &Path, pod: &PodContainer, ca_pem: &str) -> String {
+    let file = pod
+        .file(Path::new(path))
+        .unwrap_or_else(|e| panic!("keyd's config names {path}, but {e}"));
+    let under = root.join(Path::new(path).strip_prefix("/").unwrap());
+    match file {
+        MountedFile::Writable { .. } => std::fs::create_dir_all(&under).unwrap(),
+        _ => {
+            std::fs::create_dir_all(under.parent().unwrap()).unwrap();
+            // keyd reads the API server's CA (and Vault's) as PEM, and a token without a
+            // newline; the other files it only requires to exist before anything binds.
+            let content = if path.ends_with("token") {
+                "a-token"
+            } else {
+                ca_pem
+            };
+            std::fs::write(&under, content).unwrap();
         }
-        toml::Value::Table(t) => t.iter_mut().for_each(|(_, v)| reroot(v, root, pod, ca_pem)),
-        toml::Value::Array(a) => a.iter_mut().for_each(|v| reroot(v, root, pod, ca_pem)),
+    }
+    under.display().to_string()
+}
+
+/// Fields whose value starts with `/` but names no file.
+const NOT_PATHS: [&str; 1] = [
+    // A prefix of etcd's keys.
+    "store.etcd.prefix",
+];
+
+/// Rewrites every absolute path in `value` (the field `field`) to the same path under `root`
+/// ([`place`]).
+fn reroot(field: &str, value: &mut toml::Value, root: &Path, pod: &PodContainer, ca_pem: &str) {
+    match value {
+        toml::Value::String(s) if s.starts_with('/') && !NOT_PATHS.contains(&field) => {
+            *s = place(s, root, pod, ca_pem);
+        }
+        toml::Value::Table(t) => t.iter_mut().for_each(|(k, v)| {
+            let field = if field.is_empty() {
+                k.clone()
+            } else {
+                format!("{field}.{k}")
+            };
+            reroot(&field, v, root, pod, ca_pem);
+        }),
+        toml::Value::Array(a) => a
+            .iter_mut()
+            .for_each(|v| reroot(field, v, root, pod, ca_pem)),
         _ => {}
     }
 }
 
-#[test]
-fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
-    let text = manifests::config_map_data("keyd/config.yaml", "keyd", "keyd.toml");
-    let pod = PodContainer::of("keyd/statefulset.yaml", "StatefulSet", "keyd", "keyd");
-
+/// keyd's configuration `text` loaded as the container `pod` would load it: the
+/// ServiceAccount's defaults of [bootstrap] and [policy] written out, every path (in the file
+/// and in the `KEYD_` variables the pod sets) placed under `root`, then keyd's loader and
+/// validation. Panics naming the field keyd refuses.
+fn load(text: &str, pod: &PodContainer, root: &Path) -> Config {
     // `keyd serve --config FILE`, FILE being the ConfigMap's key as mounted.
     let args = pod.args();
     assert_eq!(args[..2], ["serve", "--config"], "{args:?}");
@@ -60,18 +85,10 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
             key: "keyd.toml".into()
         })
     );
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_keyd"))
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&help.stdout).contains("--config"),
-        "keyd serve takes no --config"
-    );
 
     // The sections that talk to the API server default to the ServiceAccount's files; the pod
     // must mount them, so they are checked like any other path.
-    let mut value: toml::Value = toml::from_str(&text).unwrap();
+    let mut value: toml::Value = toml::from_str(text).unwrap();
     for section in ["bootstrap", "policy"] {
         let table = value
             .get_mut(section)
@@ -84,24 +101,48 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
             .entry("kube_token_file")
             .or_insert_with(|| format!("{SERVICE_ACCOUNT_DIR}/token").into());
     }
-    let root = tempfile::tempdir().unwrap();
     let ca_pem = keyd::pki::CertificateAuthority::generate("test CA")
         .unwrap()
         .cert_pem();
-    reroot(&mut value, root.path(), &pod, &ca_pem);
+    reroot("", &mut value, root, pod, &ca_pem);
 
     let mut raw = RawConfig::from_toml(&toml::to_string(&value).unwrap()).unwrap();
-    // The pod sets no KEYD_ variable and no flag besides --config.
+    // The pod's KEYD_ variables (no flag besides --config); those naming files are placed too.
     let env: HashMap<String, String> = pod
         .resolved_env(&Default::default())
         .into_iter()
         .filter(|(k, _)| k.starts_with("KEYD_"))
+        .map(|(k, v)| {
+            let v = if v.starts_with('/') {
+                place(&v, root, pod, &ca_pem)
+            } else {
+                v
+            };
+            (k, v)
+        })
         .collect();
     raw.apply_env(&env).unwrap();
     raw.apply_flags(&Flags::default());
-    let config = raw
-        .validate()
-        .unwrap_or_else(|e| panic!("keyd refuses deploy/keyd/config.yaml: {e}"));
+    raw.validate()
+        .unwrap_or_else(|e| panic!("keyd refuses its configuration in the pod: {e}"))
+}
+
+#[test]
+fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
+    let text = manifests::config_map_data("keyd/config.yaml", "keyd", "keyd.toml");
+    let pod = PodContainer::of("keyd/statefulset.yaml", "StatefulSet", "keyd", "keyd");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_keyd"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--config"),
+        "keyd serve takes no --config"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let config = load(&text, &pod, root.path());
+    // One keyd on redb, on the volume of its claim.
+    assert_eq!(config.store, StoreConfig::Redb);
 
     // Listeners on the ports the StatefulSet and the Service name; the ops listener reachable
     // from the kubelet's probes (not loopback).
@@ -176,6 +217,110 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
             secret: "keyd-ca".into(),
             key: "tls.crt".into()
         })
+    );
+}
+
+/// The ha overlay's configuration, as the overlay renders its ConfigMap and its StatefulSet's
+/// environment, is one keyd accepts in each replica's pod: etcd over https with etcd's CA and
+/// keyd's client certificate from the Secret keyd-etcd-client; a KEK in Vault, the same for
+/// every replica (a local KEK would be a file on each replica's own emptyDir); and every other
+/// section the base's, so that a change to the base's configuration is not lost here.
+#[test]
+fn the_ha_config_is_one_keyd_accepts_in_each_replica() {
+    let Some(tools) = manifests::Tools::required() else {
+        return;
+    };
+    let objects = manifests::render(&tools, &manifests::deploy_dir().join("overlays/ha")).unwrap();
+    let text = manifests::find(&objects, "ConfigMap", "keyd")["data"]["keyd.toml"]
+        .as_str()
+        .expect("the ConfigMap keyd has keyd.toml")
+        .to_owned();
+    let pod = PodContainer::of_workload(manifests::find(&objects, "StatefulSet", "keyd"), "keyd");
+    let root = tempfile::tempdir().unwrap();
+    let config = load(&text, &pod, root.path());
+
+    assert_eq!(config.listen.port(), pod.port("api"));
+    assert_eq!(config.ops_listen.port(), pod.port("ops"));
+    assert!(!config.ops_listen.ip().is_loopback());
+    assert_eq!(
+        config
+            .bootstrap
+            .as_ref()
+            .expect("[bootstrap]")
+            .listen
+            .port(),
+        pod.port("bootstrap")
+    );
+    // Nothing of keyd's is kept in the data directory: it is an emptyDir.
+    assert_eq!(
+        pod.file(&root_relative(&config.data_dir, root.path())),
+        Ok(MountedFile::Writable {
+            volume: "data".into()
+        })
+    );
+    assert!(
+        pod.volume("data")["emptyDir"].is_object(),
+        "data is an emptyDir"
+    );
+
+    // etcd: every member over https (the loader allows http to loopback, which in a pod is
+    // the pod itself), TLS files from the Secret.
+    let StoreConfig::Etcd(etcd) = &config.store else {
+        panic!("the ha store is {:?}", config.store)
+    };
+    assert!(etcd.endpoints.len() >= 3, "{:?}", etcd.endpoints);
+    for e in &etcd.endpoints {
+        assert!(e.starts_with("https://"), "{e}");
+    }
+    let tls = etcd.tls.as_ref().expect("TLS to etcd");
+    let (cert, key) = tls.client.as_ref().expect("a client certificate for etcd");
+    for (path, item) in [(&tls.ca, "ca.crt"), (cert, "tls.crt"), (key, "tls.key")] {
+        assert_eq!(
+            pod.file(&root_relative(path, root.path())),
+            Ok(MountedFile::Secret {
+                secret: "keyd-etcd-client".into(),
+                key: item.into()
+            })
+        );
+    }
+
+    // The KEK: Vault transit, trusted with the CA of the ConfigMap keyd-vault-ca, logged in to
+    // with the pod's own ServiceAccount token.
+    let KekConfig::VaultTransit(vault) = &config.kek else {
+        panic!("the ha KEK is {:?}", config.kek)
+    };
+    assert!(vault.address.starts_with("https://"), "{}", vault.address);
+    let ca_file = vault.ca_file.as_ref().expect("kek.vault.ca_file");
+    assert_eq!(
+        pod.file(&root_relative(ca_file, root.path())),
+        Ok(MountedFile::ConfigMap {
+            name: "keyd-vault-ca".into(),
+            key: "ca.crt".into()
+        })
+    );
+    let VaultAuth::Kubernetes { jwt_file, .. } = &vault.auth else {
+        panic!("Vault login is {:?}", vault.auth)
+    };
+    assert_eq!(
+        pod.file(&root_relative(jwt_file, root.path())),
+        Ok(MountedFile::ServiceAccount)
+    );
+
+    // Every other section is the base's.
+    let mut base: toml::Table = toml::from_str(&manifests::config_map_data(
+        "keyd/config.yaml",
+        "keyd",
+        "keyd.toml",
+    ))
+    .unwrap();
+    let mut ha: toml::Table = toml::from_str(&text).unwrap();
+    for section in ["store", "kek"] {
+        base.remove(section);
+        ha.remove(section);
+    }
+    assert_eq!(
+        ha, base,
+        "deploy/overlays/ha/keyd.toml differs from the base's beyond [store] and [kek]"
     );
 }
 

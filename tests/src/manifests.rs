@@ -46,6 +46,19 @@ pub fn object(file: &str, kind: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in {}", path.display()))
 }
 
+/// The object of `kind` named `name` among `objects` (a rendered folder). Panics if there is
+/// not exactly one: for tests.
+pub fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let mut found = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name);
+    let first = found
+        .next()
+        .unwrap_or_else(|| panic!("no {kind} {name} among the rendered objects"));
+    assert!(found.next().is_none(), "{kind} {name} is rendered twice");
+    first
+}
+
 /// `data[key]` of the ConfigMap `name` in `file`.
 pub fn config_map_data(file: &str, name: &str, key: &str) -> String {
     object(file, "ConfigMap", name)["data"][key]
@@ -75,10 +88,16 @@ pub enum EnvValue {
 impl PodContainer {
     /// The container `container` of the `kind` workload `name` in `file`.
     pub fn of(file: &str, kind: &str, name: &str, container: &str) -> Self {
-        let workload = object(file, kind, name);
+        Self::of_workload(&object(file, kind, name), container)
+    }
+
+    /// The container `container` of a workload object (say, one an overlay rendered).
+    pub fn of_workload(workload: &Value, container: &str) -> Self {
+        let kind = workload["kind"].as_str().unwrap_or("?");
+        let name = workload["metadata"]["name"].as_str().unwrap_or("?");
         let mut pod = workload["spec"]["template"]["spec"].clone();
         // A StatefulSet's claim templates become volumes of its pods, as its controller adds
-        // them.
+        // them: in place of a template volume of the same name.
         for claim in workload["spec"]["volumeClaimTemplates"]
             .as_array()
             .into_iter()
@@ -86,6 +105,7 @@ impl PodContainer {
         {
             let claim_name = claim["metadata"]["name"].clone();
             if let Some(volumes) = pod["volumes"].as_array_mut() {
+                volumes.retain(|v| v["name"] != claim_name);
                 volumes.push(serde_json::json!({
                     "name": claim_name,
                     "persistentVolumeClaim": {"claimName": claim_name},
@@ -156,8 +176,19 @@ impl PodContainer {
             .unwrap_or_else(|| panic!("no container port {name}"))
     }
 
-    /// The pod volume a container mount names.
-    fn volume(&self, name: &str) -> Value {
+    /// The container's mount of the volume `name`.
+    pub fn mount(&self, name: &str) -> Value {
+        self.container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no mount of volume {name}"))
+            .clone()
+    }
+
+    /// The pod volume `name` (a StatefulSet's claim templates included).
+    pub fn volume(&self, name: &str) -> Value {
         self.pod["volumes"]
             .as_array()
             .into_iter()
@@ -567,6 +598,30 @@ mod tests {
         };
         let env = c.resolved_env(&BTreeMap::from([("status.hostIP", "192.0.2.7")]));
         assert_eq!(env["LISTEN"], "192.0.2.7:9101");
+    }
+
+    /// As the StatefulSet controller does: a claim template replaces the template's volume of
+    /// the same name, so an overlay that adds an emptyDir but keeps the claim still gets a PVC.
+    #[test]
+    fn a_claim_template_takes_the_place_of_a_volume_of_its_name() {
+        let sts = json!({
+            "kind": "StatefulSet",
+            "metadata": {"name": "s"},
+            "spec": {
+                "template": {"spec": {
+                    "containers": [{"name": "c", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                    "volumes": [{"name": "data", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                }},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}}],
+            }
+        });
+        let c = PodContainer::of_workload(&sts, "c");
+        assert_eq!(
+            c.volume("data"),
+            json!({"name": "data", "persistentVolumeClaim": {"claimName": "data"}})
+        );
+        assert_eq!(c.pod["volumes"].as_array().map(Vec::len), Some(2));
+        assert!(c.volume("tmp")["emptyDir"].is_object());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! schemas (`kubernetes-validate --strict`, at the versions of `SCHEMA_VERSIONS`), and the dev
 //! overlay applied server-side to a real kube-apiserver (1.20, built by
 //! `scripts/kube-apiserver.sh`) with Debian's kubectl, then read back; keyd's RBAC is checked there
-//! by asking the API server what each account may do.
+//! by asking the API server what each account may do. The ha overlay is checked against the dev
+//! overlay it changes, and applied over it to another API server as a user moves to it.
 //!
 //! A Rust test rather than a script: the API server harness (`keyd_tests::cluster`) and the
 //! prerequisite rule (skip locally, fail under `CI=true`) are already here, and `cargo test` is
@@ -13,16 +14,23 @@
 //! tests print why and pass, except in CI (`CI=true`), where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use keyd_tests::cluster::Cluster;
-use keyd_tests::manifests::{self, NO_SCHEMA, SCHEMA_VERSIONS, Tools};
+use keyd_tests::manifests::{self, MountedFile, NO_SCHEMA, PodContainer, SCHEMA_VERSIONS, Tools};
 use keyd_tests::prereq::require;
 use serde_json::Value;
 
-/// Every Kustomize folder: the dev overlay, and each base on its own.
-const FOLDERS: [&str; 5] = ["overlays/dev", "crds", "keyd", "node-shim", "webhook"];
+/// Every Kustomize folder: the two overlays, and each base on its own.
+const FOLDERS: [&str; 6] = [
+    "overlays/dev",
+    "overlays/ha",
+    "crds",
+    "keyd",
+    "node-shim",
+    "webhook",
+];
 
 /// The field manager of the test's applies.
 const MANAGER: &str = "keyd-manifests-test";
@@ -54,8 +62,8 @@ fn every_rendered_manifest_validates_offline() {
         let objects = manifests::render(&tools, &manifests::deploy_dir().join(folder))
             .unwrap_or_else(|e| panic!("rendering deploy/{folder}: {e}"));
         assert!(!objects.is_empty(), "deploy/{folder} renders nothing");
-        // Keys never travel in manifests: certificates come from cert-manager, the KEK is made
-        // by keyd on its volume.
+        // Keys never travel in manifests: certificates come from cert-manager (or, for etcd, a
+        // Secret the user creates), the KEK is made by keyd on its volume or held by Vault.
         for o in &objects {
             assert_ne!(
                 o["kind"],
@@ -114,6 +122,144 @@ fn the_dev_overlay_holds_every_part() {
     );
 }
 
+/// keyd's objects that the ha overlay changes; every other object is the dev overlay's.
+const HA_CHANGES: [&str; 3] = [
+    "StatefulSet keyd/keyd",
+    "ConfigMap keyd/keyd",
+    "PodDisruptionBudget keyd/keyd",
+];
+
+/// Whether a label selector (`matchLabels` only, as these manifests write them) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    assert!(
+        selector.get("matchExpressions").is_none(),
+        "matchExpressions are not read here: {selector}"
+    );
+    let wanted = selector["matchLabels"]
+        .as_object()
+        .unwrap_or_else(|| panic!("a selector with no matchLabels: {selector}"));
+    !wanted.is_empty() && wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The ha overlay is the dev overlay with keyd's StatefulSet, ConfigMap and budget changed, and
+/// nothing else: three replicas with no volume of their own, spread over nodes, a budget that
+/// keeps two of them, and etcd's client certificate read from a Secret mounted read-only, at the
+/// paths keyd's environment names. (keyd/tests/deploy_config.rs loads its configuration.)
+#[test]
+fn the_ha_overlay_is_the_dev_overlay_with_three_keyd_over_etcd() {
+    let Some(tools) = tools() else { return };
+    let dev = manifests::render(&tools, &manifests::deploy_dir().join("overlays/dev")).unwrap();
+    let ha = manifests::render(&tools, &manifests::deploy_dir().join("overlays/ha")).unwrap();
+    let mut dev_ids: Vec<String> = dev.iter().map(id).collect();
+    let mut ha_ids: Vec<String> = ha.iter().map(id).collect();
+    dev_ids.sort();
+    ha_ids.sort();
+    assert_eq!(
+        ha_ids, dev_ids,
+        "the ha overlay installs what the dev overlay does"
+    );
+    for o in &ha {
+        let same = dev.iter().find(|d| id(d) == id(o)).unwrap();
+        if HA_CHANGES.contains(&id(o).as_str()) {
+            assert_ne!(o, same, "{} is the dev overlay's", id(o));
+        } else {
+            assert_eq!(o, same, "{} differs from the dev overlay's", id(o));
+        }
+    }
+
+    let sts = manifests::find(&ha, "StatefulSet", "keyd");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["volumeClaimTemplates"], Value::Null, "no PVC");
+    let pod_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    let pod = PodContainer::of_workload(sts, "keyd");
+    // Nothing outlives a pod or ties it to a node: the state is in etcd.
+    for v in pod.pod["volumes"].as_array().unwrap() {
+        assert!(
+            v.get("persistentVolumeClaim").is_none() && v.get("hostPath").is_none(),
+            "{v}"
+        );
+    }
+    assert!(
+        pod.volume("data")["emptyDir"].is_object(),
+        "data is an emptyDir"
+    );
+
+    // etcd's CA and keyd's client certificate: files of the Secret keyd-etcd-client, where
+    // the variables point, on a read-only mount.
+    let env = pod.resolved_env(&Default::default());
+    for (var, key) in [
+        ("KEYD_STORE_ETCD_CA", "ca.crt"),
+        ("KEYD_STORE_ETCD_CERT", "tls.crt"),
+        ("KEYD_STORE_ETCD_KEY", "tls.key"),
+    ] {
+        let path = env
+            .get(var)
+            .unwrap_or_else(|| panic!("{var} is not set: {env:?}"));
+        assert_eq!(
+            pod.file(Path::new(path)),
+            Ok(MountedFile::Secret {
+                secret: "keyd-etcd-client".into(),
+                key: key.into()
+            }),
+            "{var}={path}"
+        );
+    }
+    let etcd_volume = pod.pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "keyd-etcd-client")
+        .unwrap();
+    assert_eq!(
+        pod.mount(etcd_volume["name"].as_str().unwrap())["readOnly"],
+        true
+    );
+
+    // Spread over nodes where it can be, never refused a node: a preferred anti-affinity of
+    // keyd's pods to each other, per node.
+    let anti = &pod.pod["affinity"]["podAntiAffinity"];
+    assert_eq!(
+        anti["requiredDuringSchedulingIgnoredDuringExecution"],
+        Value::Null,
+        "a required anti-affinity leaves a replica pending on a cluster of fewer nodes"
+    );
+    let term = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| &t["podAffinityTerm"])
+        .find(|t| t["topologyKey"] == "kubernetes.io/hostname")
+        .unwrap_or_else(|| panic!("no preferred anti-affinity per node: {anti}"));
+    assert!(selects(&term["labelSelector"], pod_labels), "{term}");
+
+    // Probes as the base's: readiness is /readyz, which answers 200 on every replica that
+    // serves ("ready (replica; ...)"), not only on the leader.
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        assert_eq!(pod.container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(pod.container[probe]["httpGet"]["port"], "ops", "{probe}");
+    }
+
+    // The budget keeps two of the three, and counts keyd's pods and no others.
+    let pdb = manifests::find(&ha, "PodDisruptionBudget", "keyd");
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    assert_eq!(
+        pdb["spec"]["maxUnavailable"],
+        Value::Null,
+        "one of the two only"
+    );
+    assert!(selects(&pdb["spec"]["selector"], pod_labels), "{pdb}");
+    for o in &ha {
+        let labels = &o["spec"]["template"]["metadata"]["labels"];
+        if labels.is_object() && id(o) != id(sts) {
+            assert!(!selects(&pdb["spec"]["selector"], labels), "{}", id(o));
+        }
+    }
+}
+
 fn kubectl(bin: &Path, cluster: &Cluster) -> Command {
     let mut c = Command::new(bin);
     c.arg("--kubeconfig").arg(&cluster.kubeconfig);
@@ -139,7 +285,7 @@ fn resource(o: &Value) -> String {
     }
 }
 
-/// The rendered dev overlay as the 1.20 API server takes it: cert-manager's objects left out
+/// A rendered overlay as the 1.20 API server takes it: cert-manager's objects left out
 /// (the test server has no cert-manager, whose CRDs are not this project's), and the
 /// PodDisruptionBudgets as policy/v1beta1, the same fields under the version 1.20 serves
 /// (policy/v1 came in 1.21; the offline validation checks them as policy/v1).
@@ -169,67 +315,31 @@ fn write_objects(path: &Path, objects: &[Value]) {
     std::fs::write(path, text).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dev_overlay_applies_server_side_to_a_real_api_server() {
-    let Some(tools) = tools() else { return };
-    if !require(
-        "Debian's kubectl 1.20",
-        manifests::apply_kubectl().map(|_| ()),
-    ) || !require(
-        "kube-apiserver and etcd",
-        keyd_tests::cluster::binaries().map(|_| ()),
-    ) {
-        return;
-    }
-    let kubectl_bin = manifests::apply_kubectl().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path()).await;
-
-    let rendered =
-        manifests::render(&tools, &manifests::deploy_dir().join("overlays/dev")).unwrap();
-    let (objects, left_out) = for_the_test_server(rendered);
-    // Only cert-manager's objects are left out, and all of them are named here.
-    let mut left_out_sorted = left_out.clone();
-    left_out_sorted.sort();
-    assert_eq!(
-        left_out_sorted,
-        [
-            "Certificate keyd/keyd-admin",
-            "Certificate keyd/keyd-ca",
-            "Certificate keyd/keyd-node-shim-trust",
-            "Certificate keyd/keyd-server",
-            "Certificate keyd/keyd-webhook",
-            "Certificate keyd/keyd-webhook-client",
-            "Issuer keyd/keyd-ca",
-            "Issuer keyd/keyd-selfsigned",
-            "Issuer keyd/keyd-webhook-selfsigned",
-        ]
-    );
-    let file = dir.path().join("dev.yaml");
-    write_objects(&file, &objects);
-
-    let mut apply = kubectl(&kubectl_bin, &cluster);
+fn apply(kubectl_bin: &Path, cluster: &Cluster, file: &Path) -> (bool, String) {
+    let mut apply = kubectl(kubectl_bin, cluster);
     apply
         .args(["apply", "--server-side", "--field-manager", MANAGER, "-f"])
-        .arg(&file);
-    let (ok, out) = output(apply);
-    assert!(
-        ok,
-        "server-side apply failed:\n{out}\n{}",
-        cluster.apiserver_log()
-    );
+        .arg(file);
+    output(apply)
+}
 
-    // Every object is there, owned by this apply.
-    for o in &objects {
-        let mut get = kubectl(&kubectl_bin, &cluster);
-        get.args(["get", &resource(o), o["metadata"]["name"].as_str().unwrap()]);
-        if let Some(ns) = o["metadata"]["namespace"].as_str() {
-            get.args(["-n", ns]);
-        }
-        get.args(["-o", "json"]);
-        let (ok, out) = output(get);
-        assert!(ok, "{} is not there: {out}", id(o));
-        let got: Value = serde_json::from_str(&out).unwrap();
+/// The object as the API server holds it.
+fn get(kubectl_bin: &Path, cluster: &Cluster, o: &Value) -> Value {
+    let mut get = kubectl(kubectl_bin, cluster);
+    get.args(["get", &resource(o), o["metadata"]["name"].as_str().unwrap()]);
+    if let Some(ns) = o["metadata"]["namespace"].as_str() {
+        get.args(["-n", ns]);
+    }
+    get.args(["-o", "json"]);
+    let (ok, out) = output(get);
+    assert!(ok, "{} is not there: {out}", id(o));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Every object is there, owned by this test's applies.
+fn assert_applied(kubectl_bin: &Path, cluster: &Cluster, objects: &[Value]) {
+    for o in objects {
+        let got = get(kubectl_bin, cluster, o);
         assert!(got["metadata"]["uid"].is_string(), "{}", id(o));
         let managers: Vec<&str> = got["metadata"]["managedFields"]
             .as_array()
@@ -239,21 +349,69 @@ async fn the_dev_overlay_applies_server_side_to_a_real_api_server() {
             .collect();
         assert!(managers.contains(&MANAGER), "{}: {managers:?}", id(o));
     }
+}
+
+/// What the test server cannot take of an overlay: cert-manager's objects, all named here.
+const CERT_MANAGER_OBJECTS: [&str; 9] = [
+    "Certificate keyd/keyd-admin",
+    "Certificate keyd/keyd-ca",
+    "Certificate keyd/keyd-node-shim-trust",
+    "Certificate keyd/keyd-server",
+    "Certificate keyd/keyd-webhook",
+    "Certificate keyd/keyd-webhook-client",
+    "Issuer keyd/keyd-ca",
+    "Issuer keyd/keyd-selfsigned",
+    "Issuer keyd/keyd-webhook-selfsigned",
+];
+
+/// The overlay `folder` rendered as the test server takes it, written to `dir`.
+fn overlay_for_the_test_server(tools: &Tools, folder: &str, dir: &Path) -> (Vec<Value>, PathBuf) {
+    let rendered = manifests::render(tools, &manifests::deploy_dir().join(folder)).unwrap();
+    let (objects, mut left_out) = for_the_test_server(rendered);
+    // Only cert-manager's objects are left out, and all of them are named here.
+    left_out.sort();
+    assert_eq!(left_out, CERT_MANAGER_OBJECTS, "deploy/{folder}");
+    let file = dir.join(format!("{}.yaml", folder.replace('/', "-")));
+    write_objects(&file, &objects);
+    (objects, file)
+}
+
+/// Whether the test server and its kubectl are there (a failure in CI when not).
+fn api_server_available() -> bool {
+    require(
+        "Debian's kubectl 1.20",
+        manifests::apply_kubectl().map(|_| ()),
+    ) && require(
+        "kube-apiserver and etcd",
+        keyd_tests::cluster::binaries().map(|_| ()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_overlay_applies_server_side_to_a_real_api_server() {
+    let Some(tools) = tools() else { return };
+    if !api_server_available() {
+        return;
+    }
+    let kubectl_bin = manifests::apply_kubectl().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path()).await;
+
+    let (objects, file) = overlay_for_the_test_server(&tools, "overlays/dev", dir.path());
+    let (ok, out) = apply(&kubectl_bin, &cluster, &file);
+    assert!(
+        ok,
+        "server-side apply failed:\n{out}\n{}",
+        cluster.apiserver_log()
+    );
+    assert_applied(&kubectl_bin, &cluster, &objects);
+
     // What the server kept is what was sent, where it matters most.
-    let (_, ds) = output({
-        let mut c = kubectl(&kubectl_bin, &cluster);
-        c.args([
-            "get",
-            "daemonset.apps",
-            "node-shim",
-            "-n",
-            "keyd",
-            "-o",
-            "json",
-        ]);
-        c
-    });
-    let ds: Value = serde_json::from_str(&ds).unwrap();
+    let ds = get(
+        &kubectl_bin,
+        &cluster,
+        manifests::find(&objects, "DaemonSet", "node-shim"),
+    );
     let token = ds["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .unwrap()
@@ -265,24 +423,92 @@ async fn the_dev_overlay_applies_server_side_to_a_real_api_server() {
     assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
 
     // The API server refuses what is not in its schema, so the apply above did check fields.
-    let mut broken = objects
-        .iter()
-        .find(|o| o["kind"] == "StatefulSet")
-        .unwrap()
-        .clone();
+    let mut broken = manifests::find(&objects, "StatefulSet", "keyd").clone();
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRot"] =
         true.into();
     let broken_file = dir.path().join("broken.yaml");
     write_objects(&broken_file, &[broken]);
-    let mut apply = kubectl(&kubectl_bin, &cluster);
-    apply
-        .args(["apply", "--server-side", "--field-manager", MANAGER, "-f"])
-        .arg(&broken_file);
-    let (ok, out) = output(apply);
+    let (ok, out) = apply(&kubectl_bin, &cluster, &broken_file);
     assert!(!ok, "a field the schema lacks was accepted: {out}");
     assert!(out.contains("runAsNonRot"), "{out}");
 
     check_rbac(&kubectl_bin, &cluster);
+}
+
+/// The ha overlay applied as a user moves to it from the dev overlay (its README's steps):
+/// over the dev overlay, the StatefulSet is refused, because a StatefulSet's claim templates
+/// and pod management cannot change; once it is deleted, everything applies. The server then
+/// holds three replicas with no claim, the etcd variables, and a budget of minAvailable 2
+/// alone (the dev overlay's maxUnavailable, which this test's field manager applied, is gone:
+/// the server would refuse a budget with both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ha_overlay_applies_server_side_over_the_dev_overlay() {
+    let Some(tools) = tools() else { return };
+    if !api_server_available() {
+        return;
+    }
+    let kubectl_bin = manifests::apply_kubectl().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path()).await;
+
+    let (_, dev_file) = overlay_for_the_test_server(&tools, "overlays/dev", dir.path());
+    let (objects, ha_file) = overlay_for_the_test_server(&tools, "overlays/ha", dir.path());
+    let (ok, out) = apply(&kubectl_bin, &cluster, &dev_file);
+    assert!(ok, "the dev overlay: {out}\n{}", cluster.apiserver_log());
+
+    let (ok, out) = apply(&kubectl_bin, &cluster, &ha_file);
+    assert!(
+        !ok,
+        "the ha overlay applied over the dev overlay's StatefulSet: {out}"
+    );
+    assert!(
+        out.contains("StatefulSet \"keyd\" is invalid")
+            && out.contains("Forbidden: updates to statefulset spec"),
+        "{out}"
+    );
+
+    let mut delete = kubectl(&kubectl_bin, &cluster);
+    delete.args(["delete", "statefulset.apps", "keyd", "-n", "keyd"]);
+    let (ok, out) = output(delete);
+    assert!(ok, "{out}");
+    let (ok, out) = apply(&kubectl_bin, &cluster, &ha_file);
+    assert!(
+        ok,
+        "server-side apply failed:\n{out}\n{}",
+        cluster.apiserver_log()
+    );
+    assert_applied(&kubectl_bin, &cluster, &objects);
+
+    let sts = get(
+        &kubectl_bin,
+        &cluster,
+        manifests::find(&objects, "StatefulSet", "keyd"),
+    );
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["volumeClaimTemplates"], Value::Null);
+    let env: Vec<&str> = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for var in [
+        "KEYD_STORE_ETCD_CA",
+        "KEYD_STORE_ETCD_CERT",
+        "KEYD_STORE_ETCD_KEY",
+    ] {
+        assert!(env.contains(&var), "{var} in {env:?}");
+    }
+    let pdb = get(
+        &kubectl_bin,
+        &cluster,
+        manifests::find(&objects, "PodDisruptionBudget", "keyd"),
+    );
+    assert_eq!(pdb["spec"]["minAvailable"], 2, "{pdb}");
+    assert_eq!(pdb["spec"]["maxUnavailable"], Value::Null, "{pdb}");
+    let config = manifests::find(&objects, "ConfigMap", "keyd");
+    let held = get(&kubectl_bin, &cluster, config);
+    assert_eq!(held["data"], config["data"]);
 }
 
 /// keyd's account may make exactly the calls keyd makes (deploy/keyd/rbac.yaml says which code
