@@ -72,6 +72,7 @@ identity = "spiffe://keyd/admin/admin"
 struct Keyd {
     keyd: Arc<keyd::service::Keyd>,
     api: std::net::SocketAddr,
+    ops: std::net::SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -90,6 +91,7 @@ impl Keyd {
         Ok(Self {
             keyd: Arc::clone(&running.keyd),
             api: running.api_addr,
+            ops: running.ops_addr,
             stop,
             task: tokio::spawn(running.serve()),
         })
@@ -444,6 +446,24 @@ async fn keyd_issues_and_keeps_the_clusters_certificates_without_cert_manager() 
     assert_eq!(
         get_as(dir.path(), &renewed, &trusted, k.api, "/v1/enforcement").await,
         StatusCode::OK
+    );
+
+    // What the alerting rules read (deploy/monitoring/) is exposed, with each certificate's
+    // expiry.
+    let (status, body) = keyd_tests::http::request(k.ops, "GET", "/metrics", &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let exposition = String::from_utf8(body).unwrap();
+    let missing = keyd_tests::monitoring::missing(&exposition, "keyd_cluster_pki_", &[]);
+    assert!(missing.is_empty(), "not in /metrics: {missing:?}");
+    let expiry = format!(
+        "keyd_cluster_pki_certificate_not_after_timestamp_seconds{{certificate=\"keyd-server\"}} {}",
+        own_after.not_after
+    );
+    assert!(
+        exposition.lines().any(|l| l == expiry),
+        "no {expiry:?} in:\n{exposition}"
     );
 
     // Audited: the CA once, each issuance with its serial.
