@@ -89,17 +89,24 @@ fn load(text: &str, pod: &PodContainer, root: &Path) -> Config {
     // The sections that talk to the API server default to the ServiceAccount's files; the pod
     // must mount them, so they are checked like any other path.
     let mut value: toml::Value = toml::from_str(text).unwrap();
-    for section in ["bootstrap", "policy"] {
-        let table = value
-            .get_mut(section)
-            .and_then(toml::Value::as_table_mut)
-            .unwrap_or_else(|| panic!("[{section}] is configured"));
+    for section in ["bootstrap", "policy", "cluster_pki"] {
+        let table = match value.get_mut(section).and_then(toml::Value::as_table_mut) {
+            Some(t) => t,
+            // [cluster_pki] is absent where cert-manager issues the certificates.
+            None if section == "cluster_pki" => continue,
+            None => panic!("[{section}] is configured"),
+        };
         table
             .entry("kube_ca")
             .or_insert_with(|| format!("{SERVICE_ACCOUNT_DIR}/ca.crt").into());
         table
             .entry("kube_token_file")
             .or_insert_with(|| format!("{SERVICE_ACCOUNT_DIR}/token").into());
+        if section == "cluster_pki" {
+            // The pod's namespace, which the kubelet writes beside the token.
+            let ns = pod.namespace();
+            table.entry("namespace").or_insert_with(|| ns.into());
+        }
     }
     let ca_pem = keyd::pki::CertificateAuthority::generate("test CA")
         .unwrap()
@@ -203,20 +210,153 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
         panic!("node-shim has no projected token at /var/run/secrets/keyd/token");
     };
     assert_eq!(bootstrap.audience, audience);
-    // The CA that signs node certificates is the client CA keyd trusts (one Secret).
+    // keyd issues the certificates ([cluster_pki]): the CA, its key and keyd's own
+    // certificate are files it writes on a memory volume; the CA that signs node certificates
+    // is the client CA keyd trusts.
+    let pki = config.cluster_pki.as_ref().expect("[cluster_pki]");
+    for file in [
+        &config.tls.ca,
+        &config.tls.cert,
+        &config.tls.key,
+        &bootstrap.ca_key,
+    ] {
+        assert!(
+            file.starts_with(&pki.dir),
+            "{} is not in cluster_pki.dir",
+            file.display()
+        );
+    }
+    assert_eq!(bootstrap.ca_key, pki.ca_key_path());
+    assert_eq!(config.tls.ca, pki.ca_cert_path());
+    let volume = "pki";
     assert_eq!(
-        pod.file(&root_relative(&bootstrap.ca_key, root.path())),
-        Ok(MountedFile::Secret {
-            secret: "keyd-ca".into(),
-            key: "tls.key".into()
+        pod.file(&root_relative(&pki.dir, root.path())),
+        Ok(MountedFile::Writable {
+            volume: volume.into()
         })
     );
+    assert_eq!(pod.volume(volume)["emptyDir"]["medium"], "Memory");
+    assert_eq!(pki.namespace, pod.namespace());
+
+    // What keyd keeps is what the others use: the webhook's Secrets and its configuration,
+    // node-shim's CA, and nothing keyd's RBAC does not name.
+    let webhook = PodContainer::of(
+        "webhook/deployment.yaml",
+        "Deployment",
+        "keyd-webhook",
+        "webhook",
+    );
+    let issued: Vec<&str> = pki.issue.iter().map(|i| i.secret.as_str()).collect();
+    for volume in ["tls", "keyd-client"] {
+        let secret = webhook.volume(volume)["secret"]["secretName"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            issued.contains(&secret.as_str()),
+            "the webhook mounts {secret}, which keyd does not keep"
+        );
+    }
+    let vwc = manifests::object(
+        "webhook/validatingwebhookconfiguration.yaml",
+        "ValidatingWebhookConfiguration",
+        "keyd-webhook",
+    );
     assert_eq!(
-        pod.file(&root_relative(&config.tls.ca, root.path())),
-        Ok(MountedFile::Secret {
-            secret: "keyd-ca".into(),
-            key: "tls.crt".into()
+        pki.webhook_configurations,
+        [vwc["metadata"]["name"].as_str().unwrap()]
+    );
+    let shim_config: toml::Table = toml::from_str(&manifests::config_map_data(
+        "node-shim/config.yaml",
+        "node-shim",
+        "node-shim.toml",
+    ))
+    .unwrap();
+    let shim_ca = shim_config["keyd"]["ca"].as_str().unwrap();
+    assert_eq!(
+        shim.file(Path::new(shim_ca)),
+        Ok(MountedFile::ConfigMap {
+            name: pki.trust_config_map.clone(),
+            key: "ca.crt".into()
         })
+    );
+    let rbac = manifests::objects("keyd/rbac.yaml");
+    let role = rbac
+        .iter()
+        .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "keyd-pki")
+        .expect("Role keyd-pki");
+    let names = |resource: &str| -> Vec<String> {
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["resources"] == serde_json::json!([resource]) && r["resourceNames"].is_array()
+            })
+            .flat_map(|r| r["resourceNames"].as_array().unwrap().iter())
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut secrets = vec![pki.ca_secret.clone()];
+    secrets.extend(issued.iter().map(|s| s.to_string()));
+    assert_eq!(names("secrets"), secrets);
+    assert_eq!(
+        names("configmaps"),
+        std::slice::from_ref(&pki.trust_config_map)
+    );
+}
+
+/// The cert-manager component's configuration is one keyd accepts in its pod as the
+/// cert-manager overlay renders it: the CA and keyd's certificate from cert-manager's Secrets,
+/// no [cluster_pki], and every other section the base's.
+#[test]
+fn the_cert_manager_config_is_one_keyd_accepts_in_its_pod() {
+    let Some(tools) = manifests::Tools::required() else {
+        return;
+    };
+    let objects = manifests::render(
+        &tools,
+        &manifests::deploy_dir().join("overlays/cert-manager"),
+    )
+    .unwrap();
+    let text = manifests::find(&objects, "ConfigMap", "keyd")["data"]["keyd.toml"]
+        .as_str()
+        .expect("the ConfigMap keyd has keyd.toml")
+        .to_owned();
+    let pod = PodContainer::of_workload(manifests::find(&objects, "StatefulSet", "keyd"), "keyd");
+    let root = tempfile::tempdir().unwrap();
+    let config = load(&text, &pod, root.path());
+    assert!(config.cluster_pki.is_none());
+    let bootstrap = config.bootstrap.as_ref().expect("[bootstrap]");
+    for (path, secret, key) in [
+        (&bootstrap.ca_key, "keyd-ca", "tls.key"),
+        (&config.tls.ca, "keyd-ca", "tls.crt"),
+        (&config.tls.cert, "keyd-tls", "tls.crt"),
+        (&config.tls.key, "keyd-tls", "tls.key"),
+    ] {
+        assert_eq!(
+            pod.file(&root_relative(path, root.path())),
+            Ok(MountedFile::Secret {
+                secret: secret.into(),
+                key: key.into()
+            })
+        );
+    }
+    let mut base: toml::Table = toml::from_str(&manifests::config_map_data(
+        "keyd/config.yaml",
+        "keyd",
+        "keyd.toml",
+    ))
+    .unwrap();
+    let mut with_cert_manager: toml::Table = toml::from_str(&text).unwrap();
+    for t in [&mut base, &mut with_cert_manager] {
+        t.remove("cluster_pki");
+        t.remove("tls");
+        t["bootstrap"].as_table_mut().unwrap().remove("ca_key");
+    }
+    assert_eq!(
+        with_cert_manager, base,
+        "deploy/components/cert-manager/keyd.toml differs from the base's beyond the certificates"
     );
 }
 

@@ -86,15 +86,15 @@ fn the_deployed_config_is_one_node_shim_accepts_in_its_pod() {
     assert_eq!(config.mode, Mode::Wireguard);
     assert_eq!(config.steering.encrypt, Encrypt::Policy);
 
-    // keyd: the Service's API and bootstrap ports, keyd's CA from node-shim's own Secret, and
+    // keyd: the Service's API and bootstrap ports, keyd's CA from the ConfigMap keyd publishes, and
     // a projected token for the audience keyd's bootstrap checks.
     let port = |url: &str| -> u64 { url.rsplit(':').next().unwrap().parse().unwrap() };
     assert!(config.keyd.server.starts_with("https://keyd.keyd.svc:"));
     assert_eq!(port(&config.keyd.server), keyd_service_port("api"));
     assert_eq!(
         pod.file(&config.keyd.ca),
-        Ok(MountedFile::Secret {
-            secret: "keyd-node-shim-trust".into(),
+        Ok(MountedFile::ConfigMap {
+            name: "keyd-ca".into(),
             key: "ca.crt".into()
         })
     );

@@ -37,13 +37,18 @@ pub fn documents(text: &str) -> Result<Vec<Value>, serde_norway::Error> {
 /// The object of `kind` named `name` in `file` (relative to `deploy/`). Panics with the reason:
 /// for tests.
 pub fn object(file: &str, kind: &str, name: &str) -> Value {
+    objects(file)
+        .into_iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/{file}"))
+}
+
+/// Every object in `file` (relative to `deploy/`). Panics with the reason: for tests.
+pub fn objects(file: &str) -> Vec<Value> {
     let path = deploy_dir().join(file);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let docs = documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    docs.into_iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in {}", path.display()))
+    documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The object of `kind` named `name` among `objects` (a rendered folder). Panics if there is
@@ -75,6 +80,8 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 pub struct PodContainer {
     pub pod: Value,
     pub container: Value,
+    /// The workload's namespace (empty when the manifest names none).
+    pub namespace: String,
 }
 
 /// A value of the container's environment.
@@ -119,7 +126,20 @@ impl PodContainer {
             .find(|c| c["name"] == container)
             .unwrap_or_else(|| panic!("{kind} {name} has no container {container}"))
             .clone();
-        Self { pod, container }
+        let namespace = workload["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Self {
+            pod,
+            container,
+            namespace,
+        }
+    }
+
+    /// The namespace the pod runs in, which the kubelet writes to its ServiceAccount directory.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     pub fn args(&self) -> Vec<String> {
@@ -595,6 +615,7 @@ mod tests {
                 {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
                 {"name": "LISTEN", "value": "$(HOST_IP):9101"},
             ]}),
+            namespace: String::new(),
         };
         let env = c.resolved_env(&BTreeMap::from([("status.hostIP", "192.0.2.7")]));
         assert_eq!(env["LISTEN"], "192.0.2.7:9101");
@@ -640,6 +661,7 @@ mod tests {
                 {"name": "t", "mountPath": "/var/run/t", "readOnly": true},
                 {"name": "d", "mountPath": "/data"},
             ]}),
+            namespace: String::new(),
         };
         assert_eq!(
             c.file(Path::new("/etc/s/tls.crt")),

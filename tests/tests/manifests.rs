@@ -22,10 +22,12 @@ use keyd_tests::manifests::{self, MountedFile, NO_SCHEMA, PodContainer, SCHEMA_V
 use keyd_tests::prereq::require;
 use serde_json::Value;
 
-/// Every Kustomize folder: the two overlays, and each base on its own.
-const FOLDERS: [&str; 6] = [
+/// Every Kustomize folder: the overlays, and each base on its own (the cert-manager
+/// component through its overlay).
+const FOLDERS: [&str; 7] = [
     "overlays/dev",
     "overlays/ha",
+    "overlays/cert-manager",
     "crds",
     "keyd",
     "node-shim",
@@ -62,8 +64,9 @@ fn every_rendered_manifest_validates_offline() {
         let objects = manifests::render(&tools, &manifests::deploy_dir().join(folder))
             .unwrap_or_else(|e| panic!("rendering deploy/{folder}: {e}"));
         assert!(!objects.is_empty(), "deploy/{folder} renders nothing");
-        // Keys never travel in manifests: certificates come from cert-manager (or, for etcd, a
-        // Secret the user creates), the KEK is made by keyd on its volume or held by Vault.
+        // Keys never travel in manifests: certificates come from keyd or cert-manager (or, for
+        // etcd, a Secret the user creates), the KEK is made by keyd on its volume or held by
+        // Vault.
         for o in &objects {
             assert_ne!(
                 o["kind"],
@@ -119,6 +122,75 @@ fn the_dev_overlay_holds_every_part() {
     assert_eq!(
         sts["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"][0],
         "ReadWriteOnce"
+    );
+}
+
+/// The cert-manager overlay is the dev overlay with cert-manager issuing the certificates:
+/// its Issuers and Certificates added, keyd's RBAC for [cluster_pki] gone, the CA injector's
+/// annotation on the webhook configuration, and keyd and node-shim reading cert-manager's
+/// Secrets. Nothing else changes. (keyd/tests/deploy_config.rs loads its keyd.toml.)
+#[test]
+fn the_cert_manager_overlay_swaps_keyds_pki_for_cert_managers() {
+    let Some(tools) = tools() else { return };
+    let dev = manifests::render(&tools, &manifests::deploy_dir().join("overlays/dev")).unwrap();
+    let cm = manifests::render(
+        &tools,
+        &manifests::deploy_dir().join("overlays/cert-manager"),
+    )
+    .unwrap();
+    let pki_rbac = [
+        "Role keyd/keyd-pki",
+        "RoleBinding keyd/keyd-pki",
+        "ClusterRole -/keyd-webhook-ca-bundle",
+        "ClusterRoleBinding -/keyd-webhook-ca-bundle",
+    ];
+    let changed = [
+        "StatefulSet keyd/keyd",
+        "ConfigMap keyd/keyd",
+        "DaemonSet keyd/node-shim",
+        "ValidatingWebhookConfiguration -/keyd-webhook",
+    ];
+    for d in &dev {
+        let i = id(d);
+        let there = cm.iter().find(|o| id(o) == i);
+        if pki_rbac.contains(&i.as_str()) {
+            assert!(there.is_none(), "{i} is still there");
+        } else if changed.contains(&i.as_str()) {
+            assert_ne!(there, Some(d), "{i} is the dev overlay's");
+        } else {
+            assert_eq!(there, Some(d), "{i} differs from the dev overlay's");
+        }
+    }
+    let mut added: Vec<String> = cm
+        .iter()
+        .map(id)
+        .filter(|i| !dev.iter().any(|d| id(d) == *i))
+        .collect();
+    added.sort();
+    assert_eq!(added, CERT_MANAGER_OBJECTS);
+
+    let vwc = manifests::find(&cm, "ValidatingWebhookConfiguration", "keyd-webhook");
+    assert_eq!(
+        vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "keyd/keyd-webhook"
+    );
+    let shim =
+        PodContainer::of_workload(manifests::find(&cm, "DaemonSet", "node-shim"), "node-shim");
+    assert_eq!(
+        shim.file(Path::new("/etc/node-shim/keyd-ca/ca.crt")),
+        Ok(MountedFile::Secret {
+            secret: "keyd-node-shim-trust".into(),
+            key: "ca.crt".into()
+        })
+    );
+    let keyd = PodContainer::of_workload(manifests::find(&cm, "StatefulSet", "keyd"), "keyd");
+    assert!(
+        keyd.container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["mountPath"] != "/run/keyd/pki"),
+        "keyd still mounts [cluster_pki]'s volume"
     );
 }
 
@@ -368,9 +440,15 @@ const CERT_MANAGER_OBJECTS: [&str; 9] = [
 fn overlay_for_the_test_server(tools: &Tools, folder: &str, dir: &Path) -> (Vec<Value>, PathBuf) {
     let rendered = manifests::render(tools, &manifests::deploy_dir().join(folder)).unwrap();
     let (objects, mut left_out) = for_the_test_server(rendered);
-    // Only cert-manager's objects are left out, and all of them are named here.
+    // Only cert-manager's objects are left out, all of them named here, and only from the
+    // overlay that asks for cert-manager: keyd issues the certificates in the others.
     left_out.sort();
-    assert_eq!(left_out, CERT_MANAGER_OBJECTS, "deploy/{folder}");
+    let expected: &[&str] = if folder == "overlays/cert-manager" {
+        &CERT_MANAGER_OBJECTS
+    } else {
+        &[]
+    };
+    assert_eq!(left_out, expected, "deploy/{folder}");
     let file = dir.join(format!("{}.yaml", folder.replace('/', "-")));
     write_objects(&file, &objects);
     (objects, file)
@@ -549,13 +627,53 @@ fn check_rbac(kubectl_bin: &Path, cluster: &Cluster) {
             None,
             true,
         ),
-        // nothing else
         (keyd, "get", "pods", Some("default"), false),
         (keyd, "list", "nodes", None, false),
         (keyd, "watch", "nodes", None, false),
+        // [cluster_pki]: its own Secrets and ConfigMap by name, creating them in its namespace,
+        // and the one webhook configuration's caBundle
+        (keyd, "get", "secrets/keyd-ca", Some("keyd"), true),
+        (
+            keyd,
+            "update",
+            "secrets/keyd-webhook-tls",
+            Some("keyd"),
+            true,
+        ),
+        (keyd, "get", "secrets/keyd-admin", Some("keyd"), true),
+        (keyd, "create", "secrets", Some("keyd"), true),
+        (keyd, "get", "configmaps/keyd-ca", Some("keyd"), true),
+        (keyd, "update", "configmaps/keyd-ca", Some("keyd"), true),
+        (
+            keyd,
+            "update",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/keyd-webhook",
+            None,
+            true,
+        ),
+        // nothing else
         (keyd, "get", "secrets", Some("keyd"), false),
+        (keyd, "get", "secrets/keyd-etcd-client", Some("keyd"), false),
+        (keyd, "update", "secrets/someone-elses", Some("keyd"), false),
+        (keyd, "delete", "secrets/keyd-ca", Some("keyd"), false),
+        (keyd, "create", "secrets", Some("default"), false),
         (keyd, "list", "secrets", None, false),
         (keyd, "get", "configmaps", Some("keyd"), false),
+        (keyd, "update", "configmaps/node-shim", Some("keyd"), false),
+        (
+            keyd,
+            "update",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io/other",
+            None,
+            false,
+        ),
+        (
+            keyd,
+            "create",
+            "validatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+            false,
+        ),
         (keyd, "create", "pods", Some("keyd"), false),
         (keyd, "delete", "pods", Some("keyd"), false),
         (

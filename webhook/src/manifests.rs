@@ -217,7 +217,9 @@ pub fn generated_files() -> Result<Vec<(String, String)>, serde_norway::Error> {
             to_yaml(GENERATED, &crd)?,
         ));
     }
-    let mut config = webhook_configuration(
+    // keyd's [cluster_pki] keeps caBundle (deploy/keyd/config.yaml); the cert-manager
+    // component adds its CA injector's annotation instead.
+    let config = webhook_configuration(
         &deploy_decision_config(),
         &Endpoint::Service {
             namespace: "keyd".into(),
@@ -227,11 +229,6 @@ pub fn generated_files() -> Result<Vec<(String, String)>, serde_norway::Error> {
         None,
         WEBHOOK_CONFIGURATION_NAME,
     );
-    // cert-manager's CA injector fills caBundle from the webhook's Certificate.
-    config.metadata.annotations = Some(BTreeMap::from([(
-        "cert-manager.io/inject-ca-from".to_owned(),
-        "keyd/keyd-webhook".to_owned(),
-    )]));
     files.push((
         "deploy/webhook/validatingwebhookconfiguration.yaml".into(),
         to_yaml(GENERATED, &config)?,
