@@ -721,3 +721,140 @@ fn check_rbac(kubectl_bin: &Path, cluster: &Cluster) {
         );
     }
 }
+
+/// The images the manifests run are the Containerfile's targets, each running a binary the
+/// build stage builds from this workspace, as the user the workload runs as.
+#[test]
+fn the_containerfile_builds_what_the_manifests_run() {
+    let root = manifests::deploy_dir().join("..");
+    let text = std::fs::read_to_string(root.join("Containerfile")).unwrap();
+    // Each stage: its name and its lines.
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    let mut logical = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        logical.push_str(line.trim_end_matches('\\'));
+        logical.push(' ');
+        if line.ends_with('\\') {
+            continue;
+        }
+        let l = std::mem::take(&mut logical).trim().to_owned();
+        if let Some(from) = l.strip_prefix("FROM ") {
+            let name = from
+                .split(" AS ")
+                .nth(1)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            stages.push((name, Vec::new()));
+        } else if let Some((_, lines)) = stages.last_mut()
+            && !l.is_empty()
+        {
+            lines.push(l);
+        }
+    }
+    let stage = |name: &str| -> &Vec<String> {
+        &stages
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("the Containerfile has no stage {name}"))
+            .1
+    };
+    // The binaries the build stage builds, each a [[bin]] of the package it names.
+    let mut built = Vec::new();
+    for cmd in stage("build").iter().flat_map(|l| l.split("&&")) {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        let Some(at) = words.windows(2).position(|w| w == ["cargo", "build"]) else {
+            continue;
+        };
+        let words = &words[at..];
+        let arg = |flag: &str| {
+            words
+                .windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].to_owned())
+                .collect::<Vec<_>>()
+        };
+        let [package] = &arg("-p")[..] else {
+            panic!("one -p per cargo build: {cmd}")
+        };
+        let dir = match package.as_str() {
+            "keyd" => "keyd",
+            "keyd-webhook" => "webhook",
+            "keyd-node-shim" => "node-shim",
+            other => panic!("the Containerfile builds an unknown package {other}"),
+        };
+        let cargo: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap())
+                .unwrap();
+        assert_eq!(cargo["package"]["name"].as_str(), Some(package.as_str()));
+        let bins: Vec<&str> = cargo["bin"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["name"].as_str())
+            .collect();
+        for bin in arg("--bin") {
+            assert!(
+                bins.contains(&bin.as_str()),
+                "{package} has no binary {bin}"
+            );
+            built.push(bin);
+        }
+        assert!(
+            words.contains(&"--locked") && words.contains(&"--release"),
+            "{cmd}"
+        );
+    }
+    for (kind, name, container) in [
+        ("StatefulSet", "keyd", "keyd"),
+        ("Deployment", "keyd-webhook", "webhook"),
+        ("DaemonSet", "node-shim", "node-shim"),
+    ] {
+        let file = match kind {
+            "StatefulSet" => "keyd/statefulset.yaml",
+            "Deployment" => "webhook/deployment.yaml",
+            _ => "node-shim/daemonset.yaml",
+        };
+        let workload = manifests::object(file, kind, name);
+        let pod = PodContainer::of_workload(&workload, container);
+        let image = pod.container["image"].as_str().unwrap();
+        let target = image
+            .strip_prefix("ghcr.io/keyd/")
+            .and_then(|i| i.split(':').next())
+            .unwrap_or_else(|| panic!("{kind} {name} runs {image}, not an image of ours"));
+        let lines = stage(target);
+        let entry = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+            .unwrap_or_else(|| panic!("stage {target} has no ENTRYPOINT"));
+        let entry: Vec<String> = serde_json::from_str(entry).unwrap();
+        let binary = entry[0].rsplit('/').next().unwrap();
+        assert!(
+            built.iter().any(|b| b == binary),
+            "{target} runs {binary}, which is not built"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("COPY --from=build ")
+                    && l.contains(&format!("/out/{binary}"))),
+            "{target} does not copy {binary}"
+        );
+        // The image's user is the one the workload runs as (node-shim: root, for its
+        // capabilities).
+        let run_as = pod.container["securityContext"]["runAsUser"]
+            .as_u64()
+            .or(pod.pod["securityContext"]["runAsUser"].as_u64());
+        let user = lines.iter().find_map(|l| l.strip_prefix("USER "));
+        match run_as {
+            Some(0) | None => assert_eq!(
+                user, None,
+                "{target} sets a USER; {kind} {name} runs as root"
+            ),
+            Some(uid) => assert_eq!(user, Some(format!("{uid}:{uid}").as_str()), "{target}"),
+        }
+    }
+}
