@@ -536,8 +536,13 @@ pub fn ensure_dev_pki(
 }
 
 /// What a certificate says, as far as deciding whether to renew it goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CertificateInfo {
+    /// The certificate, DER (what `openssl x509 -fingerprint` hashes).
+    pub der: Vec<u8>,
+    /// The issuer's and the subject's names, DER.
+    pub issuer: Vec<u8>,
+    pub subject: Vec<u8>,
     /// The serial number, in hex (as audit records name certificates).
     pub serial: String,
     /// Unix seconds.
@@ -596,6 +601,9 @@ pub fn inspect(cert_pem: &str) -> Result<CertificateInfo, String> {
         }
     }
     Ok(CertificateInfo {
+        der: der.to_vec(),
+        issuer: x509.issuer().as_raw().to_vec(),
+        subject: x509.subject().as_raw().to_vec(),
         serial: hex::encode(x509.raw_serial()),
         not_after: x509.validity().not_after.timestamp().max(0) as u64,
         server_names,

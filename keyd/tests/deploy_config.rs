@@ -285,23 +285,41 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
         .iter()
         .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "keyd-pki")
         .expect("Role keyd-pki");
-    let names = |resource: &str| -> Vec<String> {
-        role["rules"]
+    // The names a rule grants `verbs` on `resource`.
+    let names = |object: &serde_json::Value, resource: &str, verbs: &[&str]| -> Vec<String> {
+        object["rules"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|r| {
-                r["resources"] == serde_json::json!([resource]) && r["resourceNames"].is_array()
+                r["resources"] == serde_json::json!([resource])
+                    && r["verbs"] == serde_json::json!(verbs)
+                    && r["resourceNames"].is_array()
             })
             .flat_map(|r| r["resourceNames"].as_array().unwrap().iter())
             .map(|n| n.as_str().unwrap().to_owned())
             .collect()
     };
-    let mut secrets = vec![pki.ca_secret.clone()];
-    secrets.extend(issued.iter().map(|s| s.to_string()));
-    assert_eq!(names("secrets"), secrets);
+    // The CA's Secret is read (and created), never updated; the kept Secrets are both.
     assert_eq!(
-        names("configmaps"),
+        names(role, "secrets", &["get"]),
+        std::slice::from_ref(&pki.ca_secret)
+    );
+    assert_eq!(names(role, "secrets", &["get", "update"]), issued);
+    let ca_bundle = rbac
+        .iter()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "keyd-webhook-ca-bundle")
+        .expect("ClusterRole keyd-webhook-ca-bundle");
+    assert_eq!(
+        names(
+            ca_bundle,
+            "validatingwebhookconfigurations",
+            &["get", "update"]
+        ),
+        pki.webhook_configurations
+    );
+    assert_eq!(
+        names(role, "configmaps", &["get", "update"]),
         std::slice::from_ref(&pki.trust_config_map)
     );
 }

@@ -656,6 +656,7 @@ fn check_rbac(kubectl_bin: &Path, cluster: &Cluster) {
         (keyd, "get", "secrets/keyd-etcd-client", Some("keyd"), false),
         (keyd, "update", "secrets/someone-elses", Some("keyd"), false),
         (keyd, "delete", "secrets/keyd-ca", Some("keyd"), false),
+        (keyd, "update", "secrets/keyd-ca", Some("keyd"), false),
         (keyd, "create", "secrets", Some("default"), false),
         (keyd, "list", "secrets", None, false),
         (keyd, "get", "configmaps", Some("keyd"), false),

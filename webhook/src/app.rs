@@ -77,11 +77,10 @@ pub async fn start(
     let mut tasks = JoinSet::new();
 
     let keyd_status = Arc::new(StatusCache::new(config.keyd.max_staleness));
-    let poller_client = Arc::new(KeydClient::new(
-        &config.keyd.url,
-        Arc::clone(&keyd_tls),
-        config.keyd.timeout,
-    )?);
+    let poller_client = Arc::new(
+        KeydClient::new(&config.keyd.url, Arc::clone(&keyd_tls), config.keyd.timeout)?
+            .with_reload(config.keyd.tls.clone()),
+    );
     tasks.spawn(run_status_poller(
         poller_client,
         Arc::clone(&keyd_status),
@@ -90,11 +89,10 @@ pub async fn start(
         shutdown.clone(),
     ));
     let audit = Arc::new(AuditQueue::new(config.keyd.audit_queue, metrics.clone()));
-    let audit_client = Arc::new(KeydClient::new(
-        &config.keyd.url,
-        keyd_tls,
-        config.keyd.timeout,
-    )?);
+    let audit_client = Arc::new(
+        KeydClient::new(&config.keyd.url, keyd_tls, config.keyd.timeout)?
+            .with_reload(config.keyd.tls.clone()),
+    );
     tasks.spawn(run_audit_flusher(
         audit_client,
         Arc::clone(&audit),

@@ -65,13 +65,33 @@ pub enum KeydError {
 }
 
 /// An mTLS client for keyd holding one keep-alive connection, re-established on failure.
+/// Built [`with_reload`](Self::with_reload), it picks up a renewed certificate or CA (a
+/// Secret the kubelet updated) before the next request.
 pub struct KeydClient {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
+    tls: Mutex<tokio_rustls::TlsConnector>,
+    reload: Option<Reload>,
     timeout: Duration,
     conn: tokio::sync::Mutex<Option<http1::SendRequest<Full<Bytes>>>>,
+}
+
+/// The files the client's TLS configuration came from, and their state when it was loaded.
+struct Reload {
+    paths: crate::tls::ClientTlsPaths,
+    loaded: Mutex<FilesState>,
+}
+
+/// Each file's modification time and size (`None`: unreadable).
+type FilesState = [Option<(std::time::SystemTime, u64)>; 3];
+
+fn files_state(paths: &crate::tls::ClientTlsPaths) -> FilesState {
+    [&paths.ca, &paths.cert, &paths.key].map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())))
+    })
 }
 
 impl fmt::Debug for KeydClient {
@@ -102,10 +122,47 @@ impl KeydClient {
             host,
             port,
             server_name,
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls: Mutex::new(tokio_rustls::TlsConnector::from(tls)),
+            reload: None,
             timeout,
             conn: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Reloads the TLS configuration from `paths` (what it was built from) when one of the
+    /// files changes.
+    pub fn with_reload(mut self, paths: crate::tls::ClientTlsPaths) -> Self {
+        let loaded = Mutex::new(files_state(&paths));
+        self.reload = Some(Reload { paths, loaded });
+        self
+    }
+
+    /// Loads the files again if they changed since; true when the configuration is new. A
+    /// configuration that does not load (a certificate written before its key) keeps the old
+    /// one until the next change.
+    fn reload_if_changed(&self) -> bool {
+        let Some(r) = &self.reload else {
+            return false;
+        };
+        let now = files_state(&r.paths);
+        let mut loaded = r.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if *loaded == now {
+            return false;
+        }
+        match crate::tls::client_config(&r.paths) {
+            Ok(tls) => {
+                *self.tls.lock().unwrap_or_else(PoisonError::into_inner) =
+                    tokio_rustls::TlsConnector::from(tls);
+                *loaded = now;
+                tracing::info!("reloaded the client certificate for keyd");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %keyd_mtls::error_chain(&e),
+                    "the client certificate for keyd changed but does not load; keeping the old one");
+                false
+            }
+        }
     }
 
     fn addr(&self) -> String {
@@ -121,8 +178,12 @@ impl KeydClient {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
+        let connector = self
             .tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let tls = connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|source| KeydError::Handshake { addr, source })?;
@@ -143,6 +204,10 @@ impl KeydClient {
     ) -> Result<(StatusCode, Bytes), KeydError> {
         let fut = async {
             let mut guard = self.conn.lock().await;
+            if self.reload_if_changed() {
+                // The kept connection speaks with the old certificate.
+                *guard = None;
+            }
             let mut retried = false;
             loop {
                 let mut sender = match guard.take() {

@@ -590,3 +590,55 @@ async fn http_a_replaced_serving_certificate_is_used_without_a_restart() {
     assert!(ok, "a client trusting only the new CA never got through");
     let _ = s.stop.send(true);
 }
+
+/// keyd renews the webhook's client certificate in its Secret and the kubelet updates the
+/// mounted files: the next request to keyd uses the new certificate, without a restart.
+#[tokio::test]
+async fn http_a_renewed_client_certificate_for_keyd_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyd = Keyd::start(&dir.path().join("keyd")).await;
+    let files = dir.path().join("client");
+    std::fs::create_dir_all(&files).unwrap();
+    let paths = keyd_webhook::tls::ClientTlsPaths {
+        ca: files.join("ca.crt"),
+        cert: files.join("tls.crt"),
+        key: files.join("tls.key"),
+    };
+    // First a certificate keyd does not trust (another CA's).
+    let other = keyd::pki::CertificateAuthority::generate("another CA").unwrap();
+    let foreign = other
+        .issue_client(
+            &keyd_proto::identity::Identity::Webhook("webhook".into()),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    std::fs::copy(&keyd.setup.pki.ca, &paths.ca).unwrap();
+    foreign.write(&paths.cert, &paths.key).unwrap();
+    keyd_webhook::tls::install_default_provider();
+    let tls = keyd_webhook::tls::client_config(&paths).unwrap();
+    let client = KeydClient::new(&keyd.url(), tls, Duration::from_secs(5))
+        .unwrap()
+        .with_reload(paths.clone());
+    assert!(
+        client.enforcement().await.is_err(),
+        "keyd took another CA's certificate"
+    );
+
+    // The renewed files: keyd's own certificate for the webhook.
+    std::fs::copy(&keyd.setup.pki.webhook.key, &paths.key).unwrap();
+    std::fs::copy(&keyd.setup.pki.webhook.cert, &paths.cert).unwrap();
+    client.enforcement().await.unwrap();
+
+    // Without reloading, the same renewal is not seen: the test above depends on it.
+    foreign.write(&paths.cert, &paths.key).unwrap();
+    let fixed = KeydClient::new(
+        &keyd.url(),
+        keyd_webhook::tls::client_config(&paths).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    std::fs::copy(&keyd.setup.pki.webhook.key, &paths.key).unwrap();
+    std::fs::copy(&keyd.setup.pki.webhook.cert, &paths.cert).unwrap();
+    assert!(fixed.enforcement().await.is_err());
+    keyd.stop().await;
+}

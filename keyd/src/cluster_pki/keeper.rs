@@ -20,6 +20,8 @@ use crate::service::Keyd;
 use crate::store::AuditEvent;
 
 const CERT_MODE: u32 = 0o644;
+/// The longest one pass (or the start's reading of the CA) may wait for the API server.
+const PASS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 const KEY_MODE: u32 = 0o600;
 
 /// Keeps the certificates of `[cluster_pki]` current; [`Keeper::run`] checks them every
@@ -29,6 +31,38 @@ pub struct Keeper {
     keyd: Arc<Keyd>,
     client: kube::Client,
     ca: CertificateAuthority,
+    verifiers: Verifiers,
+}
+
+/// rustls' verifiers trusting only the CA: a kept certificate is good when they accept it.
+struct Verifiers {
+    server: Arc<rustls::client::WebPkiServerVerifier>,
+    client: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl Verifiers {
+    fn of(ca: &CertificateAuthority) -> anyhow::Result<Self> {
+        let der = inspect(&ca.cert_pem())
+            .map_err(|e| anyhow!("the CA certificate {e}"))?
+            .der;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der))
+            .context("the CA certificate as a trust anchor")?;
+        let roots = Arc::new(roots);
+        let provider = keyd_mtls::tls::provider();
+        Ok(Self {
+            server: rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::clone(&roots),
+                Arc::clone(&provider),
+            )
+            .build()
+            .context("a verifier for the CA")?,
+            client: rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .context("a verifier for the CA")?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Keeper {
@@ -43,16 +77,41 @@ impl std::fmt::Debug for Keeper {
 /// Before keyd's listeners start: the CA from its Secret (created when there is none) and
 /// keyd's own serving certificate, written to `cfg.dir` where `tls.*` and `bootstrap.ca_key`
 /// point.
+///
+/// When the API server cannot be reached, a restarted container of the same pod starts from
+/// the CA and certificate an earlier start wrote to `cfg.dir`; the keeper catches up later.
 pub async fn prepare(cfg: &ClusterPkiConfig, keyd: &Arc<Keyd>) -> anyhow::Result<Keeper> {
+    use std::os::unix::fs::PermissionsExt as _;
     crate::fsutil::create_private_dir(&cfg.dir)
+        .and_then(|()| std::fs::set_permissions(&cfg.dir, std::fs::Permissions::from_mode(0o700)))
         .with_context(|| format!("creating cluster_pki.dir {}", cfg.dir.display()))?;
     let client = crate::policy_watch::client(&cfg.kube)
         .context("building the Kubernetes client for [cluster_pki]")?;
-    let ca = ensure_ca(cfg, keyd, &client).await?;
+    let ca = match tokio::time::timeout(PASS_TIMEOUT, ensure_ca(cfg, keyd, &client)).await {
+        Ok(Ok(ca)) => ca,
+        outcome => {
+            let e = match outcome {
+                Ok(Err(e)) => e,
+                _ => anyhow!("the API server did not answer within {PASS_TIMEOUT:?}"),
+            };
+            let own = std::fs::read_to_string(cfg.server_cert_path()).ok();
+            match CertificateAuthority::load(&cfg.ca_cert_path(), &cfg.ca_key_path()) {
+                Ok(ca) if own.is_some() => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cluster_pki: cannot read the CA's Secret; starting from the CA and certificate this pod already holds"
+                    );
+                    ca
+                }
+                _ => return Err(e),
+            }
+        }
+    };
     let keeper = Keeper {
         cfg: cfg.clone(),
         keyd: Arc::clone(keyd),
         client,
+        verifiers: Verifiers::of(&ca)?,
         ca,
     };
     keeper.keep_own().await?;
@@ -82,43 +141,60 @@ async fn ensure_ca(
                 .with_context(|| format!("{what} does not hold a CA keyd can use"));
         }
         let ca = CertificateAuthority::generate("keyd CA").context("generating the CA")?;
-        let cert_pem = ca.cert_pem();
-        let info = inspect(&cert_pem).map_err(|e| anyhow!("the new CA certificate {e}"))?;
         // Durable before the CA is stored: a CA nobody can audit does not come to exist. A
         // replica that loses the race below has recorded a CA that was never stored.
-        keyd.audit(AuditEvent::new(
-            "pki.ca.created",
-            keyd.system_actor("pki"),
-            json!({ "secret": format!("{}/{}", cfg.namespace, cfg.ca_secret),
-                    "serial": info.serial, "sha256": fingerprint(&cert_pem),
-                    "not_after": info.not_after }),
-        ))
-        .await
-        .context("auditing the new CA")?;
-        let key_pem = ca.key_pem();
-        let mut data = BTreeMap::new();
-        data.insert("tls.crt".to_owned(), ByteString(cert_pem.into_bytes()));
-        data.insert(
-            "tls.key".to_owned(),
-            ByteString(key_pem.as_bytes().to_vec()),
-        );
-        let mut secret = tls_secret(cfg, &cfg.ca_secret, data);
-        let created = secrets.create(&PostParams::default(), &secret).await;
-        zeroize_data(secret.data.take().unwrap_or_default());
-        match created {
+        match store_ca(cfg, keyd, &secrets, &ca, "pki.ca.created").await? {
             Ok(_) => {
                 tracing::info!(secret = %what, "created the cluster CA");
                 ca.write(&cfg.ca_cert_path(), &cfg.ca_key_path())
                     .context("writing the CA to cluster_pki.dir")?;
                 return Ok(ca);
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => {
+            Err(e) if is_conflict(&e) => {
                 tracing::info!(secret = %what, "another replica created the CA first; using it");
             }
             Err(e) => return Err(e).with_context(|| format!("creating {what}")),
         }
     }
     bail!("{what} was created and then disappeared three times over; is something deleting it?")
+}
+
+/// Audits `action` for `ca`, then creates its Secret. The outer error: the audit failed and
+/// nothing was created; the inner: what the API server answered.
+async fn store_ca(
+    cfg: &ClusterPkiConfig,
+    keyd: &Keyd,
+    secrets: &Api<Secret>,
+    ca: &CertificateAuthority,
+    action: &str,
+) -> anyhow::Result<Result<Secret, kube::Error>> {
+    let cert_pem = ca.cert_pem();
+    let info = inspect(&cert_pem).map_err(|e| anyhow!("the CA certificate {e}"))?;
+    keyd.audit(AuditEvent::new(
+        action,
+        keyd.system_actor("pki"),
+        json!({ "secret": format!("{}/{}", cfg.namespace, cfg.ca_secret),
+                "serial": info.serial, "sha256": hex::encode(Sha256::digest(&info.der)),
+                "not_after": info.not_after }),
+    ))
+    .await
+    .context("auditing the CA")?;
+    let key_pem = ca.key_pem();
+    let data = BTreeMap::from([
+        ("tls.crt".to_owned(), ByteString(cert_pem.into_bytes())),
+        (
+            "tls.key".to_owned(),
+            ByteString(key_pem.as_bytes().to_vec()),
+        ),
+    ]);
+    let mut secret = tls_secret(cfg, &cfg.ca_secret, data);
+    let created = secrets.create(&PostParams::default(), &secret).await;
+    zeroize_data(secret.data.take().unwrap_or_default());
+    Ok(created)
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
 fn write_ca_files(
@@ -139,10 +215,6 @@ fn zeroize_data(mut data: BTreeMap<String, ByteString>) {
     for v in data.values_mut() {
         v.0.zeroize();
     }
-}
-
-fn fingerprint(cert_pem: &str) -> String {
-    hex::encode(Sha256::digest(cert_pem.as_bytes()))
 }
 
 fn managed_meta(cfg: &ClusterPkiConfig, name: &str) -> ObjectMeta {
@@ -186,16 +258,27 @@ enum Want<'a> {
 }
 
 impl Keeper {
-    /// Checks every certificate every `check_interval` until `shutdown`.
+    /// Checks every certificate every `check_interval` until `shutdown`. A pass that takes
+    /// longer than [`PASS_TIMEOUT`] (an API server that stopped answering) counts as failed.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
-            match self.pass().await {
-                Ok(()) => {
+            let outcome = tokio::select! {
+                o = tokio::time::timeout(PASS_TIMEOUT, self.pass()) => o,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match outcome {
+                Ok(Ok(())) => {
                     self.keyd.metrics.pki.last_success.set(now() as i64);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.keyd.metrics.pki.failures.inc();
                     tracing::warn!(error = format!("{e:#}"), "cluster_pki: a pass failed");
+                }
+                Err(_) => {
+                    self.keyd.metrics.pki.failures.inc();
+                    tracing::warn!(
+                        "cluster_pki: a pass failed: the API server did not answer within {PASS_TIMEOUT:?}"
+                    );
                 }
             }
             tokio::select! {
@@ -206,22 +289,46 @@ impl Keeper {
     }
 
     /// One check of everything; an error in one part does not keep the others from running.
+    /// Every replica keeps its own certificate; what replicas share (the CA's Secret, the
+    /// ConfigMap, the Secrets, the caBundle) only the leader writes.
     pub async fn pass(&self) -> anyhow::Result<()> {
         let mut errors = Vec::new();
         if let Err(e) = self.keep_own().await {
             errors.push(e);
         }
-        if let Err(e) = self.keep_trust().await {
-            errors.push(e);
+        if let Ok(info) = inspect(&self.ca.cert_pem()) {
+            self.record(&self.cfg.ca_secret, &info);
         }
-        for issue in &self.cfg.issue {
-            if let Err(e) = self.keep_secret(issue).await {
-                errors.push(e);
-            }
-        }
-        for name in &self.cfg.webhook_configurations {
-            if let Err(e) = self.keep_ca_bundle(name).await {
-                errors.push(e);
+        match self.check_ca().await {
+            Err(e) => errors.push(e),
+            Ok(()) if !self.keyd.is_leader() => {}
+            Ok(()) => {
+                if let Err(e) = self.keep_trust().await {
+                    errors.push(e);
+                }
+                let mut serving_ok = true;
+                for issue in &self.cfg.issue {
+                    if let Err(e) = self.keep_secret(issue).await {
+                        serving_ok &= !matches!(issue.kind, IssueKind::Server(_));
+                        errors.push(e);
+                    }
+                }
+                // The API server trusts the CA for the webhooks only once their serving
+                // certificates are keyd's: a Secret keyd leaves alone (cert-manager's, during
+                // a move) keeps its caBundle.
+                for name in &self.cfg.webhook_configurations {
+                    let kept = if serving_ok {
+                        self.keep_ca_bundle(name).await
+                    } else {
+                        Err(anyhow!(
+                            "ValidatingWebhookConfiguration {name}: caBundle left as it is while a \
+                             serving certificate is not keyd's"
+                        ))
+                    };
+                    if let Err(e) = kept {
+                        errors.push(e);
+                    }
+                }
             }
         }
         match errors.len() {
@@ -238,6 +345,43 @@ impl Keeper {
         }
     }
 
+    /// The CA's Secret still holds the CA this process signs with. Deleted, the leader puts it
+    /// back. Changed (an operator replacing the CA), this process restarts to load it, and
+    /// writes nothing with the old one meanwhile.
+    async fn check_ca(&self) -> anyhow::Result<()> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
+        let what = format!("Secret {}/{}", self.cfg.namespace, self.cfg.ca_secret);
+        let stored = secrets
+            .get_opt(&self.cfg.ca_secret)
+            .await
+            .with_context(|| format!("reading {what}"))?;
+        match stored {
+            None if self.keyd.is_leader() => {
+                match store_ca(&self.cfg, &self.keyd, &secrets, &self.ca, "pki.ca.restored").await?
+                {
+                    Ok(_) => {
+                        tracing::warn!(secret = %what, "the CA's Secret was deleted; put it back");
+                        Ok(())
+                    }
+                    Err(e) if is_conflict(&e) => Ok(()),
+                    Err(e) => Err(e).with_context(|| format!("restoring {what}")),
+                }
+            }
+            None => bail!("{what} is gone; the leader puts it back"),
+            Some(mut secret) => {
+                let data = secret.data.take().unwrap_or_default();
+                let same = data.get("tls.crt").map(|c| c.0.as_slice())
+                    == Some(self.ca.cert_pem().as_bytes());
+                zeroize_data(data);
+                if same {
+                    return Ok(());
+                }
+                let why = format!("{what} holds another CA than the one this keyd loaded");
+                self.keyd.want_restart(why.clone());
+                bail!("{why}: restarting to load it")
+            }
+        }
+    }
     /// Why a certificate must be issued anew, or `None` while it is good. `cert` and `key`
     /// are what is stored, if anything.
     fn due(
@@ -256,9 +400,7 @@ impl Keeper {
         if !key_matches(&info, key) {
             return Some("unreadable");
         }
-        if ca.is_some_and(|ca| ca != self.ca.cert_pem())
-            || info.authority_key_id != self.ca.key_id()
-        {
+        if ca.is_some_and(|ca| ca != self.ca.cert_pem()) || !self.signed_by_ca(&info, want) {
             return Some("ca_changed");
         }
         let matches = match want {
@@ -276,6 +418,33 @@ impl Keeper {
             return Some("renewal");
         }
         None
+    }
+
+    /// Whether a TLS peer trusting only the CA accepts this certificate for `want`'s use: the
+    /// CA's signature, the validity period and the key usage, as rustls checks them.
+    fn signed_by_ca(&self, info: &CertificateInfo, want: &Want<'_>) -> bool {
+        use rustls::client::danger::ServerCertVerifier as _;
+        let leaf = rustls_pki_types::CertificateDer::from(info.der.clone());
+        let now = rustls_pki_types::UnixTime::now();
+        match want {
+            Want::Server(names) => {
+                let Some(name) = names
+                    .first()
+                    .and_then(|n| rustls_pki_types::ServerName::try_from(n.clone()).ok())
+                else {
+                    return false;
+                };
+                self.verifiers
+                    .server
+                    .verify_server_cert(&leaf, &[], &name, &[], now)
+                    .is_ok()
+            }
+            Want::Client(_) => self
+                .verifiers
+                .client
+                .verify_client_cert(&leaf, &[], now)
+                .is_ok(),
+        }
     }
 
     fn record(&self, label: &str, info: &CertificateInfo) {
@@ -322,7 +491,7 @@ impl Keeper {
     /// in place (the listeners reload it).
     async fn keep_own(&self) -> anyhow::Result<()> {
         let cert = std::fs::read_to_string(self.cfg.server_cert_path()).ok();
-        let key = std::fs::read(self.cfg.server_key_path())
+        let key = keyd_mtls::tls::read_secret(&self.cfg.server_key_path())
             .ok()
             .map(|k| Zeroizing::new(String::from_utf8_lossy(&k).into_owned()));
         let want = Want::Server(&self.cfg.server_names);
@@ -409,12 +578,15 @@ impl Keeper {
             .await
             .with_context(|| format!("reading {what}"))?;
         let mut existing = match existing {
-            Some(s) if !is_managed(&s.metadata) => bail!(
-                "{what} exists but keyd did not create it (no label {}={}); keyd leaves it \
-                 alone: delete it or name another Secret in [[cluster_pki.issue]]",
-                MANAGED_BY.0,
-                MANAGED_BY.1
-            ),
+            Some(mut s) if !is_managed(&s.metadata) => {
+                zeroize_data(s.data.take().unwrap_or_default());
+                bail!(
+                    "{what} exists but keyd did not create it (no label {}={}); keyd leaves it \
+                     alone: delete it or name another Secret in [[cluster_pki.issue]]",
+                    MANAGED_BY.0,
+                    MANAGED_BY.1
+                )
+            }
             other => other,
         };
         let data = existing
@@ -462,8 +634,13 @@ impl Keeper {
         let written = match existing {
             None => secrets.create(&PostParams::default(), &secret).await,
             Some(old) => {
-                // Optimistic: another replica that renewed it meanwhile makes this one fail
-                // (409), and the next pass finds theirs good.
+                // Optimistic: a write meanwhile (a replica that led a moment ago) makes this
+                // one fail with 409, and the next pass checks what is there. Labels and
+                // annotations other tools added stay.
+                let mut labels = old.metadata.labels.unwrap_or_default();
+                labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
+                secret.metadata.labels = Some(labels);
+                secret.metadata.annotations = old.metadata.annotations;
                 secret.metadata.resource_version = old.metadata.resource_version;
                 secrets
                     .replace(&issue.secret, &PostParams::default(), &secret)
@@ -471,7 +648,14 @@ impl Keeper {
             }
         };
         zeroize_data(secret.data.take().unwrap_or_default());
-        written.with_context(|| format!("writing {what}"))?;
+        match written {
+            Ok(_) => {}
+            Err(e) if is_conflict(&e) => {
+                tracing::info!(secret = %what, "written meanwhile by another keyd; checked again next pass");
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("writing {what}")),
+        }
         tracing::info!(secret = %what, reason, serial = info.serial, "issued a certificate");
         self.record(&issue.secret, &info);
         Ok(())

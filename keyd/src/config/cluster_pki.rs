@@ -157,7 +157,11 @@ impl RawClusterPki {
                 .secret
                 .ok_or_else(|| cerr(&field("secret"), "required"))?;
             object_name(&field("secret"), &secret)?;
-            if secret == ca_secret || issue.iter().any(|o: &Issue| o.secret == secret) {
+            // `keyd-server` names keyd's own certificate in the expiry metric.
+            if secret == ca_secret
+                || secret == "keyd-server"
+                || issue.iter().any(|o: &Issue| o.secret == secret)
+            {
                 return Err(cerr(
                     &field("secret"),
                     format!("{secret:?} is already used; every certificate needs its own Secret"),

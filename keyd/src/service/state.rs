@@ -741,14 +741,14 @@ impl Keyd {
         let _ = self.replica_name.set(name);
     }
 
-    /// The actor of what keyd does by itself in `role` (`keyd/rollout`), naming the replica on
-    /// a shared store (`keyd/rollout@NAME`): the audit log then shows which replica acted, and
-    /// that only the term's leader ran what only a leader runs.
     /// This replica's name on a shared store (`None` on redb).
     pub fn replica_name(&self) -> Option<String> {
         self.replica_name.get().cloned()
     }
 
+    /// The actor of what keyd does by itself in `role` (`keyd/rollout`), naming the replica on
+    /// a shared store (`keyd/rollout@NAME`): the audit log then shows which replica acted, and
+    /// that only the term's leader ran what only a leader runs.
     pub fn system_actor(&self, role: &str) -> String {
         match self.replica_name.get() {
             Some(name) => format!("keyd/{role}@{name}"),
@@ -1012,8 +1012,15 @@ impl Keyd {
         )));
     }
 
+    /// Asks for this process to restart (`keyd serve` exits with status 75, and its supervisor
+    /// starts it again): what it loaded at start is no longer what it must serve with.
+    pub fn want_restart(&self, why: String) {
+        self.restart.send_replace(Some(why));
+    }
+
     /// Becomes `Some(why)` when this process must restart to go on serving (the KEK custodian
-    /// changed on another replica); `keyd serve` then exits with status 75.
+    /// changed on another replica, the cluster CA was replaced); `keyd serve` then exits with
+    /// status 75.
     pub fn restart_wanted(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.restart.subscribe()
     }
