@@ -47,18 +47,32 @@ impl FixedDirs {
         )
     }
 
-    /// Removes what the node left in them: its CNI results (files named after its `network`),
-    /// the kubelet's device-plugin socket in a directory the node made, and then every one of
-    /// the directories it made that is empty (children first). A directory that another
-    /// program's files still fill stays.
-    pub(super) fn clean(&self, network: &str) {
+    /// Writes them to `path`, one a line, for the janitor.
+    pub(super) fn write(&self, path: &Path) -> std::io::Result<()> {
+        let lines: String = self
+            .0
+            .iter()
+            .map(|d| format!("{}\n", d.display()))
+            .collect();
+        std::fs::write(path, lines)
+    }
+
+    /// Removes what the node left in them: its CNI results (files named NETWORK-SANDBOX-IF,
+    /// for its `network` and for the loopback network of its `sandboxes`), the kubelet's
+    /// device-plugin socket in a directory the node made, and then every one of the
+    /// directories it made that is empty (children first). A directory that another program's
+    /// files still fill stays.
+    pub(super) fn clean(&self, network: &str, sandboxes: &[String]) {
         let prefix = format!("{network}-");
         for entry in std::fs::read_dir("/var/lib/cni/results")
             .into_iter()
             .flatten()
             .flatten()
         {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix)
+                || sandboxes.iter().any(|id| name.contains(&format!("-{id}-")))
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -89,6 +103,16 @@ impl Sysctls {
                 })
                 .collect(),
         )
+    }
+
+    /// Writes them to `path` as "PATH VALUE" lines, for the janitor.
+    pub(super) fn write(&self, path: &Path) -> std::io::Result<()> {
+        let lines: String = self
+            .0
+            .iter()
+            .map(|(p, v)| format!("{} {}\n", p.display(), v.trim()))
+            .collect();
+        std::fs::write(path, lines)
     }
 
     pub(super) fn restore(&self) {

@@ -34,7 +34,7 @@ pub mod image;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
@@ -63,6 +63,9 @@ const CONTROLLERS: &[&str] = &[
 
 /// The default cache of kubelet and kube-scheduler (`scripts/kube-node.sh` builds it).
 const NODE_CACHE: &str = "/var/cache/keyd-test/kube-node-1.20";
+
+/// Undoes what the node did if the test process dies without dropping it (see the script).
+const JANITOR_SH: &str = include_str!("janitor.sh");
 
 /// Where Debian's containernetworking-plugins puts the CNI plugins.
 const CNI_BIN: &str = "/usr/lib/cni";
@@ -201,6 +204,8 @@ pub struct KubeletCluster {
     scheduler: Option<Guarded>,
     containerd: Option<Guarded>,
     kubelet: Option<Guarded>,
+    /// Its stdin; closing it (Drop, or this process dying) sets it to work.
+    janitor: Option<(Child, ChildStdin)>,
 }
 
 impl std::fmt::Debug for KubeletCluster {
@@ -256,8 +261,11 @@ impl KubeletCluster {
             scheduler: None,
             containerd: None,
             kubelet: None,
+            janitor: None,
         };
-        // From here on, a panic drops `node`, which undoes whatever was done so far.
+        // From here on, a panic drops `node`, which undoes whatever was done so far, and if
+        // this process is killed, the janitor does.
+        node.start_janitor();
         node.start_scheduler();
         node.create_bridge();
         host::create_cgroup(&node.cgroup_root).unwrap();
@@ -344,6 +352,26 @@ impl KubeletCluster {
     /// The address pods reach the node at (the bridge's), which is also its InternalIP.
     pub fn node_ip(&self) -> String {
         format!("10.244.{}.1", self.subnet)
+    }
+
+    fn start_janitor(&mut self) {
+        self.sysctls.write(&self.dir.join("sysctls")).unwrap();
+        self.fixed_dirs.write(&self.dir.join("made-dirs")).unwrap();
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(JANITOR_SH)
+            .arg("janitor")
+            .arg(&self.top)
+            .arg(&self.dir)
+            .arg(&self.socket)
+            .arg(&self.bridge)
+            .arg(&self.cgroup_root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot start the kubelet cluster's janitor");
+        let stdin = child.stdin.take().expect("piped");
+        self.janitor = Some((child, stdin));
     }
 
     fn start_scheduler(&mut self) {
@@ -658,12 +686,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 impl Drop for KubeletCluster {
     fn drop(&mut self) {
-        let pods: Vec<String> = std::fs::read_dir(self.dir.join("kubelet/pods"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let names = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let pods = names(&self.dir.join("kubelet/pods"));
+        let sandboxes = names(
+            &self
+                .dir
+                .join("containerd/root/io.containerd.grpc.v1.cri/sandboxes"),
+        );
         // The kubelet first, so that nothing restarts what follows; then the pods' processes.
         drop(self.kubelet.take());
         drop(self.scheduler.take());
@@ -691,12 +727,17 @@ impl Drop for KubeletCluster {
         host::remove_cgroup(&self.cgroup_root, Duration::from_secs(5));
         self.sysctls.restore();
         host::remove_pod_logs(&pods);
-        self.fixed_dirs.clean(&self.bridge);
+        self.fixed_dirs.clean(&self.bridge, &sandboxes);
         // The API server, the controller manager and etcd last: then nothing writes under
         // `top` any more.
         drop(self.cluster.take());
         if mounted.is_empty() {
             let _ = std::fs::remove_dir_all(&self.top);
+            // With the directory gone, the janitor has nothing to do.
+            if let Some((mut child, stdin)) = self.janitor.take() {
+                drop(stdin);
+                let _ = child.wait();
+            }
         } else {
             // Removing files through a mount would remove them from what is mounted.
             eprintln!(
