@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what the one-node kubelet cluster (tests/src/kubelet.rs) needs besides the API server,
+# Installs what the one-node kubelet cluster (tests/src/kubelet/) needs besides the API server,
 # idempotently: kubelet and kube-scheduler, built from Debian's `kubernetes` source package the
 # same way, and with the same reflect2 fix, as scripts/kube-apiserver.sh builds kube-apiserver
-# (scripts/lib/kube-source.sh). A cold build takes about MINUTES minutes on 2 cores, so the binaries
-# are cached outside the work tree in $KUBE_NODE_CACHE (default /var/cache/keyd-test/kube-node-1.20)
+# (scripts/lib/kube-source.sh). A cold build takes about 15 CPU-minutes: measured 17-19 minutes
+# on 2 cores that another build was sharing (alone, expect about half). So the binaries are cached
+# outside the work tree in $KUBE_NODE_CACHE (default /var/cache/keyd-test/kube-node-1.20, 145 MB)
 # with a BUILD stamp of their own: building them never invalidates kube-apiserver's cache.
 # The tests find the binaries through KUBE_TEST_KUBELET / KUBE_TEST_SCHEDULER, or in that cache.
 # Needs root for apt-get; prints the cache directory on success.
