@@ -220,33 +220,33 @@ impl std::fmt::Debug for KubeletCluster {
 
 impl KubeletCluster {
     /// Starts the whole cluster and returns once the node is Ready (and untainted, so that pods
-    /// are scheduled onto it) and the `default` namespace's
-    /// service account has its token (before then, the API server refuses pods). Panics, with
-    /// the log tail of what failed, if that takes longer than about three minutes. Check
-    /// [`binaries`] first.
+    /// are scheduled onto it) and the `default` namespace's service account has its token
+    /// (before then, the API server refuses pods). Panics, with the log tail of what failed, if
+    /// that takes longer than about three minutes. Check [`binaries`] first.
     pub async fn start() -> Self {
         let binaries = binaries().unwrap();
-        let top = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix("keyd-kubelet.")
             .tempdir()
-            .unwrap()
-            // Removed by Drop, and only once nothing is mounted under it.
-            .keep();
-        let dir = top.join("node");
+            .unwrap();
+        let dir = tmp.path().join("node");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::create_dir_all(top.join("api")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("api")).unwrap();
         let options = cluster::Options {
             nodes: vec![NODE.to_owned()],
             ..cluster::Options::default()
         };
         let started = Instant::now();
-        let mut cluster = Cluster::start_with(&top.join("api"), &options).await;
+        let mut cluster = Cluster::start_with(&tmp.path().join("api"), &options).await;
         cluster.start_controllers(CONTROLLERS);
         eprintln!(
             "kubelet cluster: API server ready in {:.1?}",
             started.elapsed()
         );
         let subnet = free_subnet();
+        // From here on Drop (or the janitor) removes it, and only once nothing is mounted
+        // under it.
+        let top = tmp.keep();
         let mut node = Self {
             cluster: Some(cluster),
             socket: dir.join("containerd.sock"),
