@@ -77,9 +77,14 @@ impl Guarded {
     }
 
     pub(crate) fn log_tail(&self) -> String {
+        self.log_tail_lines(30)
+    }
+
+    /// The last `n` lines of its output.
+    pub(crate) fn log_tail_lines(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     pub(crate) fn exited(&mut self) -> bool {
@@ -131,6 +136,35 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
+/// How a cluster's API server is set up beyond what every test gets.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long the API server may take to become ready (under emulation, as in the VM test, it
+    /// starts several times slower).
+    pub ready: Duration,
+    /// Node names that kubelets join as. With any, the API server is set up as for real nodes:
+    /// the Node authorizer and NodeRestriction, the ServiceAccount admission plugin (pods get
+    /// their account and its token), privileged pods allowed, kubelets reached at their
+    /// InternalIP; and each name gets a token in `system:nodes` ([`node_token`]). Without, pods
+    /// get no service account (the webhook's tests have none to mount).
+    pub nodes: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ready: Duration::from_secs(90),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// The bearer token of node `name` (as `system:node:NAME` in `system:nodes`), when the cluster
+/// was started with it in [`Options::nodes`].
+pub fn node_token(name: &str) -> String {
+    format!("node-{name}-token")
+}
+
 /// etcd + kube-apiserver, with an admin token and a kubeconfig.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -157,12 +191,21 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Starts both servers under `dir` and waits until the API server is ready.
     pub async fn start(dir: &Path) -> Self {
-        Self::start_within(dir, Duration::from_secs(90)).await
+        Self::start_with(dir, &Options::default()).await
     }
 
     /// As [`Cluster::start`], waiting up to `ready` for the API server (under emulation, as in
     /// the VM test, it starts several times slower).
     pub async fn start_within(dir: &Path, ready: Duration) -> Self {
+        let options = Options {
+            ready,
+            ..Options::default()
+        };
+        Self::start_with(dir, &options).await
+    }
+
+    /// As [`Cluster::start`], set up as `options` say.
+    pub async fn start_with(dir: &Path, options: &Options) -> Self {
         let (apiserver_bin, etcd_bin) = binaries().unwrap();
         let dir = dir.to_owned();
         // Certificates: our CA signs the API server's serving certificate for 127.0.0.1.
@@ -183,7 +226,14 @@ impl Cluster {
         std::fs::write(&sa_key, sa.serialize_pem()).unwrap();
         std::fs::write(&sa_pub, sa.public_key_pem()).unwrap();
         let tokens = dir.join("tokens.csv");
-        std::fs::write(&tokens, "admin-token,admin,admin,\"system:masters\"\n").unwrap();
+        let mut token_lines = "admin-token,admin,admin,\"system:masters\"\n".to_owned();
+        for node in &options.nodes {
+            token_lines.push_str(&format!(
+                "{},system:node:{node},node-{node},\"system:nodes\"\n",
+                node_token(node)
+            ));
+        }
+        std::fs::write(&tokens, token_lines).unwrap();
 
         let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -203,27 +253,41 @@ impl Cluster {
         );
         wait_tcp(&mut etcd, ([127, 0, 0, 1], client_port).into()).await;
 
-        let apiserver = Guarded::spawn(
-            "kube-apiserver",
-            &apiserver_bin,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                "--endpoint-reconciler-type=none".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", dir.join("apiserver-certs").display()),
-                format!("--tls-cert-file={}", cert.display()),
-                format!("--tls-private-key-file={}", key.display()),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", sa_pub.display()),
-                format!("--service-account-signing-key-file={}", sa_key.display()),
-                format!("--token-auth-file={}", tokens.display()),
+        let mut args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            "--endpoint-reconciler-type=none".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+            format!("--tls-cert-file={}", cert.display()),
+            format!("--tls-private-key-file={}", key.display()),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", sa_pub.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            format!("--token-auth-file={}", tokens.display()),
+        ];
+        if options.nodes.is_empty() {
+            args.extend([
                 "--authorization-mode=RBAC".into(),
                 // Pods in these tests have no service account to mount.
                 "--disable-admission-plugins=ServiceAccount".into(),
-            ],
+            ]);
+        } else {
+            args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                // node-shim's pods are privileged.
+                "--allow-privileged=true".into(),
+                // A test node's name resolves nowhere; its InternalIP is a local address.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]);
+        }
+        let apiserver = Guarded::spawn(
+            "kube-apiserver",
+            &apiserver_bin,
+            &args,
             dir.join("apiserver.log"),
         );
         let url = format!("https://127.0.0.1:{api_port}");
@@ -249,13 +313,20 @@ impl Cluster {
             apiserver,
             _etcd: etcd,
         };
-        cluster.wait_ready(ready).await;
+        cluster.wait_ready(options.ready).await;
         cluster
     }
 
     /// Starts kube-controller-manager with only the Deployment and ReplicaSet controllers, so
     /// that workloads create pods (which the webhook then judges) as in a real cluster.
     pub fn start_controller_manager(&mut self) {
+        self.start_controllers(&["deployment", "replicaset"]);
+    }
+
+    /// Starts kube-controller-manager with the named controllers (as its `--controllers` names
+    /// them). It can sign service-account token secrets (`serviceaccount-token`) with the key
+    /// the API server verifies them with, and puts this cluster's CA in them.
+    pub fn start_controllers(&mut self, controllers: &[&str]) {
         let bin = binaries()
             .unwrap()
             .0
@@ -270,7 +341,12 @@ impl Cluster {
             &bin,
             &[
                 format!("--kubeconfig={}", self.kubeconfig.display()),
-                "--controllers=deployment,replicaset".into(),
+                format!("--controllers={}", controllers.join(",")),
+                format!(
+                    "--service-account-private-key-file={}",
+                    self.dir.join("sa.key").display()
+                ),
+                format!("--root-ca-file={}", self.ca_pem().display()),
                 "--leader-elect=false".into(),
                 "--use-service-account-credentials=false".into(),
                 // No listeners: nothing to collide with other tests on this machine.
@@ -279,6 +355,11 @@ impl Cluster {
             ],
             self.dir.join("controller-manager.log"),
         ));
+    }
+
+    /// The CA that signed the API server's serving certificate.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("apiserver-ca.pem")
     }
 
     pub fn controller_manager_log(&self) -> String {

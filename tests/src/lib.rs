@@ -1,6 +1,7 @@
 //! Cross-component tests and harnesses for keyd, the webhook and node-shim.
 //!
-//! [`cluster`] runs a real etcd + kube-apiserver on loopback. Key custody harnesses: [`vault_double`] (a test double of Vault's HTTP API), [`vault_admin`]
+//! [`cluster`] runs a real etcd + kube-apiserver on loopback; [`kubelet`] adds kube-scheduler,
+//! containerd and a kubelet to make a one-node cluster that runs pods from locally built images. Key custody harnesses: [`vault_double`] (a test double of Vault's HTTP API), [`vault_admin`]
 //! (sets up transit keys, policies and logins on the double or on a real Vault when
 //! `VAULT_ADDR` and `VAULT_TOKEN` are set), and [`moto`] (moto's KMS server on loopback).
 //! [`loadgen`] is the keyd benchmark behind `cargo run --release -p keyd-tests --bin loadgen`
@@ -13,6 +14,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod http;
+pub mod kubelet;
 pub mod loadgen;
 pub mod manifests;
 pub mod monitoring;
