@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::{ClusterPkiConfig, Issue, IssueKind, MANAGED_BY, canonical_names};
+use super::config::{ClusterPkiConfig, Issue, IssueKind, MANAGED_BY, canonical_names};
 use crate::pki::{CertificateAuthority, CertificateInfo, IssuedCert, inspect, key_matches};
 use crate::service::Keyd;
 use crate::store::AuditEvent;
