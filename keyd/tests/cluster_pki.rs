@@ -224,6 +224,15 @@ async fn get_as(
     conn.get(path).await.unwrap().status
 }
 
+/// A real API server with keyd's namespace and the webhook configuration keyd keeps.
+async fn cluster_for_keyd(dir: &Path) -> (Cluster, kube::Client) {
+    let cluster = Cluster::start(dir).await;
+    let client = cluster.client().await;
+    namespace(&client, NS).await;
+    webhook_configuration(&client).await;
+    (cluster, client)
+}
+
 fn require_cluster() -> bool {
     keyd_tests::prereq::require("kube-apiserver and etcd", cluster::binaries().map(drop))
 }
@@ -234,10 +243,7 @@ async fn keyd_issues_and_keeps_the_clusters_certificates_without_cert_manager() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path()).await;
-    let client = cluster.client().await;
-    namespace(&client, NS).await;
-    webhook_configuration(&client).await;
+    let (cluster, client) = cluster_for_keyd(dir.path()).await;
     // A Secret of a configured name that keyd did not create: never overwritten.
     let foreign: Secret = serde_json::from_value(json!({
         "metadata": {"name": "keyd-admin", "namespace": NS},
@@ -529,10 +535,7 @@ async fn replicas_starting_together_agree_on_one_ca() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path()).await;
-    let client = cluster.client().await;
-    namespace(&client, NS).await;
-    webhook_configuration(&client).await;
+    let (cluster, client) = cluster_for_keyd(dir.path()).await;
     let toml = keyd_toml(&cluster, dir.path(), NS, "2160h");
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let (a, b) = tokio::join!(Keyd::start(&toml, &dir_a), Keyd::start(&toml, &dir_b));

@@ -332,18 +332,8 @@ fn the_cert_manager_config_is_one_keyd_accepts_in_its_pod() {
     let Some(tools) = manifests::Tools::required() else {
         return;
     };
-    let objects = manifests::render(
-        &tools,
-        &manifests::deploy_dir().join("overlays/cert-manager"),
-    )
-    .unwrap();
-    let text = manifests::find(&objects, "ConfigMap", "keyd")["data"]["keyd.toml"]
-        .as_str()
-        .expect("the ConfigMap keyd has keyd.toml")
-        .to_owned();
-    let pod = PodContainer::of_workload(manifests::find(&objects, "StatefulSet", "keyd"), "keyd");
     let root = tempfile::tempdir().unwrap();
-    let config = load(&text, &pod, root.path());
+    let (text, pod, config) = load_overlay(&tools, "overlays/cert-manager", root.path());
     assert!(config.cluster_pki.is_none());
     let bootstrap = config.bootstrap.as_ref().expect("[bootstrap]");
     for (path, secret, key) in [
@@ -388,14 +378,8 @@ fn the_ha_config_is_one_keyd_accepts_in_each_replica() {
     let Some(tools) = manifests::Tools::required() else {
         return;
     };
-    let objects = manifests::render(&tools, &manifests::deploy_dir().join("overlays/ha")).unwrap();
-    let text = manifests::find(&objects, "ConfigMap", "keyd")["data"]["keyd.toml"]
-        .as_str()
-        .expect("the ConfigMap keyd has keyd.toml")
-        .to_owned();
-    let pod = PodContainer::of_workload(manifests::find(&objects, "StatefulSet", "keyd"), "keyd");
     let root = tempfile::tempdir().unwrap();
-    let config = load(&text, &pod, root.path());
+    let (text, pod, config) = load_overlay(&tools, "overlays/ha", root.path());
 
     assert_eq!(config.listen.port(), pod.port("api"));
     assert_eq!(config.ops_listen.port(), pod.port("ops"));
@@ -480,6 +464,23 @@ fn the_ha_config_is_one_keyd_accepts_in_each_replica() {
         ha, base,
         "deploy/overlays/ha/keyd.toml differs from the base's beyond [store] and [kek]"
     );
+}
+
+/// The overlay `folder` rendered: keyd's `keyd.toml` as its ConfigMap holds it, keyd's
+/// container as its StatefulSet runs it, and the configuration loaded in that pod ([`load`]).
+fn load_overlay(
+    tools: &manifests::Tools,
+    folder: &str,
+    root: &Path,
+) -> (String, PodContainer, Config) {
+    let objects = manifests::render(tools, &manifests::deploy_dir().join(folder)).unwrap();
+    let text = manifests::find(&objects, "ConfigMap", "keyd")["data"]["keyd.toml"]
+        .as_str()
+        .expect("the ConfigMap keyd has keyd.toml")
+        .to_owned();
+    let pod = PodContainer::of_workload(manifests::find(&objects, "StatefulSet", "keyd"), "keyd");
+    let config = load(&text, &pod, root);
+    (text, pod, config)
 }
 
 /// The pod's path of a file the test placed under `root`.
