@@ -154,6 +154,19 @@ where
     }
 }
 
+/// `Some` once every webhook of keyd's configuration trusts `bundle`.
+async fn every_ca_bundle_is(
+    vwcs: &Api<ValidatingWebhookConfiguration>,
+    bundle: &ByteString,
+) -> Option<()> {
+    let vwc = vwcs.get("keyd-webhook").await.unwrap();
+    vwc.webhooks
+        .unwrap()
+        .iter()
+        .all(|w| w.client_config.ca_bundle.as_ref() == Some(bundle))
+        .then_some(())
+}
+
 fn text(s: &Secret, key: &str) -> Option<String> {
     s.data
         .as_ref()?
@@ -322,13 +335,8 @@ async fn keyd_issues_and_keeps_the_clusters_certificates_without_cert_manager() 
     // The caBundle, set on every webhook of the configuration.
     let vwcs = Api::<ValidatingWebhookConfiguration>::all(client.clone());
     let bundle = ByteString(ca_pem.clone().into_bytes());
-    until("the caBundle", Duration::from_secs(10), || async {
-        let vwc = vwcs.get("keyd-webhook").await.unwrap();
-        vwc.webhooks
-            .unwrap()
-            .iter()
-            .all(|w| w.client_config.ca_bundle.as_ref() == Some(&bundle))
-            .then_some(())
+    until("the caBundle", Duration::from_secs(10), || {
+        every_ca_bundle_is(&vwcs, &bundle)
     })
     .await;
 
@@ -391,13 +399,8 @@ async fn keyd_issues_and_keeps_the_clusters_certificates_without_cert_manager() 
         .replace("keyd-webhook-tls", &PostParams::default(), &s)
         .await
         .unwrap();
-    until("the caBundle put back", Duration::from_secs(10), || async {
-        let vwc = vwcs.get("keyd-webhook").await.unwrap();
-        vwc.webhooks
-            .unwrap()
-            .iter()
-            .all(|w| w.client_config.ca_bundle.as_ref() == Some(&bundle))
-            .then_some(())
+    until("the caBundle put back", Duration::from_secs(10), || {
+        every_ca_bundle_is(&vwcs, &bundle)
     })
     .await;
     until(
