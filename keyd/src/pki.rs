@@ -258,12 +258,6 @@ impl CertificateAuthority {
         Zeroizing::new(self.issuer.key().serialize_pem())
     }
 
-    /// The CA's subject key identifier, which every leaf it signs names as its authority key
-    /// identifier.
-    pub fn key_id(&self) -> Option<Vec<u8>> {
-        inspect(&self.cert_pem).ok()?.subject_key_id
-    }
-
     /// Writes the CA's key (mode 0600) and then its certificate, each atomically.
     pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
         let key_pem = Zeroizing::new(self.issuer.key().serialize_pem());
@@ -540,9 +534,6 @@ pub fn ensure_dev_pki(
 pub struct CertificateInfo {
     /// The certificate, DER (what `openssl x509 -fingerprint` hashes).
     pub der: Vec<u8>,
-    /// The issuer's and the subject's names, DER.
-    pub issuer: Vec<u8>,
-    pub subject: Vec<u8>,
     /// The serial number, in hex (as audit records name certificates).
     pub serial: String,
     /// Unix seconds.
@@ -602,8 +593,6 @@ pub fn inspect(cert_pem: &str) -> Result<CertificateInfo, String> {
     }
     Ok(CertificateInfo {
         der: der.to_vec(),
-        issuer: x509.issuer().as_raw().to_vec(),
-        subject: x509.subject().as_raw().to_vec(),
         serial: hex::encode(x509.raw_serial()),
         not_after: x509.validity().not_after.timestamp().max(0) as u64,
         server_names,

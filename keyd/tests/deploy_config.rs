@@ -165,14 +165,7 @@ fn the_deployed_config_is_one_keyd_accepts_in_its_pod() {
             volume: "data".into()
         })
     );
-    for (probe, path) in [
-        ("startupProbe", "/healthz"),
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-    ] {
-        assert_eq!(pod.container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(pod.container[probe]["httpGet"]["port"], "ops", "{probe}");
-    }
+    pod.assert_ops_probes();
     let service = manifests::object("keyd/service.yaml", "Service", "keyd");
     for name in ["api", "bootstrap", "ops"] {
         let port = service["spec"]["ports"]

@@ -71,14 +71,7 @@ fn the_deployed_config_is_one_node_shim_accepts_in_its_pod() {
         ops,
         SocketAddr::new(HOST_IP.parse().unwrap(), pod.port("ops"))
     );
-    for (probe, path) in [
-        ("startupProbe", "/healthz"),
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-    ] {
-        assert_eq!(pod.container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(pod.container[probe]["httpGet"]["port"], "ops", "{probe}");
-    }
+    pod.assert_ops_probes();
     assert_eq!(
         u64::from(config.wireguard.listen_port),
         u64::from(pod.port("wireguard"))

@@ -184,6 +184,19 @@ impl PodContainer {
         env
     }
 
+    /// Asserts the probes keyd and node-shim share: startup and liveness on `/healthz`,
+    /// readiness on `/readyz`, each on the container port `ops`.
+    pub fn assert_ops_probes(&self) {
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+        ] {
+            assert_eq!(self.container[probe]["httpGet"]["path"], path, "{probe}");
+            assert_eq!(self.container[probe]["httpGet"]["port"], "ops", "{probe}");
+        }
+    }
+
     /// The container port named `name`.
     pub fn port(&self, name: &str) -> u16 {
         self.container["ports"]

@@ -306,14 +306,7 @@ fn the_ha_overlay_is_the_dev_overlay_with_three_keyd_over_etcd() {
 
     // Probes as the base's: readiness is /readyz, which answers 200 on every replica that
     // serves ("ready (replica; ...)"), not only on the leader.
-    for (probe, path) in [
-        ("startupProbe", "/healthz"),
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-    ] {
-        assert_eq!(pod.container[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(pod.container[probe]["httpGet"]["port"], "ops", "{probe}");
-    }
+    pod.assert_ops_probes();
 
     // The budget keeps two of the three, and counts keyd's pods and no others.
     let pdb = manifests::find(&ha, "PodDisruptionBudget", "keyd");
@@ -408,6 +401,18 @@ fn get(kubectl_bin: &Path, cluster: &Cluster, o: &Value) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Applies `file` server-side, which must succeed, and checks that `objects` (its content)
+/// are all there.
+fn apply_all(kubectl_bin: &Path, cluster: &Cluster, file: &Path, objects: &[Value]) {
+    let (ok, out) = apply(kubectl_bin, cluster, file);
+    assert!(
+        ok,
+        "server-side apply failed:\n{out}\n{}",
+        cluster.apiserver_log()
+    );
+    assert_applied(kubectl_bin, cluster, objects);
+}
+
 /// Every object is there, owned by this test's applies.
 fn assert_applied(kubectl_bin: &Path, cluster: &Cluster, objects: &[Value]) {
     for o in objects {
@@ -476,13 +481,7 @@ async fn the_dev_overlay_applies_server_side_to_a_real_api_server() {
     let cluster = Cluster::start(dir.path()).await;
 
     let (objects, file) = overlay_for_the_test_server(&tools, "overlays/dev", dir.path());
-    let (ok, out) = apply(&kubectl_bin, &cluster, &file);
-    assert!(
-        ok,
-        "server-side apply failed:\n{out}\n{}",
-        cluster.apiserver_log()
-    );
-    assert_applied(&kubectl_bin, &cluster, &objects);
+    apply_all(&kubectl_bin, &cluster, &file, &objects);
 
     // What the server kept is what was sent, where it matters most.
     let ds = get(
@@ -549,13 +548,7 @@ async fn the_ha_overlay_applies_server_side_over_the_dev_overlay() {
     delete.args(["delete", "statefulset.apps", "keyd", "-n", "keyd"]);
     let (ok, out) = output(delete);
     assert!(ok, "{out}");
-    let (ok, out) = apply(&kubectl_bin, &cluster, &ha_file);
-    assert!(
-        ok,
-        "server-side apply failed:\n{out}\n{}",
-        cluster.apiserver_log()
-    );
-    assert_applied(&kubectl_bin, &cluster, &objects);
+    apply_all(&kubectl_bin, &cluster, &ha_file, &objects);
 
     let sts = get(
         &kubectl_bin,
